@@ -1,0 +1,147 @@
+"""Command line: parse arguments, call `run_<command>(config)`, print results. Nothing else.
+
+A UserError becomes one line on stderr and exit code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from qlora_lab.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a base model with QLoRA",
+                       description="Fine-tune with QLoRA. Precedence: defaults < --config YAML < "
+                       "flags < --set overrides.")
+    p.add_argument("--config", help="YAML file with model/quant/lora/data/train sections")
+    p.add_argument("--model", help="preset (tinyllama, smollm2-135m, tiny-random), hub id, "
+                   "local dir or .gguf file")
+    p.add_argument("--data", help="hub dataset name or .jsonl/.json/.csv/.parquet file")
+    p.add_argument("--output-dir", help="where the adapter, checkpoints and metrics go")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (0 = train.epochs)")
+    p.add_argument("--save-steps", type=int, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                   help="continue from the newest checkpoint, or from CKPT (checkpoint-N)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --output-dir")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed data rows (and report how many) instead of stopping")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value, e.g. --set lora.r=8 (repeatable)")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="answer a prompt with an adapter or a merged model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--adapter", help="a run's output dir (or its adapter/ dir)")
+    src.add_argument("--model-dir", help="a merged model dir written by `merge`")
+    p.add_argument("--model", help="base model (overrides the one recorded with the adapter)")
+    inp = p.add_mutually_exclusive_group()
+    inp.add_argument("--prompt", help="the prompt text (else --prompt-file or stdin)")
+    inp.add_argument("--prompt-file", help="read the prompt from this file")
+    inp.add_argument("--chat", action="store_true", help="interactive chat with streaming")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge an adapter into a dense copy of its base")
+    p.add_argument("--adapter", required=True, help="a run's output dir (or its adapter/ dir)")
+    p.add_argument("--output-dir", required=True, help="new dir for the merged model")
+    p.add_argument("--model", help="base model (overrides the one recorded with the adapter)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora-lab",
+        description="QLoRA fine-tuning on small GPUs: train, generate, merge.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(sub)
+    _add_generate(sub)
+    _add_merge(sub)
+    return parser
+
+
+def train_config_from_args(args):
+    from qlora_lab.config import RunConfig, config_from_dict, load_yaml, parse_overrides
+
+    flags = {"model": {"name": args.model}, "data": {"source": args.data},
+             "train": {"output_dir": args.output_dir, "max_steps": args.max_steps,
+                       "save_steps": args.save_steps, "seed": args.seed}}
+    if args.skip_bad_rows:
+        flags["data"]["skip_bad_rows"] = True
+    flags = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()}
+    overrides = parse_overrides(args.set)
+
+    def build(yaml_values: dict) -> RunConfig:
+        cfg = config_from_dict(yaml_values)
+        return config_from_dict(overrides, config_from_dict(flags, cfg))
+
+    cfg = build(load_yaml(args.config) if args.config else {})
+    saved = Path(cfg.train.output_dir) / "config.yaml"
+    if args.resume and not args.config and saved.is_file():
+        cfg = build(load_yaml(saved))  # resume repeats the saved run unless told otherwise
+    return cfg
+
+
+def _command(args) -> int:
+    if args.command == "train":
+        from qlora_lab.train import run_train
+
+        summary = run_train(train_config_from_args(args), resume=args.resume,
+                            overwrite=args.overwrite)
+        print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
+    elif args.command == "generate":
+        from qlora_lab.generate import GenerateConfig, run_generate
+
+        run_generate(GenerateConfig(
+            adapter=args.adapter, model_dir=args.model_dir, model=args.model,
+            prompt=args.prompt, prompt_file=args.prompt_file, chat=args.chat,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed))
+    elif args.command == "merge":
+        from qlora_lab.merge import MergeConfig, run_merge
+
+        report = run_merge(MergeConfig(adapter=args.adapter, output_dir=args.output_dir,
+                                       model=args.model))
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # Library chatter drowns our own messages; keep their warnings, drop their info.
+    for name in ("transformers", "accelerate", "peft", "bitsandbytes", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return _command(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"qlora-lab {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"qlora-lab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Run configuration: frozen dataclasses are the single place where defaults live.
+
+Flow: defaults -> YAML file -> CLI flags -> `--set section.key=value` overrides -> validation.
+Unknown keys and wrong types are `UserError`s that quote the bad value. The resolved config is
+written next to a run's outputs (`config.yaml`) so the run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from qlora_lab.errors import UserError
+
+DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
+DEFAULT_DATA = "databricks/databricks-dolly-15k"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to fine-tune.
+
+    name: a preset (`tinyllama`, `smollm2-135m`, `tiny-random`), a hub id, a local directory or a
+        `.gguf` file.
+    trust_remote_code: run code shipped with a hub model. Off: it executes arbitrary Python.
+    attn_implementation: `sdpa` is fast everywhere torch runs; `eager` is the reference.
+    """
+
+    name: str = DEFAULT_MODEL
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the frozen base weights are stored.
+
+    bits: 4 = QLoRA (bitsandbytes); 16 = plain LoRA on a 16-bit base (more memory, no quant noise).
+    quant_type: nf4 suits normally distributed weights (QLoRA paper); fp4 is the older format.
+    double_quant: quantize the absmax constants too; saves ~0.37 bit/param for ~free.
+    compute_dtype: `auto` = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU
+        (bf16 matmuls are very slow on most CPUs).
+    """
+
+    bits: Literal[4, 16] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The trainable low-rank adapters.
+
+    r: rank; higher = more capacity and memory. alpha: scale is alpha / r.
+    target_modules: `all-linear` = every linear projection except lm_head (QLoRA paper).
+    weight_dtype: `compute` stores adapter weights in the compute dtype (bf16 on recent GPUs,
+        fp32 on CPU); `float32` keeps them in fp32 over a 16-bit base (peft's default). On an H200
+        (TinyLlama, 8 GiB cap, 50 steps) fp32 adapters ran at 1.0k tok/s vs 1.45k for bf16, with
+        the same eval loss (8.424 vs 8.432): benchmarks/results/train_tinyllama_h200_8gib.json.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = "all-linear"
+    weight_dtype: Literal["compute", "float32"] = "compute"
+
+    def __post_init__(self) -> None:
+        _require(self.r > 0, "lora.r", self.r, "a positive integer")
+        _require(self.alpha > 0, "lora.alpha", self.alpha, "a positive integer")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a float in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where rows come from and how they become token sequences.
+
+    source: a hub dataset name or a local .jsonl/.json/.csv/.parquet file.
+    schema: `auto` detects dolly (instruction/context/response), alpaca (instruction/input/output)
+        or chat (messages with role/content).
+    template: `auto` uses the tokenizer's chat template when it has one, else the plain template
+        documented in data.py.
+    train_on_prompt: also compute loss on prompt tokens (default: response tokens only).
+    max_seq_len: longer rows are truncated or dropped (`overlength`), and the counts reported.
+    eval_source: a separate held-out file; otherwise `eval_fraction` of the rows is held out.
+    max_rows: use only the first N rows (quick experiments); 0 = all.
+    skip_bad_rows: skip malformed rows (and report the count) instead of stopping at the first.
+    """
+
+    source: str = DEFAULT_DATA
+    schema: Literal["auto", "dolly", "alpaca", "chat"] = "auto"
+    template: Literal["auto", "chat", "plain"] = "auto"
+    train_on_prompt: bool = False
+    max_seq_len: int = 1024
+    overlength: Literal["truncate", "drop"] = "truncate"
+    eval_source: Optional[str] = None
+    eval_fraction: float = 0.05
+    max_eval_rows: int = 200
+    max_rows: int = 0
+    skip_bad_rows: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.max_seq_len >= 8, "data.max_seq_len", self.max_seq_len, "an integer >= 8")
+        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction,
+                 "a float in [0, 1)")
+        _require(self.max_eval_rows >= 0, "data.max_eval_rows", self.max_eval_rows, ">= 0")
+        _require(self.max_rows >= 0, "data.max_rows", self.max_rows, ">= 0 (0 = all rows)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping.
+
+    micro_batch_size x grad_accum_steps = rows per optimizer step.
+    max_steps: optimizer steps; 0 = run `epochs` over the data instead.
+    optimizer: `auto` = paged 8-bit AdamW on CUDA (optimizer state in 8 bits, paged to host RAM
+        under pressure), torch AdamW on CPU (bitsandbytes' 8-bit optimizers need CUDA).
+    max_grad_norm: 0.3 follows the QLoRA paper; 4-bit training is sensitive to spikes.
+    gradient_checkpointing: recompute activations in backward; ~30 % slower, far less memory.
+    save_steps / eval_steps / logging_steps: in optimizer steps.
+    device: `auto` = CUDA when available, else CPU.
+    """
+
+    output_dir: str = "runs/qlora"
+    max_steps: int = 0
+    epochs: float = 1.0
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 4
+    learning_rate: float = 2e-4
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    optimizer: Literal["auto", "adamw_torch", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"] = "auto"
+    gradient_checkpointing: bool = True
+    logging_steps: int = 10
+    eval_steps: int = 100
+    save_steps: int = 100
+    save_total_limit: int = 3
+    seed: int = 42
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "grad_accum_steps", "logging_steps", "eval_steps",
+                     "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            _require(value > 0, f"train.{name}", value, "a positive integer")
+        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, ">= 0 (0 = use epochs)")
+        _require(self.max_steps > 0 or self.epochs > 0, "train.epochs", self.epochs,
+                 "> 0 when train.max_steps is 0")
+        _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
+        _require(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", self.warmup_ratio,
+                 "a float in [0, 1)")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm,
+                 ">= 0 (0 = no clipping)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one `qlora-lab train` needs; nested sections map to YAML sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise UserError(f"config key {key} = {value!r} is invalid: must be {allowed}")
+
+
+# --- building a config from YAML and overrides -------------------------------------------------
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` as `annotation` requires, or raise a one-line error quoting it."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        allowed = ", ".join(repr(c) for c in choices)
+        raise UserError(f"config key {key} = {value!r} is invalid: must be one of {allowed}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `2e-4` (no dot) as a string; accept what Python reads as a float.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    type_name = getattr(annotation, "__name__", str(annotation))
+    raise UserError(f"config key {key} = {value!r} has the wrong type: expected {type_name}")
+
+
+def _section_from_dict(cls: type, values: dict, prefix: str, base: Any) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    updates = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"unknown config key {prefix}{key}: known keys in {prefix.rstrip('.')} "
+                            f"are {', '.join(sorted(known))}")
+        updates[key] = _check_type(prefix + key, value, hints[key])
+    return replace(base, **updates)
+
+
+def config_from_dict(values: dict, base: RunConfig | None = None) -> RunConfig:
+    """Merge a nested mapping (as read from YAML) onto `base` (defaults if None), validating."""
+    base = base or RunConfig()
+    if not isinstance(values, dict):
+        raise UserError(f"config must be a mapping of sections, got {type(values).__name__}")
+    sections = {f.name: f for f in fields(RunConfig)}
+    updates = {}
+    for name, section_values in values.items():
+        if name not in sections:
+            raise UserError(f"unknown config section {name!r}: known sections are "
+                            f"{', '.join(sections)}")
+        if section_values is None:
+            continue
+        if not isinstance(section_values, dict):
+            raise UserError(f"config section {name} must be a mapping, got {section_values!r}")
+        section_cls = typing.get_type_hints(RunConfig)[name]
+        updates[name] = _section_from_dict(section_cls, section_values, f"{name}.",
+                                           getattr(base, name))
+    return replace(base, **updates)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist — pass an existing YAML file to --config")
+    try:
+        # safe_load: config values are data, never code (no Python object tags).
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"config file {path} is not valid YAML: {first}") from None
+    return data or {}
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Turn `["train.max_steps=5", "lora.r=8"]` into a nested dict, YAML-typing each value."""
+    nested: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise UserError(f"--set {pair!r} is malformed: use --set section.key=value "
+                            "(e.g. --set lora.r=8)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a `config.yaml` written by `train` (or by hand)."""
+    return config_from_dict(load_yaml(path))

@@ -1,0 +1,379 @@
+"""Rows -> messages -> prompt text -> token ids with a loss mask -> padded batches.
+
+Sources: a local .jsonl/.json/.csv/.parquet file or a hub dataset name. Schemas (auto-detected):
+- dolly:  instruction, context (optional), response
+- alpaca: instruction, input (optional), output
+- chat:   messages = [{"role": "system"|"user"|"assistant", "content": str}, ...]
+
+Prompt format. With the tokenizer's chat template (template `chat`, the default when the tokenizer
+has one) rows are rendered exactly as `apply_chat_template` renders them, so inference with the
+same template sees the same text. Without one (template `plain`) this documented format is used:
+
+    <bos>### Instruction:
+    {instruction}
+
+    Context: {context}
+
+    ### Response:
+    {response}<eos>
+
+(system turns render as `### System:`; multi-turn chats repeat Instruction/Response blocks.)
+Training and `generate` share `render_prompt`, so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from qlora_lab.config import DataConfig
+from qlora_lab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value the cross-entropy loss skips (PyTorch's default ignore_index)
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+PLAIN_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n",
+                 "assistant": "### Response:\n"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One raw record and where it came from (`file:line`), for error messages."""
+
+    where: str
+    values: Any
+
+
+@dataclass
+class PreparedData:
+    train: list[dict]
+    eval: list[dict]
+    schema: str
+    template: str
+    stats: dict = field(default_factory=dict)
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def _bad(where: str, problem: str) -> UserError:
+    return UserError(f"{where}: {problem} — fix the row, or pass --skip-bad-rows to skip such rows")
+
+
+def _iter_jsonl(path: Path, text: str) -> Iterator[Row]:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield Row(where, json.loads(line))
+        except json.JSONDecodeError as exc:
+            yield Row(where, _bad(where, f"invalid JSON ({exc.msg} at column {exc.colno})"))
+
+
+def _iter_json(path: Path, text: str) -> Iterator[Row]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.lineno > 1 and text.lstrip().startswith("{"):
+            yield from _iter_jsonl(path, text)  # JSON Lines saved with a .json suffix
+            return
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}) — the file must hold a "
+                        "list of objects, or one object per line") from None
+    if isinstance(data, dict):
+        # Accept {"train": [...]} / {"data": [...]}-style wrappers with a single list inside.
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            yield Row(f"{path}:1", data)
+            return
+        data = lists[0]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a list of row objects, got {type(data).__name__}")
+    for i, item in enumerate(data):
+        yield Row(f"{path}:item {i}", item)
+
+
+def _iter_csv(path: Path, text: str) -> Iterator[Row]:
+    reader = csv.DictReader(text.splitlines())
+    for record in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in record:
+            yield Row(where, _bad(where, "more fields than the header names"))
+        else:
+            yield Row(where, dict(record))
+
+
+def _iter_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise UserError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    for i, item in enumerate(table.to_pylist()):
+        yield Row(f"{path}:row {i}", item)
+
+
+def _iter_hub(name: str) -> Iterator[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as exc:  # network, missing dataset, offline mode...
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"could not load dataset {name!r} ({msg}) — pass a local "
+                        ".jsonl/.json/.csv/.parquet file with --data, or check the name") from None
+    for i, item in enumerate(ds):
+        yield Row(f"{name}:row {i}", item)
+
+
+def read_rows(source: str) -> list[Row]:
+    """All rows of a source. A row whose `values` is a UserError failed to parse."""
+    path = Path(source).expanduser()
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise UserError(f"data file {source} does not exist — pass an existing "
+                            ".jsonl/.json/.csv/.parquet file or a hub dataset name")
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            rows = list(_iter_parquet(path))
+        elif suffix not in LOCAL_SUFFIXES:
+            raise UserError(f"data file {source} has an unsupported suffix {suffix!r} — use one "
+                            "of " + ", ".join(LOCAL_SUFFIXES))
+        else:
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                line = raw[: exc.start].count(b"\n") + 1
+                raise UserError(f"{path}:{line}: not valid UTF-8 (byte {exc.start}) — re-save "
+                                "the file as UTF-8") from None
+            reader = {".jsonl": _iter_jsonl, ".json": _iter_json, ".csv": _iter_csv}[suffix]
+            rows = list(reader(path, text))
+    else:
+        rows = list(_iter_hub(source))
+    if not rows:
+        raise UserError(f"data source {source} has no rows — add rows or pick another file")
+    return rows
+
+
+# --- schemas -------------------------------------------------------------------------------------
+
+
+def detect_schema(values: Any, source: str) -> str:
+    keys = set(values) if isinstance(values, dict) else set()
+    if "messages" in keys:
+        return "chat"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"instruction", "response"} <= keys:
+        return "dolly"
+    raise UserError(f"{source}: cannot detect the schema from keys {sorted(keys)} — expected "
+                    "dolly (instruction, context, response), alpaca (instruction, input, output) "
+                    "or chat (messages); set data.schema to force one")
+
+
+def _text_field(values: dict, key: str, where: str, required: bool) -> str:
+    value = values.get(key)
+    if value is None:
+        if required:
+            raise _bad(where, f"missing field {key!r}")
+        return ""
+    if not isinstance(value, str):
+        raise _bad(where, f"field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def row_to_messages(row: Row, schema: str) -> list[dict]:
+    """Validate one row against its schema and turn it into chat messages."""
+    values, where = row.values, row.where
+    if isinstance(values, UserError):
+        raise values
+    if not isinstance(values, dict):
+        raise _bad(where, f"expected an object, got {type(values).__name__}")
+    if schema in ("dolly", "alpaca"):
+        answer_key, extra_key = ("response", "context") if schema == "dolly" else ("output", "input")
+        instruction = _text_field(values, "instruction", where, required=True)
+        extra = _text_field(values, extra_key, where, required=False)
+        answer = _text_field(values, answer_key, where, required=True)
+        if not instruction.strip():
+            raise _bad(where, "empty 'instruction'")
+        if not answer.strip():
+            raise _bad(where, f"empty {answer_key!r}")
+        user = instruction.strip() + (f"\n\nContext: {extra.strip()}" if extra.strip() else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": answer.strip()}]
+    messages = values.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad(where, "field 'messages' must be a non-empty list of {role, content}")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
+            raise _bad(where, f"messages[{i}] must be an object with a string 'content'")
+        if msg.get("role") not in PLAIN_HEADERS:
+            raise _bad(where, f"messages[{i}] has role {msg.get('role')!r}; allowed: "
+                       "system, user, assistant")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+        raise _bad(where, "no non-empty assistant message to learn from")
+    return out
+
+
+# --- rendering and tokenizing --------------------------------------------------------------------
+
+
+def resolve_template(template: str, tokenizer) -> str:
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UserError("data.template = 'chat' but the tokenizer has no chat template — use "
+                        "'plain' or 'auto'")
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    return template
+
+
+def render_prompt(messages: list[dict], tokenizer, template: str,
+                  add_generation_prompt: bool = True) -> str:
+    """Text of a conversation; with `add_generation_prompt` it ends where the answer starts."""
+    if template == "chat":
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    blocks = []
+    for msg in messages:
+        end = (tokenizer.eos_token or "") if msg["role"] == "assistant" else ""
+        blocks.append(PLAIN_HEADERS[msg["role"]] + msg["content"] + end)
+    if add_generation_prompt:
+        blocks.append(PLAIN_HEADERS["assistant"])
+    return (tokenizer.bos_token or "") + "\n\n".join(blocks)
+
+
+def render_segments(messages: list[dict], tokenizer, template: str) -> list[tuple[str, bool]]:
+    """Split a conversation into (text, is_answer) pieces; answers are what the loss trains on.
+
+    Each answer's text is what the template adds after the generation prompt, so the model learns
+    to emit the template's end-of-turn marker too and generation stops where training stopped.
+    """
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = render_prompt(messages[:i], tokenizer, template, add_generation_prompt=True)
+        full = render_prompt(messages[: i + 1], tokenizer, template, add_generation_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise UserError("the tokenizer's chat template does not render conversations as "
+                            "prefixes of each other, so answers cannot be masked — set "
+                            "data.template = 'plain'")
+        segments.append((prompt[len(done):], False))
+        segments.append((full[len(prompt):], True))
+        done = full
+    return segments
+
+
+def tokenize_segments(segments: list[tuple[str, bool]], tokenizer,
+                      train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    # Each segment is tokenized alone: at inference the prompt is tokenized alone too, and the
+    # answer's tokens are generated after it, so this is the split the model will actually see.
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, is_answer in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if (is_answer or train_on_prompt) else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+# --- the whole pipeline --------------------------------------------------------------------------
+
+
+def _valid_messages(rows: list[Row], schema: str, cfg: DataConfig, stats: dict) -> list:
+    out = []
+    for row in rows:
+        try:
+            out.append(row_to_messages(row, schema))
+        except UserError:
+            if not cfg.skip_bad_rows:
+                raise
+            stats["bad_rows_skipped"] += 1
+    return out
+
+
+def _encode(conversations: list, tokenizer, template: str, cfg: DataConfig, stats: dict) -> list:
+    examples = []
+    for messages in conversations:
+        ids, labels = tokenize_segments(render_segments(messages, tokenizer, template),
+                                        tokenizer, cfg.train_on_prompt)
+        if len(ids) > cfg.max_seq_len:
+            if cfg.overlength == "drop":
+                stats["dropped_overlength"] += 1
+                continue
+            ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
+            stats["truncated"] += 1
+        if all(label == IGNORE_INDEX for label in labels):
+            stats["dropped_no_answer_tokens"] += 1  # truncation cut the whole answer
+            continue
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples
+
+
+def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
+    """Read, validate, split, render and tokenize. Counts of what was skipped go in `stats`."""
+    stats = {"bad_rows_skipped": 0, "truncated": 0, "dropped_overlength": 0,
+             "dropped_no_answer_tokens": 0}
+    rows = read_rows(cfg.source)
+    if cfg.max_rows:
+        rows = rows[: cfg.max_rows]
+    first = next((r.values for r in rows if isinstance(r.values, dict)), None)
+    schema = cfg.schema if cfg.schema != "auto" else detect_schema(first, cfg.source)
+    template = resolve_template(cfg.template, tokenizer)
+    conversations = _valid_messages(rows, schema, cfg, stats)
+    if cfg.eval_source:
+        eval_rows = read_rows(cfg.eval_source)
+        eval_convs = _valid_messages(eval_rows, schema, cfg, stats)
+        train_convs = conversations
+    else:
+        order = list(range(len(conversations)))
+        random.Random(seed).shuffle(order)
+        n_eval = min(cfg.max_eval_rows, round(len(order) * cfg.eval_fraction))
+        if cfg.eval_fraction > 0 and len(order) >= 2:
+            n_eval = max(n_eval, 1)
+        eval_convs = [conversations[i] for i in order[:n_eval]]
+        train_convs = [conversations[i] for i in order[n_eval:]]
+    eval_convs = eval_convs[: cfg.max_eval_rows]
+    train = _encode(train_convs, tokenizer, template, cfg, stats)
+    evals = _encode(eval_convs, tokenizer, template, cfg, stats)
+    if not train:
+        raise UserError(f"data source {cfg.source} left no trainable rows after filtering "
+                        f"({stats}) — raise data.max_seq_len or check the rows")
+    stats.update(rows_read=len(rows), train_rows=len(train), eval_rows=len(evals),
+                 train_tokens=sum(len(e["input_ids"]) for e in train))
+    return PreparedData(train, evals, schema, template, stats)
+
+
+@dataclass(frozen=True)
+class PadCollator:
+    """Pad a batch to its longest row (what HF's collators do); padding is masked everywhere."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 1
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        m = self.pad_to_multiple_of
+        longest = (longest + m - 1) // m * m
+        ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,16 @@
+"""The one exception type for a user's mistake.
+
+Anything raised as `UserError` reaches the terminal as a single line (what failed, the value, what is
+allowed, the next step) and a non-zero exit code. Everything else is a bug and keeps its traceback
+under `--debug`.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix: bad path, bad row, bad config value, wrong adapter."""
+
+    def __init__(self, message: str):
+        # Errors must stay one line: a multi-line message hides the fix below the fold.
+        super().__init__(" ".join(message.split()))

@@ -1,0 +1,163 @@
+"""`qlora-lab generate`: answer prompts with base + adapter (unmerged) or a merged model.
+
+The prompt is rendered by `data.render_prompt`, the same function training used, so the model sees
+at inference exactly the format it was trained on.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from qlora_lab import adapters, models
+from qlora_lab.config import ModelConfig, QuantConfig
+from qlora_lab.data import render_prompt, resolve_template
+from qlora_lab.errors import UserError
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """adapter: a run's output dir or adapter dir. model_dir: a merged model (from `merge`).
+    model: the base, for a bare model run or to override the adapter's recorded base.
+    temperature: 0 = greedy (deterministic); > 0 samples with top_p.
+    """
+
+    adapter: Optional[str] = None
+    model_dir: Optional[str] = None
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    prompt_file: Optional[str] = None
+    chat: bool = False
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 0.9
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max-new-tokens {self.max_new_tokens} must be a positive integer")
+        if self.temperature < 0:
+            raise UserError(f"--temperature {self.temperature} must be >= 0 (0 = greedy)")
+        if sum(x is not None for x in (self.adapter, self.model_dir)) > 1:
+            raise UserError("pass either --adapter or --model-dir, not both")
+        if self.adapter is None and self.model_dir is None and self.model is None:
+            raise UserError("nothing to run — pass --adapter DIR (a trained run), --model-dir "
+                            "DIR (a merged model) or --model NAME (a base model)")
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    template: str
+    device: str
+
+
+def load_for_inference(cfg: GenerateConfig) -> LoadedModel:
+    device = models.resolve_device(cfg.device)
+    if cfg.adapter:
+        ref = adapters.resolve_adapter(cfg.adapter, cfg.model)
+        model, tokenizer, _ = adapters.load_adapter_model(ref, device)
+        template = ref.template
+    else:
+        name = cfg.model_dir or cfg.model
+        if cfg.model_dir and not (Path(cfg.model_dir) / "config.json").is_file():
+            raise UserError(f"model dir {cfg.model_dir} has no config.json — pass a folder "
+                            "written by `qlora-lab merge`")
+        path = models.resolve_model_path(name)
+        info = adapters.read_base_info(Path(path)) if cfg.model_dir else {}
+        # A merged model is already dense; a bare base is loaded in 4-bit like training would.
+        quant = QuantConfig(bits=16) if cfg.model_dir else QuantConfig()
+        model = models.load_base_model(path, ModelConfig(name=name), quant, device)
+        model.eval()
+        tokenizer = models.load_tokenizer(path)
+        template = info.get("template", "auto")
+    return LoadedModel(model, tokenizer, resolve_template(template, tokenizer), device)
+
+
+def _stop_ids(loaded: LoadedModel) -> list[int]:
+    ids = {loaded.tokenizer.eos_token_id}
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.inference_mode()
+def generate_reply(loaded: LoadedModel, messages: list[dict], cfg: GenerateConfig,
+                   streamer=None) -> str:
+    tok = loaded.tokenizer
+    text = render_prompt(messages, tok, loaded.template, add_generation_prompt=True)
+    enc = tok(text, add_special_tokens=False, return_tensors="pt").to(loaded.model.device)
+    sampling = cfg.temperature > 0
+    if sampling:
+        torch.manual_seed(cfg.seed)
+    out = loaded.model.generate(
+        **enc, max_new_tokens=cfg.max_new_tokens, do_sample=sampling,
+        temperature=cfg.temperature if sampling else None, top_p=cfg.top_p if sampling else None,
+        top_k=None, eos_token_id=_stop_ids(loaded), pad_token_id=tok.pad_token_id,
+        use_cache=True, streamer=streamer)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def read_prompt(cfg: GenerateConfig) -> str:
+    if cfg.prompt is not None:
+        prompt = cfg.prompt
+    elif cfg.prompt_file is not None:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise UserError(f"prompt file {path} does not exist — pass an existing text file")
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"prompt file {path} is not UTF-8 text — re-save it as UTF-8") from None
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    else:
+        raise UserError("no prompt — pass --prompt TEXT, --prompt-file F, pipe text on stdin, "
+                        "or use --chat")
+    if not prompt.strip():
+        raise UserError("the prompt is empty — give some text to answer")
+    return prompt.strip()
+
+
+def chat_loop(loaded: LoadedModel, cfg: GenerateConfig) -> None:
+    """Interactive multi-turn chat; tokens stream as they are generated."""
+    from transformers import TextStreamer
+
+    history: list[dict] = []
+    print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        reply = generate_reply(loaded, history, cfg, streamer=streamer)
+        history.append({"role": "assistant", "content": reply})
+
+
+def run_generate(cfg: GenerateConfig) -> str | None:
+    """Print (and return) the answer to one prompt, or run the interactive chat."""
+    prompt = None if cfg.chat else read_prompt(cfg)
+    loaded = load_for_inference(cfg)
+    if cfg.chat:
+        chat_loop(loaded, cfg)
+        return None
+    reply = generate_reply(loaded, [{"role": "user", "content": prompt}], cfg)
+    print(reply, flush=True)
+    return reply

@@ -1,0 +1,101 @@
+"""`qlora-lab merge`: fold the adapter into a dense copy of the base that plain transformers loads.
+
+The adapter learned to correct the *quantized* base, so we merge it into the NF4 weights
+dequantized to the compute dtype, never into the original 16-bit checkpoint (which the adapter
+never saw) and never into 4-bit weights (re-quantizing W + BA would round the update away).
+The merged model's logits are compared with base + adapter (unmerged) on a probe prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from qlora_lab import adapters, models
+from qlora_lab.config import ModelConfig, QuantConfig
+from qlora_lab.data import render_prompt, resolve_template
+from qlora_lab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PROBE_PROMPT = "Explain in one sentence why the sky is blue."
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """adapter: a run's output dir or adapter dir. output_dir: must not exist or be empty.
+    model: override the base recorded with the adapter. device: where the merge runs.
+    """
+
+    adapter: str
+    output_dir: str
+    model: Optional[str] = None
+    device: str = "auto"
+
+
+@torch.inference_mode()
+def _probe_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids.to(model.device)).logits.float().cpu()
+
+
+def _dequantized_base(ref: adapters.AdapterRef, base_path: str, device: str):
+    model_cfg = ModelConfig(name=ref.base_model, trust_remote_code=ref.trust_remote_code)
+    base = models.load_base_model(base_path, model_cfg, ref.quant, device)
+    if ref.quant.bits == 4:
+        # Exactly the weights training saw: NF4 dequantized to the compute dtype.
+        base = base.dequantize()
+    return base
+
+
+def run_merge(cfg: MergeConfig) -> dict:
+    from peft import PeftModel
+
+    out = Path(cfg.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output dir {out} already exists and is not empty — pass a new "
+                        "--output-dir (nothing was overwritten)")
+    device = models.resolve_device(cfg.device)
+    ref = adapters.resolve_adapter(cfg.adapter, cfg.model)
+
+    unmerged, tokenizer, base_path = adapters.load_adapter_model(ref, device)
+    template = resolve_template(ref.template, tokenizer)
+    probe_text = render_prompt([{"role": "user", "content": PROBE_PROMPT}], tokenizer, template)
+    probe_ids = tokenizer(probe_text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    reference = _probe_logits(unmerged, probe_ids)
+    del unmerged  # free it before the dense copy is built
+
+    dense = _dequantized_base(ref, base_path, device)
+    merged = PeftModel.from_pretrained(dense, str(ref.adapter_dir)).merge_and_unload()
+    merged.eval()
+    max_diff = (reference - _probe_logits(merged, probe_ids)).abs().max().item()
+
+    # Write into a temp dir beside the target and rename, so a crash never leaves half a model.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        merged.config.use_cache = True
+        merged.save_pretrained(tmp)  # safetensors: transformers 5 writes nothing else
+        tokenizer.save_pretrained(tmp)
+        adapters.write_base_info(tmp, ModelConfig(name=ref.base_model), QuantConfig(bits=16),
+                                 template, merged.config, merged_from=str(ref.adapter_dir),
+                                 trained_quant=ref.quant.__dict__)
+        report = {"output_dir": str(out), "base_model": ref.base_model,
+                  "dtype": str(merged.dtype).removeprefix("torch."),
+                  "probe_prompt": PROBE_PROMPT, "max_abs_logit_diff": max_diff,
+                  "max_abs_logit": reference.abs().max().item()}
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random Llama, tiny datasets, and one short trained run.
+
+Everything is local: HF_HUB_OFFLINE=1 makes any accidental hub access fail loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly_dev.jsonl"
+
+DOLLY_ROWS = [
+    {"instruction": f"What is {a} plus {b}?", "context": "" if a % 2 else f"Numbers: {a}, {b}.",
+     "response": f"{a} plus {b} is {a + b}.", "category": "open_qa"}
+    for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3),
+                 (9, 9), (1, 7), (3, 3), (5, 2)]
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """One model cache per test session, so nothing touches ~/.cache."""
+    os.environ["QLORA_LAB_CACHE"] = str(tmp_path_factory.mktemp("qlora-cache"))
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def dolly_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "dolly.jsonl", DOLLY_ROWS)
+
+
+def tiny_config(output_dir, data, **train):
+    """A RunConfig for the tiny random model that trains in about a second on CPU."""
+    from qlora_lab.config import config_from_dict
+
+    values = {
+        "model": {"name": "tiny-random"},
+        "lora": {"r": 8, "alpha": 16},
+        "data": {"source": str(data), "max_seq_len": 256, "eval_fraction": 0.2},
+        "train": {"output_dir": str(output_dir), "max_steps": 6, "save_steps": 3,
+                  "eval_steps": 3, "logging_steps": 1, "micro_batch_size": 2,
+                  "grad_accum_steps": 2, "learning_rate": 1e-3, "tensorboard": False,
+                  **train},
+    }
+    return config_from_dict(values)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished 6-step run on the tiny model (checkpoints at steps 3 and 6)."""
+    from qlora_lab.train import run_train
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_jsonl(root / "dolly.jsonl", DOLLY_ROWS)
+    run_train(tiny_config(root / "run", data))
+    return root / "run"

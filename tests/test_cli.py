@@ -1,0 +1,48 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qlora_lab.cli import main
+
+from conftest import DOLLY_ROWS, write_jsonl
+
+
+def _run(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "qlora_lab", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["merge"]])
+def test_help(command):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "--model", "tiny-random", "--data", "missing.jsonl"], "missing.jsonl does not exist"),
+    (["train", "--set", "lora.rank=3"], "unknown config key lora.rank"),
+    (["train", "--config", "nope.yaml"], "config file nope.yaml does not exist"),
+    (["generate", "--adapter", "no-such-dir", "--prompt", "x"], "no-such-dir does not exist"),
+    (["merge", "--adapter", "no-such-dir", "--output-dir", "m"], "no-such-dir does not exist"),
+    (["train", "--model", "./no/such/model", "--data", "d.jsonl"], "neither an existing path"),
+])
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, fragment):
+    write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
+    proc = _run(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_row_through_the_cli(tmp_path):
+    rows = [*DOLLY_ROWS[:3], '{"instruction": "x"}']
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    proc = _run("train", "--model", "tiny-random", "--data", "d.jsonl", "--output-dir", "out",
+                cwd=tmp_path)
+    assert proc.returncode == 2 and "d.jsonl:4: missing field 'response'" in proc.stderr
+    assert "Traceback" not in proc.stderr

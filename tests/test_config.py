@@ -1,0 +1,53 @@
+import pytest
+import yaml
+
+from qlora_lab.config import (DEFAULT_DATA, DEFAULT_MODEL, RunConfig, config_from_dict,
+                              load_yaml, parse_overrides)
+from qlora_lab.errors import UserError
+
+
+def test_defaults_are_the_seed_recipe():
+    cfg = RunConfig()
+    assert cfg.model.name == DEFAULT_MODEL and cfg.data.source == DEFAULT_DATA
+    assert (cfg.quant.bits, cfg.quant.quant_type, cfg.quant.double_quant) == (4, "nf4", True)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05)
+    assert cfg.lora.target_modules == "all-linear"
+    assert cfg.train.learning_rate == 2e-4 and cfg.train.lr_scheduler == "cosine"
+    assert cfg.train.gradient_checkpointing and cfg.data.max_seq_len == 1024
+    assert cfg.data.eval_fraction > 0
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"lora": {"r": 8}, "train": {"learning_rate": "1e-3"}}))
+    cfg = config_from_dict(load_yaml(path))
+    assert cfg.lora.r == 8 and cfg.train.learning_rate == 1e-3
+    cfg = config_from_dict(parse_overrides(["lora.r=32", "train.max_steps=5"]), cfg)
+    assert cfg.lora.r == 32 and cfg.train.max_steps == 5 and cfg.train.learning_rate == 1e-3
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"lora": {"rank": 8}}, "unknown config key lora.rank"),
+    ({"loras": {}}, "unknown config section 'loras'"),
+    ({"lora": {"r": "big"}}, "lora.r = 'big' has the wrong type"),
+    ({"lora": {"r": 0}}, "lora.r = 0 is invalid"),
+    ({"quant": {"bits": 8}}, "quant.bits = 8 is invalid"),
+    ({"train": {"micro_batch_size": -1}}, "train.micro_batch_size = -1"),
+    ({"train": {"gradient_checkpointing": "yes"}}, "wrong type"),
+    ({"data": "x"}, "config section data must be a mapping"),
+])
+def test_bad_values_are_one_line_errors(values, fragment):
+    with pytest.raises(UserError) as err:
+        config_from_dict(values)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_malformed_set_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match="--set 'lora' is malformed"):
+        parse_overrides(["lora"])
+    with pytest.raises(UserError, match="does not exist"):
+        load_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_yaml(bad)

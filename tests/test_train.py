@@ -1,0 +1,114 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_lab.errors import UserError
+from qlora_lab.train import run_train, setup_training
+
+from conftest import DOLLY_ROWS, tiny_config, write_jsonl
+
+
+def _base_state(model) -> dict:
+    """Every non-LoRA tensor, including the packed 4-bit weights and their quant constants."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" not in name:
+            state[name] = tensor.detach().clone()
+    return state
+
+
+def test_only_lora_trains_and_4bit_base_is_bit_identical(tmp_path, dolly_file):
+    session = setup_training(tiny_config(tmp_path / "run", dolly_file, max_steps=4))
+    model = session.model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    import bitsandbytes as bnb
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    session.trainer.evaluate()  # an eval pass must not change the stored base either
+    before = _base_state(model)
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    session.trainer.train()
+    after = _base_state(model)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    changed = [n for n, p in model.named_parameters()
+               if p.requires_grad and not torch.equal(p.detach(), lora_before[n])]
+    assert changed  # LoRA B starts at zero, so any step moves it
+
+
+def test_loss_falls_when_overfitting_one_batch(tmp_path):
+    data = write_jsonl(tmp_path / "one.jsonl", DOLLY_ROWS[:2])
+    cfg = tiny_config(tmp_path / "run", data, max_steps=60, micro_batch_size=2,
+                      grad_accum_steps=1, learning_rate=2e-2, warmup_ratio=0.0,
+                      lr_scheduler="constant", max_grad_norm=0.0, eval_steps=1000,
+                      save_steps=1000)
+    from dataclasses import replace
+    cfg = replace(cfg, data=replace(cfg.data, eval_fraction=0.0),
+                  lora=replace(cfg.lora, r=16, alpha=32, dropout=0.0))
+    session = setup_training(cfg)
+    session.trainer.train()
+    losses = [r["loss"] for r in session.trainer.state.log_history if "loss" in r]
+    # A random 2-layer model moves slowly through rank-8 adapters alone; a quarter is plenty.
+    assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
+
+
+def test_output_layout_and_plain_peft_loading(trained_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for rel in ("config.yaml", "metrics.jsonl", "summary.json", "tokenizer_config.json",
+                "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                "checkpoints/checkpoint-3/optimizer.pt", "checkpoints/checkpoint-6/scheduler.pt"):
+        assert (trained_run / rel).is_file(), rel
+    assert not list(trained_run.rglob("*.bin")) or all(
+        p.name == "training_args.bin" for p in trained_run.rglob("*.bin"))
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["tokens_seen"] > 0 and summary["tokens_per_s"] > 0
+    for key in ("train_loss", "eval_loss", "eval_loss_before", "peak_host_rss_bytes",
+                "wall_seconds"):
+        assert summary[key] is not None, key
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    # Plain transformers + peft load the adapter, given the base it names.
+    cfg = json.loads((trained_run / "adapter/adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(base, str(trained_run / "adapter"))
+    tok = AutoTokenizer.from_pretrained(str(trained_run))
+    out = model(**tok("hello", return_tensors="pt"))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path, trained_run):
+    # An "interrupted" run: only what existed after step 3 was written.
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained_run / "config.yaml", run / "config.yaml")
+    shutil.copytree(trained_run / "checkpoints/checkpoint-3", run / "checkpoints/checkpoint-3")
+    from qlora_lab.config import load_run_config
+    from dataclasses import replace
+    cfg = load_run_config(run / "config.yaml")
+    cfg = replace(cfg, train=replace(cfg.train, output_dir=str(run)))
+    summary = run_train(cfg, resume=True)
+    assert summary["resumed_from"].endswith("checkpoint-3") and summary["steps"] == 6
+    full = load_file(trained_run / "adapter/adapter_model.safetensors")
+    resumed = load_file(run / "adapter/adapter_model.safetensors")
+    assert full.keys() == resumed.keys()
+    worst = max((full[k] - resumed[k]).abs().max().item() for k in full)
+    assert worst <= 1e-6, worst
+
+
+def test_output_dir_is_never_clobbered(tmp_path, dolly_file, trained_run):
+    with pytest.raises(UserError, match="is not empty — pass --resume"):
+        setup_training(tiny_config(trained_run, dolly_file))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    with pytest.raises(UserError, match="no qlora-lab run wrote"):
+        setup_training(tiny_config(foreign, dolly_file), overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "precious"
+    with pytest.raises(UserError, match="no checkpoint"):
+        setup_training(tiny_config(tmp_path / "fresh", dolly_file), resume=True)
