@@ -125,6 +125,9 @@ def _setup_logging(quiet: bool) -> None:
     # Library chatter drowns our own messages; keep their warnings, drop their info.
     for name in ("transformers", "accelerate", "peft", "bitsandbytes", "datasets", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # bitsandbytes warns on every CPU load that an optional kernel package is missing; the
+    # built-in CPU path it falls back to is the one we test with.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
