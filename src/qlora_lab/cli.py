@@ -37,6 +37,8 @@ def _add_train(sub) -> None:
                    help="skip malformed data rows (and report how many) instead of stopping")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set lora.r=8 (repeatable)")
+    p.add_argument("--budget", help="fit micro-batch and checkpointing to this VRAM budget "
+                   "(e.g. 8GiB) with the planner before training")
 
 
 def _add_generate(sub) -> None:
@@ -61,26 +63,42 @@ def _add_merge(sub) -> None:
     p.add_argument("--model", help="base model (overrides the one recorded with the adapter)")
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="predict peak GPU memory; fit a run to a VRAM budget",
+                       description="Predict the peak GPU memory of a training config from the "
+                       "architecture alone; with --budget, pick the fastest micro-batch and "
+                       "checkpointing choice predicted to fit.")
+    p.add_argument("--config", help="training YAML (as for train)")
+    p.add_argument("--model", help="preset, hub id, local dir or .gguf file")
+    p.add_argument("--budget", help="VRAM budget, e.g. 8GiB; search for the config that fits")
+    p.add_argument("--output", help="write the fitted config as YAML that train accepts")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora-lab",
-        description="QLoRA fine-tuning on small GPUs: train, generate, merge.")
+        description="QLoRA fine-tuning on small GPUs: train, generate, merge, plan.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
     _add_generate(sub)
     _add_merge(sub)
+    _add_plan(sub)
     return parser
 
 
 def train_config_from_args(args):
     from qlora_lab.config import RunConfig, config_from_dict, load_yaml, parse_overrides
 
-    flags = {"model": {"name": args.model}, "data": {"source": args.data},
-             "train": {"output_dir": args.output_dir, "max_steps": args.max_steps,
-                       "save_steps": args.save_steps, "seed": args.seed}}
-    if args.skip_bad_rows:
+    flags = {"model": {"name": args.model}, "data": {"source": getattr(args, "data", None)},
+             "train": {"output_dir": getattr(args, "output_dir", None),
+                       "max_steps": getattr(args, "max_steps", None),
+                       "save_steps": getattr(args, "save_steps", None),
+                       "seed": getattr(args, "seed", None)}}
+    if getattr(args, "skip_bad_rows", False):
         flags["data"]["skip_bad_rows"] = True
     flags = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()}
     overrides = parse_overrides(args.set)
@@ -91,7 +109,7 @@ def train_config_from_args(args):
 
     cfg = build(load_yaml(args.config) if args.config else {})
     saved = Path(cfg.train.output_dir) / "config.yaml"
-    if args.resume and not args.config and saved.is_file():
+    if getattr(args, "resume", None) and not args.config and saved.is_file():
         cfg = build(load_yaml(saved))  # resume repeats the saved run unless told otherwise
     return cfg
 
@@ -100,8 +118,21 @@ def _command(args) -> int:
     if args.command == "train":
         from qlora_lab.train import run_train
 
-        summary = run_train(train_config_from_args(args), resume=args.resume,
-                            overwrite=args.overwrite)
+        cfg = train_config_from_args(args)
+        if args.budget:
+            from qlora_lab.memory import GIB, parse_bytes
+            from qlora_lab.plan import fit_config
+
+            try:
+                budget = parse_bytes(args.budget)
+            except ValueError as exc:
+                raise UserError(f"--budget: {exc}") from None
+            cfg, best, _ = fit_config(cfg, budget)
+            logging.getLogger("qlora_lab").info(
+                "planner: micro-batch %d x %d, checkpointing %s, predicted peak %.2f GiB of %.2f",
+                best.micro_batch_size, best.seq_len, best.gradient_checkpointing,
+                best.peak_allocated_bytes / GIB, budget / GIB)
+        summary = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
         print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
     elif args.command == "generate":
         from qlora_lab.generate import GenerateConfig, run_generate
@@ -110,6 +141,11 @@ def _command(args) -> int:
             adapter=args.adapter, model_dir=args.model_dir, model=args.model,
             prompt=args.prompt, prompt_file=args.prompt_file, chat=args.chat,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed))
+    elif args.command == "plan":
+        from qlora_lab.plan import PlanConfig, run_plan
+
+        run_plan(PlanConfig(run=train_config_from_args(args), budget=args.budget,
+                            output=args.output, as_json=args.json))
     elif args.command == "merge":
         from qlora_lab.merge import MergeConfig, run_merge
 

@@ -1,0 +1,206 @@
+"""Check the planner against measured peak CUDA memory of real `qlora-lab train` steps.
+
+    python benchmarks/memory_validation.py --out benchmarks/results/memory_validation.json
+
+For each config it builds the model exactly as `train` does (models.load_base_model,
+prepare_for_training, attach_lora, train.build_training_args, transformers Trainer), runs a few
+optimizer steps on random full-length rows (every token trained, no padding), and records
+`torch.cuda.max_memory_allocated()` / `max_memory_reserved()` next to the planner's prediction.
+Weights are random: memory does not depend on their values. Then, under an emulated 8 GiB card
+(`set_per_process_memory_fraction`), it runs the config `fit_to_budget` picks for several models
+and sequence lengths and records whether it fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ARCHS = {
+    "tinyllama": None,  # from the preset
+    "smollm2-135m": None,
+    # A Qwen2-0.5B-shaped model: tied, very large vocabulary, 2 KV heads, q/k/v biases.
+    "qwen2-0.5b-shape": dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
+                             intermediate_size=4864, num_hidden_layers=24,
+                             num_attention_heads=14, num_key_value_heads=2,
+                             max_position_embeddings=32768, tie_word_embeddings=True,
+                             rope_theta=1000000.0, rms_norm_eps=1e-6),
+}
+
+# (arch, micro_batch, seq_len, lora_r, gradient_checkpointing, bits)
+GRID = [
+    ("tinyllama", 1, 256, 16, True, 4), ("tinyllama", 4, 1024, 16, True, 4),
+    ("tinyllama", 8, 1024, 16, True, 4), ("tinyllama", 16, 1024, 16, True, 4),
+    ("tinyllama", 2, 2048, 16, True, 4), ("tinyllama", 1, 4096, 16, True, 4),
+    ("tinyllama", 4, 512, 8, True, 4), ("tinyllama", 4, 512, 64, True, 4),
+    ("tinyllama", 32, 256, 16, True, 4), ("tinyllama", 4, 1024, 16, False, 4),
+    ("tinyllama", 2, 512, 16, False, 4), ("tinyllama", 4, 1024, 16, True, 16),
+    ("tinyllama", 1, 2048, 32, False, 16),
+    ("smollm2-135m", 1, 256, 16, True, 4), ("smollm2-135m", 8, 512, 16, True, 4),
+    ("smollm2-135m", 16, 1024, 16, True, 4), ("smollm2-135m", 32, 512, 16, True, 4),
+    ("smollm2-135m", 4, 2048, 16, True, 4), ("smollm2-135m", 1, 4096, 8, True, 4),
+    ("smollm2-135m", 8, 1024, 64, True, 4), ("smollm2-135m", 8, 1024, 16, False, 4),
+    ("smollm2-135m", 4, 512, 16, False, 16), ("smollm2-135m", 8, 1024, 16, True, 16),
+    ("qwen2-0.5b-shape", 1, 256, 16, True, 4), ("qwen2-0.5b-shape", 4, 1024, 16, True, 4),
+    ("qwen2-0.5b-shape", 8, 1024, 16, True, 4), ("qwen2-0.5b-shape", 2, 4096, 16, True, 4),
+    ("qwen2-0.5b-shape", 8, 512, 32, True, 4), ("qwen2-0.5b-shape", 4, 1024, 16, False, 4),
+    ("qwen2-0.5b-shape", 4, 1024, 16, True, 16), ("qwen2-0.5b-shape", 16, 256, 8, True, 4),
+]
+# Budget fits under an emulated 8 GiB card: (arch, seq_len needed by the data)
+FITS = [("tinyllama", 1024), ("tinyllama", 2048), ("smollm2-135m", 2048),
+        ("qwen2-0.5b-shape", 1024), ("qwen2-0.5b-shape", 4096)]
+
+
+def build_random_base(arch: str, root: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_lab.models import PRESETS, build_byte_tokenizer
+
+    target = root / arch
+    if (target / "config.json").is_file():
+        return target
+    values = dict(ARCHS[arch] or PRESETS[arch].arch)
+    model_type = values.pop("model_type")
+    config = AutoConfig.for_model(model_type, **values)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(target)
+    build_byte_tokenizer().save_pretrained(target)
+    del model
+    torch.cuda.empty_cache()
+    return target
+
+
+def run_config(base: Path, arch: str, mb: int, seq: int, r: int, ckpt: bool, bits: int,
+               steps: int, work: Path) -> dict:
+    from transformers import Trainer
+
+    from qlora_lab import models
+    from qlora_lab.config import config_from_dict
+    from qlora_lab.data import PadCollator
+    from qlora_lab.plan import model_shape, step_shape
+    from qlora_lab.memory import estimate_peak_memory
+    from qlora_lab.train import build_training_args
+
+    cfg = config_from_dict({
+        "model": {"name": str(base)}, "quant": {"bits": bits}, "lora": {"r": r},
+        "data": {"max_seq_len": seq},
+        "train": {"output_dir": str(work), "max_steps": steps, "micro_batch_size": mb,
+                  "grad_accum_steps": 1, "gradient_checkpointing": ckpt, "save_steps": 10**6,
+                  "logging_steps": 10**6, "tensorboard": False}})
+    plan = estimate_peak_memory(model_shape(str(base)), step_shape(cfg))
+    model = models.load_base_model(str(base), cfg.model, cfg.quant, "cuda")
+    models.prepare_for_training(model, ckpt)
+    model = models.attach_lora(model, cfg.lora)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids}
+            for ids in torch.randint(0, vocab, (mb * steps, seq), generator=gen).tolist()]
+    args = build_training_args(cfg, work, "cuda", torch.bfloat16, has_eval=False,
+                               resuming=False)
+    args.disable_tqdm = True
+    trainer = Trainer(model=model, args=args, train_dataset=rows,
+                      data_collator=PadCollator(pad_token_id=0))
+    torch.cuda.synchronize()
+    static = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    measured = torch.cuda.max_memory_allocated()
+    reserved = torch.cuda.max_memory_reserved()
+    del trainer, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"arch": arch, "micro_batch_size": mb, "seq_len": seq, "lora_r": r,
+            "gradient_checkpointing": ckpt, "bits": bits,
+            "predicted_bytes": plan.peak_allocated_bytes, "measured_bytes": measured,
+            "predicted_reserved_bytes": plan.peak_reserved_bytes,
+            "measured_reserved_bytes": reserved, "measured_static_bytes": static,
+            "error_pct": 100.0 * (plan.peak_allocated_bytes - measured) / measured,
+            "tokens_per_s": mb * seq * steps / seconds,
+            "terms": {t.name: t.bytes for t in plan.terms}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--work", default="/tmp/qlora-memval")
+    parser.add_argument("--only", default="", help="comma-separated arch names")
+    args = parser.parse_args()
+    work = Path(args.work)
+    report = {"command": "python " + " ".join(sys.argv),
+              "hardware": torch.cuda.get_device_name(0),
+              "versions": {"torch": torch.__version__, "python": platform.python_version()},
+              "rows": [], "budget_fits": []}
+    out = Path(args.out)
+
+    def flush() -> None:
+        errors = [abs(r["error_pct"]) for r in report["rows"]]
+        if errors:
+            report["max_abs_error_pct"] = max(errors)
+            report["median_abs_error_pct"] = sorted(errors)[len(errors) // 2]
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    only = set(filter(None, args.only.split(",")))
+    for arch, mb, seq, r, ckpt, bits in GRID:
+        if only and arch not in only:
+            continue
+        base = build_random_base(arch, work / "models")
+        try:
+            row = run_config(base, arch, mb, seq, r, ckpt, bits, args.steps, work / "run")
+        except torch.cuda.OutOfMemoryError as exc:
+            row = {"arch": arch, "micro_batch_size": mb, "seq_len": seq, "error": str(exc)[:200]}
+            gc.collect()
+            torch.cuda.empty_cache()
+        if "error_pct" in row:
+            report["rows"].append(row)
+            print(f"{arch:18} mb={mb:<3} seq={seq:<5} r={r:<3} ckpt={ckpt!s:5} bits={bits:<2} "
+                  f"pred {row['predicted_bytes'] / 2**30:6.3f} GiB  meas "
+                  f"{row['measured_bytes'] / 2**30:6.3f} GiB  err {row['error_pct']:+6.1f}%  "
+                  f"res {row['measured_reserved_bytes'] / 2**30:6.3f}", flush=True)
+        else:
+            print("FAILED", row, flush=True)
+        flush()
+
+    from qlora_lab.config import config_from_dict
+    from qlora_lab.plan import fit_config
+
+    cap = 8 * 2**30
+    for arch, seq in FITS:
+        if only and arch not in only:
+            continue
+        base = build_random_base(arch, work / "models")
+        cfg = config_from_dict({"model": {"name": str(base)}, "data": {"max_seq_len": seq}})
+        fitted, best, _ = fit_config(cfg, cap)
+        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0)
+                                                   .total_memory)
+        entry = {"arch": arch, "seq_len": seq, "chosen": best.__dict__}
+        try:
+            row = run_config(base, arch, best.micro_batch_size, seq, 16,
+                             best.gradient_checkpointing, 4, args.steps, work / "run")
+            entry.update(oom=False, measured_bytes=row["measured_bytes"],
+                         measured_reserved_bytes=row["measured_reserved_bytes"],
+                         predicted_bytes=row["predicted_bytes"])
+        except torch.cuda.OutOfMemoryError:
+            entry["oom"] = True
+            gc.collect()
+            torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        report["budget_fits"].append(entry)
+        print("fit", json.dumps(entry), flush=True)
+        flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""Predict peak CUDA memory of a QLoRA training step from the architecture alone (no weights).
+
+`estimate_peak_memory` adds up named terms, each derived below for transformers' Llama-style
+decoder (Llama, Mistral, Qwen2, SmolLM2, TinyLlama) trained by `qlora-lab train`: bitsandbytes
+4-bit (or 16-bit) base, peft LoRA on every linear projection, autocast in the compute dtype,
+non-reentrant checkpointing of each decoder layer, and transformers' default loss (logits
+upcast to fp32, then cross-entropy). Notation: N = micro_batch x seq_len tokens, H hidden size,
+I intermediate size, KV = num_key_value_heads x head_dim, V vocab, L layers, r LoRA rank,
+a = bytes of the compute dtype (2 for bf16/fp16).
+
+Excluded: the CUDA context and cuBLAS/cuDNN workspaces (outside the PyTorch allocator, roughly
+0.3-0.6 GiB per process), and paged optimizer state, which bitsandbytes allocates as CUDA
+managed memory outside PyTorch's allocator and pages to host RAM under pressure.
+
+Measured against real runs in benchmarks/results/memory_validation.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+GIB = 2**30
+NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one absmax per 64 weights
+DQ_BLOCK = 256  # double quantization: one fp32 absmax per 256 (uint8-quantized) absmaxes
+# A fitted, documented constant: PyTorch's caching allocator rounds and splits blocks, so the
+# reserved peak exceeds the allocated peak. 1.10 is what the validation runs show (see file).
+RESERVED_OVER_ALLOCATED = 1.10
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture facts memory depends on (from a preset or a config.json)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    tie_word_embeddings: bool = False
+    head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        return cls(vocab_size=get("vocab_size"), hidden_size=get("hidden_size"),
+                   intermediate_size=get("intermediate_size"),
+                   num_hidden_layers=get("num_hidden_layers"),
+                   num_attention_heads=get("num_attention_heads"),
+                   num_key_value_heads=get("num_key_value_heads") or get("num_attention_heads"),
+                   tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+                   head_dim=get("head_dim") or 0)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of the 7 projections of one decoder layer."""
+        h, i = self.hidden_size, self.intermediate_size
+        return [(h, self.q_dim), (h, self.kv_dim), (h, self.kv_dim), (self.q_dim, h),
+                (h, i), (h, i), (i, h)]
+
+    def linear_params(self) -> int:
+        return self.num_hidden_layers * sum(a * b for a, b in self.linear_shapes())
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The training choices memory depends on."""
+
+    micro_batch_size: int
+    seq_len: int
+    bits: int = 4
+    double_quant: bool = True
+    compute_bytes: int = 2
+    lora_r: int = 16
+    lora_bytes: int = 2
+    lora_dropout: bool = True
+    optimizer: str = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class MemoryTerm:
+    name: str
+    bytes: int
+    derivation: str
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    terms: tuple[MemoryTerm, ...]
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    excluded: str = ("CUDA context and library workspaces (~0.3-0.6 GiB per process); paged "
+                     "optimizer state (CUDA managed memory, outside PyTorch's allocator)")
+
+    def as_dict(self) -> dict:
+        return {"terms": [asdict(t) for t in self.terms],
+                "peak_allocated_bytes": self.peak_allocated_bytes,
+                "peak_reserved_bytes": self.peak_reserved_bytes, "excluded": self.excluded}
+
+
+def _weight_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
+    lin = m.linear_params()
+    embed = m.vocab_size * m.hidden_size
+    head = 0 if m.tie_word_embeddings else embed
+    norms = (2 * m.num_hidden_layers + 1) * m.hidden_size
+    if s.bits == 4:
+        packed = lin // 2  # two 4-bit codes per byte
+        if s.double_quant:
+            # absmax quantized to uint8 (1 B per 64 weights) + fp32 second-level absmax per
+            # 256 blocks, + a small fp32 offset/code per layer (ignored).
+            consts = lin // NF4_BLOCK + 4 * lin // (NF4_BLOCK * DQ_BLOCK)
+        else:
+            consts = 4 * lin // NF4_BLOCK  # one fp32 absmax per 64 weights
+        quant = [MemoryTerm("quantized_linear_weights", packed + consts,
+                            f"{lin:,} projection weights x 0.5 B (NF4) + absmax constants")]
+    else:
+        quant = [MemoryTerm("linear_weights_16bit", lin * s.compute_bytes,
+                            f"{lin:,} projection weights x {s.compute_bytes} B")]
+    other = (embed + head + norms) * s.compute_bytes
+    return quant + [MemoryTerm("embeddings_lm_head_norms", other,
+                               "(V x H embeddings" + ("" if head == 0 else " + V x H lm_head")
+                               + f" + norms) x {s.compute_bytes} B, not upcast to fp32")]
+
+
+def _lora_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
+    params = m.num_hidden_layers * sum(s.lora_r * (a + b) for a, b in m.linear_shapes())
+    weights = params * s.lora_bytes
+    grads = params * s.lora_bytes  # gradients take the parameter dtype
+    if s.optimizer == "adamw_torch":
+        # torch AdamW keeps exp_avg and exp_avg_sq in the parameter dtype.
+        state, where = 2 * params * s.lora_bytes, "2 states x param dtype"
+    elif s.optimizer == "adamw_8bit":
+        state, where = 2 * params, "2 states x 1 B (blockwise 8-bit)"
+    else:
+        state, where = 0, "paged: CUDA managed memory, outside PyTorch's allocator"
+    return [MemoryTerm("lora_weights", weights, f"{params:,} LoRA params x {s.lora_bytes} B"),
+            MemoryTerm("lora_grads", grads, f"{params:,} x {s.lora_bytes} B"),
+            MemoryTerm("optimizer_state", state, where)]
+
+
+def layer_activation_bytes_per_token(m: ModelShape, s: StepShape) -> int:
+    """Bytes one decoder layer saves for backward, per token, with no checkpointing.
+
+    Counting saved tensors (a = compute bytes; fp32 where the op upcasts):
+    - 2 RMSNorms: each keeps its fp32 input copy and normalized output (4H + 4H) and the bf16
+      result that feeds the projections (aH)                          -> 2 x (8 + a) H
+    - q, k, v, o base matmuls keep their inputs: normed x (aH, shared by q/k/v), attn out (aH)
+    - RoPE keeps q and k (a(Q + KV)); SDPA keeps q, k, v, out (a(2Q + 2KV)) + fp32 logsumexp
+    - MLP: gate and up outputs, SiLU output and their product (4 x aI); normed x (aH)
+    - LoRA with dropout > 0: each of the 7 adapters keeps its dropped-out input (a x in) and a
+      1-byte mask (1 x in); its rank-r intermediate is small (a x r)
+    """
+    h, i, q, kv, a = m.hidden_size, m.intermediate_size, m.q_dim, m.kv_dim, s.compute_bytes
+    norms = 2 * (8 + a) * h
+    attention = a * h + a * q + a * (q + kv) + a * (2 * q + 2 * kv) + 4 * m.num_attention_heads
+    mlp = 4 * a * i + a * h
+    lora = 7 * a * s.lora_r
+    if s.lora_dropout:
+        lora += sum((a + 1) * fan_in for fan_in, _ in m.linear_shapes())
+    return norms + attention + mlp + lora
+
+
+def _activation_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
+    n, a, L = s.tokens, s.compute_bytes, m.num_hidden_layers
+    per_layer = layer_activation_bytes_per_token(m, s) * n
+    if s.gradient_checkpointing:
+        kept = L * n * m.hidden_size * a
+        return [MemoryTerm("checkpointed_layer_inputs", kept,
+                           f"L x N x H x {a} B: each layer's input, kept for recomputation"),
+                MemoryTerm("recomputed_layer", per_layer,
+                           "one layer's saved activations, rebuilt during its backward")]
+    return [MemoryTerm("layer_activations", L * per_layer,
+                       "L x per-layer saved activations (see layer_activation_bytes_per_token)")]
+
+
+def _loss_term(m: ModelShape, s: StepShape) -> MemoryTerm:
+    # logits in compute dtype (aNV), upcast to fp32 by the loss (4NV), log-softmax output kept for
+    # backward (4NV); in backward the fp32 gradient (4NV) meets them -> a + 12 bytes per N x V at
+    # the peak, less the bf16 logits freed once the fp32 copy exists.
+    n, v = s.tokens, m.vocab_size
+    per = 12 + s.compute_bytes
+    return MemoryTerm("logits_and_loss", per * n * v,
+                      f"N x V x ({s.compute_bytes} B logits + 4 B fp32 copy + 4 B log-softmax "
+                      "+ 4 B gradient)")
+
+
+def _workspace_term(m: ModelShape, s: StepShape) -> MemoryTerm:
+    if s.bits != 4:
+        return MemoryTerm("dequant_workspace", 0, "16-bit base: no dequantization")
+    biggest = max(a * b for a, b in m.linear_shapes())
+    # bitsandbytes dequantizes one projection to the compute dtype per matmul (and again in
+    # backward for the input gradient); two can be alive at once around a layer boundary.
+    return MemoryTerm("dequant_workspace", 2 * biggest * s.compute_bytes,
+                      "2 x largest projection dequantized to the compute dtype")
+
+
+def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:
+    """Peak PyTorch-allocated bytes of one training step, as named, derived terms."""
+    static = _weight_terms(model, step) + _lora_terms(model, step)
+    act = _activation_terms(model, step)
+    loss = _loss_term(model, step)
+    work = _workspace_term(model, step)
+    if step.gradient_checkpointing:
+        # The loss peak (end of forward / start of backward) and the recompute peak of one layer
+        # do not overlap: take the larger, on top of the kept layer inputs.
+        transient = max(loss.bytes, act[1].bytes + work.bytes)
+        peak = sum(t.bytes for t in static) + act[0].bytes + transient
+    else:
+        peak = sum(t.bytes for t in static) + act[0].bytes + max(loss.bytes, work.bytes)
+    terms = tuple(static + act + [loss, work])
+    return MemoryPlan(terms, int(peak), int(peak * RESERVED_OVER_ALLOCATED))
+
+
+# --- fitting a run to a budget -------------------------------------------------------------------
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '7.5GB', '8000MiB', '8g' -> bytes (GB/GiB both read as binary, as GPUs are sold)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"cannot read {text!r} as a size — write e.g. 8GiB or 7500MiB")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2)]
+    return int(float(match.group(1)) * scale)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    micro_batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    optimizer: str
+    peak_allocated_bytes: int
+    predicted_tokens_per_s: float
+    fits: bool
+
+
+def predicted_throughput(model: ModelShape, step: StepShape, flops_per_s: float = 200e12,
+                         step_overhead_s: float = 0.35) -> float:
+    """A simple, documented cost model for ranking configs (not a benchmark).
+
+    Time per micro-batch = fixed overhead (kernel launches of ~150 quantized LoRA layers, which
+    dominate at small batches: measured ~0.35-0.6 s per micro-batch on an H200 with the plain
+    stack) + 6 x params x tokens / achievable FLOP/s, x 4/3 when checkpointing recomputes the
+    forward.
+    """
+    params = model.linear_params() + model.vocab_size * model.hidden_size
+    compute = 6 * params * step.tokens / flops_per_s
+    if step.gradient_checkpointing:
+        compute *= 4 / 3
+    return step.tokens / (step_overhead_s + compute)
+
+
+def fit_to_budget(model: ModelShape, base: StepShape, budget_bytes: int,
+                  micro_batches=(1, 2, 4, 8, 16, 32), optimizers=("paged_adamw_8bit",)
+                  ) -> tuple[Candidate | None, list[Candidate]]:
+    """Search micro-batch x checkpointing x optimizer at the needed sequence length.
+
+    The budget is compared with the predicted *reserved* peak (what the card must hold), so the
+    allocator's overhead is inside the budget too. Returns the fastest feasible candidate.
+    """
+    cands = []
+    for mb in micro_batches:
+        for ckpt in (False, True):
+            for opt in optimizers:
+                step = replace(base, micro_batch_size=mb, gradient_checkpointing=ckpt,
+                               optimizer=opt)
+                plan = estimate_peak_memory(model, step)
+                cands.append(Candidate(mb, step.seq_len, ckpt, opt, plan.peak_allocated_bytes,
+                                       predicted_throughput(model, step),
+                                       plan.peak_reserved_bytes <= budget_bytes))
+    feasible = [c for c in cands if c.fits]
+    best = max(feasible, key=lambda c: c.predicted_tokens_per_s, default=None)
+    return best, cands
+
+
+def shorter_seq_fallback(model: ModelShape, base: StepShape, budget_bytes: int):
+    """When nothing fits at the needed length, the longest power-of-two length that does."""
+    seq = base.seq_len
+    while seq > 64:
+        seq //= 2
+        best, _ = fit_to_budget(model, replace(base, seq_len=seq), budget_bytes)
+        if best is not None:
+            return best
+    return None
