@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -131,13 +132,44 @@ def run_config(base: Path, arch: str, mb: int, seq: int, r: int, ckpt: bool, bit
             "terms": {t.name: t.bytes for t in plan.terms}}
 
 
+def _isolated(spec: list) -> dict:
+    """Run one config in a fresh process, so nothing left by earlier configs inflates its peak."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(spec)],
+                          capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"arch": spec[0], "micro_batch_size": spec[1], "seq_len": spec[2],
+            "error": proc.stderr[-500:]}
+
+
+def _single(spec: list) -> None:
+    arch, mb, seq, r, ckpt, bits, steps, work, cap = spec
+    if cap:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(cap / total)
+    base = Path(work) / "models" / arch
+    try:
+        row = run_config(base, arch, mb, seq, r, ckpt, bits, steps, Path(work) / f"run-{os.getpid()}")
+    except torch.cuda.OutOfMemoryError as exc:
+        row = {"arch": arch, "micro_batch_size": mb, "seq_len": seq, "oom": str(exc)[:300]}
+    print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--work", default="/tmp/qlora-memval")
     parser.add_argument("--only", default="", help="comma-separated arch names")
+    parser.add_argument("--single", help=argparse.SUPPRESS)
+    parser.add_argument("--parallel", type=int, default=4, help="configs measured at once")
     args = parser.parse_args()
+    if args.single:
+        _single(json.loads(args.single))
+        return
     work = Path(args.work)
     report = {"command": "python " + " ".join(sys.argv),
               "hardware": torch.cuda.get_device_name(0),
@@ -152,17 +184,18 @@ def main() -> None:
             report["median_abs_error_pct"] = sorted(errors)[len(errors) // 2]
         out.write_text(json.dumps(report, indent=2) + "\n")
 
+    from concurrent.futures import ThreadPoolExecutor
+
     only = set(filter(None, args.only.split(",")))
-    for arch, mb, seq, r, ckpt, bits in GRID:
-        if only and arch not in only:
-            continue
-        base = build_random_base(arch, work / "models")
-        try:
-            row = run_config(base, arch, mb, seq, r, ckpt, bits, args.steps, work / "run")
-        except torch.cuda.OutOfMemoryError as exc:
-            row = {"arch": arch, "micro_batch_size": mb, "seq_len": seq, "error": str(exc)[:200]}
-            gc.collect()
-            torch.cuda.empty_cache()
+    grid = [g for g in GRID if not only or g[0] in only]
+    for arch in {g[0] for g in grid} | {f[0] for f in FITS}:
+        build_random_base(arch, work / "models")
+    # Each config runs in its own process (peak stats are per process), a few at a time: the
+    # card has far more memory than any one config uses, and memory is what is measured here.
+    specs = [[*g, args.steps, str(work), 0] for g in grid]
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        results = list(pool.map(_isolated, specs))
+    for (arch, mb, seq, r, ckpt, bits), row in zip(grid, results):
         if "error_pct" in row:
             report["rows"].append(row)
             print(f"{arch:18} mb={mb:<3} seq={seq:<5} r={r:<3} ckpt={ckpt!s:5} bits={bits:<2} "
@@ -174,6 +207,7 @@ def main() -> None:
         flush()
 
     from qlora_lab.config import config_from_dict
+    from qlora_lab.errors import UserError
     from qlora_lab.plan import fit_config
 
     cap = 8 * 2**30
@@ -182,21 +216,17 @@ def main() -> None:
             continue
         base = build_random_base(arch, work / "models")
         cfg = config_from_dict({"model": {"name": str(base)}, "data": {"max_seq_len": seq}})
-        fitted, best, _ = fit_config(cfg, cap)
-        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0)
-                                                   .total_memory)
-        entry = {"arch": arch, "seq_len": seq, "chosen": best.__dict__}
+        entry = {"arch": arch, "seq_len": seq, "budget_bytes": cap}
         try:
-            row = run_config(base, arch, best.micro_batch_size, seq, 16,
-                             best.gradient_checkpointing, 4, args.steps, work / "run")
-            entry.update(oom=False, measured_bytes=row["measured_bytes"],
-                         measured_reserved_bytes=row["measured_reserved_bytes"],
-                         predicted_bytes=row["predicted_bytes"])
-        except torch.cuda.OutOfMemoryError:
-            entry["oom"] = True
-            gc.collect()
-            torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0)
+            _, best, _ = fit_config(cfg, cap)
+        except UserError as exc:  # nothing fits: the planner says so instead of guessing
+            entry.update(chosen=None, planner_message=str(exc))
+        else:
+            entry["chosen"] = best.__dict__
+            row = _isolated([arch, best.micro_batch_size, seq, 16, best.gradient_checkpointing,
+                             4, args.steps, str(work), cap])
+            entry.update(oom="oom" in row, **{k: row[k] for k in (
+                "measured_bytes", "measured_reserved_bytes", "predicted_bytes") if k in row})
         report["budget_fits"].append(entry)
         print("fit", json.dumps(entry), flush=True)
         flush()
