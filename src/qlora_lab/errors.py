@@ -14,3 +14,15 @@ class UserError(Exception):
     def __init__(self, message: str):
         # Errors must stay one line: a multi-line message hides the fix below the fold.
         super().__init__(" ".join(message.split()))
+
+
+class TrainingInterrupted(UserError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the message says how to resume.
+
+    `exit_code` follows the shell convention for death by a signal (128 + signal number), so
+    schedulers and scripts can tell "stopped on request" from "failed".
+    """
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -38,6 +38,13 @@ def fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
+def commit_file(tmp: Path, path: Path) -> None:
+    """Flush a fully written `tmp` and rename it over `path` (same directory)."""
+    _fsync_path(Path(tmp))
+    os.replace(tmp, path)
+    _fsync_path(Path(path).parent)
+
+
 def write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` atomically (a kill leaves the old file or the new one)."""
     path = Path(path)
@@ -45,14 +52,11 @@ def write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        commit_file(Path(tmp), path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_path(path.parent)
 
 
 def publish_dir(staging: Path, target: Path) -> None:

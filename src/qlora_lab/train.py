@@ -9,6 +9,10 @@ Output layout of a run (`train.output_dir`):
     summary.json        steps, losses, tokens seen, tokens/s, peak memory, wall time
     checkpoints/        checkpoint-N/: adapter, optimizer, scheduler, RNG and data position
     tensorboard/        TensorBoard event files
+
+Nothing is lost on a crash: checkpoints appear atomically (checkpoints.py), config.yaml, adapter/
+and summary.json are replaced atomically (fsio.py), SIGINT/SIGTERM checkpoint and stop, and a NaN
+loss stops before it reaches the weights or a checkpoint (faults.py).
 """
 
 from __future__ import annotations
@@ -17,18 +21,21 @@ import json
 import logging
 import math
 import os
+import re
 import resource
+import shlex
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from qlora_lab import adapters, models
+from qlora_lab import adapters, checkpoints, faults, fsio, models, safety
 from qlora_lab.config import RunConfig, save_config
 from qlora_lab.data import PadCollator, PreparedData, prepare_data
-from qlora_lab.errors import UserError
+from qlora_lab.errors import TrainingInterrupted, UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,48 +47,69 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run unless told to; check the dir is writable."""
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse to clobber an earlier run unless told to; make sure the dir can be written.
+
+    Returns True when `--overwrite` must replace an earlier run. The caller deletes it only once
+    the config, data and model have loaded, so a mistake in any of them costs nothing.
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"output dir {out} is a file — pass a directory to --output-dir")
-    existing = [p for p in out.iterdir()] if out.is_dir() else []
-    if existing and not resume:
-        if not overwrite:
-            raise UserError(f"output dir {out} is not empty — pass --resume to continue that "
-                            "run, --overwrite to replace it, or another --output-dir")
-        if not (out / RUN_MARKER).is_file():
-            raise UserError(f"output dir {out} holds files that no qlora-lab run wrote; "
-                            "--overwrite only replaces earlier runs — pick another --output-dir")
-        if _is_main_process():
-            shutil.rmtree(out)
     try:
+        existing = out.is_dir() and any(out.iterdir())
+        if existing and not resume:
+            if not overwrite:
+                raise UserError(f"output dir {out} is not empty — pass --resume to continue that "
+                                "run, --overwrite to replace it, or another --output-dir")
+            if not (out / RUN_MARKER).is_file():
+                raise UserError(f"output dir {out} holds files that no qlora-lab run wrote; "
+                                "--overwrite only replaces earlier runs — pick another "
+                                "--output-dir")
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f"{fsio.TMP_PREFIX}write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
         raise UserError(f"output dir {out} is not writable ({exc.strerror}) — pick another "
                         "--output-dir") from None
+    return existing and not resume
 
 
-def find_checkpoint(out: Path, resume: str | bool) -> str | None:
-    """`--resume` alone means the newest complete checkpoint; a name or path means that one."""
-    from transformers.trainer_utils import get_last_checkpoint
+def find_checkpoint(out: Path, resume: str | bool | None) -> str | None:
+    """The checkpoint `--resume` continues from; None means "start at step 0".
 
+    `--resume` alone picks the newest complete checkpoint. A run killed before its first
+    checkpoint has none: it starts again (losing less than one save interval, as promised).
+    A name (`checkpoint-200`) or a path picks that checkpoint, which must be complete.
+    """
     if resume in (None, False):
         return None
-    ckpt_root = out / CHECKPOINTS
+    root = out / CHECKPOINTS
     if resume is True:
-        last = get_last_checkpoint(str(ckpt_root)) if ckpt_root.is_dir() else None
-        if last is None:
-            raise UserError(f"--resume: no checkpoint in {ckpt_root} — train without --resume "
-                            "first (checkpoints are written every train.save_steps steps)")
-        return last
-    for candidate in (Path(resume), ckpt_root / str(resume)):
-        if (candidate / "trainer_state.json").is_file():
-            return str(candidate)
-    raise UserError(f"--resume {resume}: not a checkpoint (no trainer_state.json) — pass a "
-                    f"checkpoint-N folder from {ckpt_root}, or --resume alone for the newest")
+        newest = checkpoints.newest_usable(root)
+        if newest is not None:
+            return str(newest)
+        existing = checkpoints.list_all(root)
+        if existing:
+            raise UserError(f"--resume: no usable checkpoint in {root} ({existing[-1].name} "
+                            f"{checkpoints.problem(existing[-1])}) — restore it, or pass "
+                            "--overwrite instead of --resume to start the run again")
+        if (out / RUN_MARKER).is_file():
+            log.warning("--resume: %s has no checkpoint yet (it stopped before the first one); "
+                        "starting it again from step 0", out)
+            return None
+        raise UserError(f"--resume: no checkpoint in {root} — train without --resume "
+                        "first (checkpoints are written every train.save_steps steps)")
+    given = Path(str(resume)).expanduser()
+    candidate = given if given.exists() else root / str(resume)
+    if not candidate.exists():
+        raise UserError(f"--resume {resume}: no such checkpoint — pass a checkpoint-N folder "
+                        f"from {root}, or --resume alone for the newest")
+    issue = checkpoints.problem(candidate)
+    if issue:
+        raise UserError(f"--resume {resume}: {candidate} {issue} — pick another checkpoint from "
+                        f"{root}, or --resume alone for the newest complete one")
+    return str(candidate)
 
 
 def _optimizer_name(cfg: RunConfig, device: str) -> str:
@@ -108,7 +136,9 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
     t = cfg.train
     report_to = ["tensorboard"] if t.tensorboard and _tensorboard_available() else "none"
     if report_to != "none":
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+        # Assigned, not setdefault: a second run in the same process must not log into the
+        # first run's dir. Every output of a run stays inside its output dir.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     return TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         max_steps=t.max_steps if t.max_steps > 0 else -1,
@@ -171,7 +201,49 @@ def _make_callbacks(out: Path):
             self.start_tokens = state.num_input_tokens_seen
             self.start_time = time.perf_counter()
 
-    return MetricsJsonl(), Throughput()
+    return MetricsJsonl(), Throughput(), faults.StopOnSignal()
+
+
+def _trainer_class():
+    """Trainer plus qlora-lab's two overrides; each is a few lines that delegate.
+
+    - `_save_checkpoint`: Trainer writes `checkpoint-N` file by file. We point it at a hidden
+      staging dir and publish the finished checkpoint with one rename (checkpoints.staged).
+      Trainer has no public hook for where a checkpoint is written; overriding these two methods
+      in a subclass (checked against transformers 5.17 and 5.24) is the smallest seam.
+    - `training_step`: stop on a NaN/inf loss before the optimizer step that would apply it.
+    """
+    from transformers import Trainer
+
+    class QloraTrainer(Trainer):
+        _staging_dir: Path | None = None
+
+        def _save_checkpoint(self, model, trial):
+            if self.args.world_size > 1:
+                # Each rank would stage its own copy; multi-GPU training is not supported yet.
+                return super()._save_checkpoint(model, trial)
+            root = Path(self.args.output_dir)
+            step = self.state.global_step
+            with checkpoints.staged(root, step) as staging:
+                self._staging_dir = staging
+                try:
+                    super()._save_checkpoint(model, trial)
+                finally:
+                    self._staging_dir = None
+            # Trainer's own rotation ran inside the staging dir, where it found nothing to do.
+            checkpoints.prune(root, self.args.save_total_limit, root / checkpoints.name_for(step))
+
+        def _get_output_dir(self, trial):
+            if self._staging_dir is not None:
+                return str(self._staging_dir)
+            return super()._get_output_dir(trial)
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            loss = super().training_step(model, inputs, *args, **kwargs)
+            faults.check_finite_loss(loss, self.state.global_step + 1)
+            return loss
+
+    return QloraTrainer
 
 
 def _peak_memory(device: str) -> dict:
@@ -182,11 +254,32 @@ def _peak_memory(device: str) -> dict:
     return peak
 
 
-def _eval_loss_at(metrics_path: Path, first: bool) -> float | None:
+def _read_metrics(metrics_path: Path) -> list[dict]:
+    """Records of metrics.jsonl; a line cut short by a kill is skipped, not fatal."""
     if not metrics_path.is_file():
-        return None
-    losses = [r["eval_loss"] for r in map(json.loads, metrics_path.read_text().splitlines())
-              if "eval_loss" in r]
+        return []
+    records = []
+    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def _trim_metrics(metrics_path: Path, last_step: int | None) -> None:
+    """On resume, forget records of the steps that will run again (None: all of them)."""
+    if not metrics_path.is_file():
+        return
+    kept = [r for r in _read_metrics(metrics_path) if last_step is not None
+            and r["step"] <= last_step]
+    fsio.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _eval_loss_at(metrics_path: Path, first: bool) -> float | None:
+    losses = [r["eval_loss"] for r in _read_metrics(metrics_path) if "eval_loss" in r]
     if not losses:
         return None
     return losses[0] if first else losses[-1]
@@ -206,21 +299,28 @@ class TrainingSession:
     dtype: torch.dtype
     checkpoint: str | None
     callbacks: tuple
+    started: float  # perf_counter() when setup began, for wall_seconds
 
 
 def setup_training(cfg: RunConfig, resume: str | bool | None = None,
                    overwrite: bool = False) -> TrainingSession:
-    """Check paths, load data and model, attach LoRA and build the Trainer; train nothing yet."""
-    from transformers import Trainer, set_seed
+    """Check paths, load data and model, attach LoRA and build the Trainer; train nothing yet.
 
+    Everything that can fail on a user's input runs before the first write to the output dir.
+    """
+    from transformers import set_seed
+
+    started = time.perf_counter()
     out = Path(cfg.train.output_dir)
-    prepare_output_dir(out, resume=bool(resume), overwrite=overwrite)
+    replace_run = check_output_dir(out, resume=bool(resume), overwrite=overwrite)
     checkpoint = find_checkpoint(out, resume)
     device = models.resolve_device(cfg.train.device)
     dtype = models.resolve_compute_dtype(cfg.quant, device)
+    _optimizer_name(cfg, device)  # a CUDA-only optimizer on CPU fails here, not after loading
     set_seed(cfg.train.seed)
 
     model_path = models.resolve_model_path(cfg.model.name)
+    safety.require_safetensors(Path(model_path), "base model", allow_hint=None)
     tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
     log.info("data: %s", data.stats)
@@ -228,30 +328,111 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
     model = models.load_base_model(model_path, cfg.model, cfg.quant, device)
     models.prepare_for_training(model, cfg.train.gradient_checkpointing)
     model = models.attach_lora(model, cfg.lora)
-
-    if _is_main_process():
-        save_config(cfg, out / RUN_MARKER)
-        tokenizer.save_pretrained(out)
     args = build_training_args(cfg, out, device, dtype, has_eval=bool(data.eval),
                                resuming=checkpoint is not None)
+
+    if _is_main_process():
+        if replace_run:
+            shutil.rmtree(out)
+            out.mkdir(parents=True)
+        for stale in fsio.remove_stale(out) + fsio.remove_stale(out / CHECKPOINTS):
+            log.info("removed %s, left behind by a killed run", stale)
+        if resume:
+            _trim_metrics(out / "metrics.jsonl",
+                          checkpoints.global_step(Path(checkpoint)) if checkpoint else None)
+        _write_config(cfg, out)
+        tokenizer.save_pretrained(out)
     callbacks = _make_callbacks(out)
-    trainer = Trainer(model=model, args=args, train_dataset=data.train,
-                      eval_dataset=data.eval or None,
-                      data_collator=PadCollator(tokenizer.pad_token_id),
-                      callbacks=list(callbacks))
+    trainer = _trainer_class()(model=model, args=args, train_dataset=data.train,
+                               eval_dataset=data.eval or None,
+                               data_collator=PadCollator(tokenizer.pad_token_id),
+                               callbacks=list(callbacks))
     return TrainingSession(cfg, out, trainer, model, tokenizer, data, device, dtype, checkpoint,
-                           callbacks)
+                           callbacks, started)
+
+
+def _write_config(cfg: RunConfig, out: Path) -> None:
+    # Through a temp file: a kill mid-write must not leave a truncated config that --resume reads.
+    tmp = out / f"{fsio.TMP_PREFIX}{RUN_MARKER}"
+    save_config(cfg, tmp)
+    fsio.commit_file(tmp, out / RUN_MARKER)
+
+
+def oom_advice(cfg: RunConfig) -> str:
+    """What to change after a CUDA out-of-memory error, as `--set` flags, most effective first.
+
+    Hook for the memory planner: it can return the nearest configuration its estimate says fits
+    instead of these rules of thumb. Batch geometry changes cannot resume an existing checkpoint
+    exactly (the data position is counted in micro-batches), hence "again with --overwrite".
+    """
+    t, options = cfg.train, []
+    if t.micro_batch_size > 1:
+        smaller = t.micro_batch_size // 2
+        accum = math.ceil(t.micro_batch_size * t.grad_accum_steps / smaller)
+        options.append(f"--set train.micro_batch_size={smaller} "
+                       f"--set train.grad_accum_steps={accum} (same rows per step)")
+    if not t.gradient_checkpointing:
+        options.append("--set train.gradient_checkpointing=true")
+    if cfg.data.max_seq_len > 256:
+        options.append(f"--set data.max_seq_len={cfg.data.max_seq_len // 2}")
+    if cfg.quant.bits != 4:
+        options.append("--set quant.bits=4")
+    if t.optimizer in ("adamw_torch", "paged_adamw_32bit"):
+        options.append("--set train.optimizer=paged_adamw_8bit")
+    if not options:
+        return ("it is already at the smallest settings qlora-lab knows — use a smaller base "
+                "model or a GPU with more memory")
+    return "try " + ", or ".join(options[:3]) + ", then run again with --overwrite"
+
+
+def _oom_detail(exc: BaseException) -> str:
+    found = re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", str(exc))
+    return found.group(0) if found else "CUDA out of memory"
+
+
+def _non_finite_message(exc: faults.NonFiniteLoss, session: "TrainingSession") -> str:
+    last = checkpoints.newest_usable(session.out / CHECKPOINTS)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written"
+    t = session.cfg.train
+    hint = f"lower train.learning_rate (now {t.learning_rate:g})"
+    if session.dtype == torch.float16:
+        hint += ", or set quant.compute_dtype to bfloat16/float32 (fp16 overflows easily)"
+    return (f"training loss became {exc.value} at step {exc.step}; stopped before it changed "
+            f"any weights, {kept} — {hint}, check the data, then run again with --overwrite")
+
+
+def _interrupted_message(session: "TrainingSession", stopper: faults.StopOnSignal) -> str:
+    state, out = session.trainer.state, session.out
+    ckpt = out / CHECKPOINTS / checkpoints.name_for(state.global_step)
+    return (f"stopped by {stopper.signal_name} at step {state.global_step} of {state.max_steps}; "
+            f"checkpoint saved in {ckpt} — continue with: qlora-lab train --output-dir "
+            f"{shlex.quote(str(out))} --resume")
 
 
 def run_train(cfg: RunConfig, resume: str | bool | None = None, overwrite: bool = False) -> dict:
     """Fine-tune `cfg.model` on `cfg.data`; returns the summary also written to summary.json."""
-    wall_start = time.perf_counter()
-    session = setup_training(cfg, resume, overwrite)
-    trainer, out, device = session.trainer, session.out, session.device
-    speed_cb = session.callbacks[1]
+    try:
+        return train_session(setup_training(cfg, resume, overwrite))
+    except torch.cuda.OutOfMemoryError as exc:
+        raise UserError(f"CUDA out of memory ({_oom_detail(exc)}) with micro_batch_size "
+                        f"{cfg.train.micro_batch_size} x max_seq_len {cfg.data.max_seq_len} — "
+                        f"{oom_advice(cfg)}") from None
+
+
+def train_session(session: TrainingSession) -> dict:
+    """Train a set-up session to the end, then write the adapter and summary.json."""
+    cfg, trainer, out, device = session.cfg, session.trainer, session.out, session.device
+    speed_cb, stopper = session.callbacks[1], session.callbacks[2]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = trainer.train(resume_from_checkpoint=session.checkpoint)
+    try:
+        with stopper.installed():
+            result = trainer.train(resume_from_checkpoint=session.checkpoint)
+    except faults.NonFiniteLoss as exc:
+        raise UserError(_non_finite_message(exc, session)) from None
+    if stopper.stopped_at_step is not None and trainer.state.global_step < trainer.state.max_steps:
+        signum = getattr(signal, stopper.signal_name)
+        raise TrainingInterrupted(_interrupted_message(session, stopper), 128 + signum)
     train_seconds = time.perf_counter() - speed_cb.start_time
     tokens_this_session = trainer.state.num_input_tokens_seen - speed_cb.start_tokens
 
@@ -265,7 +446,7 @@ def run_train(cfg: RunConfig, resume: str | bool | None = None, overwrite: bool 
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_s": tokens_this_session / train_seconds if train_seconds > 0 else None,
         "train_seconds": train_seconds,
-        "wall_seconds": time.perf_counter() - wall_start,
+        "wall_seconds": time.perf_counter() - session.started,
         "resumed_from": session.checkpoint,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "compute_dtype": str(session.dtype).removeprefix("torch."),
@@ -273,9 +454,9 @@ def run_train(cfg: RunConfig, resume: str | bool | None = None, overwrite: bool 
         **_peak_memory(device),
     }
     if trainer.is_world_process_zero():
-        adapter_dir = out / "adapter"
-        trainer.model.save_pretrained(adapter_dir)
-        adapters.write_base_info(adapter_dir, cfg.model, cfg.quant, session.data.template,
-                                 session.model.base_model.config)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        with fsio.staged_dir(out / "adapter") as adapter_dir:
+            trainer.model.save_pretrained(adapter_dir)
+            adapters.write_base_info(adapter_dir, cfg.model, cfg.quant, session.data.template,
+                                     session.model.base_model.config)
+        fsio.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,0 +1,125 @@
+"""Checkpoints on disk: written atomically, checked before resuming, pruned to the last N.
+
+Trainer writes `checkpoint-N/` file by file (adapter, optimizer, scheduler, RNG, trainer state).
+Killed in the middle, it leaves a folder that looks like a checkpoint but lacks its optimizer or
+state, and resuming from it crashes or silently restarts. So `train.py` has Trainer write each
+checkpoint inside a hidden staging dir (`checkpoints/.tmp-checkpoint-N-*`), and `staged` fsyncs it
+and renames it to `checkpoint-N` only once every file is on disk: a `checkpoint-N` folder is
+complete by construction. `problem` still checks a checkpoint before resuming from it, for folders
+that were copied, edited, or written by other tools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+from qlora_lab import fsio, safety
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^checkpoint-(\d+)$")  # Trainer's PREFIX_CHECKPOINT_DIR naming
+STATE_FILE = "trainer_state.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+# torch.save files Trainer needs to continue exactly; rng_state*.pth is one per process.
+TORCH_FILES = ("optimizer.pt", "scheduler.pt")
+
+
+def name_for(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def step_of(path: Path) -> int | None:
+    match = NAME_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+@contextlib.contextmanager
+def staged(root: Path, step: int) -> Iterator[Path]:
+    """Yield a hidden run dir in which Trainer writes `checkpoint-{step}`; publish it on success.
+
+    On an exception (or a kill) nothing named `checkpoint-*` appears; a killed process leaves the
+    staging dir, which `fsio.remove_stale` deletes on the next start.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{fsio.TMP_PREFIX}{name_for(step)}-", dir=root))
+    try:
+        yield staging
+        fsio.publish_dir(staging / name_for(step), root / name_for(step))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def list_all(root: Path) -> list[Path]:
+    """`checkpoint-N` folders under `root`, oldest step first (staging dirs never match)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if step_of(p) is not None and p.is_dir()]
+    return sorted(found, key=step_of)
+
+
+def problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from, or None if it looks complete.
+
+    Cheap checks only: files present, trainer state parses, the adapter's safetensors header
+    matches its size, and each torch file ends with a zip directory (torch.save writes zips, so a
+    truncated file has none). Reading every tensor would cost as much as resuming.
+    """
+    path = Path(path)
+    if any(part.startswith(fsio.TMP_PREFIX) for part in path.parts):
+        return "is an unfinished checkpoint (its write was interrupted)"
+    if not path.is_dir():
+        return "is not a checkpoint folder"
+    for name in (STATE_FILE, ADAPTER_FILE, *TORCH_FILES):
+        if not (path / name).is_file():
+            return f"has no {name}"
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return f"has a corrupted {STATE_FILE} (not JSON)"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"has a corrupted {STATE_FILE} (no global_step)"
+    adapter_problem = safety.safetensors_problem(path / ADAPTER_FILE)
+    if adapter_problem:
+        return f"has an {ADAPTER_FILE} that {adapter_problem}"
+    for torch_file in (*TORCH_FILES, *sorted(p.name for p in path.glob("rng_state*.pth"))):
+        if not zipfile.is_zipfile(path / torch_file):
+            return f"has a truncated or corrupted {torch_file}"
+    return None
+
+
+def global_step(path: Path) -> int:
+    """The optimizer step a checkpoint was written at (call `problem` first)."""
+    return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))["global_step"]
+
+
+def newest_usable(root: Path) -> Path | None:
+    """The newest checkpoint that passes `problem`; broken newer ones are skipped with a warning."""
+    for path in reversed(list_all(root)):
+        issue = problem(path)
+        if issue is None:
+            return path
+        log.warning("skipping %s: it %s", path, issue)
+    return None
+
+
+def prune(root: Path, keep: int, current: Path) -> None:
+    """Delete checkpoints until `keep` remain, never `current` (the one just written).
+
+    Checkpoints with a higher step than `current` come from a run that was resumed from an older
+    checkpoint (`--resume checkpoint-N`): they go first, then the oldest.
+    """
+    current_step = step_of(current)
+    others = [p for p in list_all(root) if p.name != Path(current).name]
+    others.sort(key=lambda p: (step_of(p) < current_step, step_of(p)))
+    for path in others[: max(0, len(others) + 1 - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
