@@ -33,7 +33,29 @@ ARCHS = {
                              num_attention_heads=14, num_key_value_heads=2,
                              max_position_embeddings=32768, tie_word_embeddings=True,
                              rope_theta=1000000.0, rms_norm_eps=1e-6),
+    # Held-out shapes: never used to fit the planner's coefficients.
+    "llama3.2-1b-shape": dict(model_type="llama", vocab_size=128256, hidden_size=2048,
+                              intermediate_size=8192, num_hidden_layers=16,
+                              num_attention_heads=32, num_key_value_heads=8,
+                              max_position_embeddings=8192, tie_word_embeddings=True,
+                              rope_theta=500000.0, rms_norm_eps=1e-5),
+    "qwen2.5-1.5b-shape": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
+                               intermediate_size=8960, num_hidden_layers=28,
+                               num_attention_heads=12, num_key_value_heads=2,
+                               max_position_embeddings=32768, tie_word_embeddings=True,
+                               rope_theta=1000000.0, rms_norm_eps=1e-6),
 }
+
+# Configs the coefficients were NOT fitted on (new shapes, new sizes, other ranks).
+HELDOUT = [
+    ("llama3.2-1b-shape", 1, 512, 16, True, 4), ("llama3.2-1b-shape", 3, 1024, 32, True, 4),
+    ("llama3.2-1b-shape", 2, 3072, 8, True, 4), ("llama3.2-1b-shape", 2, 512, 16, False, 4),
+    ("llama3.2-1b-shape", 6, 768, 16, True, 16),
+    ("qwen2.5-1.5b-shape", 1, 1024, 16, True, 4), ("qwen2.5-1.5b-shape", 4, 768, 48, True, 4),
+    ("qwen2.5-1.5b-shape", 1, 6144, 16, True, 4), ("qwen2.5-1.5b-shape", 2, 512, 16, False, 4),
+    ("tinyllama", 12, 384, 24, True, 4), ("smollm2-135m", 24, 768, 32, False, 4),
+    ("smollm2-135m", 6, 3072, 16, True, 4),
+]
 
 # (arch, micro_batch, seq_len, lora_r, gradient_checkpointing, bits)
 GRID = [
@@ -160,12 +182,14 @@ def _single(spec: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", default="benchmarks/results/memory_validation.json")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--work", default="/tmp/qlora-memval")
     parser.add_argument("--only", default="", help="comma-separated arch names")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--parallel", type=int, default=4, help="configs measured at once")
+    parser.add_argument("--heldout", action="store_true",
+                        help="measure the held-out grid (shapes and sizes not used for fitting)")
     args = parser.parse_args()
     if args.single:
         _single(json.loads(args.single))
@@ -187,8 +211,9 @@ def main() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     only = set(filter(None, args.only.split(",")))
-    grid = [g for g in GRID if not only or g[0] in only]
-    for arch in {g[0] for g in grid} | {f[0] for f in FITS}:
+    grid = [g for g in (HELDOUT if args.heldout else GRID) if not only or g[0] in only]
+    fits = [] if args.heldout else FITS
+    for arch in {g[0] for g in grid} | {f[0] for f in fits}:
         build_random_base(arch, work / "models")
     # Each config runs in its own process (peak stats are per process), a few at a time: the
     # card has far more memory than any one config uses, and memory is what is measured here.
@@ -211,7 +236,7 @@ def main() -> None:
     from qlora_lab.plan import fit_config
 
     cap = 8 * 2**30
-    for arch, seq in FITS:
+    for arch, seq in fits:
         if only and arch not in only:
             continue
         base = build_random_base(arch, work / "models")

@@ -23,9 +23,13 @@ GIB = 2**30
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one absmax per 64 weights
 DQ_BLOCK = 256  # double quantization: one fp32 absmax per 256 (uint8-quantized) absmaxes
 # PyTorch's caching allocator rounds and splits blocks, so the reserved peak exceeds the
-# allocated peak: 1.04-1.27x in the validation runs (largest with checkpointing and big
+# allocated peak: 1.04-1.49x in the validation runs (largest with checkpointing at mid-size
 # micro-batches). The budget search compares the *reserved* estimate with the budget.
-RESERVED_OVER_ALLOCATED = 1.27
+RESERVED_OVER_ALLOCATED = 1.5
+# Allocations no term above names (cuBLAS workspaces taken through PyTorch's allocator, rotary
+# caches, bitsandbytes' quant-state tensors): the median unexplained residual of the validation
+# runs, 55 MiB, nearly constant across models and sizes.
+UNNAMED_BYTES = 55 * 2**20
 
 
 @dataclass(frozen=True)
@@ -229,7 +233,10 @@ def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:
         peak = sum(t.bytes for t in static) + act[0].bytes + transient
     else:
         peak = sum(t.bytes for t in static) + act[0].bytes + max(loss.bytes, work.bytes)
-    terms = tuple(static + act + [loss, work])
+    other = MemoryTerm("unnamed_allocations", UNNAMED_BYTES,
+                       "cuBLAS workspaces, rotary caches, quant-state tensors (measured median)")
+    peak += other.bytes
+    terms = tuple(static + act + [loss, work, other])
     return MemoryPlan(terms, int(peak), int(peak * RESERVED_OVER_ALLOCATED))
 
 
