@@ -1,0 +1,110 @@
+"""The planner: hand-checked weight bytes, monotonic estimates, stable JSON, offline presets."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from qlora_lab.cli import main
+from qlora_lab.memory import (ModelShape, StepShape, estimate_peak_memory, fit_to_budget,
+                              parse_bytes)
+from qlora_lab.models import PRESETS
+
+TINYLLAMA = ModelShape.from_config(PRESETS["tinyllama"].arch)
+STEP = StepShape(micro_batch_size=4, seq_len=1024)
+
+
+def _term(plan, name):
+    return next(t.bytes for t in plan.terms if t.name == name)
+
+
+def test_weight_bytes_match_hand_computation():
+    # TinyLlama: per layer q,o 2048x2048, k,v 2048x256, gate,up,down 2048x5632; 22 layers.
+    linear = 22 * (2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632)
+    assert TINYLLAMA.linear_params() == linear == 968_884_224
+    plan = estimate_peak_memory(TINYLLAMA, STEP)
+    # NF4: half a byte per weight, + 1 B absmax per 64 weights + 4 B per 64*256 (double quant).
+    assert _term(plan, "quantized_linear_weights") == linear // 2 + linear // 64 + 4 * linear // 16384
+    no_dq = estimate_peak_memory(TINYLLAMA, replace(STEP, double_quant=False))
+    assert _term(no_dq, "quantized_linear_weights") == linear // 2 + 4 * linear // 64
+    # Embeddings and lm_head (untied) and 45 norms in bf16, not upcast.
+    assert _term(plan, "embeddings_lm_head_norms") == 2 * (2 * 32000 * 2048 + 45 * 2048)
+    sixteen = estimate_peak_memory(TINYLLAMA, replace(STEP, bits=16))
+    assert _term(sixteen, "linear_weights_16bit") == 2 * linear
+    # LoRA r=16 on all 7 projections: r * (in + out) each.
+    lora = 22 * 16 * (2 * 4096 + 2 * 2304 + 3 * 7680)
+    assert _term(plan, "lora_weights") == 2 * lora
+
+
+def test_tied_embeddings_are_counted_once():
+    smol = ModelShape.from_config(PRESETS["smollm2-135m"].arch)
+    plan = estimate_peak_memory(smol, STEP)
+    assert _term(plan, "embeddings_lm_head_norms") == 2 * (49152 * 576 + 61 * 576)
+
+
+@pytest.mark.parametrize("field, values", [
+    ("seq_len", [128, 256, 512, 1024, 2048, 4096]),
+    ("micro_batch_size", [1, 2, 4, 8, 16, 32]),
+    ("lora_r", [4, 8, 16, 32, 64, 128]),
+])
+@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("preset", ["tinyllama", "smollm2-135m", "tiny-random"])
+def test_estimate_rises_monotonically(field, values, checkpointing, preset):
+    shape = ModelShape.from_config(PRESETS[preset].arch)
+    peaks = [estimate_peak_memory(shape, replace(STEP, gradient_checkpointing=checkpointing,
+                                                 **{field: v})).peak_allocated_bytes
+             for v in values]
+    assert all(a < b for a, b in zip(peaks, peaks[1:])), peaks
+
+
+def test_checkpointing_and_4bit_save_memory():
+    base = estimate_peak_memory(TINYLLAMA, STEP).peak_allocated_bytes
+    assert estimate_peak_memory(TINYLLAMA, replace(STEP, gradient_checkpointing=False)
+                                ).peak_allocated_bytes > base
+    assert estimate_peak_memory(TINYLLAMA, replace(STEP, bits=16)).peak_allocated_bytes > base
+
+
+def test_budget_fit_picks_a_feasible_fastest_candidate():
+    best, cands = fit_to_budget(TINYLLAMA, STEP, parse_bytes("8GiB"))
+    assert best is not None and best.fits
+    feasible = [c for c in cands if c.fits]
+    assert best.predicted_tokens_per_s == max(c.predicted_tokens_per_s for c in feasible)
+    plan = estimate_peak_memory(TINYLLAMA, replace(
+        STEP, micro_batch_size=best.micro_batch_size,
+        gradient_checkpointing=best.gradient_checkpointing))
+    assert plan.peak_reserved_bytes <= parse_bytes("8GiB")
+    none, _ = fit_to_budget(TINYLLAMA, STEP, parse_bytes("256MiB"))
+    assert none is None
+
+
+@pytest.mark.parametrize("text, expected", [("8GiB", 8 * 2**30), ("8g", 8 * 2**30),
+                                            ("7.5GB", int(7.5 * 2**30)), ("512MiB", 2**29)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+PLAN_KEYS = {"model", "step", "terms", "peak_allocated_bytes", "peak_reserved_bytes", "excluded"}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_plan_json_schema_offline_for_every_preset(preset, capsys, tmp_path):
+    # smollm2-135m and tinyllama plan from the preset's architecture: no download, no wheel.
+    out = tmp_path / "fit.yaml"
+    assert main(["plan", "--model", preset, "--budget", "80GiB", "--json",
+                 "--output", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert PLAN_KEYS | {"budget_bytes", "chosen", "candidates", "config_path"} <= set(result)
+    assert isinstance(result["peak_allocated_bytes"], int)
+    assert {"name", "bytes", "derivation"} == set(result["terms"][0])
+    # The fitted config is one that train accepts.
+    from qlora_lab.config import load_run_config
+    cfg = load_run_config(out)
+    assert cfg.train.micro_batch_size == result["chosen"]["micro_batch_size"]
+
+
+def test_plan_errors_are_one_line(capsys):
+    assert main(["plan", "--model", "tinyllama", "--budget", "lots"]) == 2
+    assert "--budget: cannot read 'lots'" in capsys.readouterr().err
+    assert main(["plan", "--model", "tinyllama", "--budget", "64MiB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fits" in err and "\n" not in err
