@@ -317,7 +317,6 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
     device = models.resolve_device(cfg.train.device)
     dtype = models.resolve_compute_dtype(cfg.quant, device)
     _optimizer_name(cfg, device)  # a CUDA-only optimizer on CPU fails here, not after loading
-    set_seed(cfg.train.seed)
 
     model_path = models.resolve_model_path(cfg.model.name)
     safety.require_safetensors(Path(model_path), "base model", allow_hint=None)
@@ -325,6 +324,9 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
     log.info("data: %s", data.stats)
 
+    # Seed after resolve_model_path: building a base into the cache (tiny-random) reseeds torch,
+    # and the LoRA init must not depend on whether that cache already existed.
+    set_seed(cfg.train.seed)
     model = models.load_base_model(model_path, cfg.model, cfg.quant, device)
     models.prepare_for_training(model, cfg.train.gradient_checkpointing)
     model = models.attach_lora(model, cfg.lora)
