@@ -8,8 +8,8 @@ upcast to fp32, then cross-entropy). Notation: N = micro_batch x seq_len tokens,
 I intermediate size, KV = num_key_value_heads x head_dim, V vocab, L layers, r LoRA rank,
 a = bytes of the compute dtype (2 for bf16/fp16).
 
-Excluded: the CUDA context and cuBLAS/cuDNN workspaces (outside the PyTorch allocator, roughly
-0.3-0.6 GiB per process), and paged optimizer state, which bitsandbytes allocates as CUDA
+Excluded: the CUDA context (outside the PyTorch allocator, roughly 0.3-0.6 GiB per process),
+and paged optimizer state, which bitsandbytes allocates as CUDA
 managed memory outside PyTorch's allocator and pages to host RAM under pressure.
 
 Measured against real runs in benchmarks/results/memory_validation.json.
@@ -110,8 +110,8 @@ class MemoryPlan:
     terms: tuple[MemoryTerm, ...]
     peak_allocated_bytes: int
     peak_reserved_bytes: int
-    excluded: str = ("CUDA context and library workspaces (~0.3-0.6 GiB per process); paged "
-                     "optimizer state (CUDA managed memory, outside PyTorch's allocator)")
+    excluded: str = ("the CUDA context (~0.3-0.6 GiB per process, outside PyTorch's allocator); "
+                     "paged optimizer state (CUDA managed memory, outside PyTorch's allocator)")
 
     def as_dict(self) -> dict:
         return {"terms": [asdict(t) for t in self.terms],

@@ -113,7 +113,12 @@ def run_plan(cfg: PlanConfig) -> dict:
     plan = memory.estimate_peak_memory(shape, step)
     result.update(model=run.model.name, step=step.__dict__, **plan.as_dict())
     if cfg.output:
-        save_config(run, cfg.output)
+        try:
+            Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+            save_config(run, cfg.output)
+        except OSError as exc:
+            raise UserError(f"--output {cfg.output}: cannot write ({exc.strerror}) — pass a "
+                            "writable path") from None
         result["config_path"] = cfg.output
     if cfg.as_json:
         print(json.dumps(result, indent=2))
