@@ -133,7 +133,8 @@ def _command(args) -> int:
                 best.micro_batch_size, best.seq_len, best.gradient_checkpointing,
                 best.peak_allocated_bytes / GIB, budget / GIB)
         summary = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
-        print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
+        if int(os.environ.get("RANK", "0")) == 0:  # one summary, not one per process
+            print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
     elif args.command == "generate":
         from qlora_lab.generate import GenerateConfig, run_generate
 

@@ -312,7 +312,10 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
 
     started = time.perf_counter()
     out = Path(cfg.train.output_dir)
-    replace_run = check_output_dir(out, resume=bool(resume), overwrite=overwrite)
+    # Under torchrun/accelerate only rank 0 judges and writes the output dir: another rank
+    # could otherwise find rank 0's fresh config.yaml and refuse a "non-empty" dir.
+    replace_run = (check_output_dir(out, resume=bool(resume), overwrite=overwrite)
+                   if _is_main_process() else False)
     checkpoint = find_checkpoint(out, resume)
     device = models.resolve_device(cfg.train.device)
     dtype = models.resolve_compute_dtype(cfg.quant, device)
