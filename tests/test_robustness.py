@@ -98,11 +98,12 @@ def logged_step(run: Path, step: int):
 
 
 def staging_of(run: Path, step: int):
-    prefix = f"{fsio.TMP_PREFIX}checkpoint-{step}-"
+    """True once Trainer has started writing checkpoint-`step` (its staging dir exists)."""
+    name = checkpoints.staging_dir(run / "checkpoints", step).name
 
     def ready() -> bool:
         try:
-            return any(n.startswith(prefix) for n in os.listdir(run / "checkpoints"))
+            return name in os.listdir(run / "checkpoints")
         except FileNotFoundError:
             return False
     return ready
@@ -245,13 +246,14 @@ def _fake_checkpoint(path: Path, step: int, trained_run: Path) -> Path:
     return path
 
 
-def test_a_failed_write_publishes_nothing(tmp_path):
-    with pytest.raises(RuntimeError):
-        with checkpoints.staged(tmp_path, 7) as staging:
-            (staging / "checkpoint-7").mkdir()
-            (staging / "checkpoint-7" / "adapter_model.safetensors").write_bytes(b"half")
-            raise RuntimeError("killed")
-    assert list(tmp_path.iterdir()) == []
+def test_an_unpublished_checkpoint_is_invisible_and_cleaned_up(tmp_path):
+    staging = checkpoints.prepare_staging(tmp_path, 7)
+    (staging / "checkpoint-7").mkdir()
+    (staging / "checkpoint-7" / "trainer_state.json").write_text('{"global_step": 7}')
+    # ...killed here, before checkpoints.publish.
+    assert checkpoints.list_all(tmp_path) == [] and checkpoints.newest_usable(tmp_path) is None
+    assert checkpoints.problem(staging / "checkpoint-7").startswith("is an unfinished checkpoint")
+    assert fsio.remove_stale(tmp_path) == [staging] and list(tmp_path.iterdir()) == []
 
 
 def test_prune_keeps_the_newest_and_the_one_just_written(tmp_path):

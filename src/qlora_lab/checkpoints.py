@@ -3,7 +3,7 @@
 Trainer writes `checkpoint-N/` file by file (adapter, optimizer, scheduler, RNG, trainer state).
 Killed in the middle, it leaves a folder that looks like a checkpoint but lacks its optimizer or
 state, and resuming from it crashes or silently restarts. So `train.py` has Trainer write each
-checkpoint inside a hidden staging dir (`checkpoints/.tmp-checkpoint-N-*`), and `staged` fsyncs it
+checkpoint inside a hidden staging dir (`checkpoints/.tmp-checkpoint-N/`), and `publish` fsyncs it
 and renames it to `checkpoint-N` only once every file is on disk: a `checkpoint-N` folder is
 complete by construction. `problem` still checks a checkpoint before resuming from it, for folders
 that were copied, edited, or written by other tools.
@@ -11,16 +11,12 @@ that were copied, edited, or written by other tools.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterator
-
 from qlora_lab import fsio, safety
 
 log = logging.getLogger(__name__)
@@ -41,21 +37,28 @@ def step_of(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-@contextlib.contextmanager
-def staged(root: Path, step: int) -> Iterator[Path]:
-    """Yield a hidden run dir in which Trainer writes `checkpoint-{step}`; publish it on success.
+def staging_dir(root: Path, step: int) -> Path:
+    """The hidden dir Trainer writes `checkpoint-{step}` into; the same path on every process."""
+    return Path(root) / f"{fsio.TMP_PREFIX}{name_for(step)}"
 
-    On an exception (or a kill) nothing named `checkpoint-*` appears; a killed process leaves the
-    staging dir, which `fsio.remove_stale` deletes on the next start.
+
+def prepare_staging(root: Path, step: int) -> Path:
+    staging = staging_dir(root, step)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed at this very step
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(root: Path, step: int) -> Path:
+    """Flush the staged `checkpoint-{step}` and rename it into `root`; return its final path.
+
+    Until this rename nothing named `checkpoint-*` exists for the step, so a kill at any earlier
+    moment leaves only the staging dir, which `fsio.remove_stale` deletes on the next start.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{fsio.TMP_PREFIX}{name_for(step)}-", dir=root))
-    try:
-        yield staging
-        fsio.publish_dir(staging / name_for(step), root / name_for(step))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    staging, final = staging_dir(root, step), Path(root) / name_for(step)
+    fsio.publish_dir(staging / name_for(step), final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return final
 
 
 def list_all(root: Path) -> list[Path]:

@@ -26,7 +26,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class NonFiniteLoss(Exception):
-    """Raised from inside the training step; `train.run_train` turns it into a UserError."""
+    """Raised before the optimizer step; `train.train_session` turns it into a UserError."""
 
     def __init__(self, value: float, step: int):
         super().__init__(f"loss became {value} at step {step}")
@@ -34,11 +34,40 @@ class NonFiniteLoss(Exception):
         self.step = step
 
 
-def check_finite_loss(loss: torch.Tensor, step: int) -> None:
-    # One host-device sync per micro-batch; Trainer already makes the same one to filter NaNs
-    # out of its logged loss (logging_nan_inf_filter), so this adds no stall of its own.
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLoss(loss.detach().float().cpu().max().item(), step)
+def _any_rank(flag: bool, device) -> bool:
+    """True if `flag` is set on any process (under DDP every rank must take the same branch,
+    or the ones that did not stop wait forever in the next collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    votes = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stop on a NaN/inf training loss, before the optimizer step that would apply it.
+
+    The trainer reports each micro-batch's loss to `observe`; the decision is taken once per
+    optimizer step in `on_pre_optimizer_step` (Trainer's last hook before `optimizer.step()`),
+    agreed across processes, so nothing non-finite reaches the weights or a checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.bad_loss: float | None = None
+
+    def observe(self, loss: torch.Tensor) -> None:
+        # A host-device sync per micro-batch; Trainer already makes the same one to filter NaNs
+        # out of its logged loss (logging_nan_inf_filter), so this adds no stall of its own.
+        if self.bad_loss is None and not torch.isfinite(loss).all():
+            self.bad_loss = loss.detach().float().cpu().max().item()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if _any_rank(self.bad_loss is not None, args.device):
+            value = self.bad_loss if self.bad_loss is not None else float("nan")
+            raise NonFiniteLoss(value, state.global_step + 1)
+        return control
 
 
 class StopOnSignal(TrainerCallback):
@@ -54,7 +83,9 @@ class StopOnSignal(TrainerCallback):
         self.stopped_at_step: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signal_name is not None and self.stopped_at_step is None:
+        requested = _any_rank(self.signal_name is not None, args.device)
+        if requested and self.stopped_at_step is None:
+            self.signal_name = self.signal_name or "a signal to another process"
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at_step = state.global_step

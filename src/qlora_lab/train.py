@@ -205,33 +205,42 @@ def _make_callbacks(out: Path):
 
 
 def _trainer_class():
-    """Trainer plus qlora-lab's two overrides; each is a few lines that delegate.
+    """Trainer plus qlora-lab's overrides; each is a few lines that delegate.
 
     - `_save_checkpoint`: Trainer writes `checkpoint-N` file by file. We point it at a hidden
-      staging dir and publish the finished checkpoint with one rename (checkpoints.staged).
-      Trainer has no public hook for where a checkpoint is written; overriding these two methods
-      in a subclass (checked against transformers 5.17 and 5.24) is the smallest seam.
-    - `training_step`: stop on a NaN/inf loss before the optimizer step that would apply it.
+      staging dir and publish the finished checkpoint with one rename (checkpoints.publish).
+      Trainer has no public hook for where a checkpoint goes; overriding `_save_checkpoint` and
+      `_get_output_dir` in a subclass (checked against transformers 5.17 and 5.24) is the
+      smallest seam, and no library code is patched.
+    - `training_step`: report each loss to the NaN/inf guard (faults.NonFiniteLossGuard).
     """
     from transformers import Trainer
 
     class QloraTrainer(Trainer):
         _staging_dir: Path | None = None
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_guard = faults.NonFiniteLossGuard()
+            self.add_callback(self.loss_guard)
+
         def _save_checkpoint(self, model, trial):
-            if self.args.world_size > 1:
-                # Each rank would stage its own copy; multi-GPU training is not supported yet.
-                return super()._save_checkpoint(model, trial)
-            root = Path(self.args.output_dir)
-            step = self.state.global_step
-            with checkpoints.staged(root, step) as staging:
-                self._staging_dir = staging
-                try:
-                    super()._save_checkpoint(model, trial)
-                finally:
-                    self._staging_dir = None
-            # Trainer's own rotation ran inside the staging dir, where it found nothing to do.
-            checkpoints.prune(root, self.args.save_total_limit, root / checkpoints.name_for(step))
+            root, step = Path(self.args.output_dir), self.state.global_step
+            if self.args.should_save:
+                checkpoints.prepare_staging(root, step)
+            # Under DDP every rank writes its RNG state into the staging dir: it must exist
+            # before they start, and be complete before rank 0 publishes it.
+            self.accelerator.wait_for_everyone()
+            self._staging_dir = checkpoints.staging_dir(root, step)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_dir = None
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                published = checkpoints.publish(root, step)
+                # Trainer's own rotation ran inside the staging dir, where it had nothing to do.
+                checkpoints.prune(root, self.args.save_total_limit, published)
 
         def _get_output_dir(self, trial):
             if self._staging_dir is not None:
@@ -240,7 +249,7 @@ def _trainer_class():
 
         def training_step(self, model, inputs, *args, **kwargs):
             loss = super().training_step(model, inputs, *args, **kwargs)
-            faults.check_finite_loss(loss, self.state.global_step + 1)
+            self.loss_guard.observe(loss)
             return loss
 
     return QloraTrainer
