@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_train import build_base  # noqa: E402
 
 
-def train(cmd_prefix: list[str], base: Path, data: str, out: Path, steps: int) -> dict:
+def train(cmd_prefix: list[str], base: Path, data: str, out: Path, steps: int,
+          env: dict | None = None) -> dict:
     cmd = [*cmd_prefix, "-m", "qlora_lab", "-q", "train", "--model", str(base), "--data", data,
            "--output-dir", str(out), "--max-steps", str(steps), "--save-steps", str(steps),
            "--set", "data.eval_fraction=0", "--set", "train.tensorboard=false",
            "--set", "train.logging_steps=10", "--overwrite"]
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     summary = json.loads((out / "summary.json").read_text())
     summary["command"] = " ".join(cmd)
     return summary
@@ -46,7 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     base = build_base(Path(args.data), work / "tinyllama-random")
-    one = train([sys.executable], base, args.data, work / "one", args.steps)
+    one = train([sys.executable], base, args.data, work / "one", args.steps,
+                env={"CUDA_VISIBLE_DEVICES": "0"})
     two = train([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"],
                 base, args.data, work / "two", args.steps)
     from qlora_lab.config import config_from_dict

@@ -139,7 +139,7 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
         # Assigned, not setdefault: a second run in the same process must not log into the
         # first run's dir. Every output of a run stays inside its output dir.
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         max_steps=t.max_steps if t.max_steps > 0 else -1,
         num_train_epochs=t.epochs,
@@ -173,6 +173,16 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
         dataloader_pin_memory=(device == "cuda"),
         disable_tqdm=False,
     )
+    if device == "cuda" and args.n_gpu > 1:
+        # A plain process that sees several GPUs would make Trainer wrap the 4-bit model in
+        # nn.DataParallel (its fallback when not launched distributed), which replicates the
+        # quantized weights per step and, measured on 2 H200s, trained no faster than one GPU.
+        # Multi-GPU goes through torchrun/accelerate (DDP); a plain process uses its own GPU.
+        log.warning("%d GPUs visible but not launched distributed: training on one; use "
+                    "`torchrun --nproc-per-node N -m qlora_lab train ...` for all of them",
+                    args.n_gpu)
+        args._n_gpu = 1  # TrainingArguments has no public switch for this
+    return args
 
 
 def _make_callbacks(out: Path):
