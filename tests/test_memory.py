@@ -108,3 +108,15 @@ def test_plan_errors_are_one_line(capsys):
     assert main(["plan", "--model", "tinyllama", "--budget", "64MiB"]) == 2
     err = capsys.readouterr().err.strip()
     assert "fits" in err and "\n" not in err
+
+
+def test_per_gpu_memory_under_ddp_and_fsdp():
+    one = estimate_peak_memory(TINYLLAMA, STEP)
+    ddp = estimate_peak_memory(TINYLLAMA, replace(STEP, gpus=2, strategy="ddp"))
+    # DDP: a full replica plus all-reduce buckets the size of the LoRA gradients.
+    assert ddp.peak_allocated_bytes - one.peak_allocated_bytes == _term(one, "lora_grads")
+    fsdp = [estimate_peak_memory(TINYLLAMA, replace(STEP, gpus=n, strategy="fsdp"))
+            for n in (2, 4, 8)]
+    assert all(a.peak_allocated_bytes > b.peak_allocated_bytes for a, b in zip(fsdp, fsdp[1:]))
+    assert _term(fsdp[0], "quantized_linear_weights") == _term(one, "quantized_linear_weights") // 2
+    assert fsdp[0].peak_allocated_bytes < one.peak_allocated_bytes

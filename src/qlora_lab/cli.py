@@ -73,6 +73,10 @@ def _add_plan(sub) -> None:
     p.add_argument("--budget", help="VRAM budget, e.g. 8GiB; search for the config that fits")
     p.add_argument("--output", help="write the fitted config as YAML that train accepts")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the run is spread over (per-GPU "
+                   "memory is reported)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                   help="ddp: a full replica per GPU; fsdp: parameters and optimizer sharded")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
 
@@ -145,7 +149,8 @@ def _command(args) -> int:
     elif args.command == "plan":
         from qlora_lab.plan import PlanConfig, run_plan
 
-        run_plan(PlanConfig(run=train_config_from_args(args), budget=args.budget,
+        run_plan(PlanConfig(run=train_config_from_args(args), gpus=args.gpus,
+                            strategy=args.strategy, budget=args.budget,
                             output=args.output, as_json=args.json))
     elif args.command == "merge":
         from qlora_lab.merge import MergeConfig, run_merge

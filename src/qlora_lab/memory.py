@@ -92,6 +92,8 @@ class StepShape:
     lora_dropout: bool = True
     optimizer: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
+    gpus: int = 1
+    strategy: str = "ddp"  # or "fsdp"
 
     @property
     def tokens(self) -> int:
@@ -220,9 +222,36 @@ def _workspace_term(m: ModelShape, s: StepShape) -> MemoryTerm:
                       "2 x largest projection dequantized to the compute dtype")
 
 
+def _distributed_terms(m: ModelShape, s: StepShape, static: list[MemoryTerm]
+                       ) -> tuple[list[MemoryTerm], list[MemoryTerm]]:
+    """Per-GPU changes under data parallelism (micro-batch and activations are per GPU).
+
+    DDP keeps a full replica and adds flat gradient buckets the size of the trainable (LoRA)
+    gradients: measured on 2 H200s, +0.02 GiB per GPU over one GPU for TinyLlama r=16
+    (benchmarks/results/ddp_scaling.json), the size of its LoRA gradients.
+    FSDP shards parameters, gradients and optimizer state over the GPUs and all-gathers one
+    decoder layer at a time (not validated on GPUs yet).
+    """
+    if s.gpus <= 1:
+        return static, []
+    if s.strategy == "ddp":
+        grads = next(t.bytes for t in static if t.name == "lora_grads")
+        return static, [MemoryTerm("ddp_gradient_buckets", grads,
+                                   "flat all-reduce buckets = trainable gradient bytes")]
+    sharded = [MemoryTerm(t.name, t.bytes // s.gpus, t.derivation + f", sharded / {s.gpus}")
+               for t in static]
+    layer_bytes = sum(a * b for a, b in m.linear_shapes()) * s.compute_bytes
+    if s.bits == 4:
+        layer_bytes //= 4  # 4-bit codes stored in the 16-bit quant_storage dtype
+    return sharded, [MemoryTerm("fsdp_gathered_layer", 2 * layer_bytes,
+                                "one decoder layer all-gathered, plus the next one prefetched")]
+
+
 def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:
-    """Peak PyTorch-allocated bytes of one training step, as named, derived terms."""
-    static = _weight_terms(model, step) + _lora_terms(model, step)
+    """Peak PyTorch-allocated bytes of one training step (per GPU), as named, derived terms."""
+    static, extra = _distributed_terms(model, step,
+                                       _weight_terms(model, step) + _lora_terms(model, step))
+    static = static + extra
     act = _activation_terms(model, step)
     loss = _loss_term(model, step)
     work = _workspace_term(model, step)

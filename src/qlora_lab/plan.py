@@ -23,6 +23,8 @@ class PlanConfig:
     """
 
     run: RunConfig
+    gpus: int = 1
+    strategy: str = "ddp"
     budget: Optional[str] = None
     output: Optional[str] = None
     as_json: bool = False
@@ -48,7 +50,8 @@ def model_shape(name: str, trust_remote_code: bool = False) -> memory.ModelShape
                         "— pass a preset, a local model dir or a reachable hub id") from None
 
 
-def step_shape(cfg: RunConfig, device_is_gpu: bool = True) -> memory.StepShape:
+def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
+               strategy: str = "ddp") -> memory.StepShape:
     compute = 4 if cfg.quant.compute_dtype == "float32" else 2
     optimizer = cfg.train.optimizer
     if optimizer == "auto":
@@ -58,7 +61,7 @@ def step_shape(cfg: RunConfig, device_is_gpu: bool = True) -> memory.StepShape:
         bits=cfg.quant.bits, double_quant=cfg.quant.double_quant, compute_bytes=compute,
         lora_r=cfg.lora.r, lora_bytes=4 if cfg.lora.weight_dtype == "float32" else compute,
         lora_dropout=cfg.lora.dropout > 0, optimizer=optimizer,
-        gradient_checkpointing=cfg.train.gradient_checkpointing)
+        gradient_checkpointing=cfg.train.gradient_checkpointing, gpus=gpus, strategy=strategy)
 
 
 def apply_candidate(cfg: RunConfig, cand: memory.Candidate) -> RunConfig:
@@ -71,9 +74,10 @@ def apply_candidate(cfg: RunConfig, cand: memory.Candidate) -> RunConfig:
     return replace(cfg, train=train, data=replace(cfg.data, max_seq_len=cand.seq_len))
 
 
-def fit_config(cfg: RunConfig, budget_bytes: int) -> tuple[RunConfig, memory.Candidate, list]:
+def fit_config(cfg: RunConfig, budget_bytes: int, gpus: int = 1, strategy: str = "ddp"
+               ) -> tuple[RunConfig, memory.Candidate, list]:
     shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
-    base = step_shape(cfg)
+    base = step_shape(cfg, gpus=gpus, strategy=strategy)
     best, cands = memory.fit_to_budget(shape, base, budget_bytes)
     if best is None:
         fallback = memory.shorter_seq_fallback(shape, base, budget_bytes)
@@ -104,12 +108,14 @@ def run_plan(cfg: PlanConfig) -> dict:
             budget = memory.parse_bytes(cfg.budget)
         except ValueError as exc:
             raise UserError(f"--budget: {exc}") from None
-        run, best, cands = fit_config(run, budget)
+        run, best, cands = fit_config(run, budget, cfg.gpus, cfg.strategy)
         result["budget_bytes"] = budget
         result["chosen"] = best.__dict__
         result["candidates"] = [c.__dict__ for c in cands]
     shape = model_shape(run.model.name, run.model.trust_remote_code)
-    step = step_shape(run)
+    if cfg.gpus < 1:
+        raise UserError(f"--gpus {cfg.gpus} must be a positive integer")
+    step = step_shape(run, gpus=cfg.gpus, strategy=cfg.strategy)
     plan = memory.estimate_peak_memory(shape, step)
     result.update(model=run.model.name, step=step.__dict__, **plan.as_dict())
     if cfg.output:
@@ -125,7 +131,8 @@ def run_plan(cfg: PlanConfig) -> dict:
     else:
         print(f"model {run.model.name}: micro-batch {step.micro_batch_size} x seq {step.seq_len}, "
               f"{step.bits}-bit base, LoRA r={step.lora_r}, {step.optimizer}, checkpointing "
-              f"{'on' if step.gradient_checkpointing else 'off'}")
+              f"{'on' if step.gradient_checkpointing else 'off'}"
+              + (f"; per GPU of {step.gpus} ({step.strategy})" if step.gpus > 1 else ""))
         print(_table(plan))
         if cfg.budget:
             print(f"fits {cfg.budget}: micro-batch {result['chosen']['micro_batch_size']}, "
