@@ -120,3 +120,15 @@ def test_per_gpu_memory_under_ddp_and_fsdp():
     assert all(a.peak_allocated_bytes > b.peak_allocated_bytes for a, b in zip(fsdp, fsdp[1:]))
     assert _term(fsdp[0], "quantized_linear_weights") == _term(one, "quantized_linear_weights") // 2
     assert fsdp[0].peak_allocated_bytes < one.peak_allocated_bytes
+
+
+def test_oom_advice_names_the_nearest_fitting_config():
+    from qlora_lab.config import config_from_dict
+    from qlora_lab.plan import nearest_fit_advice
+
+    cfg = config_from_dict({"model": {"name": "tinyllama"},
+                            "train": {"micro_batch_size": 64, "grad_accum_steps": 1}})
+    advice = nearest_fit_advice(cfg, parse_bytes("8GiB"))
+    assert "--set train.micro_batch_size=8" in advice and "grad_accum_steps=8" in advice
+    tiny = nearest_fit_advice(cfg, parse_bytes("100MiB"))
+    assert "no micro-batch/checkpointing choice fits" in tiny

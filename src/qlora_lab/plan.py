@@ -139,3 +139,23 @@ def run_plan(cfg: PlanConfig) -> dict:
                   f"checkpointing {'on' if result['chosen']['gradient_checkpointing'] else 'off'}"
                   + (f"; config written to {cfg.output}" if cfg.output else ""))
     return result
+
+
+def nearest_fit_advice(cfg: RunConfig, budget_bytes: int) -> str | None:
+    """After an OOM: the predicted peak of the failed config, and the closest one that fits.
+
+    Returns None when the planner cannot read the architecture (then rules of thumb apply).
+    """
+    try:
+        shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
+        failed = memory.estimate_peak_memory(shape, step_shape(cfg))
+        fitted, best, _ = fit_config(cfg, budget_bytes)
+    except UserError as exc:
+        return str(exc) if "fits" in str(exc) else None
+    t = fitted.train
+    return (f"the planner predicts {failed.peak_reserved_bytes / memory.GIB:.2f} GiB for this "
+            f"config and {budget_bytes / memory.GIB:.2f} GiB is available; nearest fit: "
+            f"--set train.micro_batch_size={t.micro_batch_size} --set "
+            f"train.grad_accum_steps={t.grad_accum_steps} --set "
+            f"train.gradient_checkpointing={str(t.gradient_checkpointing).lower()} "
+            f"(or pass --budget {budget_bytes / memory.GIB:.1f}GiB)")
