@@ -46,3 +46,17 @@ def test_bad_row_through_the_cli(tmp_path):
                 cwd=tmp_path)
     assert proc.returncode == 2 and "d.jsonl:4: missing field 'response'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_budget_applies_the_plan(tmp_path):
+    from qlora_lab.config import load_run_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
+    out = tmp_path / "run"
+    assert main(["-q", "train", "--model", "tiny-random", "--data", str(data), "--output-dir",
+                 str(out), "--max-steps", "1", "--budget", "1GiB", "--set",
+                 "train.tensorboard=false", "--set", "data.max_seq_len=256"]) == 0
+    cfg = load_run_config(out / "config.yaml")
+    # The tiny model fits the largest micro-batch searched (32 rows: one micro-batch then
+    # exceeds the 4 x 4 rows per step, so accumulation drops to 1).
+    assert cfg.train.micro_batch_size == 32 and cfg.train.grad_accum_steps == 1
