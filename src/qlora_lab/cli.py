@@ -63,6 +63,26 @@ def _add_merge(sub) -> None:
     p.add_argument("--model", help="base model (overrides the one recorded with the adapter)")
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="held-out loss, perplexity and answer quality (ROUGE-L, "
+                       "exact match) per category",
+                       description="Evaluate an adapter or a model on rows with reference "
+                       "answers; writes eval.json, eval.md and predictions.jsonl.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--adapter", help="a run's output dir (or its adapter/ dir)")
+    src.add_argument("--model-dir", help="a merged model dir written by `merge`")
+    p.add_argument("--model", help="base model to evaluate alone, or the adapter's base override")
+    p.add_argument("--data", required=True, help=".jsonl/.json/.csv/.parquet rows (dolly, alpaca "
+                   "or chat) with reference answers")
+    p.add_argument("--compare-base", action="store_true",
+                   help="also evaluate the adapter's base (adapter off) and report deltas")
+    p.add_argument("--max-rows", type=int, help="only the first N rows (default: all)")
+    p.add_argument("--max-new-tokens", type=int, help="generation cap per answer (default 128)")
+    p.add_argument("--output-dir", help="report dir (default: <run dir>/eval, or ./eval)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed rows (and report how many) instead of stopping")
+
+
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="predict peak GPU memory; fit a run to a VRAM budget",
                        description="Predict the peak GPU memory of a training config from the "
@@ -83,7 +103,7 @@ def _add_plan(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora-lab",
-        description="QLoRA fine-tuning on small GPUs: train, generate, merge, plan.")
+        description="QLoRA fine-tuning on small GPUs: train, generate, merge, plan, eval.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -91,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_merge(sub)
     _add_plan(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -152,6 +173,17 @@ def _command(args) -> int:
         run_plan(PlanConfig(run=train_config_from_args(args), gpus=args.gpus,
                             strategy=args.strategy, budget=args.budget,
                             output=args.output, as_json=args.json))
+    elif args.command == "eval":
+        from qlora_lab.evaluate import EvalConfig, run_eval
+
+        given = dict(adapter=args.adapter, model_dir=args.model_dir, model=args.model,
+                     data=args.data, compare_base=args.compare_base, max_rows=args.max_rows,
+                     max_new_tokens=args.max_new_tokens, output_dir=args.output_dir,
+                     skip_bad_rows=args.skip_bad_rows)
+        # Unset flags keep EvalConfig's defaults, the one place they live.
+        report = run_eval(EvalConfig(**{k: v for k, v in given.items() if v is not None}))
+        print(report["table"], end="")
+        print(f"report: {report['output_dir']}/eval.json, eval.md, predictions.jsonl")
     elif args.command == "merge":
         from qlora_lab.merge import MergeConfig, run_merge
 

@@ -1,0 +1,418 @@
+"""`qlora-lab eval`: held-out loss, perplexity and answer quality of an adapter or a model.
+
+Every row of `--data` is read and validated by `qlora_lab.data` (the same schemas, the same
+one-line errors as `train`) and rendered by the same functions training used, so:
+
+- the loss is over answer tokens only, masked exactly as in training (`render_segments` +
+  `tokenize_segments`), averaged over tokens (not rows), and perplexity = exp(loss);
+- the answer is generated greedily from the prompt `generate` would build (`render_prompt` via
+  `generate.generate_reply`), then scored against the row's reference with ROUGE-L F1 and, for
+  categories whose answers are short facts or labels, normalised exact match.
+
+With `--compare-base` the base the adapter was trained on is measured too: the adapter is
+switched off inside the same loaded model (peft's `disable_adapter`), so both columns share the
+exact quantized weights, tokenizer and prompt template, and differ only by the adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import re
+import string
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from qlora_lab import fsio
+from qlora_lab.data import (IGNORE_INDEX, PadCollator, read_rows, render_segments,
+                            row_to_messages, tokenize_segments)
+from qlora_lab.data import detect_schema
+from qlora_lab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Dolly categories whose references are a label or a short fact, where exact match means
+# something; for open-ended answers (brainstorming, summaries) it is ~0 and only ROUGE-L is shown.
+EXACT_MATCH_CATEGORIES = ("classification", "closed_qa")
+ALL = "all"
+UNCATEGORIZED = "uncategorized"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate, on which rows, and where the report goes.
+
+    adapter: a run's output dir (or its adapter/ dir); the base it records is loaded under it.
+    model_dir: a merged model written by `merge`. model: a base model (preset, hub id, dir), or
+        with `adapter` an override of the recorded base.
+    data: a .jsonl/.json/.csv/.parquet file (dolly, alpaca or chat rows); Dolly's `category`
+        groups the quality scores, rows without one count as "uncategorized".
+    compare_base: also measure the adapter's base (adapter switched off) and report deltas.
+    max_rows: evaluate only the first N rows; 0 = all. Generation dominates the run time.
+    max_new_tokens: generation cap per answer; a reference longer than this cannot score 1.
+    max_seq_len: rows are truncated to this many tokens for the loss, as `data.max_seq_len`
+        truncates them in training (same default).
+    loss_batch_size: rows per forward pass for the loss; memory is batch x seq x vocab x 4 B.
+    skip_bad_rows: skip malformed rows (and report how many) instead of stopping at the first.
+    output_dir: where eval.json, eval.md and predictions.jsonl go; None = <run dir>/eval for an
+        adapter, ./eval otherwise.
+    device: `auto` = CUDA when available, else CPU.
+    """
+
+    adapter: Optional[str] = None
+    model_dir: Optional[str] = None
+    model: Optional[str] = None
+    data: Optional[str] = None
+    compare_base: bool = False
+    max_rows: int = 0
+    max_new_tokens: int = 128
+    max_seq_len: int = 1024
+    loss_batch_size: int = 4
+    skip_bad_rows: bool = False
+    output_dir: Optional[str] = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise UserError("no data — pass --data FILE (.jsonl/.json/.csv/.parquet rows with "
+                            "reference answers)")
+        if self.adapter is not None and self.model_dir is not None:
+            raise UserError("pass either --adapter or --model-dir, not both")
+        if self.adapter is None and self.model_dir is None and self.model is None:
+            raise UserError("nothing to evaluate — pass --adapter DIR (a trained run), "
+                            "--model-dir DIR (a merged model) or --model NAME (a base model)")
+        if self.compare_base and self.adapter is None:
+            raise UserError("--compare-base needs --adapter (the base is the one the adapter "
+                            "was trained on); to measure a base alone pass --model NAME")
+        for name in ("max_new_tokens", "max_seq_len", "loss_batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a "
+                                "positive integer")
+        if self.max_rows < 0:
+            raise UserError(f"--max-rows {self.max_rows} must be >= 0 (0 = all rows)")
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One validated row: its messages, the prompt to answer, and the reference answer."""
+
+    where: str
+    category: str
+    messages: list
+    prompt: list
+    reference: str
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def lcs_length(a: list, b: list) -> int:
+    """Length of the longest common subsequence (dynamic programming, O(len(a) x len(b)))."""
+    if len(a) < len(b):
+        a, b = b, a  # keep the row as short as possible
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over lowercase word tokens.
+
+    Lin (2004), "ROUGE: A Package for Automatic Evaluation of Summaries", section 3.1:
+    R = LCS(X, Y) / m, P = LCS(X, Y) / n for a reference X of m words and a candidate Y of n
+    words, F = (1 + b^2) R P / (R + b^2 P); we take b = 1 (the F1 that common scorers report).
+    Two empty texts agree perfectly (1.0); one empty text shares nothing (0.0).
+    """
+    ref, pred = _words(reference), _words(prediction)
+    if not ref or not pred:
+        return float(ref == pred)
+    lcs = lcs_length(ref, pred)
+    if lcs == 0:
+        return 0.0
+    recall, precision = lcs / len(ref), lcs / len(pred)
+    return 2 * recall * precision / (recall + precision)
+
+
+_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, punctuation to spaces, whitespace collapsed: "Yes." and " yes" compare equal."""
+    return " ".join(text.lower().translate(_PUNCTUATION).split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+# --- rows ----------------------------------------------------------------------------------------
+
+
+def _category(values) -> str:
+    category = values.get("category") if isinstance(values, dict) else None
+    return category.strip() if isinstance(category, str) and category.strip() else UNCATEGORIZED
+
+
+def load_eval_rows(cfg: EvalConfig) -> tuple[list[EvalRow], int]:
+    """Validated rows (the schema comes from the first parsed row) and how many were skipped."""
+    rows = read_rows(cfg.data)
+    if cfg.max_rows:
+        rows = rows[: cfg.max_rows]
+    first = next((r for r in rows if isinstance(r.values, dict)), rows[0])
+    if isinstance(first.values, UserError):
+        raise first.values  # no row parsed: the first one's own error names file and line
+    schema = detect_schema(first.values, first.where)
+    out, skipped = [], 0
+    for row in rows:
+        try:
+            messages = row_to_messages(row, schema)
+        except UserError:
+            if not cfg.skip_bad_rows:
+                raise
+            skipped += 1
+            continue
+        # The reference is the last assistant turn; the prompt is everything before it, which is
+        # exactly what the model saw when training produced that turn.
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        out.append(EvalRow(row.where, _category(row.values), messages, messages[:last],
+                           messages[last]["content"].strip()))
+    if not out:
+        raise UserError(f"data file {cfg.data} has no valid rows ({skipped} skipped) — fix the "
+                        "rows or pass another file")
+    return out, skipped
+
+
+# --- loss ----------------------------------------------------------------------------------------
+
+
+def encode_for_loss(rows: list[EvalRow], tokenizer, template: str, max_seq_len: int) -> list:
+    """Token ids and labels exactly as training builds them (prompt tokens masked, truncated)."""
+    examples = []
+    for row in rows:
+        ids, labels = tokenize_segments(render_segments(row.messages, tokenizer, template),
+                                        tokenizer, train_on_prompt=False)
+        examples.append({"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len]})
+    return examples
+
+
+@torch.inference_mode()
+def heldout_loss(model, examples: list[dict], pad_token_id: int, batch_size: int) -> tuple:
+    """(token-weighted mean cross-entropy over answer tokens, number of answer tokens).
+
+    The same loss as transformers' causal-LM loss in training: logits at position t predict the
+    label at t + 1, labels of -100 (prompt, padding) are skipped. Summing per batch and dividing
+    once at the end weights every answer token equally, whatever row or batch it sits in.
+    """
+    collate = PadCollator(pad_token_id)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start: start + batch_size])
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        labels = batch["labels"][:, 1:].to(device)
+        total += torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((labels != IGNORE_INDEX).sum())
+    if count == 0:
+        return float("nan"), 0  # every answer truncated away: report it, do not divide by 0
+    return total / count, count
+
+
+# --- one model -----------------------------------------------------------------------------------
+
+
+def score_answers(rows: list[EvalRow], predictions: list[str]) -> dict:
+    """Per category (plus "all"): n, mean ROUGE-L F1, and exact match where it is meaningful."""
+    groups: dict[str, list[int]] = {ALL: list(range(len(rows)))}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.category, []).append(i)
+    scores = {}
+    for name in [ALL] + sorted(g for g in groups if g != ALL):
+        idx = groups[name]
+        em_idx = [i for i in idx if rows[i].category in EXACT_MATCH_CATEGORIES]
+        rouge = sum(rouge_l(predictions[i], rows[i].reference) for i in idx) / len(idx)
+        em = (sum(exact_match(predictions[i], rows[i].reference) for i in em_idx) / len(em_idx)
+              if em_idx else None)
+        scores[name] = {"n": len(idx), "rouge_l": rouge, "exact_match": em,
+                        "exact_match_n": len(em_idx)}
+    return scores
+
+
+def evaluate_model(loaded, rows: list[EvalRow], cfg: EvalConfig, gen_cfg, label: str) -> tuple:
+    """Loss, perplexity and per-category scores of one model; also its predictions."""
+    from tqdm.auto import tqdm
+
+    from qlora_lab.generate import generate_reply
+
+    examples = encode_for_loss(rows, loaded.tokenizer, loaded.template, cfg.max_seq_len)
+    loss, n_tokens = heldout_loss(loaded.model, examples, loaded.tokenizer.pad_token_id,
+                                  cfg.loss_batch_size)
+    predictions = [generate_reply(loaded, row.prompt, gen_cfg)
+                   for row in tqdm(rows, desc=f"generating ({label})", unit="row")]
+    result = {"loss": loss, "perplexity": math.exp(loss) if math.isfinite(loss) else None,
+              "answer_tokens": n_tokens, "categories": score_answers(rows, predictions)}
+    return result, predictions
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) \
+        else f"{value:.{digits}f}"
+
+
+def _delta(new, old, digits: int = 3) -> str:
+    if new is None or old is None or not math.isfinite(new - old):
+        return "–"
+    return f"{new - old:+.{digits}f}"
+
+
+def _metric_rows(result: dict) -> list[tuple[str, int, str, object]]:
+    """(metric, n, key path, value) in table order."""
+    out = [("held-out loss (answer tokens)", result["answer_tokens"], "loss", result["loss"]),
+           ("perplexity", result["answer_tokens"], "perplexity", result["perplexity"])]
+    for name, s in result["categories"].items():
+        out.append((f"ROUGE-L F1: {name}", s["n"], f"rouge_l:{name}", s["rouge_l"]))
+    for name, s in result["categories"].items():
+        if s["exact_match"] is not None:
+            out.append((f"exact match: {name}", s["exact_match_n"], f"em:{name}",
+                        s["exact_match"]))
+    return out
+
+
+def markdown_table(models: dict) -> str:
+    """One row per metric, one column per model; with two models a delta column (second - first).
+
+    n is answer tokens for loss and perplexity, rows for the answer scores.
+    """
+    names = list(models)
+    columns = [dict((key, value) for _, _, key, value in _metric_rows(models[m])) for m in names]
+    header = "| metric | n | " + " | ".join(names) + (" | delta |" if len(names) == 2 else " |")
+    lines = [header, "|---|---:|" + "---:|" * (len(names) + (len(names) == 2))]
+    for metric, n, key, _ in _metric_rows(models[names[-1]]):
+        values = [col.get(key) for col in columns]
+        cells = [_fmt(v) for v in values]
+        if len(names) == 2:
+            cells.append(_delta(values[1], values[0]))
+        lines.append(f"| {metric} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def command_line(cfg: EvalConfig) -> str:
+    """The `qlora-lab eval` invocation that repeats this evaluation (recorded in eval.json)."""
+    parts = ["qlora-lab", "eval"]
+    for field in dataclasses.fields(cfg):
+        value, default = getattr(cfg, field.name), field.default
+        if value == default:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        parts += [flag] if value is True else [flag, str(value)]
+    return " ".join(parts)
+
+
+def _default_output_dir(cfg: EvalConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser()
+    if cfg.adapter:
+        from qlora_lab.adapters import resolve_adapter
+
+        adapter_dir = resolve_adapter(cfg.adapter, cfg.model).adapter_dir
+        # A run dir holds adapter/; a bare adapter dir is its own "run".
+        run_dir = adapter_dir.parent if adapter_dir.name == "adapter" else adapter_dir
+        return run_dir / "eval"
+    return Path("eval")
+
+
+def _prepare_output_dir(cfg: EvalConfig) -> Path:
+    out = _default_output_dir(cfg)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output dir {out} is a file — pass another --output-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"output dir {out} cannot be created ({exc.strerror}) — pass another "
+                        "--output-dir") from None
+    return out
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Evaluate, write eval.json / eval.md / predictions.jsonl, and return the eval.json dict.
+
+    Data and output dir are checked before any model is loaded, so a bad path fails in a second,
+    and nothing is written until every number exists (files are replaced atomically).
+    """
+    from qlora_lab.generate import GenerateConfig, load_for_inference
+
+    started = time.perf_counter()
+    rows, skipped = load_eval_rows(cfg)
+    out = _prepare_output_dir(cfg)
+    # Greedy decoding (temperature 0): the score is a property of the model, not of a seed.
+    gen_cfg = GenerateConfig(adapter=cfg.adapter, model_dir=cfg.model_dir, model=cfg.model,
+                             max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                             device=cfg.device)
+    loaded = load_for_inference(gen_cfg)
+    if cfg.adapter:
+        from qlora_lab.adapters import resolve_adapter
+
+        base_name = resolve_adapter(cfg.adapter, cfg.model).base_model
+        label = "fine-tuned"
+    else:
+        base_name, label = None, "model"
+    models, predictions = {}, {}
+    if cfg.compare_base:
+        # Same loaded weights with the LoRA layers bypassed: the base as the adapter saw it.
+        with loaded.model.disable_adapter():
+            models["base"], predictions["base"] = evaluate_model(loaded, rows, cfg, gen_cfg,
+                                                                "base")
+    models[label], predictions[label] = evaluate_model(loaded, rows, cfg, gen_cfg, label)
+    table = markdown_table(models)
+    report = {
+        "command": command_line(cfg),
+        "data": str(cfg.data), "rows": len(rows), "bad_rows_skipped": skipped,
+        "evaluated": cfg.adapter or cfg.model_dir or cfg.model, "base_model": base_name,
+        "template": loaded.template, "device": loaded.device,
+        "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy",
+        "exact_match_categories": list(EXACT_MATCH_CATEGORIES),
+        "models": models,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "versions": _versions(),
+        "config": dataclasses.asdict(cfg),
+    }
+    lines = [json.dumps({"where": row.where, "category": row.category,
+                         "reference": row.reference,
+                         **{name: predictions[name][i] for name in predictions}},
+                        ensure_ascii=False) for i, row in enumerate(rows)]
+    fsio.write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
+    fsio.write_text(out / "eval.md", f"# qlora-lab eval\n\n`{report['command']}`\n\n{table}")
+    fsio.write_text(out / "eval.json", json.dumps(report, indent=2) + "\n")
+    report["table"] = table
+    report["output_dir"] = str(out)
+    return report
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("qlora-lab", "torch", "transformers", "peft", "bitsandbytes"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions[name] = md.version(name)
+    return versions

@@ -1,0 +1,193 @@
+"""`qlora-lab eval`: metric invariants, loss equal to an independent recomputation, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import DOLLY_ROWS, write_jsonl
+
+from qlora_lab.cli import main
+from qlora_lab.evaluate import (EvalConfig, exact_match, lcs_length, normalize_answer, rouge_l,
+                                run_eval)
+
+MAX_NEW_TOKENS = 4  # the tiny model's answers are noise; only the bookkeeping is under test
+
+
+def _mixed_rows() -> list[dict]:
+    """DOLLY_ROWS with a mix of categories, some missing, as real Dolly files have."""
+    cats = ["classification"] * 3 + ["closed_qa"] * 3 + [None] * 2 + ["open_qa"] * 4
+    rows = []
+    for row, cat in zip(DOLLY_ROWS, cats):
+        row = {k: v for k, v in row.items() if k != "category"}
+        if cat:
+            row["category"] = cat
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("evaldata") / "heldout.jsonl", _mixed_rows())
+
+
+@pytest.fixture(scope="module")
+def compare_report(trained_run, eval_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-out")
+    return run_eval(EvalConfig(adapter=str(trained_run), data=str(eval_data), compare_base=True,
+                               max_new_tokens=MAX_NEW_TOKENS, loss_batch_size=5,
+                               output_dir=str(out)))
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def test_rouge_l_identical_disjoint_and_symmetric():
+    text = "The cat sat on the mat."
+    assert rouge_l(text, text) == 1.0
+    assert rouge_l("the cat", "a dog barked") == 0.0
+    a, b = "the cat sat on the mat", "the cat ran away from the mat"
+    assert rouge_l(a, b) == rouge_l(b, a)  # F1 is symmetric, P and R swap
+    assert 0.0 < rouge_l(a, b) < 1.0
+
+
+def test_rouge_l_value_follows_the_lcs_definition():
+    # LCS("the cat ran away", "the cat sat") = "the cat" = 2 words; R = 2/4, P = 2/3.
+    assert lcs_length("a b c d e".split(), "a x c y e".split()) == 3
+    r, p = 2 / 4, 2 / 3
+    assert rouge_l("the cat sat", "the cat ran away") == pytest.approx(2 * r * p / (r + p))
+    assert rouge_l("THE, Cat!", "the cat") == 1.0  # lowercase words, punctuation ignored
+    assert rouge_l("", "") == 1.0 and rouge_l("", "x") == 0.0
+
+
+def test_exact_match_normalisation():
+    assert normalize_answer("  Yes.\n") == "yes"
+    assert exact_match("The Eiffel  Tower!", "the eiffel tower")
+    assert exact_match("positive", "Positive.")
+    assert not exact_match("yes", "no")
+    assert not exact_match("tower eiffel", "eiffel tower")
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def test_category_counts_add_up_and_both_columns_exist(compare_report):
+    models = compare_report["models"]
+    assert set(models) == {"base", "fine-tuned"}
+    n_rows = len(DOLLY_ROWS)
+    assert compare_report["rows"] == n_rows
+    for result in models.values():
+        cats = result["categories"]
+        assert cats["all"]["n"] == n_rows
+        assert sum(s["n"] for name, s in cats.items() if name != "all") == n_rows
+        assert set(cats) == {"all", "classification", "closed_qa", "open_qa", "uncategorized"}
+        # exact match only where answers are labels or short facts, and overall over those rows
+        assert cats["open_qa"]["exact_match"] is None
+        assert cats["uncategorized"]["exact_match"] is None
+        assert cats["classification"]["exact_match"] is not None
+        assert cats["all"]["exact_match_n"] == 6
+        assert all(0.0 <= s["rouge_l"] <= 1.0 for s in cats.values())
+        assert math.isclose(result["perplexity"], math.exp(result["loss"]))
+    # the adapter changed something: base and fine-tuned are different models
+    assert models["base"]["loss"] != models["fine-tuned"]["loss"]
+    table = compare_report["table"]
+    assert "| metric | n | base | fine-tuned | delta |" in table
+    assert "exact match: closed_qa" in table
+
+
+def test_files_written(compare_report):
+    from pathlib import Path
+
+    out = Path(compare_report["output_dir"])
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["models"]["fine-tuned"]["loss"] == compare_report["models"]["fine-tuned"]["loss"]
+    assert saved["command"].startswith("qlora-lab eval --adapter ")
+    assert "--compare-base" in saved["command"]
+    assert "| held-out loss" in (out / "eval.md").read_text()
+    predictions = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == len(DOLLY_ROWS)
+    assert set(json.loads(predictions[0])) >= {"reference", "base", "fine-tuned", "category"}
+
+
+def _independent_loss(loaded, rows) -> float:
+    """Token-weighted mean of transformers' own causal-LM loss, one row at a time."""
+    from qlora_lab.data import Row, render_segments, row_to_messages, tokenize_segments
+
+    total, count = 0.0, 0
+    for i, values in enumerate(rows):
+        messages = row_to_messages(Row(f"row {i}", values), "dolly")
+        ids, labels = tokenize_segments(render_segments(messages, loaded.tokenizer,
+                                                        loaded.template),
+                                        loaded.tokenizer, train_on_prompt=False)
+        labels_t = torch.tensor([labels])
+        n = int((labels_t[:, 1:] != -100).sum())  # the model shifts labels by one internally
+        with torch.inference_mode():
+            loss = loaded.model(input_ids=torch.tensor([ids]), labels=labels_t).loss
+        total += loss.item() * n
+        count += n
+    return total / count
+
+
+def test_loss_equals_independent_recomputation(trained_run, compare_report):
+    from qlora_lab.generate import GenerateConfig, load_for_inference
+
+    rows = _mixed_rows()
+    tuned = load_for_inference(GenerateConfig(adapter=str(trained_run)))
+    expected = _independent_loss(tuned, rows)
+    assert compare_report["models"]["fine-tuned"]["loss"] == pytest.approx(expected, rel=1e-4)
+    # the base column is the plain base model, loaded on its own, not just "the adapter off"
+    base = load_for_inference(GenerateConfig(model="tiny-random"))
+    assert base.template == tuned.template
+    assert compare_report["models"]["base"]["loss"] == pytest.approx(
+        _independent_loss(base, rows), rel=1e-4)
+
+
+def test_max_rows_and_default_output_dir(trained_run, eval_data, tmp_path):
+    from qlora_lab.evaluate import _default_output_dir
+
+    assert _default_output_dir(EvalConfig(adapter=str(trained_run), data="x.jsonl")) == \
+        trained_run / "eval"
+    report = run_eval(EvalConfig(model="tiny-random", data=str(eval_data), max_rows=5,
+                                 max_new_tokens=2, output_dir=str(tmp_path)))
+    assert list(report["models"]) == ["model"]
+    assert report["models"]["model"]["categories"]["all"]["n"] == 5
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_writes_report_and_exits_0(trained_run, eval_data, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["-q", "eval", "--adapter", str(trained_run), "--data", str(eval_data),
+                 "--max-rows", "4", "--max-new-tokens", str(MAX_NEW_TOKENS),
+                 "--output-dir", str(out)])
+    assert code == 0
+    assert (out / "eval.json").is_file() and (out / "eval.md").is_file()
+    assert "| ROUGE-L F1: all | 4 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make_data, fragment", [
+    (lambda d: d / "missing.jsonl", "does not exist"),
+    (lambda d: write_jsonl(d / "empty.jsonl", []), "has no rows"),
+    (lambda d: write_jsonl(d / "wrong.jsonl", [{"question": "q", "answer": "a"}]),
+     "cannot detect the schema"),
+])
+def test_bad_data_exits_2_with_one_line_and_keeps_old_reports(trained_run, tmp_path, capsys,
+                                                              make_data, fragment):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "eval.json").write_text("{}")
+    code = main(["eval", "--adapter", str(trained_run), "--data", str(make_data(tmp_path)),
+                 "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and fragment in err and err.startswith("qlora-lab eval:")
+    assert (out / "eval.json").read_text() == "{}"  # nothing written before deleted
+
+
+def test_compare_base_needs_an_adapter(eval_data, capsys):
+    assert main(["eval", "--model", "tiny-random", "--data", str(eval_data),
+                 "--compare-base"]) == 2
+    assert "--compare-base needs --adapter" in capsys.readouterr().err
