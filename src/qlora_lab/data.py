@@ -24,6 +24,7 @@ Training and `generate` share `render_prompt`, so the two can never drift apart.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -68,6 +69,11 @@ def _bad(where: str, problem: str) -> UserError:
     return UserError(f"{where}: {problem} — fix the row, or pass --skip-bad-rows to skip such rows")
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _iter_jsonl(path: Path, text: str) -> Iterator[Row]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -77,6 +83,8 @@ def _iter_jsonl(path: Path, text: str) -> Iterator[Row]:
             yield Row(where, json.loads(line))
         except json.JSONDecodeError as exc:
             yield Row(where, _bad(where, f"invalid JSON ({exc.msg} at column {exc.colno})"))
+        except (ValueError, RecursionError) as exc:  # a 5000-digit number, nesting 1000 deep
+            yield Row(where, _bad(where, f"invalid JSON ({_first_line(exc)})"))
 
 
 def _iter_json(path: Path, text: str) -> Iterator[Row]:
@@ -87,6 +95,9 @@ def _iter_json(path: Path, text: str) -> Iterator[Row]:
             yield from _iter_jsonl(path, text)  # JSON Lines saved with a .json suffix
             return
         raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}) — the file must hold a "
+                        "list of objects, or one object per line") from None
+    except (ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: invalid JSON ({_first_line(exc)}) — the file must hold a "
                         "list of objects, or one object per line") from None
     if isinstance(data, dict):
         # Accept {"train": [...]} / {"data": [...]}-style wrappers with a single list inside.
@@ -102,24 +113,30 @@ def _iter_json(path: Path, text: str) -> Iterator[Row]:
 
 
 def _iter_csv(path: Path, text: str) -> Iterator[Row]:
-    reader = csv.DictReader(text.splitlines())
-    for record in reader:
-        where = f"{path}:{reader.line_num}"
-        if None in record:
-            yield Row(where, _bad(where, "more fields than the header names"))
-        else:
-            yield Row(where, dict(record))
+    # StringIO, not splitlines(): a quoted field may hold newlines (multi-line answers).
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for record in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in record:
+                yield Row(where, _bad(where, "more fields than the header names"))
+            else:
+                yield Row(where, dict(record))
+    except csv.Error as exc:  # a NUL byte, a field over the csv module's 128 KiB limit...
+        # The reader cannot resync after this, so the rest of the file is unreadable.
+        raise UserError(f"{path}:{reader.line_num + 1}: unreadable CSV ({exc}) — fix the file, "
+                        "or convert it to .jsonl (which has no field size limit)") from None
 
 
 def _iter_parquet(path: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        items = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise UserError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    for i, item in enumerate(table.to_pylist()):
+                        f"{_first_line(exc)})") from None
+    for i, item in enumerate(items):
         yield Row(f"{path}:row {i}", item)
 
 
@@ -140,6 +157,9 @@ def read_rows(source: str) -> list[Row]:
     """All rows of a source. A row whose `values` is a UserError failed to parse."""
     path = Path(source).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise UserError(f"data file {source} is a directory — pass a "
+                            ".jsonl/.json/.csv/.parquet file inside it")
         if not path.is_file():
             raise UserError(f"data file {source} does not exist — pass an existing "
                             ".jsonl/.json/.csv/.parquet file or a hub dataset name")
@@ -150,7 +170,10 @@ def read_rows(source: str) -> list[Row]:
             raise UserError(f"data file {source} has an unsupported suffix {suffix!r} — use one "
                             "of " + ", ".join(LOCAL_SUFFIXES))
         else:
-            raw = path.read_bytes()
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                raise UserError(f"data file {source} cannot be read ({exc.strerror})") from None
             try:
                 text = raw.decode("utf-8-sig")
             except UnicodeDecodeError as exc:
@@ -190,7 +213,17 @@ def _text_field(values: dict, key: str, where: str, required: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise _bad(where, f"field {key!r} must be a string, got {type(value).__name__}")
+    _require_encodable(value, where, f"field {key!r}")
     return value
+
+
+def _require_encodable(text: str, where: str, what: str) -> None:
+    # JSON's "\ud800" escapes decode to lone surrogates, which no tokenizer can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _bad(where, f"{what} holds invalid Unicode ({exc.reason} at character "
+                   f"{exc.start})") from None
 
 
 def row_to_messages(row: Row, schema: str) -> list[dict]:
@@ -218,10 +251,12 @@ def row_to_messages(row: Row, schema: str) -> list[dict]:
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
             raise _bad(where, f"messages[{i}] must be an object with a string 'content'")
-        if msg.get("role") not in PLAIN_HEADERS:
-            raise _bad(where, f"messages[{i}] has role {msg.get('role')!r}; allowed: "
+        role = msg.get("role")
+        if not isinstance(role, str) or role not in PLAIN_HEADERS:
+            raise _bad(where, f"messages[{i}] has role {role!r}; allowed: "
                        "system, user, assistant")
-        out.append({"role": msg["role"], "content": msg["content"]})
+        _require_encodable(msg["content"], where, f"messages[{i}].content")
+        out.append({"role": role, "content": msg["content"]})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
         raise _bad(where, "no non-empty assistant message to learn from")
     return out
@@ -294,10 +329,11 @@ def tokenize_segments(segments: list[tuple[str, bool]], tokenizer,
 
 
 def _valid_messages(rows: list[Row], schema: str, cfg: DataConfig, stats: dict) -> list:
+    """(where, messages) for each valid row; bad rows raise, or are counted and skipped."""
     out = []
     for row in rows:
         try:
-            out.append(row_to_messages(row, schema))
+            out.append((row.where, row_to_messages(row, schema)))
         except UserError:
             if not cfg.skip_bad_rows:
                 raise
@@ -305,11 +341,27 @@ def _valid_messages(rows: list[Row], schema: str, cfg: DataConfig, stats: dict) 
     return out
 
 
+def _render(where: str, messages: list[dict], tokenizer, template: str):
+    from jinja2 import TemplateError
+
+    try:
+        return render_segments(messages, tokenizer, template)
+    except TemplateError as exc:  # e.g. a template that demands alternating user/assistant
+        raise _bad(where, f"the chat template rejects this conversation ({_first_line(exc)})"
+                   ) from None
+
+
 def _encode(conversations: list, tokenizer, template: str, cfg: DataConfig, stats: dict) -> list:
     examples = []
-    for messages in conversations:
-        ids, labels = tokenize_segments(render_segments(messages, tokenizer, template),
-                                        tokenizer, cfg.train_on_prompt)
+    for where, messages in conversations:
+        try:
+            segments = _render(where, messages, tokenizer, template)
+        except UserError:
+            if not cfg.skip_bad_rows:
+                raise
+            stats["bad_rows_skipped"] += 1
+            continue
+        ids, labels = tokenize_segments(segments, tokenizer, cfg.train_on_prompt)
         if len(ids) > cfg.max_seq_len:
             if cfg.overlength == "drop":
                 stats["dropped_overlength"] += 1
@@ -323,6 +375,17 @@ def _encode(conversations: list, tokenizer, template: str, cfg: DataConfig, stat
     return examples
 
 
+def _schema_of(rows: list[Row], cfg: DataConfig) -> str:
+    if cfg.schema != "auto":
+        return cfg.schema
+    first = next((r for r in rows if isinstance(r.values, dict)), rows[0])
+    if isinstance(first.values, UserError):
+        raise first.values  # no row parsed: the first one's own error names file and line
+    if not isinstance(first.values, dict):
+        raise _bad(first.where, f"expected an object, got {type(first.values).__name__}")
+    return detect_schema(first.values, first.where)
+
+
 def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read, validate, split, render and tokenize. Counts of what was skipped go in `stats`."""
     stats = {"bad_rows_skipped": 0, "truncated": 0, "dropped_overlength": 0,
@@ -330,8 +393,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     rows = read_rows(cfg.source)
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
-    first = next((r.values for r in rows if isinstance(r.values, dict)), None)
-    schema = cfg.schema if cfg.schema != "auto" else detect_schema(first, cfg.source)
+    schema = _schema_of(rows, cfg)
     template = resolve_template(cfg.template, tokenizer)
     conversations = _valid_messages(rows, schema, cfg, stats)
     if cfg.eval_source:

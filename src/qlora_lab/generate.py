@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from qlora_lab import adapters, models
+from qlora_lab import adapters, models, safety
 from qlora_lab.config import ModelConfig, QuantConfig
 from qlora_lab.data import render_prompt, resolve_template
 from qlora_lab.errors import UserError
@@ -24,6 +24,8 @@ class GenerateConfig:
     """adapter: a run's output dir or adapter dir. model_dir: a merged model (from `merge`).
     model: the base, for a bare model run or to override the adapter's recorded base.
     temperature: 0 = greedy (deterministic); > 0 samples with top_p.
+    allow_pickle: accept pickle weights (.bin) where safetensors are missing; they can run code.
+    trust_remote_code: let a base recorded with trust_remote_code run its repo's code.
     """
 
     adapter: Optional[str] = None
@@ -37,6 +39,8 @@ class GenerateConfig:
     top_p: float = 0.9
     seed: int = 0
     device: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -61,7 +65,8 @@ class LoadedModel:
 def load_for_inference(cfg: GenerateConfig) -> LoadedModel:
     device = models.resolve_device(cfg.device)
     if cfg.adapter:
-        ref = adapters.resolve_adapter(cfg.adapter, cfg.model)
+        ref = adapters.resolve_adapter(cfg.adapter, cfg.model, allow_pickle=cfg.allow_pickle,
+                                       trust_remote_code=cfg.trust_remote_code)
         model, tokenizer, _ = adapters.load_adapter_model(ref, device)
         template = ref.template
     else:
@@ -70,12 +75,16 @@ def load_for_inference(cfg: GenerateConfig) -> LoadedModel:
             raise UserError(f"model dir {cfg.model_dir} has no config.json — pass a folder "
                             "written by `qlora-lab merge`")
         path = models.resolve_model_path(name)
+        safety.require_safetensors(Path(path), "model dir", cfg.allow_pickle)
         info = adapters.read_base_info(Path(path)) if cfg.model_dir else {}
         # A merged model is already dense; a bare base is loaded in 4-bit like training would.
         quant = QuantConfig(bits=16) if cfg.model_dir else QuantConfig()
-        model = models.load_base_model(path, ModelConfig(name=name), quant, device)
+        model_cfg = ModelConfig(name=name, trust_remote_code=cfg.trust_remote_code)
+        with adapters.explain_load_errors(f"model {name}", "pass a folder written by "
+                                          "`qlora-lab merge` or save_pretrained"):
+            model = models.load_base_model(path, model_cfg, quant, device)
+            tokenizer = models.load_tokenizer(path, cfg.trust_remote_code)
         model.eval()
-        tokenizer = models.load_tokenizer(path)
         template = info.get("template", "auto")
     return LoadedModel(model, tokenizer, resolve_template(template, tokenizer), device)
 
@@ -116,7 +125,10 @@ def read_prompt(cfg: GenerateConfig) -> str:
         except UnicodeDecodeError:
             raise UserError(f"prompt file {path} is not UTF-8 text — re-save it as UTF-8") from None
     elif not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise UserError("the prompt on stdin is not UTF-8 text — re-encode it as UTF-8") from None
     else:
         raise UserError("no prompt — pass --prompt TEXT, --prompt-file F, pipe text on stdin, "
                         "or use --chat")

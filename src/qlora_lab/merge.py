@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from qlora_lab import adapters, models
+from qlora_lab import adapters, fsio, models
 from qlora_lab.config import ModelConfig, QuantConfig
 from qlora_lab.data import render_prompt, resolve_template
 from qlora_lab.errors import UserError
@@ -33,12 +31,16 @@ PROBE_PROMPT = "Explain in one sentence why the sky is blue."
 class MergeConfig:
     """adapter: a run's output dir or adapter dir. output_dir: must not exist or be empty.
     model: override the base recorded with the adapter. device: where the merge runs.
+    allow_pickle: accept pickle weights (.bin) where safetensors are missing; they can run code.
+    trust_remote_code: let a base recorded with trust_remote_code run its repo's code.
     """
 
     adapter: str
     output_dir: str
     model: Optional[str] = None
     device: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
 
 @torch.inference_mode()
@@ -55,17 +57,32 @@ def _dequantized_base(ref: adapters.AdapterRef, base_path: str, device: str):
     return base
 
 
+def _check_output_dir(out: Path) -> None:
+    """A new or empty dir whose parent can be written; checked before any model is loaded."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output dir {out} already exists and is not empty — pass a new "
+                        "--output-dir (nothing was overwritten)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=fsio.TMP_PREFIX + out.name, dir=out.parent)).rmdir()
+    except OSError as exc:
+        raise UserError(f"output dir {out} cannot be created ({exc.strerror}) — pick another "
+                        "--output-dir") from None
+
+
 def run_merge(cfg: MergeConfig) -> dict:
     from peft import PeftModel
 
     out = Path(cfg.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output dir {out} already exists and is not empty — pass a new "
-                        "--output-dir (nothing was overwritten)")
+    _check_output_dir(out)
     device = models.resolve_device(cfg.device)
-    ref = adapters.resolve_adapter(cfg.adapter, cfg.model)
+    ref = adapters.resolve_adapter(cfg.adapter, cfg.model, allow_pickle=cfg.allow_pickle,
+                                   trust_remote_code=cfg.trust_remote_code)
 
     unmerged, tokenizer, base_path = adapters.load_adapter_model(ref, device)
+    # The reference must compute as training did: bitsandbytes' CPU inference kernel (which an
+    # eval-mode forward would switch to) rounds through bf16 and would blur the comparison.
+    models.keep_cpu_4bit_layout(unmerged)
     template = resolve_template(ref.template, tokenizer)
     probe_text = render_prompt([{"role": "user", "content": PROBE_PROMPT}], tokenizer, template)
     probe_ids = tokenizer(probe_text, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -77,10 +94,9 @@ def run_merge(cfg: MergeConfig) -> dict:
     merged.eval()
     max_diff = (reference - _probe_logits(merged, probe_ids)).abs().max().item()
 
-    # Write into a temp dir beside the target and rename, so a crash never leaves half a model.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    # Built in a temp dir beside the target, fsynced and renamed: a crash never leaves half a
+    # model under the target name.
+    with fsio.staged_dir(out) as tmp:
         merged.config.use_cache = True
         merged.save_pretrained(tmp)  # safetensors: transformers 5 writes nothing else
         tokenizer.save_pretrained(tmp)
@@ -92,10 +108,4 @@ def run_merge(cfg: MergeConfig) -> dict:
                   "probe_prompt": PROBE_PROMPT, "max_abs_logit_diff": max_diff,
                   "max_abs_logit": reference.abs().max().item()}
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

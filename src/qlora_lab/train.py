@@ -342,14 +342,18 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
 
     model_path = models.resolve_model_path(cfg.model.name)
     safety.require_safetensors(Path(model_path), "base model", allow_hint=None)
-    tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
+    base_problem = (f"base model {cfg.model.name}",
+                    "check the folder (config.json, *.safetensors), or pick another --model")
+    with adapters.explain_load_errors(*base_problem):
+        tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
     log.info("data: %s", data.stats)
 
     # Seed after resolve_model_path: building a base into the cache (tiny-random) reseeds torch,
     # and the LoRA init must not depend on whether that cache already existed.
     set_seed(cfg.train.seed)
-    model = models.load_base_model(model_path, cfg.model, cfg.quant, device)
+    with adapters.explain_load_errors(*base_problem):
+        model = models.load_base_model(model_path, cfg.model, cfg.quant, device)
     models.prepare_for_training(model, cfg.train.gradient_checkpointing)
     model = models.attach_lora(model, cfg.lora)
     args = build_training_args(cfg, out, device, dtype, has_eval=bool(data.eval),
