@@ -10,8 +10,14 @@ import torch
 from conftest import DOLLY_ROWS, write_jsonl
 
 from qlora_lab.cli import main
-from qlora_lab.evaluate import (EvalConfig, exact_match, lcs_length, normalize_answer, rouge_l,
-                                run_eval)
+from qlora_lab.evaluate import (
+    EvalConfig,
+    exact_match,
+    lcs_length,
+    normalize_answer,
+    rouge_l,
+    run_eval,
+)
 
 MAX_NEW_TOKENS = 4  # the tiny model's answers are noise; only the bookkeeping is under test
 
@@ -55,7 +61,7 @@ def test_rouge_l_identical_disjoint_and_symmetric():
 
 def test_rouge_l_value_follows_the_lcs_definition():
     # LCS("the cat ran away", "the cat sat") = "the cat" = 2 words; R = 2/4, P = 2/3.
-    assert lcs_length("a b c d e".split(), "a x c y e".split()) == 3
+    assert lcs_length(["a", "b", "c", "d", "e"], ["a", "x", "c", "y", "e"]) == 3
     r, p = 2 / 4, 2 / 3
     assert rouge_l("the cat sat", "the cat ran away") == pytest.approx(2 * r * p / (r + p))
     assert rouge_l("THE, Cat!", "the cat") == 1.0  # lowercase words, punctuation ignored
@@ -130,11 +136,17 @@ def _independent_loss(loaded, rows) -> float:
     return total / count
 
 
-def test_loss_equals_independent_recomputation(trained_run, compare_report):
+@pytest.fixture(scope="module")
+def tuned(trained_run):
+    from qlora_lab.generate import GenerateConfig, load_for_inference
+
+    return load_for_inference(GenerateConfig(adapter=str(trained_run)))
+
+
+def test_loss_equals_independent_recomputation(tuned, compare_report):
     from qlora_lab.generate import GenerateConfig, load_for_inference
 
     rows = _mixed_rows()
-    tuned = load_for_inference(GenerateConfig(adapter=str(trained_run)))
     expected = _independent_loss(tuned, rows)
     assert compare_report["models"]["fine-tuned"]["loss"] == pytest.approx(expected, rel=1e-4)
     # the base column is the plain base model, loaded on its own, not just "the adapter off"
@@ -142,6 +154,17 @@ def test_loss_equals_independent_recomputation(trained_run, compare_report):
     assert base.template == tuned.template
     assert compare_report["models"]["base"]["loss"] == pytest.approx(
         _independent_loss(base, rows), rel=1e-4)
+
+
+def test_batched_generation_equals_one_at_a_time(trained_run, tuned):
+    from qlora_lab.evaluate import generate_batch
+    from qlora_lab.generate import GenerateConfig, generate_reply
+
+    # prompts of different lengths, so the batch is left-padded
+    prompts = [[{"role": "user", "content": text}]
+               for text in ("Hi", "What is 3 plus 4?", "Name a colour, please, in one word.")]
+    cfg = GenerateConfig(adapter=str(trained_run), max_new_tokens=6)
+    assert generate_batch(tuned, prompts, 6) == [generate_reply(tuned, p, cfg) for p in prompts]
 
 
 def test_max_rows_and_default_output_dir(trained_run, eval_data, tmp_path):

@@ -176,10 +176,10 @@ def _command(args) -> int:
     elif args.command == "eval":
         from qlora_lab.evaluate import EvalConfig, run_eval
 
-        given = dict(adapter=args.adapter, model_dir=args.model_dir, model=args.model,
-                     data=args.data, compare_base=args.compare_base, max_rows=args.max_rows,
-                     max_new_tokens=args.max_new_tokens, output_dir=args.output_dir,
-                     skip_bad_rows=args.skip_bad_rows)
+        given = {"adapter": args.adapter, "model_dir": args.model_dir, "model": args.model,
+                 "data": args.data, "compare_base": args.compare_base,
+                 "max_rows": args.max_rows, "max_new_tokens": args.max_new_tokens,
+                 "output_dir": args.output_dir, "skip_bad_rows": args.skip_bad_rows}
         # Unset flags keep EvalConfig's defaults, the one place they live.
         report = run_eval(EvalConfig(**{k: v for k, v in given.items() if v is not None}))
         print(report["table"], end="")

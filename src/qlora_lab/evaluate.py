@@ -26,14 +26,20 @@ import string
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from qlora_lab import fsio
-from qlora_lab.data import (IGNORE_INDEX, PadCollator, read_rows, render_segments,
-                            row_to_messages, tokenize_segments)
-from qlora_lab.data import detect_schema
+from qlora_lab.data import (
+    IGNORE_INDEX,
+    PadCollator,
+    detect_schema,
+    read_rows,
+    render_prompt,
+    render_segments,
+    row_to_messages,
+    tokenize_segments,
+)
 from qlora_lab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -60,23 +66,26 @@ class EvalConfig:
     max_seq_len: rows are truncated to this many tokens for the loss, as `data.max_seq_len`
         truncates them in training (same default).
     loss_batch_size: rows per forward pass for the loss; memory is batch x seq x vocab x 4 B.
+    generate_batch_size: prompts answered per `generate` call (greedy, left-padded); 1 = one at
+        a time, exactly like `qlora-lab generate`.
     skip_bad_rows: skip malformed rows (and report how many) instead of stopping at the first.
     output_dir: where eval.json, eval.md and predictions.jsonl go; None = <run dir>/eval for an
         adapter, ./eval otherwise.
     device: `auto` = CUDA when available, else CPU.
     """
 
-    adapter: Optional[str] = None
-    model_dir: Optional[str] = None
-    model: Optional[str] = None
-    data: Optional[str] = None
+    adapter: str | None = None
+    model_dir: str | None = None
+    model: str | None = None
+    data: str | None = None
     compare_base: bool = False
     max_rows: int = 0
     max_new_tokens: int = 128
     max_seq_len: int = 1024
     loss_batch_size: int = 4
+    generate_batch_size: int = 8
     skip_bad_rows: bool = False
-    output_dir: Optional[str] = None
+    output_dir: str | None = None
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -91,7 +100,7 @@ class EvalConfig:
         if self.compare_base and self.adapter is None:
             raise UserError("--compare-base needs --adapter (the base is the one the adapter "
                             "was trained on); to measure a base alone pass --model NAME")
-        for name in ("max_new_tokens", "max_seq_len", "loss_batch_size"):
+        for name in ("max_new_tokens", "max_seq_len", "loss_batch_size", "generate_batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a "
                                 "positive integer")
@@ -255,17 +264,47 @@ def score_answers(rows: list[EvalRow], predictions: list[str]) -> dict:
     return scores
 
 
-def evaluate_model(loaded, rows: list[EvalRow], cfg: EvalConfig, gen_cfg, label: str) -> tuple:
+@torch.inference_mode()
+def generate_batch(loaded, prompts: list[list], max_new_tokens: int) -> list[str]:
+    """Greedy answers to several prompts in one `generate` call.
+
+    Prompts are rendered by `render_prompt`, exactly as `generate` renders one. Batching matters
+    on CPU: a 4-bit decode step costs about the same for 1 row as for 8 (the per-layer
+    dequantization dominates), so one batch of 8 is ~8x faster than 8 calls. Prompts are padded
+    on the left so every answer starts right after its own prompt; the attention mask hides the
+    padding, and generate derives position ids from it.
+    """
+    from qlora_lab.generate import _stop_ids
+
+    tok = loaded.tokenizer
+    texts = [render_prompt(p, tok, loaded.template, add_generation_prompt=True) for p in prompts]
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    enc = enc.to(loaded.model.device)
+    out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                temperature=None, top_p=None, top_k=None,
+                                eos_token_id=_stop_ids(loaded), pad_token_id=tok.pad_token_id,
+                                use_cache=True)
+    return [tok.decode(row, skip_special_tokens=True).strip()
+            for row in out[:, enc["input_ids"].shape[1]:]]
+
+
+def evaluate_model(loaded, rows: list[EvalRow], cfg: EvalConfig, label: str) -> tuple:
     """Loss, perplexity and per-category scores of one model; also its predictions."""
     from tqdm.auto import tqdm
-
-    from qlora_lab.generate import generate_reply
 
     examples = encode_for_loss(rows, loaded.tokenizer, loaded.template, cfg.max_seq_len)
     loss, n_tokens = heldout_loss(loaded.model, examples, loaded.tokenizer.pad_token_id,
                                   cfg.loss_batch_size)
-    predictions = [generate_reply(loaded, row.prompt, gen_cfg)
-                   for row in tqdm(rows, desc=f"generating ({label})", unit="row")]
+    predictions: list[str] = []
+    with tqdm(total=len(rows), desc=f"generating ({label})", unit="row") as bar:
+        for start in range(0, len(rows), cfg.generate_batch_size):
+            batch = rows[start: start + cfg.generate_batch_size]
+            predictions += generate_batch(loaded, [r.prompt for r in batch], cfg.max_new_tokens)
+            bar.update(len(batch))
     result = {"loss": loss, "perplexity": math.exp(loss) if math.isfinite(loss) else None,
               "answer_tokens": n_tokens, "categories": score_answers(rows, predictions)}
     return result, predictions
@@ -304,7 +343,7 @@ def markdown_table(models: dict) -> str:
     n is answer tokens for loss and perplexity, rows for the answer scores.
     """
     names = list(models)
-    columns = [dict((key, value) for _, _, key, value in _metric_rows(models[m])) for m in names]
+    columns = [{key: value for _, _, key, value in _metric_rows(models[m])} for m in names]
     header = "| metric | n | " + " | ".join(names) + (" | delta |" if len(names) == 2 else " |")
     lines = [header, "|---|---:|" + "---:|" * (len(names) + (len(names) == 2))]
     for metric, n, key, _ in _metric_rows(models[names[-1]]):
@@ -364,11 +403,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     started = time.perf_counter()
     rows, skipped = load_eval_rows(cfg)
     out = _prepare_output_dir(cfg)
-    # Greedy decoding (temperature 0): the score is a property of the model, not of a seed.
-    gen_cfg = GenerateConfig(adapter=cfg.adapter, model_dir=cfg.model_dir, model=cfg.model,
-                             max_new_tokens=cfg.max_new_tokens, temperature=0.0,
-                             device=cfg.device)
-    loaded = load_for_inference(gen_cfg)
+    loaded = load_for_inference(GenerateConfig(adapter=cfg.adapter, model_dir=cfg.model_dir,
+                                               model=cfg.model, device=cfg.device))
     if cfg.adapter:
         from qlora_lab.adapters import resolve_adapter
 
@@ -380,9 +416,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.compare_base:
         # Same loaded weights with the LoRA layers bypassed: the base as the adapter saw it.
         with loaded.model.disable_adapter():
-            models["base"], predictions["base"] = evaluate_model(loaded, rows, cfg, gen_cfg,
-                                                                "base")
-    models[label], predictions[label] = evaluate_model(loaded, rows, cfg, gen_cfg, label)
+            models["base"], predictions["base"] = evaluate_model(loaded, rows, cfg, "base")
+    models[label], predictions[label] = evaluate_model(loaded, rows, cfg, label)
     table = markdown_table(models)
     report = {
         "command": command_line(cfg),
