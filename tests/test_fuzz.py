@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import DOLLY_ROWS, tiny_config, write_jsonl
 
 from qlora_lab import adapters
 from qlora_lab.config import DataConfig, config_from_dict, load_yaml, parse_overrides
@@ -31,8 +32,6 @@ from qlora_lab.generate import GenerateConfig, load_for_inference, read_prompt
 from qlora_lab.merge import MergeConfig, run_merge
 from qlora_lab.models import build_byte_tokenizer
 from qlora_lab.train import setup_training
-
-from conftest import DOLLY_ROWS, tiny_config, write_jsonl
 
 ROWS = DOLLY_ROWS[:4]
 GOOD = {"instruction": "Add 2 and 2.", "context": "", "response": "4"}
@@ -781,3 +780,57 @@ def test_bad_merge_output_dirs(tmp_path, trained_run, case):
         fragment = f"output dir {out} cannot be created"
     check_outcome(lambda: run_merge(MergeConfig(adapter=str(trained_run), output_dir=str(out))),
                   tmp_path, [fragment])
+
+
+# --- the same mistakes through the command line ------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [
+    "set-invalid", "set-malformed", "set-unknown", "max-steps-negative", "config-python-tag",
+    "output-not-empty", "output-under-a-file", "resume-nothing", "data-deep-nesting",
+    "generate-corrupt-adapter", "generate-pickle-model-dir", "merge-missing-adapter",
+    "merge-output-not-empty",
+])
+def test_cli_prints_one_error_line(tmp_path, trained_run, capsys, monkeypatch, case):
+    from qlora_lab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
+    train = ["-q", "train", "--model", "tiny-random", "--data", "d.jsonl", "--output-dir", "out"]
+    args, fragment = {
+        "set-invalid": ([*train, "--set", "lora.r=0"], "lora.r = 0 is invalid"),
+        "set-malformed": ([*train, "--set", "lora"], "--set 'lora' is malformed"),
+        "set-unknown": ([*train, "--set", "train.speed=11"], "unknown config key train.speed"),
+        "max-steps-negative": ([*train, "--max-steps", "-5"], "train.max_steps = -5"),
+        "config-python-tag": ([*train, "--config", "c.yaml"], "c.yaml is not valid YAML"),
+        "output-not-empty": (train, "output dir out is not empty"),
+        "output-under-a-file": ([*train[:-1], "d.jsonl/out"], "is not writable"),
+        "resume-nothing": ([*train, "--resume"], "--resume: no checkpoint in out"),
+        "data-deep-nesting": ([*train[:5], "deep.jsonl", *train[6:]], "deep.jsonl:1: invalid JSON"),
+        "generate-corrupt-adapter": (["-q", "generate", "--adapter", "a", "--prompt", "hi"],
+                                     "adapter_model.safetensors is truncated"),
+        "generate-pickle-model-dir": (["-q", "generate", "--model-dir", "m", "--prompt", "hi"],
+                                      "holds only pickle weights"),
+        "merge-missing-adapter": (["-q", "merge", "--adapter", "nope", "--output-dir", "m2"],
+                                  "adapter dir nope does not exist"),
+        "merge-output-not-empty": (["-q", "merge", "--adapter", str(trained_run),
+                                    "--output-dir", "out"], "output dir out already exists"),
+    }[case]
+    (tmp_path / "c.yaml").write_text("train:\n  seed: !!python/object/apply:os.system ['echo']\n")
+    (tmp_path / "deep.jsonl").write_text("[" * 50_000 + "\n")
+    if case in ("output-not-empty", "merge-output-not-empty"):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "notes.txt").write_text("mine")
+    shutil.copytree(trained_run / "adapter", tmp_path / "a")
+    _truncate(tmp_path / "a" / "adapter_model.safetensors")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"pickle")
+    before = snapshot(tmp_path)
+    assert main(args) == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and fragment in errors[0], stderr
+    assert "Traceback" not in stderr
+    after = snapshot(tmp_path)
+    assert all(after.get(name) == digest for name, digest in before.items())

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DOLLY_ROWS, tiny_config, write_jsonl
 from safetensors.torch import load_file
 
 from qlora_lab import checkpoints, fsio
 from qlora_lab.config import load_run_config, save_config
 from qlora_lab.errors import TrainingInterrupted, UserError
 from qlora_lab.train import find_checkpoint, oom_advice, run_train
-
-from conftest import DOLLY_ROWS, tiny_config, write_jsonl
 
 ADAPTER = "adapter/adapter_model.safetensors"
 

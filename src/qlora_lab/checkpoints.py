@@ -17,6 +17,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+
 from qlora_lab import fsio, safety
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from transformers import TrainerCallback
@@ -99,7 +99,7 @@ class StopOnSignal(TrainerCallback):
                     "(send it again to stop at once, without saving)", self.signal_name)
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["StopOnSignal"]:
+    def installed(self) -> Iterator[StopOnSignal]:
         """Handle the signals only while training runs; outside it they keep their behaviour."""
         if threading.current_thread() is not threading.main_thread():
             yield self  # signal handlers can only be set from the main thread

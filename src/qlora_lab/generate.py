@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -28,11 +27,11 @@ class GenerateConfig:
     trust_remote_code: let a base recorded with trust_remote_code run its repo's code.
     """
 
-    adapter: Optional[str] = None
-    model_dir: Optional[str] = None
-    model: Optional[str] = None
-    prompt: Optional[str] = None
-    prompt_file: Optional[str] = None
+    adapter: str | None = None
+    model_dir: str | None = None
+    model: str | None = None
+    prompt: str | None = None
+    prompt_file: str | None = None
     chat: bool = False
     max_new_tokens: int = 256
     temperature: float = 0.0

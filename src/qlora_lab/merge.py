@@ -13,7 +13,6 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -37,7 +36,7 @@ class MergeConfig:
 
     adapter: str
     output_dir: str
-    model: Optional[str] = None
+    model: str | None = None
     device: str = "auto"
     allow_pickle: bool = False
     trust_remote_code: bool = False

@@ -418,7 +418,7 @@ def _oom_detail(exc: BaseException) -> str:
     return found.group(0) if found else "CUDA out of memory"
 
 
-def _non_finite_message(exc: faults.NonFiniteLoss, session: "TrainingSession") -> str:
+def _non_finite_message(exc: faults.NonFiniteLoss, session: TrainingSession) -> str:
     last = checkpoints.newest_usable(session.out / CHECKPOINTS)
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written"
     t = session.cfg.train
@@ -429,7 +429,7 @@ def _non_finite_message(exc: faults.NonFiniteLoss, session: "TrainingSession") -
             f"any weights, {kept} — {hint}, check the data, then run again with --overwrite")
 
 
-def _interrupted_message(session: "TrainingSession", stopper: faults.StopOnSignal) -> str:
+def _interrupted_message(session: TrainingSession, stopper: faults.StopOnSignal) -> str:
     state, out = session.trainer.state, session.out
     ckpt = out / CHECKPOINTS / checkpoints.name_for(state.global_step)
     return (f"stopped by {stopper.signal_name} at step {state.global_step} of {state.max_steps}; "
