@@ -389,10 +389,20 @@ def _write_config(cfg: RunConfig, out: Path) -> None:
 def oom_advice(cfg: RunConfig) -> str:
     """What to change after a CUDA out-of-memory error, as `--set` flags, most effective first.
 
-    Hook for the memory planner: it can return the nearest configuration its estimate says fits
-    instead of these rules of thumb. Batch geometry changes cannot resume an existing checkpoint
-    exactly (the data position is counted in micro-batches), hence "again with --overwrite".
+    On CUDA the memory planner names the nearest configuration its estimate says fits this
+    card; the rules of thumb below are the fallback. Batch geometry changes cannot resume an
+    existing checkpoint exactly (the data position is counted in micro-batches), hence "again
+    with --overwrite".
     """
+    if torch.cuda.is_available():
+        from qlora_lab.plan import nearest_fit_advice
+
+        # What this process may use: the card's memory, or less under an emulated cap.
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda *_: 1.0)()
+        advice = nearest_fit_advice(cfg, int(total * fraction))
+        if advice:
+            return advice + ", then run again with --overwrite"
     t, options = cfg.train, []
     if t.micro_batch_size > 1:
         smaller = t.micro_batch_size // 2
