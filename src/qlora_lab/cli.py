@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from qlora_lab.errors import UserError
+from qlora_lab.errors import TrainingInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -54,6 +54,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_safety_flags(p)
 
 
 def _add_merge(sub) -> None:
@@ -61,6 +62,7 @@ def _add_merge(sub) -> None:
     p.add_argument("--adapter", required=True, help="a run's output dir (or its adapter/ dir)")
     p.add_argument("--output-dir", required=True, help="new dir for the merged model")
     p.add_argument("--model", help="base model (overrides the one recorded with the adapter)")
+    _add_safety_flags(p)
 
 
 def _add_eval(sub) -> None:
@@ -81,6 +83,14 @@ def _add_eval(sub) -> None:
     p.add_argument("--output-dir", help="report dir (default: <run dir>/eval, or ./eval)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed rows (and report how many) instead of stopping")
+
+
+def _add_safety_flags(p) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle (.bin/.pt) weights where safetensors are missing; "
+                   "pickles can run code when loaded")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a base model run code from its repository (off by default)")
 
 
 def _add_plan(sub) -> None:
@@ -166,7 +176,8 @@ def _command(args) -> int:
         run_generate(GenerateConfig(
             adapter=args.adapter, model_dir=args.model_dir, model=args.model,
             prompt=args.prompt, prompt_file=args.prompt_file, chat=args.chat,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed))
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code))
     elif args.command == "plan":
         from qlora_lab.plan import PlanConfig, run_plan
 
@@ -188,7 +199,8 @@ def _command(args) -> int:
         from qlora_lab.merge import MergeConfig, run_merge
 
         report = run_merge(MergeConfig(adapter=args.adapter, output_dir=args.output_dir,
-                                       model=args.model))
+                                       model=args.model, allow_pickle=args.allow_pickle,
+                                       trust_remote_code=args.trust_remote_code))
         print(json.dumps(report, indent=2))
     return 0
 
@@ -210,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.quiet)
     try:
         return _command(args)
+    except TrainingInterrupted as exc:
+        # Not an error: a checkpoint was saved on request; the message says how to resume.
+        print(f"qlora-lab {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except UserError as exc:
         if args.debug:
             raise

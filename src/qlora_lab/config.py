@@ -8,6 +8,7 @@ written next to a run's outputs (`config.yaml`) so the run can be repeated exact
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -29,11 +30,13 @@ class ModelConfig:
     name: a preset (`tinyllama`, `smollm2-135m`, `tiny-random`), a hub id, a local directory or a
         `.gguf` file.
     trust_remote_code: run code shipped with a hub model. Off: it executes arbitrary Python.
+    allow_pickle: accept pickle (.bin) weights when a model has no safetensors; they can run code.
     attn_implementation: `sdpa` is fast everywhere torch runs; `eager` is the reference.
     """
 
     name: str = DEFAULT_MODEL
     trust_remote_code: bool = False
+    allow_pickle: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
@@ -204,14 +207,19 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads `2e-4` (no dot) as a string; accept what Python reads as a float.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise UserError(f"config key {key} = {value!r} is invalid: must be a finite number")
+            return number
     elif annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -125,8 +125,11 @@ def materialize_tiny_random() -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def build(tmp: Path) -> None:
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**PRESETS["tiny-random"].arch))
+        # fork_rng: building the cache must not reseed the caller's RNG (a training run's LoRA
+        # init would otherwise depend on whether the cache already existed).
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(LlamaConfig(**PRESETS["tiny-random"].arch))
         model.save_pretrained(tmp)
         build_byte_tokenizer().save_pretrained(tmp)
 
@@ -250,6 +253,8 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
     dtype = resolve_compute_dtype(quant, device)
     kwargs = dict(dtype=dtype, device_map=device_map_for(device),
                   trust_remote_code=model_cfg.trust_remote_code,
+                  # Hub and local bases load from safetensors only, unless pickles are allowed.
+                  use_safetensors=None if model_cfg.allow_pickle else True,
                   attn_implementation=model_cfg.attn_implementation)
     if quantize and quant.bits == 4:
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -341,7 +341,8 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
     _optimizer_name(cfg, device)  # a CUDA-only optimizer on CPU fails here, not after loading
 
     model_path = models.resolve_model_path(cfg.model.name)
-    safety.require_safetensors(Path(model_path), "base model", allow_hint=None)
+    safety.require_safetensors(Path(model_path), "base model", cfg.model.allow_pickle,
+                               allow_hint="set model.allow_pickle: true")
     base_problem = (f"base model {cfg.model.name}",
                     "check the folder (config.json, *.safetensors), or pick another --model")
     with adapters.explain_load_errors(*base_problem):
