@@ -458,6 +458,16 @@ def run_train(cfg: RunConfig, resume: str | bool | None = None, overwrite: bool 
                         f"{oom_advice(cfg)}") from None
 
 
+def _final_eval_loss(trainer) -> float:
+    # The periodic evaluation often just ran at the last step; running it again would only cost
+    # time. log_history is the same on every rank, so under DDP all ranks agree to skip or not.
+    state = trainer.state
+    evals = [r for r in state.log_history if "eval_loss" in r]
+    if evals and evals[-1].get("step") == state.global_step:
+        return evals[-1]["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
 def train_session(session: TrainingSession) -> dict:
     """Train a set-up session to the end, then write the adapter and summary.json."""
     cfg, trainer, out, device = session.cfg, session.trainer, session.out, session.device
@@ -475,7 +485,7 @@ def train_session(session: TrainingSession) -> dict:
     train_seconds = time.perf_counter() - speed_cb.start_time
     tokens_this_session = trainer.state.num_input_tokens_seen - speed_cb.start_tokens
 
-    eval_loss = trainer.evaluate()["eval_loss"] if session.data.eval else None
+    eval_loss = _final_eval_loss(trainer) if session.data.eval else None
     summary = {
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
