@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -110,6 +111,21 @@ def _add_plan(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="real tokens/s of the plain HF QLoRA recipe vs qlora-lab's",
+                       description="Train the plain HF QLoRA recipe (fp32 upcast, padded "
+                       "batches, micro-batch 4) and qlora-lab's own for the same steps on the "
+                       "same rows, each in its own process; writes bench.json and bench.md.")
+    p.add_argument("--config", help="training YAML (as for train)")
+    p.add_argument("--model", help="preset, hub id, local dir or .gguf file")
+    p.add_argument("--data", help="rows to train on (Dolly-length rows for meaningful numbers)")
+    p.add_argument("--memory-cap", help="emulated GPU size, e.g. 8GiB (default 8GiB; 'none' = "
+                   "the whole card; ignored on CPU)")
+    p.add_argument("--steps", type=int, help="optimizer steps per recipe (default 20)")
+    p.add_argument("--output-dir", help="where bench.json and bench.md go (default ./bench)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora-lab",
@@ -122,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_plan(sub)
     _add_eval(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -195,6 +212,19 @@ def _command(args) -> int:
         report = run_eval(EvalConfig(**{k: v for k, v in given.items() if v is not None}))
         print(report["table"], end="")
         print(f"report: {report['output_dir']}/eval.json, eval.md, predictions.jsonl")
+    elif args.command == "bench":
+        from qlora_lab.bench import BenchConfig, run_bench
+
+        given = {"run": train_config_from_args(args), "steps": args.steps,
+                 "output_dir": args.output_dir,
+                 "command": shlex.join(["qlora-lab", *args.argv])}
+        # Unset flags keep BenchConfig's defaults; `--memory-cap none` is a value (no cap).
+        given = {k: v for k, v in given.items() if v is not None}
+        if args.memory_cap is not None:
+            given["memory_cap_bytes"] = _parse_cap(args.memory_cap)
+        report = run_bench(BenchConfig(**given))
+        print(report["table"], end="")
+        print(f"report: {report['output_dir']}/bench.json, bench.md")
     elif args.command == "merge":
         from qlora_lab.merge import MergeConfig, run_merge
 
@@ -203,6 +233,17 @@ def _command(args) -> int:
                                        trust_remote_code=args.trust_remote_code))
         print(json.dumps(report, indent=2))
     return 0
+
+
+def _parse_cap(text: str) -> int | None:
+    from qlora_lab.memory import parse_bytes
+
+    if text.lower() == "none":
+        return None
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise UserError(f"--memory-cap: {exc}") from None
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -219,6 +260,7 @@ def _setup_logging(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by bench
     _setup_logging(args.quiet)
     try:
         return _command(args)

@@ -1,0 +1,103 @@
+"""`qlora-lab bench` on CPU with the tiny model: the report's schema and its invariants.
+
+One bench run (both recipes, 3 steps each, each in its own process) is shared by the tests.
+Speed itself is never asserted here; GPU numbers come from the benchmark run, not CI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import DOLLY_ROWS, write_jsonl
+
+from qlora_lab.cli import main
+
+STEPS = 3
+
+
+def plain_template_tokens(row: dict) -> int:
+    """Tokens of one Dolly row under the plain template and the tiny model's byte tokenizer.
+
+    Written from the template in the README, independently of data.py: <s>, then
+    "### Instruction:\\n{instruction}[\\n\\nContext: {context}]\\n\\n### Response:\\n{response}",
+    then </s>; every UTF-8 byte is one token.
+    """
+    user = row["instruction"] + (f"\n\nContext: {row['context']}" if row["context"] else "")
+    text = f"### Instruction:\n{user}\n\n### Response:\n{row['response']}"
+    return 1 + len(text.encode("utf-8")) + 1
+
+
+@pytest.fixture(scope="module")
+def bench_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    data = write_jsonl(root / "dolly.jsonl", DOLLY_ROWS)
+    # 12 rows, micro-batch 4, no accumulation: 3 steps are exactly one pass over the rows.
+    # bf16 compute so that "no fp32 upcast" is visible on CPU (fp32 is the CPU default).
+    code = main(["bench", "--model", "tiny-random", "--data", str(data), "--steps", str(STEPS),
+                 "--output-dir", str(root / "out"), "--set", "train.grad_accum_steps=1",
+                 "--set", "quant.compute_dtype=bfloat16", "--set", "lora.r=8"])
+    assert code == 0
+    return root / "out"
+
+
+def test_bench_json_schema(bench_report):
+    report = json.loads((bench_report / "bench.json").read_text())
+    assert set(report["recipes"]) == {"plain", "qlora_lab", "unsloth"}
+    for name in ("plain", "qlora_lab"):
+        r = report["recipes"][name]
+        for key in ("real_tokens_per_s", "peak_allocated_bytes", "mean_step_seconds", "mfu",
+                    "peak_host_rss_bytes", "param_count", "steps", "real_tokens_total"):
+            assert key in r, (name, key)
+        assert r["real_tokens_per_s"] > 0
+        assert r["peak_allocated_bytes"] is None and r["mfu"] is None  # CPU: no CUDA peak, no MFU
+        assert r["peak_memory_kind"] == "host_rss" and r["peak_host_rss_bytes"] > 0
+    assert report["recipes"]["unsloth"] in ({"skipped": "not installed"},
+                                            {"skipped": "installed, but qlora-lab's unsloth "
+                                             "recipe is not implemented yet"})
+    assert report["command"].startswith("qlora-lab bench")
+    assert report["versions"]["torch"] and "cpu_count" in report["hardware"]
+    table = (bench_report / "bench.md").read_text()
+    assert "| plain |" in table and "| qlora_lab |" in table
+
+
+def test_same_steps_and_real_tokens_excluding_padding(bench_report):
+    recipes = json.loads((bench_report / "bench.json").read_text())["recipes"]
+    plain, ours = recipes["plain"], recipes["qlora_lab"]
+    assert plain["steps"] == ours["steps"] == STEPS
+    assert plain["micro_batch_size"] == ours["micro_batch_size"] == 4
+    assert plain["real_tokens_timed"] == ours["real_tokens_timed"] > 0
+    # One pass over all 12 rows: the real-token count is the rows' own length, no padding.
+    expected = sum(plain_template_tokens(r) for r in DOLLY_ROWS)
+    assert plain["real_tokens_total"] == ours["real_tokens_total"] == expected
+
+
+def test_plain_upcasts_and_ours_does_not(bench_report):
+    recipes = json.loads((bench_report / "bench.json").read_text())["recipes"]
+    assert recipes["plain"]["weight_dtypes"]["non_quantized_base"] == ["float32"]
+    assert recipes["plain"]["weight_dtypes"]["lora"] == ["float32"]
+    assert recipes["qlora_lab"]["weight_dtypes"]["non_quantized_base"] == ["bfloat16"]
+
+
+def test_speedup_is_the_ratio_of_recorded_rates(bench_report):
+    report = json.loads((bench_report / "bench.json").read_text())
+    plain = report["recipes"]["plain"]["real_tokens_per_s"]
+    ours = report["recipes"]["qlora_lab"]["real_tokens_per_s"]
+    assert report["speedup"] == pytest.approx(ours / plain, rel=1e-12)
+    assert ours == pytest.approx(report["recipes"]["qlora_lab"]["real_tokens_timed"]
+                                 / report["recipes"]["qlora_lab"]["timed_seconds"])
+
+
+def test_bad_data_path_exits_2_with_one_line(tmp_path, capsys):
+    code = main(["bench", "--model", "tiny-random", "--data", str(tmp_path / "missing.jsonl"),
+                 "--steps", "3", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "missing.jsonl" in err and "does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_steps_must_exceed_warmup(tmp_path, dolly_file, capsys):
+    code = main(["bench", "--model", "tiny-random", "--data", str(dolly_file), "--steps", "2",
+                 "--output-dir", str(tmp_path / "out")])
+    assert code == 2 and "--steps 2" in capsys.readouterr().err
