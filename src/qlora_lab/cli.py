@@ -11,6 +11,7 @@ import logging
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from qlora_lab.errors import TrainingInterrupted, UserError
@@ -256,6 +257,11 @@ def _setup_logging(quiet: bool) -> None:
     # built-in CPU path it falls back to is the one we test with.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers >= 5.20 renamed gradient_checkpointing_* to activation_checkpointing_*; peft
+    # and our code use the old names, which 5.17 (still supported) has alone. The warning is
+    # for library authors, not for someone running a fine-tune.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r".*(gradient|is_gradient)_checkpointing.*deprecated.*")
 
 
 def main(argv: list[str] | None = None) -> int:
