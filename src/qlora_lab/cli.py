@@ -130,7 +130,7 @@ def _add_bench(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora-lab",
-        description="QLoRA fine-tuning on small GPUs: train, generate, merge, plan, eval.")
+        description="QLoRA fine-tuning on small GPUs: train, generate, merge, eval, plan, bench.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
