@@ -274,7 +274,7 @@ def generate_batch(loaded, prompts: list[list], max_new_tokens: int) -> list[str
     on the left so every answer starts right after its own prompt; the attention mask hides the
     padding, and generate derives position ids from it.
     """
-    from qlora_lab.generate import _stop_ids
+    from qlora_lab.generate import stop_token_ids
 
     tok = loaded.tokenizer
     texts = [render_prompt(p, tok, loaded.template, add_generation_prompt=True) for p in prompts]
@@ -286,7 +286,7 @@ def generate_batch(loaded, prompts: list[list], max_new_tokens: int) -> list[str
     enc = enc.to(loaded.model.device)
     out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                 temperature=None, top_p=None, top_k=None,
-                                eos_token_id=_stop_ids(loaded), pad_token_id=tok.pad_token_id,
+                                eos_token_id=stop_token_ids(loaded), pad_token_id=tok.pad_token_id,
                                 use_cache=True)
     return [tok.decode(row, skip_special_tokens=True).strip()
             for row in out[:, enc["input_ids"].shape[1]:]]

@@ -88,7 +88,7 @@ def load_for_inference(cfg: GenerateConfig) -> LoadedModel:
     return LoadedModel(model, tokenizer, resolve_template(template, tokenizer), device)
 
 
-def _stop_ids(loaded: LoadedModel) -> list[int]:
+def stop_token_ids(loaded: LoadedModel) -> list[int]:
     ids = {loaded.tokenizer.eos_token_id}
     configured = getattr(loaded.model.generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
@@ -107,7 +107,7 @@ def generate_reply(loaded: LoadedModel, messages: list[dict], cfg: GenerateConfi
     out = loaded.model.generate(
         **enc, max_new_tokens=cfg.max_new_tokens, do_sample=sampling,
         temperature=cfg.temperature if sampling else None, top_p=cfg.top_p if sampling else None,
-        top_k=None, eos_token_id=_stop_ids(loaded), pad_token_id=tok.pad_token_id,
+        top_k=None, eos_token_id=stop_token_ids(loaded), pad_token_id=tok.pad_token_id,
         use_cache=True, streamer=streamer)
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
