@@ -49,12 +49,17 @@ class QuantConfig:
     double_quant: quantize the absmax constants too; saves ~0.37 bit/param for ~free.
     compute_dtype: `auto` = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU
         (bf16 matmuls are very slow on most CPUs).
+    storage: the dtype bitsandbytes packs 4-bit weights into (`bnb_4bit_quant_storage`). `auto` =
+        uint8, except under FSDP, where it must equal the dtype FSDP flattens parameters into
+        (the compute dtype): mixed storage dtypes cannot share a flat parameter, and a mismatch
+        silently shards the packed bytes as if they were numbers.
     """
 
     bits: Literal[4, 16] = 4
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,16 @@ class TrainConfig:
     gradient_checkpointing: recompute activations in backward; ~30 % slower, far less memory.
     save_steps / eval_steps / logging_steps: in optimizer steps.
     device: `auto` = CUDA when available, else CPU.
+    packing: pack whole rows into bins of `data.max_seq_len` tokens (first-fit decreasing)
+        instead of padding each batch to its longest row. Attention and loss never cross rows:
+        position_ids restart at each row and the model builds a block-diagonal mask. Then
+        micro_batch_size counts bins, not rows.
+    fused_loss: compute the LM head and cross-entropy only at supervised (answer) positions, in
+        chunks, so the full fp32 logits tensor never exists; uses Liger's fused linear
+        cross-entropy on CUDA when liger-kernel is installed and `liger` allows it.
+    liger: `auto` = Liger's Triton kernels (RMSNorm, SwiGLU, fused linear cross-entropy) on
+        CUDA when liger-kernel is installed; applied to this model's modules only.
+    activation_offload: keep checkpointed activations in pinned host memory (long contexts).
     """
 
     output_dir: str = "runs/qlora"
@@ -150,6 +165,10 @@ class TrainConfig:
     seed: int = 42
     device: Literal["auto", "cuda", "cpu"] = "auto"
     tensorboard: bool = True
+    packing: bool = True
+    fused_loss: bool = True
+    liger: Literal["auto", "on", "off"] = "auto"
+    activation_offload: bool = False
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "grad_accum_steps", "logging_steps", "eval_steps",
