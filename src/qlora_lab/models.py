@@ -238,7 +238,45 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def device_map_for(device: str) -> dict:
+def fsdp_active() -> bool:
+    """True when this process was launched to train under FSDP.
+
+    Read from the environment, the way accelerate signals it to every process: `accelerate
+    launch --config_file configs/accelerate_fsdp.yaml` exports ACCELERATE_USE_FSDP=true with the
+    FSDP_* knobs, and under torchrun the same variables make Trainer's Accelerator build the
+    FSDP plugin. The model is loaded before Trainer exists, so its arguments cannot tell us.
+    """
+    return os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
+
+
+def resolve_quant_storage(quant: QuantConfig, compute_dtype: torch.dtype,
+                          fsdp: bool) -> torch.dtype:
+    """The dtype bitsandbytes packs 4-bit codes into (`bnb_4bit_quant_storage`).
+
+    The codes are the same bytes whatever the container (tests/test_fsdp.py checks the logits);
+    only FSDP cares. It flattens every parameter of a wrapped unit into one tensor of one dtype
+    and casts it to its mixed-precision param dtype, which Trainer sets to the storage dtype for
+    4-bit models (transformers' update_fsdp_plugin_peft); the norms and embeddings next to the
+    4-bit weights are loaded in the compute dtype. So under FSDP storage = compute dtype, as in
+    peft's FSDP-QLoRA recipe (docs/source/accelerate/fsdp.md). Any other container would either
+    stop FSDP at wrap time or be cast as if its packed bytes were numbers: silent garbage.
+    """
+    compute = str(compute_dtype).removeprefix("torch.")
+    if quant.storage == "auto":
+        return compute_dtype if fsdp else torch.uint8
+    if fsdp and quant.storage != compute:
+        raise UserError(f"quant.storage = {quant.storage} does not match FSDP's parameter dtype "
+                        f"{compute} (quant.compute_dtype) — set quant.storage to auto or {compute}")
+    return getattr(torch, quant.storage)
+
+
+def device_map_for(device: str, fsdp: bool = False) -> dict:
+    if device == "cuda" and fsdp:
+        # Under FSDP every rank loads (and quantizes) the base in host RAM; FSDP then moves each
+        # wrapped unit to its GPU (device_id) and shards it as it wraps, so the whole 4-bit model
+        # never sits on one GPU. Loading it onto the GPU first would need all of it per GPU,
+        # which is what FSDP is here to avoid.
+        return {"": "cpu"}
     if device == "cuda":
         # Under torchrun/accelerate each process owns the GPU of its LOCAL_RANK.
         return {"": int(os.environ.get("LOCAL_RANK", "0"))}
@@ -251,7 +289,8 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = resolve_compute_dtype(quant, device)
-    kwargs = dict(dtype=dtype, device_map=device_map_for(device),
+    fsdp = fsdp_active()
+    kwargs = dict(dtype=dtype, device_map=device_map_for(device, fsdp),
                   trust_remote_code=model_cfg.trust_remote_code,
                   # Hub and local bases load from safetensors only, unless pickles are allowed.
                   use_safetensors=None if model_cfg.allow_pickle else True,
@@ -259,7 +298,8 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
     if quantize and quant.bits == 4:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-            bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=dtype)
+            bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=resolve_quant_storage(quant, dtype, fsdp))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
@@ -280,7 +320,14 @@ def prepare_for_training(model, gradient_checkpointing: bool) -> None:
         param.requires_grad_(False)
     keep_cpu_4bit_layout(model)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    if gradient_checkpointing:
+    if gradient_checkpointing and fsdp_active():
+        # FSDP (flat parameters, use_orig_params=False) and non-reentrant checkpointing fail in
+        # backward with "CheckpointError: recomputed values ... have different metadata"
+        # (transformers#28499); peft's FSDP-QLoRA recipe uses the reentrant variant, which
+        # needs an input that requires grad: the hook below marks the embeddings' output.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    elif gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs, so no enable_input_require_grads
         # hook is needed (that hook exists only for the reentrant variant).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
