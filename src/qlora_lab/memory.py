@@ -229,8 +229,9 @@ def _distributed_terms(m: ModelShape, s: StepShape, static: list[MemoryTerm]
     DDP keeps a full replica and adds flat gradient buckets the size of the trainable (LoRA)
     gradients: measured on 2 H200s, +0.02 GiB per GPU over one GPU for TinyLlama r=16
     (benchmarks/results/ddp_scaling.json), the size of its LoRA gradients.
-    FSDP shards parameters, gradients and optimizer state over the GPUs and all-gathers one
-    decoder layer at a time (not validated on GPUs yet).
+    FSDP is modelled as `train` runs it (configs/accelerate_fsdp.yaml; not validated on GPUs yet):
+    FSDP1, FULL_SHARD, flat parameters, one unit per decoder layer plus one per LoRA linear
+    (peft's wrap policy), a root unit holding embeddings, lm_head and the final norm.
     """
     if s.gpus <= 1:
         return static, []
@@ -238,13 +239,51 @@ def _distributed_terms(m: ModelShape, s: StepShape, static: list[MemoryTerm]
         grads = next(t.bytes for t in static if t.name == "lora_grads")
         return static, [MemoryTerm("ddp_gradient_buckets", grads,
                                    "flat all-reduce buckets = trainable gradient bytes")]
-    sharded = [MemoryTerm(t.name, t.bytes // s.gpus, t.derivation + f", sharded / {s.gpus}")
-               for t in static]
-    layer_bytes = sum(a * b for a, b in m.linear_shapes()) * s.compute_bytes
+    return _fsdp_terms(m, s, static)
+
+
+def _fsdp_terms(m: ModelShape, s: StepShape, static: list[MemoryTerm]
+                ) -> tuple[list[MemoryTerm], list[MemoryTerm]]:
+    g = s.gpus
+    lora_params = next(t.bytes for t in static if t.name == "lora_weights") // s.lora_bytes
+    lin = m.linear_params()
+    consts = 0
     if s.bits == 4:
-        layer_bytes //= 4  # 4-bit codes stored in the 16-bit quant_storage dtype
-    return sharded, [MemoryTerm("fsdp_gathered_layer", 2 * layer_bytes,
-                                "one decoder layer all-gathered, plus the next one prefetched")]
+        packed = lin // 2
+        consts = next(t.bytes for t in static if t.name == "quantized_linear_weights") - packed
+    terms = []
+    for t in static:
+        if t.name == "quantized_linear_weights":
+            # The packed codes are parameters (stored in the compute dtype, same bytes) and
+            # shard; absmax and double-quant constants live in each layer's quant_state, which
+            # is not a parameter, so every GPU keeps all of them.
+            terms.append(MemoryTerm(t.name, packed // g + consts,
+                                    f"{lin:,} weights x 0.5 B / {g} GPUs + absmax constants "
+                                    "(quant_state, not sharded)"))
+        elif t.name == "embeddings_lm_head_norms":
+            # The root unit is not resharded between forward and backward (FSDP keeps it whole
+            # for the backward that follows at once): its shard plus the gathered copy.
+            terms.append(MemoryTerm(t.name, t.bytes + t.bytes // g,
+                                    t.derivation + f"; root FSDP unit: gathered through "
+                                    f"forward and backward, plus its 1/{g} shard"))
+        elif t.name == "lora_weights":
+            # accelerate keeps trainable flat parameters in fp32 under bf16/fp16 mixed precision.
+            terms.append(MemoryTerm(t.name, 4 * lora_params // g,
+                                    f"{lora_params:,} LoRA params x 4 B (fp32 master) / {g}"))
+        elif t.name == "lora_grads":
+            terms.append(MemoryTerm(t.name, 4 * lora_params // g,
+                                    f"{lora_params:,} x 4 B / {g}: sharded fp32 gradients"))
+        elif t.name == "optimizer_state":
+            # Under FSDP `auto` is torch AdamW (paged 8-bit state fails to save there).
+            state = 2 * 4 * lora_params // g if s.optimizer == "adamw_torch" else t.bytes // g
+            terms.append(MemoryTerm(t.name, state, t.derivation + f", fp32, sharded / {g}"))
+        else:
+            terms.append(MemoryTerm(t.name, t.bytes // g, t.derivation + f", sharded / {g}"))
+    layer_bytes = sum(a * b for a, b in m.linear_shapes())
+    layer_bytes = layer_bytes // 2 if s.bits == 4 else layer_bytes * s.compute_bytes
+    return terms, [MemoryTerm("fsdp_gathered_layer", 2 * layer_bytes,
+                              "one decoder layer's weights all-gathered, plus the next one "
+                              "prefetched (BACKWARD_PRE)")]
 
 
 def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:

@@ -55,7 +55,9 @@ def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
     compute = 4 if cfg.quant.compute_dtype == "float32" else 2
     optimizer = cfg.train.optimizer
     if optimizer == "auto":
-        optimizer = "paged_adamw_8bit" if device_is_gpu else "adamw_torch"
+        # As train resolves it; under FSDP torch AdamW (see train._optimizer_name).
+        paged = device_is_gpu and not (gpus > 1 and strategy == "fsdp")
+        optimizer = "paged_adamw_8bit" if paged else "adamw_torch"
     return memory.StepShape(
         micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_seq_len,
         bits=cfg.quant.bits, double_quant=cfg.quant.double_quant, compute_bytes=compute,
