@@ -1,0 +1,667 @@
+"""`qlora-lab lab`: measure the three tradeoffs of memory-bound fine-tuning, as one report.
+
+Every number in the report comes from work this invocation did: planner predictions
+(memory.estimate_peak_memory), real `train` runs, real generation and real `eval`. Sections:
+
+1. feasibility   seq_len x micro-batch x rank x checkpointing x 4/16-bit under --budget, as the
+                 planner predicts it; on CUDA, real train steps confirm a subset (each in its own
+                 process under the emulated card, peak from torch.cuda.max_memory_allocated).
+2. throughput    for each memory budget, the config `plan.fit_config` picks, trained for real:
+                 real tokens/s and wall time to a target eval loss, with the Pareto front.
+3. stability     learning rate x (nf4, fp4, 16-bit) x optimizer x seed: final eval loss and
+                 divergences (a NaN stop, or a training loss above spike_factor x the first).
+4. indirection   time to first token, decode tokens/s and weight memory at batch 1 and 8: 4-bit
+                 base alone, 4-bit base + unmerged adapter, merged 16-bit, merged re-quantized.
+5. quality       `eval` of base vs fine-tuned (the adapter section 4 used).
+
+Outputs in --output-dir: report.json (every number, the config, versions, hardware and the
+command), report.md, report.html (standalone: plots inlined as data URIs) and the PNGs; each
+run's scratch dir under runs/. Rendering lives in lab_report.py.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import gc
+import json
+import logging
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from qlora_lab import memory
+from qlora_lab.config import RunConfig, config_from_dict, to_dict
+from qlora_lab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+GIB, MIB = 1024**3, 1024**2
+DEMO_DIR = Path(__file__).parent / "demo_data"
+QUANT_VARIANTS = {"nf4": {"bits": 4, "quant_type": "nf4"}, "fp4": {"bits": 4, "quant_type": "fp4"},
+                  "16bit": {"bits": 16}}
+CUDA_ONLY_OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit")
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """One `qlora-lab lab` run. The defaults are the full (GPU) preset; QUICK holds --quick's.
+
+    model: base for stability, indirection and quality (real weights make those meaningful).
+    speed_model: base for feasibility and throughput (random weights are fine: memory and speed
+        do not depend on weight values), a preset or a local dir.
+    data / eval_data: training rows and held-out rows with reference answers.
+    budget_bytes: the card the feasibility map is drawn for; on CUDA, sections 3-5 and the
+        measured feasibility runs are capped to it (set_per_process_memory_fraction).
+    seq_lens, micro_batches, ranks: the feasibility grid (x checkpointing on/off x 4/16-bit).
+    measure_configs: how many grid points real CUDA runs confirm (one predicted not to fit).
+    budgets_bytes: section 2's budgets; each gets the planner's config at throughput_seq_len.
+    rows_per_step: rows per optimizer step (micro-batch x accumulation) in sections 2-5; the
+        planner keeps it fixed while trading micro-batch for accumulation.
+    target_eval_loss: section 2's target; None = the highest final eval loss of the budget runs
+        (the loss every budget reached, so each has a time).
+    spike_factor: a run diverged if a logged training loss exceeds spike_factor x the first one.
+    workers: concurrent processes for runs whose timing is not reported (CUDA only).
+    """
+
+    output_dir: str = "lab"
+    model: str = "smollm2-135m"
+    speed_model: str = "tinyllama"
+    data: str = str(DEMO_DIR / "train.jsonl")
+    eval_data: str = str(DEMO_DIR / "eval.jsonl")
+    budget_bytes: int = 8 * GIB
+    quick: bool = False
+    command: str = ""
+    seq_lens: tuple = (512, 1024, 2048, 4096, 8192)
+    micro_batches: tuple = (1, 2, 4, 8, 16, 32)
+    ranks: tuple = (8, 64)
+    measure_configs: int = 5
+    measure_steps: int = 3
+    budgets_bytes: tuple = (4 * GIB, 6 * GIB, 8 * GIB, 12 * GIB, 24 * GIB)
+    throughput_seq_len: int = 1024
+    throughput_steps: int = 12
+    rows_per_step: int = 16
+    learning_rate: float = 1e-3
+    eval_steps: int = 4
+    eval_rows: int = 16
+    target_eval_loss: float | None = None
+    learning_rates: tuple = (1e-4, 1e-3, 1e-2)
+    quant_variants: tuple = ("nf4", "fp4", "16bit")
+    optimizers: tuple = ("adamw_torch", "paged_adamw_8bit")
+    seeds: tuple = (0, 1)
+    stability_steps: int = 15
+    spike_factor: float = 2.0
+    seq_len: int = 256
+    quality_steps: int = 30
+    max_new_tokens: int = 48
+    decode_tokens: int = 32
+    batch_sizes: tuple = (1, 8)
+    repeats: int = 3
+    workers: int = 6
+
+    def __post_init__(self) -> None:
+        if self.budget_bytes <= 0:
+            raise UserError(f"--budget {self.budget_bytes} bytes must be positive, e.g. 8GiB")
+        for name in ("seq_lens", "micro_batches", "ranks", "budgets_bytes", "learning_rates",
+                     "quant_variants", "optimizers", "seeds", "batch_sizes"):
+            if not getattr(self, name):
+                raise UserError(f"lab setting {name} is empty — give it at least one value")
+        unknown = set(self.quant_variants) - set(QUANT_VARIANTS)
+        if unknown:
+            raise UserError(f"quant variant {min(unknown)!r} is unknown — use "
+                            + ", ".join(QUANT_VARIANTS))
+
+
+# --quick: the tiny random model everywhere, budgets small enough that the planner picks a
+# different micro-batch for it at each (it needs ~60-75 MiB predicted), a few steps per run.
+# About a minute on 2 CPU cores.
+QUICK = {"model": "tiny-random", "speed_model": "tiny-random",
+         "seq_lens": (256, 512, 1024, 2048), "micro_batches": (1, 2, 4, 8, 16),
+         "budgets_bytes": (88 * MIB, 100 * MIB, 112 * MIB), "throughput_seq_len": 256,
+         "throughput_steps": 12, "learning_rate": 3e-3, "eval_rows": 8,
+         "learning_rates": (1e-3, 1e-2, 1e-1, 1.0), "stability_steps": 8, "quality_steps": 20,
+         "max_new_tokens": 16, "decode_tokens": 12, "repeats": 2, "workers": 1}
+
+
+def lab_config(quick: bool = False, **given) -> LabConfig:
+    """The preset (full, or QUICK) with the caller's values on top."""
+    base = {**QUICK, "quick": True} if quick else {}
+    return LabConfig(**{**base, **given})
+
+
+# --- training runs -------------------------------------------------------------------------------
+
+
+def base_run(cfg: LabConfig, run_dir: Path, model: str, steps: int, **sections) -> RunConfig:
+    """The lab's training recipe; `sections` override it ({"train": {...}, "quant": {...}})."""
+    values = {
+        "model": {"name": model},
+        "lora": {"dropout": 0.0},
+        "data": {"source": cfg.data, "eval_source": cfg.eval_data, "max_seq_len": cfg.seq_len,
+                 "max_eval_rows": cfg.eval_rows},
+        "train": {"output_dir": str(run_dir), "max_steps": steps, "micro_batch_size": 8,
+                  "grad_accum_steps": max(1, cfg.rows_per_step // 8),
+                  "learning_rate": cfg.learning_rate, "warmup_ratio": 0.1, "logging_steps": 1,
+                  "eval_steps": cfg.eval_steps, "save_steps": steps + 1, "tensorboard": False},
+    }
+    for section, kv in sections.items():
+        values[section] = {**values.get(section, {}), **kv}
+    return config_from_dict(values)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def train_and_measure(run: RunConfig) -> dict:
+    """Train one config in this process; the record every report number is read from.
+
+    A NaN/inf loss stops `train` with a UserError (faults.NonFiniteLoss) and a CUDA OOM becomes
+    one too: both are outcomes to count here, not failures of the lab.
+    """
+    import torch
+
+    from qlora_lab.train import run_train
+
+    status, error, summary = "ok", None, {}
+    try:
+        summary = run_train(run, overwrite=True)
+    except UserError as exc:
+        error = str(exc)
+        if "training loss became" in error:
+            status = "nan"
+        elif "out of memory" in error:
+            status = "oom"
+        else:
+            raise
+    metrics = _read_jsonl(Path(run.train.output_dir) / "metrics.jsonl")
+    evals = [r for r in metrics if "eval_loss" in r]
+    t0 = evals[0]["time"] if evals else None
+    record = {
+        "status": status, "error": error, "run_dir": run.train.output_dir,
+        "train_losses": [r["loss"] for r in metrics if "loss" in r],
+        # seconds from the end of the step-0 evaluation (the start of training)
+        "evals": [{"step": r["step"], "seconds": round(r["time"] - t0, 3),
+                   "eval_loss": r["eval_loss"]} for r in evals],
+    }
+    for key in ("steps", "eval_loss_before", "eval_loss", "tokens_seen", "tokens_per_s",
+                "train_seconds", "wall_seconds", "peak_allocated_bytes", "peak_reserved_bytes",
+                "peak_host_rss_bytes"):
+        record[key] = summary.get(key)
+    if torch.cuda.is_available() and status != "ok":
+        record["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return record
+
+
+def _apply_cap(cap_bytes: int | None) -> None:
+    import torch
+
+    if cap_bytes and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total))
+
+
+def run_isolated(run: RunConfig, cap_bytes: int | None) -> dict:
+    """Train in a fresh process under an emulated card of `cap_bytes` (CUDA)."""
+    out = Path(run.train.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec, result = out.with_name(out.name + ".spec.json"), out.with_name(out.name + ".result.json")
+    spec.write_text(json.dumps({"run": to_dict(run), "cap_bytes": cap_bytes}), encoding="utf-8")
+    result.unlink(missing_ok=True)
+    # The child's stdout (Trainer prints dicts) goes to our stderr: stdout is the report path.
+    proc = subprocess.run([sys.executable, "-m", "qlora_lab.lab", str(spec), str(result)],
+                          check=False, stdout=sys.stderr)
+    if not result.is_file():
+        raise RuntimeError(f"lab run {out} exited {proc.returncode} without a result")
+    return json.loads(result.read_text(encoding="utf-8"))
+
+
+def _worker(spec_path: str, result_path: str) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    _apply_cap(spec["cap_bytes"])
+    record = train_and_measure(config_from_dict(spec["run"]))
+    Path(result_path).write_text(json.dumps(record), encoding="utf-8")
+    return 0
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Lab:
+    """Holds the run records; each section adds its runs and returns its numbers."""
+
+    def __init__(self, cfg: LabConfig, out: Path, device: str):
+        self.cfg, self.out, self.device = cfg, out, device
+        self.runs: dict[str, dict] = {}
+
+    def train(self, run_id: str, run: RunConfig, describe: dict) -> dict:
+        log.info("lab: training %s", run_id)
+        record = train_and_measure(run)
+        _free_memory()
+        return self.add(run_id, {"kind": "train", **describe, **record})
+
+    def train_many(self, jobs: list[tuple[str, RunConfig, dict]], cap_bytes: int | None,
+                   workers: int) -> None:
+        """Runs in their own processes, `workers` at a time (CUDA: peaks are per process)."""
+        from tqdm.auto import tqdm
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(run_isolated, run, cap_bytes): (rid, describe)
+                       for rid, run, describe in jobs}
+            for fut in tqdm(concurrent.futures.as_completed(futures), total=len(futures),
+                            desc="lab runs", unit="run"):
+                rid, describe = futures[fut]
+                self.add(rid, {"kind": "train", **describe, **fut.result()})
+
+    def add(self, run_id: str, record: dict) -> dict:
+        self.runs[run_id] = {"id": run_id, **record}
+        return self.runs[run_id]
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.out / "runs" / run_id.replace("/", "__")
+
+
+# --- 1. feasibility -----------------------------------------------------------------------------
+
+
+def _step_shape(run: RunConfig, mb: int, seq: int, r: int, ckpt: bool, bits: int):
+    from qlora_lab.plan import step_shape
+
+    return replace(step_shape(run), micro_batch_size=mb, seq_len=seq, lora_r=r,
+                   gradient_checkpointing=ckpt, bits=bits)
+
+
+def long_rows_file(path: Path, rows: int, chars: int, seed: int = 0) -> Path:
+    """Rows whose answer alone outlasts any seq_len: every sequence is full, as the planner
+    assumes (real rows shorter than seq_len would under-fill batches and under-measure)."""
+    rng = random.Random(seed)
+    words = [f"w{rng.randrange(10**6)}" for _ in range(2000)]
+    with path.open("w", encoding="utf-8") as fh:
+        for _ in range(rows):
+            text = " ".join(rng.choice(words) for _ in range(chars // 7))
+            fh.write(json.dumps({"instruction": "Continue the list.", "context": "",
+                                 "response": text}) + "\n")
+    return path
+
+
+def feasibility(lab: Lab) -> dict:
+    from qlora_lab.plan import model_shape
+
+    cfg = lab.cfg
+    shape = model_shape(cfg.speed_model)
+    run = base_run(cfg, lab.run_dir("x"), cfg.speed_model, 1)
+    grid = []
+    for bits in (4, 16):
+        for ckpt in (True, False):
+            for r in cfg.ranks:
+                for seq in cfg.seq_lens:
+                    for mb in cfg.micro_batches:
+                        plan = memory.estimate_peak_memory(
+                            shape, _step_shape(run, mb, seq, r, ckpt, bits))
+                        grid.append({"bits": bits, "gradient_checkpointing": ckpt, "lora_r": r,
+                                     "seq_len": seq, "micro_batch_size": mb,
+                                     "predicted_peak_allocated_bytes": plan.peak_allocated_bytes,
+                                     "predicted_peak_reserved_bytes": plan.peak_reserved_bytes,
+                                     "fits": plan.peak_reserved_bytes <= cfg.budget_bytes})
+    result = {"model": cfg.speed_model, "budget_bytes": cfg.budget_bytes, "grid": grid,
+              "rule": "fits = predicted peak reserved (allocated x the allocator's measured "
+                      "reserve ratio) <= budget; the CUDA context is excluded"}
+    if lab.device != "cuda":
+        result["measured_skipped"] = ("measured confirmation needs CUDA "
+                                      "(torch.cuda.max_memory_allocated); this run had none, so "
+                                      "the map shows predictions only")
+        return result
+    jobs = []
+    for point in _measure_subset(grid, cfg.measure_configs):
+        rid = (f"feasibility/{point['bits']}bit-r{point['lora_r']}-seq{point['seq_len']}-"
+               f"mb{point['micro_batch_size']}-ckpt{int(point['gradient_checkpointing'])}")
+        data = long_rows_file(lab.out / "runs" / f"long-rows-{point['seq_len']}.jsonl",
+                              rows=point["micro_batch_size"] * cfg.measure_steps + 8,
+                              chars=6 * point["seq_len"])
+        run = base_run(cfg, lab.run_dir(rid), cfg.speed_model, cfg.measure_steps,
+                       quant={"bits": point["bits"]}, lora={"r": point["lora_r"]},
+                       data={"source": str(data), "eval_source": None, "eval_fraction": 0.0,
+                             "max_seq_len": point["seq_len"]},
+                       train={"micro_batch_size": point["micro_batch_size"],
+                              "grad_accum_steps": 1,
+                              "gradient_checkpointing": point["gradient_checkpointing"]})
+        point["run_id"] = rid
+        jobs.append((rid, run, {"section": "feasibility", **{k: point[k] for k in (
+            "bits", "lora_r", "seq_len", "micro_batch_size", "gradient_checkpointing")}}))
+    lab.train_many(jobs, cfg.budget_bytes, cfg.workers)
+    result["measured"] = [
+        {"run_id": rid, "predicted_peak_allocated_bytes": p["predicted_peak_allocated_bytes"],
+         "predicted_fits": p["fits"], "status": lab.runs[rid]["status"],
+         "peak_allocated_bytes": lab.runs[rid]["peak_allocated_bytes"]}
+        for rid, p in ((p["run_id"], p) for p in grid if "run_id" in p)]
+    return result
+
+
+def _measure_subset(grid: list[dict], n: int) -> list[dict]:
+    """Fitting 4-bit points spread over the predicted range, plus the smallest misfit."""
+    fits = sorted((p for p in grid if p["fits"] and p["bits"] == 4),
+                  key=lambda p: p["predicted_peak_allocated_bytes"])
+    misfits = sorted((p for p in grid if not p["fits"] and p["bits"] == 4),
+                     key=lambda p: p["predicted_peak_allocated_bytes"])
+    k = max(0, n - (1 if misfits else 0))
+    picked = [fits[round(i * (len(fits) - 1) / max(1, k - 1))] for i in range(k)] if fits else []
+    return list({id(p): p for p in picked + misfits[:1]}.values())
+
+
+# --- 2. throughput vs accessibility --------------------------------------------------------------
+
+
+def throughput(lab: Lab) -> dict:
+    from qlora_lab.plan import fit_config
+
+    cfg, points, jobs = lab.cfg, [], []
+    for budget in cfg.budgets_bytes:
+        rid = f"throughput/{budget / GIB:.3g}GiB" if budget >= GIB else f"throughput/{budget // MIB}MiB"
+        want = base_run(cfg, lab.run_dir(rid), cfg.speed_model, cfg.throughput_steps,
+                        data={"max_seq_len": cfg.throughput_seq_len},
+                        train={"micro_batch_size": cfg.rows_per_step, "grad_accum_steps": 1})
+        try:
+            run, best, _ = fit_config(want, budget)
+        except UserError as exc:
+            points.append({"budget_bytes": budget, "skipped": str(exc)})
+            continue
+        describe = {"section": "throughput", "budget_bytes": budget,
+                    "micro_batch_size": best.micro_batch_size,
+                    "grad_accum_steps": run.train.grad_accum_steps,
+                    "gradient_checkpointing": best.gradient_checkpointing,
+                    "predicted_peak_allocated_bytes": best.peak_allocated_bytes}
+        points.append({"budget_bytes": budget, "run_id": rid})
+        jobs.append((rid, run, describe))
+    for rid, run, describe in jobs:
+        if lab.device == "cuda":
+            # One at a time (concurrent runs would share the GPU's time), each in its own
+            # process capped to its budget.
+            lab.train_many([(rid, run, describe)], describe["budget_bytes"], workers=1)
+        else:
+            lab.train(rid, run, describe)  # CPU: no cap to apply; the budget picks the config
+    done = [p for p in points if "run_id" in p and lab.runs[p["run_id"]]["status"] == "ok"]
+    finals = [lab.runs[p["run_id"]]["eval_loss"] for p in done]
+    target = cfg.target_eval_loss if cfg.target_eval_loss is not None else max(finals, default=None)
+    for p in done:
+        rec = lab.runs[p["run_id"]]
+        reached = [e for e in rec["evals"] if target is not None and e["eval_loss"] <= target]
+        p.update(micro_batch_size=rec["micro_batch_size"], grad_accum_steps=rec["grad_accum_steps"],
+                 gradient_checkpointing=rec["gradient_checkpointing"],
+                 tokens_per_s=rec["tokens_per_s"], eval_loss=rec["eval_loss"],
+                 peak_allocated_bytes=rec["peak_allocated_bytes"],
+                 time_to_target_s=reached[0]["seconds"] if reached else None)
+    front = pareto_front([(p["budget_bytes"], p["tokens_per_s"]) for p in done])
+    for p, on in zip(done, front):
+        p["pareto"] = on
+    return {"model": cfg.speed_model, "seq_len": cfg.throughput_seq_len,
+            "rows_per_step": cfg.rows_per_step, "steps": cfg.throughput_steps,
+            "target_eval_loss": target,
+            "target_rule": ("given" if cfg.target_eval_loss is not None else
+                            "the highest final eval loss among the budgets' runs, so every "
+                            "budget reaches it"),
+            "capped": lab.device == "cuda", "points": points}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """(cost, value) pairs: on the front if no other point costs <= and gives >=, one strictly."""
+    def dominated(c, v):
+        return any(c2 <= c and v2 >= v and (c2 < c or v2 > v) for c2, v2 in points)
+    return [not dominated(c, v) for c, v in points]
+
+
+# --- 3. memory vs stability ----------------------------------------------------------------------
+
+
+def stability(lab: Lab) -> dict:
+    cfg = lab.cfg
+    optimizers = [o for o in cfg.optimizers if lab.device == "cuda" or o not in CUDA_ONLY_OPTIMIZERS]
+    skipped = {o: "bitsandbytes' 8-bit and paged optimizers need CUDA; this run had none"
+               for o in cfg.optimizers if o not in optimizers}
+    jobs = []
+    for lr in cfg.learning_rates:
+        for quant in cfg.quant_variants:
+            for opt in optimizers:
+                for seed in cfg.seeds:
+                    rid = f"stability/lr{lr:g}-{quant}-{opt}-seed{seed}"
+                    run = base_run(cfg, lab.run_dir(rid), cfg.model, cfg.stability_steps,
+                                   quant=QUANT_VARIANTS[quant],
+                                   train={"learning_rate": lr, "optimizer": opt, "seed": seed,
+                                          "eval_steps": cfg.stability_steps})
+                    jobs.append((rid, run, {"section": "stability", "learning_rate": lr,
+                                            "quant": quant, "optimizer": opt, "seed": seed}))
+    if lab.device == "cuda":
+        lab.train_many(jobs, cfg.budget_bytes, cfg.workers)
+    else:
+        for job in jobs:
+            lab.train(*job)
+    points = []
+    for rid, _, d in jobs:
+        rec = lab.runs[rid]
+        losses = rec["train_losses"]
+        spike = bool(losses) and max(losses) > cfg.spike_factor * losses[0]
+        reason = "nan" if rec["status"] == "nan" else "spike" if spike else None
+        points.append({"run_id": rid, **{k: d[k] for k in ("learning_rate", "quant",
+                                                         "optimizer", "seed")},
+                       "eval_loss": rec["eval_loss"], "diverged": reason is not None,
+                       "divergence": reason})
+    summary = []
+    for lr in cfg.learning_rates:
+        for quant in cfg.quant_variants:
+            for opt in optimizers:
+                group = [p for p in points if (p["learning_rate"], p["quant"], p["optimizer"])
+                         == (lr, quant, opt)]
+                ok = [p["eval_loss"] for p in group if p["eval_loss"] is not None]
+                summary.append({"learning_rate": lr, "quant": quant, "optimizer": opt,
+                                "runs": len(group), "diverged": sum(p["diverged"] for p in group),
+                                "mean_eval_loss": statistics.fmean(ok) if ok else None,
+                                "run_ids": [p["run_id"] for p in group]})
+    return {"model": cfg.model, "steps": cfg.stability_steps, "spike_factor": cfg.spike_factor,
+            "rule": (f"diverged = training stopped on a NaN/inf loss, or a logged training loss "
+                     f"exceeded {cfg.spike_factor:g} x the first step's loss"),
+            "optimizers_skipped": skipped, "points": points, "summary": summary}
+
+
+# --- 4. adapter indirection and 5. quality ------------------------------------------------------
+
+
+def quality_run(lab: Lab) -> str:
+    cfg = lab.cfg
+    rid = "quality/fine-tune"
+    lab.train(rid, base_run(cfg, lab.run_dir(rid), cfg.model, cfg.quality_steps,
+                            train={"eval_steps": cfg.quality_steps}),
+              {"section": "quality", "learning_rate": cfg.learning_rate})
+    if lab.runs[rid]["status"] != "ok":
+        raise UserError(f"the fine-tune for sections 4-5 stopped: {lab.runs[rid]['error']}")
+    return rid
+
+
+def quality(lab: Lab, train_id: str) -> dict:
+    from qlora_lab.evaluate import EvalConfig, run_eval
+
+    cfg = lab.cfg
+    report = run_eval(EvalConfig(adapter=lab.runs[train_id]["run_dir"], data=cfg.eval_data,
+                                 compare_base=True, max_rows=cfg.eval_rows,
+                                 max_new_tokens=cfg.max_new_tokens,
+                                 output_dir=str(lab.run_dir("quality/eval"))))
+    lab.add("quality/eval", {"kind": "eval", "section": "quality", "command": report["command"],
+                             "models": report["models"], "wall_seconds": report["wall_seconds"]})
+    return {"run_id": "quality/eval", "train_run_id": train_id, "models": report["models"],
+            "rows": report["rows"], "table": report["table"]}
+
+
+def indirection(lab: Lab, train_id: str) -> dict:
+    from qlora_lab.evaluate import EvalConfig, load_eval_rows
+    from qlora_lab.generate import GenerateConfig, load_for_inference
+    from qlora_lab.merge import MergeConfig, run_merge
+
+    cfg = lab.cfg
+    adapter = lab.runs[train_id]["run_dir"]
+    merged = lab.run_dir("indirection/merged")
+    shutil.rmtree(merged, ignore_errors=True)
+    merge_report = run_merge(MergeConfig(adapter=adapter, output_dir=str(merged)))
+    rows, _ = load_eval_rows(EvalConfig(data=cfg.eval_data, model=cfg.model,
+                                          max_rows=max(cfg.batch_sizes)))
+    prompts = [rows[i % len(rows)].prompt for i in range(max(cfg.batch_sizes))]
+    variants = {
+        "4-bit base alone": GenerateConfig(model=cfg.model),
+        "4-bit base + unmerged adapter": GenerateConfig(adapter=adapter),
+        "merged 16-bit": GenerateConfig(model_dir=str(merged)),
+        # a dir passed as --model loads quantized to 4-bit, like any base
+        "merged, re-quantized to 4-bit": GenerateConfig(model=str(merged)),
+    }
+    points = []
+    for name, gen_cfg in variants.items():
+        log.info("lab: generation timing, %s", name)
+        loaded = load_for_inference(gen_cfg)
+        for batch in cfg.batch_sizes:
+            rid = f"indirection/{name}/batch{batch}"
+            measured = time_generation(loaded, prompts[:batch], cfg.decode_tokens, cfg.repeats)
+            lab.add(rid, {"kind": "generate", "section": "indirection", "variant": name,
+                          "batch_size": batch, **measured})
+            points.append({"run_id": rid, "variant": name, "batch_size": batch, **measured})
+        del loaded
+        _free_memory()
+    return {"model": cfg.model, "merge": merge_report, "decode_tokens": cfg.decode_tokens,
+            "repeats": cfg.repeats, "points": points}
+
+
+def time_generation(loaded, prompts: list, new_tokens: int, repeats: int) -> dict:
+    """Time to first token and decode rate of a greedy `generate`, from per-token timestamps.
+
+    A streamer notes the clock as each token leaves generate (transformers moves it to the host
+    first, a sync point on CUDA). TTFT = first token - start (prefill + one step); decode rate =
+    the remaining tokens of every row over the time they took. EOS is suppressed
+    (min_new_tokens) so every repeat decodes the same number of tokens; medians of `repeats`.
+    """
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    from qlora_lab.data import render_prompt
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.marks: list[float] = []
+
+        def put(self, value):  # the first call carries the prompt, then one per new token
+            self.marks.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    tok, model = loaded.tokenizer, loaded.model
+    texts = [render_prompt(p, tok, loaded.template, add_generation_prompt=True) for p in prompts]
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    enc = enc.to(model.device)
+    cuda = loaded.device == "cuda"
+
+    @torch.inference_mode()
+    def timed(n: int) -> tuple[float, float]:
+        clock = Clock()
+        if cuda:
+            torch.cuda.synchronize()  # the clock must not start while earlier kernels run
+        start = time.perf_counter()
+        model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
+                       use_cache=True, streamer=clock)
+        tokens = clock.marks[1:]
+        return tokens[0] - start, tokens[-1] - tokens[0]
+
+    timed(2)  # warm-up: kernel selection, allocator growth, bitsandbytes' CPU repacking
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    runs = [timed(new_tokens) for _ in range(repeats)]
+    ttft, decode_s = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    weights = sum(t.numel() * t.element_size()
+                  for t in list(model.parameters()) + list(model.buffers()))
+    return {"ttft_s": ttft, "decode_s": decode_s,
+            "prompt_tokens": int(enc["input_ids"].shape[1]),
+            "decode_tokens_per_s": len(prompts) * (new_tokens - 1) / decode_s,
+            "weight_bytes": weights,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+
+
+# --- the whole lab -------------------------------------------------------------------------------
+
+
+def _prepare_output_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output dir {out} is a file — pass another --output-dir")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise UserError(f"output dir {out} holds files that no lab run wrote — pass an empty or "
+                        "new --output-dir")
+    try:
+        shutil.rmtree(out / "runs", ignore_errors=True)  # scratch of an earlier lab run
+        (out / "runs").mkdir(parents=True)
+    except OSError as exc:
+        raise UserError(f"output dir {out} cannot be written ({exc.strerror}) — pass another "
+                        "--output-dir") from None
+    # Scratch runs (adapters, merged weights) are never meant for version control.
+    (out / "runs" / ".gitignore").write_text("*\n", encoding="utf-8")
+
+
+def _check_inputs(cfg: LabConfig) -> None:
+    from qlora_lab.data import read_rows
+
+    for path in (cfg.data, cfg.eval_data):
+        read_rows(path)  # a wrong path or format fails now, not after minutes of runs
+
+
+def run_lab(cfg: LabConfig) -> dict:
+    """Run every section, then write report.json, report.md, report.html and the plots."""
+    from qlora_lab import lab_report
+    from qlora_lab.bench import _hardware, _versions
+    from qlora_lab.models import resolve_device
+
+    started = time.perf_counter()
+    _check_inputs(cfg)
+    out = Path(cfg.output_dir)
+    _prepare_output_dir(out)
+    device = resolve_device("auto")
+    lab = Lab(cfg, out, device)
+    report = {"command": cfg.command, "device": device, "config": dataclasses.asdict(cfg),
+              "versions": _versions(), "hardware": _hardware(), "stage_seconds": {}}
+    stages = [("feasibility", lambda: feasibility(lab)),
+              ("throughput", lambda: throughput(lab))]
+    for name, stage in stages:
+        report[name] = _stage(report, name, stage)
+    # Sections 3-5 run in this process: on CUDA it plays the emulated card.
+    _apply_cap(cfg.budget_bytes if device == "cuda" else None)
+    report["stability"] = _stage(report, "stability", lambda: stability(lab))
+    train_id = _stage(report, "fine-tune", lambda: quality_run(lab))
+    report["indirection"] = _stage(report, "indirection", lambda: indirection(lab, train_id))
+    report["quality"] = _stage(report, "quality", lambda: quality(lab, train_id))
+    report["runs"] = lab.runs
+    report["wall_seconds"] = time.perf_counter() - started
+    lab_report.write_report(report, out)
+    report["output_dir"] = str(out)
+    return report
+
+
+def _stage(report: dict, name: str, fn):
+    log.info("lab: %s ...", name)
+    start = time.perf_counter()
+    result = fn()
+    report["stage_seconds"][name] = round(time.perf_counter() - start, 1)
+    log.info("lab: %s done in %.1f s", name, report["stage_seconds"][name])
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(*sys.argv[1:3]))
