@@ -15,7 +15,11 @@ Recipes:
   `prepare_model_for_kbit_training` (every non-quantized weight upcast to fp32, and its default
   gradient checkpointing), fp32 LoRA weights, padded batches, micro-batch 4, Trainer.
 - `qlora_lab`: exactly `qlora-lab train` (train.setup_training), no eval, no checkpoints.
-- `unsloth`: only when the package is importable; see `run_unsloth_recipe`.
+- `unsloth`: only when the package is importable, in bench_peer.py (its own process, its own
+  recommended settings, padded batches at `peer_micro_batch_size` rows).
+
+With `context_lengths`, each recipe that supports it (ours, unsloth) also searches the longest
+single row (micro-batch 1) that trains two optimizer steps under the cap, shortest first.
 
 "Real" tokens are non-padding tokens (the attention mask's sum, counted by Trainer), timed over
 the steps after `warmup_steps`, with CUDA synchronized before each clock read.
@@ -58,6 +62,10 @@ class BenchConfig:
     memory_cap_bytes: emulated card size on CUDA via `set_per_process_memory_fraction`
         (None = the whole card); ignored on CPU.
     plain_micro_batch_size: the plain recipe's micro-batch (the original demo used 4).
+    peer_micro_batch_size: unsloth's micro-batch; 32 was its fastest that fit 8 GiB on Dolly
+        rows (64 ran out of memory), measured on the H200.
+    recipes: which recipes to run; `unsloth` is skipped (and says so) when not importable.
+    context_lengths: row lengths for the max-context search; empty = no search.
     peak_flops: the peak FLOP/s MFU is measured against; 989e12 is the H100/H200 SXM dense bf16
         spec. MFU is reported only on CUDA.
     command: the command line, recorded in bench.json.
@@ -69,6 +77,9 @@ class BenchConfig:
     warmup_steps: int = 2
     memory_cap_bytes: int | None = 8 * GIB
     plain_micro_batch_size: int = 4
+    peer_micro_batch_size: int = 32
+    recipes: tuple[str, ...] = ("plain", "qlora_lab", "unsloth")
+    context_lengths: tuple[int, ...] = ()
     peak_flops: float = 989e12
     command: str = ""
 
@@ -78,6 +89,10 @@ class BenchConfig:
                             f"steps — pass --steps {self.warmup_steps + 1} or more")
         if self.memory_cap_bytes is not None and self.memory_cap_bytes <= 0:
             raise UserError(f"--memory-cap {self.memory_cap_bytes} must be positive")
+        unknown = [r for r in self.recipes if r not in RECIPES + ("unsloth",)]
+        if unknown or not self.recipes:
+            raise UserError(f"--recipes {','.join(self.recipes)}: unknown {unknown} — pick from "
+                            "plain, qlora_lab, unsloth")
 
 
 # --- the parent: run each recipe in a subprocess, then report -----------------------------------
@@ -94,12 +109,21 @@ def run_bench(cfg: BenchConfig) -> dict:
     except OSError as exc:
         raise UserError(f"output dir {out} cannot be created ({exc.strerror}) — pick another "
                         "--output-dir") from None
-    recipes = {name: _run_in_subprocess(cfg, name, out) for name in RECIPES}
-    recipes["unsloth"] = run_unsloth_recipe(cfg, out)
-    plain, ours = recipes["plain"]["real_tokens_per_s"], recipes["qlora_lab"]["real_tokens_per_s"]
+    recipes = {name: _run_in_subprocess(cfg, name, out) for name in RECIPES
+               if name in cfg.recipes}
+    if "unsloth" in cfg.recipes:
+        recipes["unsloth"] = run_unsloth_recipe(cfg, out)
+    contexts = {}
+    if cfg.context_lengths:
+        if "qlora_lab" in cfg.recipes:
+            contexts["qlora_lab"] = _run_in_subprocess(cfg, "qlora_lab", out, mode="max_context")
+        if "unsloth" in cfg.recipes and "skipped" not in recipes.get("unsloth", {}):
+            contexts["unsloth"] = _run_peer(cfg, out, "max_context")
     report = {
-        "speedup": ours / plain if plain else None,
+        "speedup": _ratio(recipes, "qlora_lab", "plain"),
+        "speedup_vs_unsloth": _ratio(recipes, "qlora_lab", "unsloth"),
         "recipes": recipes,
+        "max_context": contexts,
         "command": cfg.command,
         "steps": cfg.steps,
         "warmup_steps": cfg.warmup_steps,
@@ -116,34 +140,139 @@ def run_bench(cfg: BenchConfig) -> dict:
     return report
 
 
-def run_unsloth_recipe(cfg: BenchConfig, out: Path) -> dict:
-    """unsloth's recipe, in its own process (it patches transformers when imported).
+def _ratio(recipes: dict, top: str, bottom: str) -> float | None:
+    a = recipes.get(top, {}).get("real_tokens_per_s")
+    b = recipes.get(bottom, {}).get("real_tokens_per_s")
+    return a / b if a and b else None
 
-    Not built yet: when unsloth is importable this records that it was skipped rather than
-    reporting numbers it did not measure.
-    """
+
+def run_unsloth_recipe(cfg: BenchConfig, out: Path) -> dict:
+    """unsloth's recipe, in its own process (it patches transformers when imported)."""
     if importlib.util.find_spec("unsloth") is None:
         return {"skipped": "not installed"}
-    return {"skipped": "installed, but qlora-lab's unsloth recipe is not implemented yet"}
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "unsloth needs CUDA"}
+    return _run_peer(cfg, out, "throughput")
 
 
-def _run_in_subprocess(cfg: BenchConfig, recipe: str, out: Path) -> dict:
-    spec = {"recipe": recipe, "bench": {k: v for k, v in dataclasses.asdict(cfg).items()
-                                        if k != "run"}, "run": to_dict(cfg.run)}
-    spec_path, result_path = out / f".{recipe}-spec.json", out / f".{recipe}-result.json"
+def _spec(cfg: BenchConfig, **extra) -> dict:
+    return {"bench": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "run"},
+            "run": to_dict(cfg.run), **extra}
+
+
+def _run_peer(cfg: BenchConfig, out: Path, mode: str) -> dict:
+    spec = _spec(cfg, mode=mode, micro_batch=cfg.peer_micro_batch_size,
+                 lengths=list(cfg.context_lengths))
+    return _spawn("qlora_lab.bench_peer", spec, out, f"unsloth-{mode}", fatal=False)
+
+
+def _run_in_subprocess(cfg: BenchConfig, recipe: str, out: Path, mode: str = "throughput"
+                       ) -> dict:
+    return _spawn("qlora_lab.bench", _spec(cfg, recipe=recipe, mode=mode), out,
+                  f"{recipe}-{mode}", fatal=True)
+
+
+def _spawn(module: str, spec: dict, out: Path, name: str, fatal: bool) -> dict:
+    spec_path, result_path = out / f".{name}-spec.json", out / f".{name}-result.json"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     result_path.unlink(missing_ok=True)
-    log.info("bench: running recipe %s in its own process", recipe)
+    log.info("bench: running %s in its own process", name)
     # The child's stdout (Trainer prints its summary dict there) goes to our stderr, so that
     # stdout carries only the table.
-    proc = subprocess.run([sys.executable, "-m", "qlora_lab.bench", str(spec_path),
-                           str(result_path)], check=False, stdout=sys.stderr)
+    proc = subprocess.run([sys.executable, "-m", module, str(spec_path), str(result_path)],
+                          check=False, stdout=sys.stderr)
     if not result_path.is_file():
-        raise RuntimeError(f"bench recipe {recipe} exited {proc.returncode} without a result")
+        if not fatal:
+            return {"error": f"exited {proc.returncode} without a result"}
+        raise RuntimeError(f"bench {name} exited {proc.returncode} without a result")
     result = json.loads(result_path.read_text(encoding="utf-8"))
-    if "error" in result:
-        raise UserError(f"recipe {recipe}: {result['error']}")
+    if "error" in result and fatal:
+        raise UserError(f"recipe {name}: {result['error']}")
     return result
+
+
+# --- max-context search (shared with the peer's process) ---------------------------------------
+
+
+def context_run(run: RunConfig, out: Path) -> RunConfig:
+    """One long row per step: micro-batch 1, no accumulation, two optimizer steps."""
+    train = dataclasses.replace(run.train, output_dir=str(out), micro_batch_size=1,
+                                grad_accum_steps=1, max_steps=2, save_steps=3, packing=False,
+                                warmup_ratio=0.0)
+    return dataclasses.replace(run, train=train)
+
+
+def context_collator():
+    from qlora_lab.data import PadCollator
+
+    return PadCollator(pad_token_id=0)  # one row per batch: nothing is ever padded
+
+
+def search_max_context(make_trainer, lengths, out: Path, vocab_size: int) -> dict:
+    """Train two steps on one random row of each length, shortest first, until one fails.
+
+    Every token is supervised (the worst case for the loss). `make_trainer(rows, out)` returns
+    a Trainer over the already-loaded model, so the model loads once per search.
+    """
+    import gc
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    attempts, longest = [], None
+    generator = torch.Generator().manual_seed(0)
+    for length in sorted(lengths):
+        ids = torch.randint(3, vocab_size, (length,), generator=generator).tolist()
+        trainer = make_trainer([{"input_ids": ids, "labels": ids}], out / f"len-{length}")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        try:
+            trainer.train()
+            if cuda:
+                torch.cuda.synchronize()
+            attempt = {"tokens": length, "ok": True,
+                       "seconds_per_step": (time.perf_counter() - started) / 2,
+                       "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+                       "final_loss": trainer.state.log_history[-1].get("train_loss")}
+            longest = length
+        except torch.cuda.OutOfMemoryError:
+            attempt = {"tokens": length, "ok": False, "error": "CUDA out of memory"}
+        attempts.append(attempt)
+        log.info("bench: max-context %s", attempt)
+        del trainer
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        if not attempt["ok"]:
+            break
+    return {"longest_tokens": longest, "attempts": attempts}
+
+
+def _our_max_context(cfg: BenchConfig) -> dict:
+    """Ours at long context: one row, checkpoints offloaded to host memory, tiled MLP."""
+    from qlora_lab.train import _trainer_class, build_training_args, setup_training
+
+    out = Path(cfg.output_dir) / "runs" / "qlora_lab-context"
+    base = bench_run_config(cfg, "qlora_lab-context")
+    base = dataclasses.replace(
+        base, data=dataclasses.replace(base.data, max_seq_len=max(cfg.context_lengths)),
+        train=dataclasses.replace(base.train, activation_offload=True,
+                                  gradient_checkpointing=True))
+    session = setup_training(context_run(base, out), overwrite=True)
+
+    def make_trainer(rows, run_out: Path):
+        run = context_run(base, run_out)
+        args = build_training_args(run, run_out, session.device, session.dtype, has_eval=False,
+                                   resuming=False)
+        return _trainer_class()(model=session.model, args=args, train_dataset=rows,
+                                data_collator=context_collator(),
+                                head_loss=session.trainer.head_loss)
+
+    return search_max_context(make_trainer, cfg.context_lengths, out,
+                              session.model.config.vocab_size)
 
 
 # --- the child: one recipe in this process ------------------------------------------------------
@@ -219,7 +348,9 @@ def _build_plain(cfg: BenchConfig, run: RunConfig, out: Path):
     models.keep_cpu_4bit_layout(model)  # a CPU correctness fix, not a speed-up
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = models.attach_lora(model, dataclasses.replace(run.lora, weight_dtype="float32"))
-    plain_train = dataclasses.replace(run.train, micro_batch_size=cfg.plain_micro_batch_size)
+    # Padded rows and the model's own loss, as the original train.py had them.
+    plain_train = dataclasses.replace(run.train, micro_batch_size=cfg.plain_micro_batch_size,
+                                      packing=False, fused_loss=False, liger="off")
     args = build_training_args(dataclasses.replace(run, train=plain_train), out, device, dtype,
                                has_eval=False, resuming=False)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,7 +492,13 @@ def _worker(spec_path: str, result_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     cfg = BenchConfig(run=config_from_dict(spec["run"]), **spec["bench"])
     try:
-        result = run_recipe(cfg, spec["recipe"])
+        if spec.get("mode") == "max_context":
+            from qlora_lab import models
+
+            _apply_memory_cap(cfg.memory_cap_bytes, models.resolve_device(cfg.run.train.device))
+            result = _our_max_context(cfg)
+        else:
+            result = run_recipe(cfg, spec["recipe"])
         code = 0
     except UserError as exc:
         result, code = {"error": str(exc)}, 2

@@ -112,6 +112,15 @@ def _add_plan(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
 
+def _csv(text: str | None, kind, flag: str) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        return tuple(kind(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is malformed — pass comma-separated values") from None
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="real tokens/s of the plain HF QLoRA recipe vs qlora-lab's",
                        description="Train the plain HF QLoRA recipe (fp32 upcast, padded "
@@ -124,13 +133,40 @@ def _add_bench(sub) -> None:
                    "the whole card; ignored on CPU)")
     p.add_argument("--steps", type=int, help="optimizer steps per recipe (default 20)")
     p.add_argument("--output-dir", help="where bench.json and bench.md go (default ./bench)")
+    p.add_argument("--recipes", help="comma-separated subset of plain,qlora_lab,unsloth "
+                   "(default all; unsloth runs only where it is installed)")
+    p.add_argument("--peer-micro-batch", type=int, help="unsloth's micro-batch (default 32)")
+    p.add_argument("--context-lengths", help="also find the longest trainable row at "
+                   "micro-batch 1, trying these lengths in order, e.g. 32768,65536,98304")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
+def _add_lab(sub) -> None:
+    p = sub.add_parser("lab", help="measure the memory/speed/stability/inference tradeoffs; "
+                       "write a report with plots",
+                       description="Run the planner, real training runs, generation timings "
+                       "and eval; write report.md, a standalone report.html, report.json and "
+                       "PNG plots to --output-dir.")
+    p.add_argument("--budget", help="the card to map feasibility for, e.g. 8GiB (on CUDA also "
+                   "the emulated cap for the stability and inference runs)")
+    p.add_argument("--quick", action="store_true", help="tiny random model, a few steps per "
+                   "run (about a minute on CPU; shows the method, not real-model numbers)")
+    p.add_argument("--output-dir", help="where the report and each run's scratch dir go "
+                   "(default ./lab)")
+    p.add_argument("--model", help="base for stability, inference and quality (default "
+                   "smollm2-135m; --quick: tiny-random)")
+    p.add_argument("--speed-model", help="base for feasibility and throughput, e.g. a local "
+                   "random-weight TinyLlama dir (default tinyllama; --quick: tiny-random)")
+    p.add_argument("--data", help="training rows (default: the bundled demo data)")
+    p.add_argument("--eval-data", help="held-out rows with reference answers (needed with "
+                   "--data)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora-lab",
-        description="QLoRA fine-tuning on small GPUs: train, generate, merge, eval, plan, bench.")
+        description="QLoRA fine-tuning on small GPUs: train, generate, merge, eval, plan, bench, "
+                    "lab.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -140,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_lab(sub)
     return parser
 
 
@@ -217,7 +254,9 @@ def _command(args) -> int:
         from qlora_lab.bench import BenchConfig, run_bench
 
         given = {"run": train_config_from_args(args), "steps": args.steps,
-                 "output_dir": args.output_dir,
+                 "output_dir": args.output_dir, "peer_micro_batch_size": args.peer_micro_batch,
+                 "recipes": _csv(args.recipes, str, "--recipes"),
+                 "context_lengths": _csv(args.context_lengths, int, "--context-lengths"),
                  "command": shlex.join(["qlora-lab", *args.argv])}
         # Unset flags keep BenchConfig's defaults; `--memory-cap none` is a value (no cap).
         given = {k: v for k, v in given.items() if v is not None}
@@ -226,6 +265,26 @@ def _command(args) -> int:
         report = run_bench(BenchConfig(**given))
         print(report["table"], end="")
         print(f"report: {report['output_dir']}/bench.json, bench.md")
+    elif args.command == "lab":
+        from qlora_lab.lab import lab_config, run_lab
+
+        if args.data and not args.eval_data:
+            raise UserError(f"--data {args.data} needs --eval-data FILE: held-out rows with "
+                            "reference answers for the eval and quality sections")
+        given = {"model": args.model, "speed_model": args.speed_model, "data": args.data,
+                 "eval_data": args.eval_data, "output_dir": args.output_dir,
+                 "command": shlex.join(["qlora-lab", *args.argv])}
+        if args.budget:
+            from qlora_lab.memory import parse_bytes
+
+            try:
+                given["budget_bytes"] = parse_bytes(args.budget)
+            except ValueError as exc:
+                raise UserError(f"--budget: {exc}") from None
+        # Unset flags keep the preset's values (LabConfig / lab.QUICK), the one place they live.
+        report = run_lab(lab_config(args.quick, **{k: v for k, v in given.items()
+                                                   if v is not None}))
+        print(f"report: {report['output_dir']}/report.html, report.md, report.json")
     elif args.command == "merge":
         from qlora_lab.merge import MergeConfig, run_merge
 

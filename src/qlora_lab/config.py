@@ -183,6 +183,9 @@ class TrainConfig:
                  "a float in [0, 1)")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm,
                  ">= 0 (0 = no clipping)")
+        _require(self.gradient_checkpointing or not self.activation_offload,
+                 "train.activation_offload", self.activation_offload,
+                 "false when train.gradient_checkpointing is false (it offloads checkpoints)")
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,10 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            # YAML 1.1 reads a bare on/off as a boolean; for an on/off switch that is what
+            # the user wrote.
+            value = "on" if value else "off"
         if value in choices and type(value) is type(choices[0]):
             return value
         allowed = ", ".join(repr(c) for c in choices)

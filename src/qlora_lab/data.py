@@ -440,3 +440,81 @@ class PadCollator:
             labels[i, :n] = torch.tensor(f["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# --- packing -------------------------------------------------------------------------------------
+
+
+def pack_examples(examples: list[dict], bin_tokens: int) -> list[dict]:
+    """Lay whole rows end to end in bins of at most `bin_tokens` tokens (best-fit decreasing).
+
+    A pack's `position_ids` restart at 0 for each row: transformers reads the restarts as row
+    boundaries and builds a block-diagonal causal mask (masking_utils.find_packed_sequence_indices,
+    used when no attention_mask is passed and the KV cache is off), so no token attends across
+    rows. The first label of every row is IGNORE_INDEX, so no row's first token is predicted from
+    the previous row's last one. Rows are never split. Dolly rows are short and varied, so bins
+    come out nearly full (see `pack_stats`); the order of packs is left to the sampler.
+    """
+    import bisect
+
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    free: list[tuple[int, int]] = []  # (tokens left, bin index), sorted: best fit by bisect
+    bins: list[list[int]] = []
+    for i in order:
+        need = len(examples[i]["input_ids"])
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            left, b = free.pop(at)
+        else:
+            left, b = bin_tokens, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if left - need > 0:
+            bisect.insort(free, (left - need, b))
+    packs = []
+    for members in bins:
+        ids, labels, positions = [], [], []
+        for i in sorted(members):  # source order inside a pack: deterministic, easy to read
+            row_ids, row_labels = examples[i]["input_ids"], examples[i]["labels"]
+            ids.extend(row_ids)
+            labels.append(IGNORE_INDEX)
+            labels.extend(row_labels[1:])
+            positions.extend(range(len(row_ids)))
+        packs.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return packs
+
+
+def pack_stats(packs: list[dict], bin_tokens: int) -> dict:
+    tokens = sum(len(p["input_ids"]) for p in packs)
+    return {"packs": len(packs), "pack_fill": round(tokens / max(1, len(packs) * bin_tokens), 4)}
+
+
+@dataclass(frozen=True)
+class PackedCollator:
+    """Stack packs into a (bins x longest pack) batch; no attention_mask, by design.
+
+    The tail of a shorter pack is padding laid out as one more "row" (its own restarting
+    positions, labels ignored), so it cannot be attended to by real tokens. `num_real_tokens`
+    counts the rest; the trainer pops it before the forward pass.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 1
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        m = self.pad_to_multiple_of
+        longest = (longest + m - 1) // m * m
+        ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.arange(longest).repeat(len(features), 1)
+        real = 0
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            positions[i, :n] = torch.tensor(f["position_ids"])
+            positions[i, n:] = torch.arange(longest - n)
+            real += n
+        return {"input_ids": ids, "labels": labels, "position_ids": positions,
+                "num_real_tokens": torch.tensor(real)}

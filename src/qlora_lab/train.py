@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from qlora_lab import adapters, checkpoints, faults, fsio, models, safety
+from qlora_lab import adapters, checkpoints, faults, fastpath, fsio, models, safety
 from qlora_lab.config import RunConfig, save_config
-from qlora_lab.data import PadCollator, PreparedData, prepare_data
+from qlora_lab.data import (PackedCollator, PadCollator, PreparedData, pack_examples, pack_stats,
+                            prepare_data)
 from qlora_lab.errors import TrainingInterrupted, UserError
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,11 @@ def _optimizer_name(cfg: RunConfig, device: str) -> str:
     if cfg.train.optimizer == "auto":
         # bitsandbytes' 8-bit optimizers need CUDA; paging moves optimizer state to host RAM
         # under memory pressure instead of failing with an OOM.
-        return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+        # Under FSDP, torch AdamW: its state shards with the LoRA weights, and paged 8-bit state
+        # fails to save in FSDP-QLoRA checkpoints (peft docs, accelerate/fsdp.md, caveats).
+        if device == "cuda" and not models.fsdp_active():
+            return "paged_adamw_8bit"
+        return "adamw_torch"
     if cfg.train.optimizer != "adamw_torch" and device != "cuda":
         raise UserError(f"train.optimizer = {cfg.train.optimizer!r} needs CUDA — use "
                         "'adamw_torch' or 'auto' on CPU")
@@ -169,7 +174,8 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
         report_to=report_to,
         remove_unused_columns=False,  # our rows are already model inputs
         label_names=["labels"],  # peft's forward hides `labels` from Trainer's signature check
-        include_num_input_tokens_seen="non_padding",
+        # Packed batches carry no attention_mask to count by; the trainer counts them itself.
+        include_num_input_tokens_seen="no" if t.packing else "non_padding",
         dataloader_pin_memory=(device == "cuda"),
         disable_tqdm=False,
     )
@@ -222,15 +228,20 @@ def _trainer_class():
       Trainer has no public hook for where a checkpoint goes; overriding `_save_checkpoint` and
       `_get_output_dir` in a subclass (checked against transformers 5.17 and 5.24) is the
       smallest seam, and no library code is patched.
-    - `training_step`: report each loss to the NaN/inf guard (faults.NonFiniteLossGuard).
+    - `training_step`: report each loss to the NaN/inf guard (faults.NonFiniteLossGuard), and
+      count the real tokens of packed batches (they have no attention_mask for Trainer to sum).
+    - `compute_loss` (Trainer's documented override point): with `head_loss`, the loss comes
+      from the final hidden states at supervised positions only (fastpath.SupervisedHeadLoss),
+      normalized as transformers' ForCausalLMLoss normalizes, so gradients match the plain path.
     """
     from transformers import Trainer
 
     class QloraTrainer(Trainer):
         _staging_dir: Path | None = None
 
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, head_loss=None, **kwargs):
             super().__init__(*args, **kwargs)
+            self.head_loss = head_loss
             self.loss_guard = faults.NonFiniteLossGuard()
             self.add_callback(self.loss_guard)
 
@@ -258,9 +269,31 @@ def _trainer_class():
             return super()._get_output_dir(trial)
 
         def training_step(self, model, inputs, *args, **kwargs):
+            real = inputs.get("num_real_tokens")
+            if real is not None:
+                real = torch.as_tensor(real, device=self.args.device).reshape(1)
+                self.state.num_input_tokens_seen += int(self.accelerator.gather(real).sum())
             loss = super().training_step(model, inputs, *args, **kwargs)
             self.loss_guard.observe(loss)
             return loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = {k: v for k, v in inputs.items() if k != "num_real_tokens"}
+            if self.head_loss is None or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs.pop("labels")
+            # Through the (possibly DDP-wrapped) model, so gradient sync hooks run; logits for
+            # one position only: the loss reads the final norm's output (caught by a hook).
+            outputs = model(**inputs, logits_to_keep=1)
+            head_loss, final_states = self.head_loss
+            total, count = head_loss(final_states.take(), labels)
+            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                loss = total / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
+            else:
+                loss = total / max(count, 1)
+            return (loss, outputs) if return_outputs else loss
 
     return QloraTrainer
 
@@ -355,8 +388,18 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
     set_seed(cfg.train.seed)
     with adapters.explain_load_errors(*base_problem):
         model = models.load_base_model(model_path, cfg.model, cfg.quant, device)
+    use_liger = fastpath.resolve_liger(cfg.train.liger, device)
+    fastpath.apply_fast_modules(model, use_liger)  # before LoRA: same module names either way
     models.prepare_for_training(model, cfg.train.gradient_checkpointing)
+    if cfg.train.activation_offload:
+        fastpath.enable_offloaded_checkpointing(model)
+    head_loss = None
+    # FSDP flattens lm_head's weight into shards: there, only the model's own loss sees it whole.
+    if cfg.train.fused_loss and not models.fsdp_active():
+        head_loss = (fastpath.SupervisedHeadLoss(model.get_output_embeddings(), use_liger),
+                     fastpath.FinalHiddenStates(model))
     model = models.attach_lora(model, cfg.lora)
+    train_rows, eval_rows, collator = _batching(cfg, data, tokenizer)
     args = build_training_args(cfg, out, device, dtype, has_eval=bool(data.eval),
                                resuming=checkpoint is not None)
 
@@ -372,12 +415,28 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
         _write_config(cfg, out)
         tokenizer.save_pretrained(out)
     callbacks = _make_callbacks(out)
-    trainer = _trainer_class()(model=model, args=args, train_dataset=data.train,
-                               eval_dataset=data.eval or None,
-                               data_collator=PadCollator(tokenizer.pad_token_id),
-                               callbacks=list(callbacks))
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_rows,
+                               eval_dataset=eval_rows or None, data_collator=collator,
+                               callbacks=list(callbacks), head_loss=head_loss)
+    if trainer.is_fsdp_enabled:
+        # Trainer applies peft's wrap policy and the quant-storage precision only when training
+        # starts; an evaluation before that (eval_on_start) would wrap the model without them.
+        from transformers.integrations.fsdp import update_fsdp_plugin_peft
+        update_fsdp_plugin_peft(model, trainer.accelerator)
     return TrainingSession(cfg, out, trainer, model, tokenizer, data, device, dtype, checkpoint,
                            callbacks, started)
+
+
+def _batching(cfg: RunConfig, data: PreparedData, tokenizer):
+    """Training and eval datasets plus the collator: packed bins, or padded rows."""
+    if not cfg.train.packing:
+        return data.train, data.eval, PadCollator(tokenizer.pad_token_id)
+    bin_tokens = cfg.data.max_seq_len
+    train, evals = pack_examples(data.train, bin_tokens), pack_examples(data.eval, bin_tokens)
+    data.stats.update(pack_stats(train, bin_tokens))
+    log.info("packing: %d train rows into %d bins of %d tokens (%.0f %% full)", len(data.train),
+             len(train), bin_tokens, 100 * data.stats["pack_fill"])
+    return train, evals, PackedCollator(tokenizer.pad_token_id)
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
@@ -502,9 +561,13 @@ def train_session(session: TrainingSession) -> dict:
         "data": session.data.stats,
         **_peak_memory(device),
     }
+    # Under FSDP trainer.model is the sharded wrapper: every rank joins the gather (a
+    # collective) and rank 0 saves the adapter from the full state dict.
+    full_state = (trainer.accelerator.get_state_dict(trainer.model)
+                  if trainer.is_fsdp_enabled else None)
     if trainer.is_world_process_zero():
         with fsio.staged_dir(out / "adapter") as adapter_dir:
-            trainer.model.save_pretrained(adapter_dir)
+            session.model.save_pretrained(adapter_dir, state_dict=full_state)
             adapters.write_base_info(adapter_dir, cfg.model, cfg.quant, session.data.template,
                                      session.model.base_model.config)
         fsio.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The H200 benchmark of issue #5, as run for benchmarks/results/bench_h200_8gib.json:
+#   bash benchmarks/bench_h200.sh [sweep|final|context|all]
+# Needs (offline host): .peer/peer-site.tgz from ../shared/device/peer-site.sh (unsloth,
+# bitsandbytes, liger-kernel) and the Dolly sample at .benchdata/dolly_dev.jsonl.
+# Model: the TinyLlama-1.1B architecture with random weights (speed and memory do not depend on
+# weight values) and a BPE tokenizer trained on the Dolly rows (realistic lengths, no download).
+set -uo pipefail
+phase=${1:-all}
+OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
+mkdir -p /tmp/peer && [ -f /tmp/peer/.done ] || { tar xzf .peer/peer-site.tgz -C /tmp/peer && touch /tmp/peer/.done; }
+export PYTHONPATH=/tmp/peer:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 \
+       TOKENIZERS_PARALLELISM=false QLORA_LAB_CACHE=/tmp/qlora-cache
+DATA=.benchdata/dolly_dev.jsonl MODEL=/tmp/tinyllama-random
+[ -f $MODEL/config.json ] || python3 -c "
+import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
+from gpu_train import build_base; build_base(Path('$DATA'), Path('$MODEL'))"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+COMMON=(--model $MODEL --data $DATA --memory-cap 8GiB --set train.grad_accum_steps=1
+        --set data.max_seq_len=1024)
+if [[ $phase == sweep || $phase == all ]]; then
+  timeout 250 python3 benchmarks/fastpath_sweep.py --model $MODEL --data $DATA \
+    --out "$OUT/fastpath_sweep.json" --steps 6 2>&1 | grep -v "it/s\]" | tail -40
+fi
+if [[ $phase == final || $phase == all ]]; then
+  best=$(python3 -c "import json; b=json.load(open('$OUT/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)
+  echo "final bench with: $best"
+  timeout 290 python3 -m qlora_lab bench "${COMMON[@]}" $best --steps 12 \
+    --recipes plain,qlora_lab,unsloth --output-dir /tmp/bench-final 2>&1 | grep -v "it/s\]" | tail -30
+  cp /tmp/bench-final/bench.json "$OUT/bench_h200_8gib.json"; cp /tmp/bench-final/bench.md "$OUT/bench_h200_8gib.md"
+fi
+if [[ $phase == context ]]; then
+  timeout 400 python3 -m qlora_lab bench "${COMMON[@]}" --set lora.dropout=0.0 --steps 3 \
+    --recipes qlora_lab,unsloth --context-lengths ${LENGTHS:-32768,49152,65536,98304,131072} \
+    --output-dir /tmp/bench-context 2>&1 | grep -v "it/s\]" | tail -30
+  cp /tmp/bench-context/bench.json "$OUT/bench_context_h200_8gib.json"
+fi

@@ -1,0 +1,173 @@
+"""The fast path is the same training, not a different one: losses, gradients and row isolation.
+
+All on the real stack (tiny 4-bit Llama through bitsandbytes and peft on CPU).
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from qlora_lab import fastpath
+from qlora_lab.data import (IGNORE_INDEX, PackedCollator, PadCollator, pack_examples,
+                            pack_stats)
+from qlora_lab.train import setup_training
+
+from conftest import DOLLY_ROWS, tiny_config, write_jsonl
+
+
+def _session(tmp_path, data, **train):
+    cfg = tiny_config(tmp_path / "run", data, **train)
+    cfg = replace(cfg, lora=replace(cfg.lora, dropout=0.0),
+                  data=replace(cfg.data, eval_fraction=0.0))
+    return setup_training(cfg)
+
+
+def _lora_grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad and p.grad is not None}
+
+
+def _loss_and_grads(session, batch) -> tuple[float, dict]:
+    trainer, model = session.trainer, session.model
+    model.train()
+    model.zero_grad(set_to_none=True)
+    # Give LoRA B a nonzero value so gradients reach LoRA A too (B starts at zero).
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    return loss.item(), _lora_grads(model)
+
+
+def test_train_uses_the_fast_path_by_default(tmp_path, dolly_file):
+    session = _session(tmp_path, dolly_file)
+    assert isinstance(session.trainer.data_collator, PackedCollator)
+    assert isinstance(session.trainer.head_loss[0], fastpath.SupervisedHeadLoss)
+    fused = [m for m in session.model.modules() if isinstance(m, fastpath.FusedSwiGLU)]
+    assert len(fused) == session.model.config.num_hidden_layers
+    # Adapter names are the plain path's: the swapped MLP keeps its projections' names.
+    names = [n for n, _ in session.model.named_parameters() if "lora_A" in n]
+    assert any(".mlp.gate_proj.lora_A" in n for n in names)
+    assert session.data.stats["packs"] < len(session.data.train)
+
+
+def test_fast_loss_and_gradients_match_the_plain_path(tmp_path, dolly_file):
+    fast = _session(tmp_path / "fast", dolly_file)
+    plain = _session(tmp_path / "plain", dolly_file, packing=False, fused_loss=False)
+    rows = fast.data.train[:5]
+    packed = PackedCollator(fast.tokenizer.pad_token_id)(pack_examples(rows, 256))
+    padded = PadCollator(plain.tokenizer.pad_token_id)(rows)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # rows share bins
+    fast_loss, fast_grads = _loss_and_grads(fast, packed)
+    plain_loss, plain_grads = _loss_and_grads(plain, padded)
+    assert fast_loss == pytest.approx(plain_loss, rel=1e-5, abs=1e-6)
+    assert fast_grads.keys() == plain_grads.keys() and fast_grads
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
+
+def test_packing_keeps_rows_whole_and_labels_inside_rows():
+    rows = [{"input_ids": list(range(100 + i, 100 + i + n)), "labels": list(range(n))}
+            for i, n in enumerate([7, 3, 9, 2, 5, 8, 1, 4])]
+    packs = pack_examples(rows, bin_tokens=10)
+    assert all(len(p["input_ids"]) <= 10 for p in packs)
+    assert sum(len(p["input_ids"]) for p in packs) == sum(len(r["input_ids"]) for r in rows)
+    seen = []
+    for pack in packs:
+        pos, ids, labels = pack["position_ids"], pack["input_ids"], pack["labels"]
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        assert starts[0] == 0
+        for a, b in zip(starts, starts[1:]):
+            assert pos[a:b] == list(range(b - a))  # positions restart per row
+            assert labels[a] == IGNORE_INDEX  # never predicted from the previous row
+            seen.append(ids[a:b])
+    assert sorted(map(tuple, seen)) == sorted(tuple(r["input_ids"]) for r in rows)
+    assert pack_stats(packs, 10)["pack_fill"] == pytest.approx(39 / (10 * len(packs)))
+
+
+def test_attention_never_crosses_rows_in_a_pack(tmp_path, dolly_file):
+    session = _session(tmp_path, dolly_file)
+    model, rows = session.model, session.data.train[:4]
+    model.eval()
+    batch = PackedCollator(session.tokenizer.pad_token_id)(pack_examples(rows, 1024))
+    assert batch["input_ids"].shape[0] == 1  # all four rows in one bin
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        start = 0
+        order = sorted(range(len(rows)))  # pack_examples keeps source order inside a pack
+        for i in order:
+            ids = torch.tensor([rows[i]["input_ids"]])
+            alone = model(input_ids=ids).logits[0]
+            torch.testing.assert_close(packed[start:start + ids.shape[1]], alone,
+                                       rtol=1e-4, atol=1e-4)
+            start += ids.shape[1]
+
+
+def test_chunked_head_loss_equals_full_cross_entropy():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :4] = IGNORE_INDEX
+    total, count = fastpath.SupervisedHeadLoss(head, use_liger=False, chunk_tokens=3)(hidden, labels)
+    reference = torch.nn.functional.cross_entropy(
+        head(hidden[:, :-1]).reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum")
+    assert count == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(total, reference)
+    (g1,) = torch.autograd.grad(total, hidden)
+    (g2,) = torch.autograd.grad(reference, hidden)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_tiled_mlp_matches_untiled():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=4,
+                                 num_key_value_heads=4))
+    whole, tiled = (fastpath.FusedSwiGLU(mlp, use_liger=False, tile_tokens=t) for t in (10**6, 4))
+    x = torch.randn(2, 11, 16, requires_grad=True)
+    out_whole, out_tiled = whole(x), tiled(x)
+    torch.testing.assert_close(out_whole, out_tiled)
+    g_whole = torch.autograd.grad(out_whole.square().sum(), [x, mlp.up_proj.weight])
+    g_tiled = torch.autograd.grad(out_tiled.square().sum(), [x, mlp.up_proj.weight])
+    for a, b in zip(g_whole, g_tiled):
+        torch.testing.assert_close(a, b)
+
+
+def test_offloaded_checkpointing_gives_the_same_gradients(tmp_path, dolly_file):
+    on = _session(tmp_path / "on", dolly_file, activation_offload=True)
+    off = _session(tmp_path / "off", dolly_file)
+    layers = [m for m in on.model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert layers and all(m._gradient_checkpointing_func is fastpath.offloaded_checkpoint
+                          for m in layers)
+    batch = PackedCollator(on.tokenizer.pad_token_id)(pack_examples(on.data.train[:6], 256))
+    loss_on, grads_on = _loss_and_grads(on, batch)
+    loss_off, grads_off = _loss_and_grads(off, batch)
+    assert loss_on == pytest.approx(loss_off, rel=1e-6)
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], msg=name)
+
+
+def test_offload_needs_checkpointing(tmp_path, dolly_file):
+    from qlora_lab.errors import UserError
+
+    with pytest.raises(UserError, match="train.activation_offload"):
+        tiny_config(tmp_path, dolly_file, activation_offload=True, gradient_checkpointing=False)
+
+
+def test_packed_training_counts_only_real_tokens(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
+    session = _session(tmp_path, data, max_steps=2, micro_batch_size=1, grad_accum_steps=1)
+    session.trainer.train()
+    packs = session.trainer.train_dataset
+    per_step = sorted(len(p["input_ids"]) for p in packs)
+    seen = session.trainer.state.num_input_tokens_seen
+    # Two single-bin steps: between the two smallest and the two largest packs.
+    assert per_step[0] + per_step[1] <= seen <= per_step[-1] + per_step[-2]
