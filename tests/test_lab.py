@@ -59,6 +59,7 @@ def test_files_and_sections(lab_dir, report):
     page = (lab_dir / "report.html").read_text(encoding="utf-8")
     for title in SECTIONS:
         assert f"## {title}" in md and f"<h2>{title}</h2>" in page
+    assert report["complete"] is True
     for key in ("feasibility", "throughput", "stability", "indirection", "quality", "runs",
                 "config", "versions", "hardware", "command"):
         assert report[key], key

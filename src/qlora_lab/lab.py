@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qlora_lab import memory
+from qlora_lab import fsio, memory
 from qlora_lab.config import RunConfig, config_from_dict, to_dict
 from qlora_lab.errors import UserError
 
@@ -84,10 +84,10 @@ class LabConfig:
     measure_steps: int = 3
     budgets_bytes: tuple = (4 * GIB, 6 * GIB, 8 * GIB, 12 * GIB, 24 * GIB)
     throughput_seq_len: int = 1024
-    throughput_steps: int = 12
+    throughput_steps: int = 10
     rows_per_step: int = 16
     learning_rate: float = 1e-3
-    eval_steps: int = 4
+    eval_steps: int = 2
     eval_rows: int = 16
     target_eval_loss: float | None = None
     learning_rates: tuple = (1e-4, 1e-3, 1e-2)
@@ -154,6 +154,11 @@ def base_run(cfg: LabConfig, run_dir: Path, model: str, steps: int, **sections) 
     return config_from_dict(values)
 
 
+RECORD_KEYS = ("steps", "eval_loss_before", "eval_loss", "tokens_seen", "tokens_per_s",
+               "train_seconds", "wall_seconds", "peak_allocated_bytes", "peak_reserved_bytes",
+               "peak_host_rss_bytes")
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -191,9 +196,7 @@ def train_and_measure(run: RunConfig) -> dict:
         "evals": [{"step": r["step"], "seconds": round(r["time"] - t0, 3),
                    "eval_loss": r["eval_loss"]} for r in evals],
     }
-    for key in ("steps", "eval_loss_before", "eval_loss", "tokens_seen", "tokens_per_s",
-                "train_seconds", "wall_seconds", "peak_allocated_bytes", "peak_reserved_bytes",
-                "peak_host_rss_bytes"):
+    for key in RECORD_KEYS:
         record[key] = summary.get(key)
     if torch.cuda.is_available() and status != "ok":
         record["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -227,7 +230,12 @@ def _worker(spec_path: str, result_path: str) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     _apply_cap(spec["cap_bytes"])
-    record = train_and_measure(config_from_dict(spec["run"]))
+    try:
+        record = train_and_measure(config_from_dict(spec["run"]))
+    except Exception as exc:  # noqa: BLE001 -- one broken config must not cost the other runs
+        record = {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                  "run_dir": spec["run"]["train"]["output_dir"], "train_losses": [], "evals": []}
+        record.update(dict.fromkeys(RECORD_KEYS))
     Path(result_path).write_text(json.dumps(record), encoding="utf-8")
     return 0
 
@@ -618,15 +626,42 @@ def _prepare_output_dir(out: Path) -> None:
 
 def _check_inputs(cfg: LabConfig) -> None:
     from qlora_lab.data import read_rows
+    from qlora_lab.models import resolve_model_path
 
     for path in (cfg.data, cfg.eval_data):
         read_rows(path)  # a wrong path or format fails now, not after minutes of runs
+    for name in (cfg.model, cfg.speed_model):
+        # Builds a preset's cache (GGUF conversion, tiny-random) once, here, rather than in
+        # each of several concurrent run processes.
+        resolve_model_path(name)
+
+
+def _environment() -> tuple[dict, dict]:
+    """Library versions and hardware, recorded so a reader knows what produced the numbers."""
+    import importlib.metadata as md
+    import os
+    import platform
+
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for name in ("qlora-lab", "torch", "transformers", "peft", "bitsandbytes", "accelerate",
+                 "matplotlib"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    hardware = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if hardware["cuda"]:
+        hardware["gpu"] = torch.cuda.get_device_name()
+        hardware["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    return versions, hardware
 
 
 def run_lab(cfg: LabConfig) -> dict:
     """Run every section, then write report.json, report.md, report.html and the plots."""
     from qlora_lab import lab_report
-    from qlora_lab.bench import _hardware, _versions
     from qlora_lab.models import resolve_device
 
     started = time.perf_counter()
@@ -635,8 +670,10 @@ def run_lab(cfg: LabConfig) -> dict:
     _prepare_output_dir(out)
     device = resolve_device("auto")
     lab = Lab(cfg, out, device)
-    report = {"command": cfg.command, "device": device, "config": dataclasses.asdict(cfg),
-              "versions": _versions(), "hardware": _hardware(), "stage_seconds": {}}
+    versions, hardware = _environment()
+    report = {"command": cfg.command, "complete": False, "device": device,
+              "config": dataclasses.asdict(cfg), "versions": versions, "hardware": hardware,
+              "stage_seconds": {}, "runs": lab.runs}
     stages = [("feasibility", lambda: feasibility(lab)),
               ("throughput", lambda: throughput(lab))]
     for name, stage in stages:
@@ -647,8 +684,8 @@ def run_lab(cfg: LabConfig) -> dict:
     train_id = _stage(report, "fine-tune", lambda: quality_run(lab))
     report["indirection"] = _stage(report, "indirection", lambda: indirection(lab, train_id))
     report["quality"] = _stage(report, "quality", lambda: quality(lab, train_id))
-    report["runs"] = lab.runs
     report["wall_seconds"] = time.perf_counter() - started
+    report["complete"] = True
     lab_report.write_report(report, out)
     report["output_dir"] = str(out)
     return report
@@ -660,6 +697,10 @@ def _stage(report: dict, name: str, fn):
     result = fn()
     report["stage_seconds"][name] = round(time.perf_counter() - start, 1)
     log.info("lab: %s done in %.1f s", name, report["stage_seconds"][name])
+    # The numbers so far survive a later stage's failure or a killed run ("complete": false).
+    partial = {**report, name: result} if isinstance(result, dict) else report
+    fsio.write_text(Path(report["config"]["output_dir"]) / "report.json",
+                    json.dumps(partial, indent=2, default=str) + "\n")
     return result
 
 

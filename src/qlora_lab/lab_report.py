@@ -167,7 +167,10 @@ def plot_stability(s: dict) -> bytes:
     a.legend(fontsize=7)
     b.set_xticks([i + 0.4 - width / 2 for i in range(len(lrs))], [f"{lr:g}" for lr in lrs])
     b.set_xlabel("learning rate")
-    b.set_ylabel(f"diverged runs (of {len(s['points']) // max(1, len(s['summary']))})")
+    per_group = max((p["runs"] for p in s["summary"]), default=1)
+    b.set_ylim(0, per_group)  # a sweep with no divergence shows an empty 0..n axis, not noise
+    b.set_yticks(range(per_group + 1))
+    b.set_ylabel(f"diverged runs (of {per_group})")
     fig.suptitle(f"{s['model']}, {s['steps']} steps: {s['rule']}", fontsize=9)
     return _png(fig)
 
