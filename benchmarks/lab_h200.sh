@@ -7,7 +7,7 @@
 # offline: memory and speed do not depend on weight values); stability, inference and quality
 # use SmolLM2-135M-Instruct's real weights. Needs, on the host:
 #   - torch with CUDA, transformers, peft, accelerate, matplotlib, and bitsandbytes importable
-#     (e.g. `../shared/device/wheels.sh gguf==0.17.1` here, then on the host:
+#     (e.g. `../shared/device/wheels.sh gguf==0.19.0` here, then on the host:
 #      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #      export PYTHONPATH=/tmp/site)
 #   - the SmolLM2 weights, one of:
