@@ -39,9 +39,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--memory-cap", default="8GiB")
     parser.add_argument("--work", default="/tmp/fastpath-sweep")
+    parser.add_argument("--variants", help="comma-separated ladder indices (default: all)")
     args = parser.parse_args()
+    chosen = ({int(v) for v in args.variants.split(",")} if args.variants
+              else set(range(len(LADDER))))
     rows = []
     for i, (name, sets) in enumerate(LADDER):
+        if i not in chosen:
+            continue
         cmd = [sys.executable, "-m", "qlora_lab", "bench", "--recipes", "qlora_lab",
                "--model", args.model, "--data", args.data, "--steps", str(args.steps),
                "--memory-cap", args.memory_cap, "--output-dir", f"{args.work}/{i}",

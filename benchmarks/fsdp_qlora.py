@@ -271,13 +271,15 @@ def main() -> int:
     parser.add_argument("--set", dest="extra_sets", action="append", default=[],
                         help="extra section.key=value for train (repeatable)")
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        # `worker --cap-gib X --peak-dir D -- train ...`: split at "--" by hand (argparse's
+        # REMAINDER after a positional swallows the options before it).
+        rest = sys.argv[2:]
+        cut = rest.index("--") if "--" in rest else len(rest)
         wp = argparse.ArgumentParser()
-        wp.add_argument("worker")
         wp.add_argument("--cap-gib", type=float, required=True)
         wp.add_argument("--peak-dir", required=True)
-        wp.add_argument("train_args", nargs=argparse.REMAINDER)
-        w = wp.parse_args()
-        return worker(w.cap_gib, Path(w.peak_dir), [a for a in w.train_args if a != "--"])
+        w = wp.parse_args(rest[:cut])
+        return worker(w.cap_gib, Path(w.peak_dir), rest[cut + 1:])
     args = parser.parse_args()
     args.extra = [x for s in args.extra_sets for x in ("--set", s)]
     if args.data is None:
