@@ -94,6 +94,12 @@ class StepShape:
     gradient_checkpointing: bool = True
     gpus: int = 1
     strategy: str = "ddp"  # or "fsdp"
+    # The fast path (fastpath.py). Defaults describe the plain path the coefficients were
+    # fitted on; plan.step_shape fills them from a run config.
+    fused_loss: bool = False
+    loss_chunk_tokens: int = 4096
+    activation_offload: bool = False
+    mlp_tile_tokens: int = 8192
 
     @property
     def tokens(self) -> int:
@@ -189,6 +195,22 @@ def layer_activation_bytes_per_token(m: ModelShape, s: StepShape) -> float:
 def _activation_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
     n, a, L = s.tokens, s.compute_bytes, m.num_hidden_layers
     per_layer = int(layer_activation_bytes_per_token(m, s) * n)
+    if s.activation_offload:
+        # Layer inputs wait in host memory; on the GPU: the input being copied back plus the
+        # one in use. The recomputed layer's MLP runs in tiles above 2 tiles' worth of tokens,
+        # so only one tile of its (9.1I bytes/token) activations is alive.
+        scale = a / 2
+        tiled = n > 2 * s.mlp_tile_tokens
+        mlp_tokens = s.mlp_tile_tokens if tiled else n
+        recomputed = int(scale * (LAYER_BYTES_PER_H * m.hidden_size * n
+                                  + LAYER_BYTES_PER_I * m.intermediate_size * mlp_tokens))
+        return [MemoryTerm("offloaded_layer_inputs", 2 * n * m.hidden_size * a,
+                           f"2 x N x H x {a} B on the GPU; L x N x H x {a} B in pinned host "
+                           "memory"),
+                MemoryTerm("recomputed_layer", recomputed,
+                           "one layer rebuilt in backward: 31.25H per token, + 9.1I per token "
+                           + (f"of one {s.mlp_tile_tokens}-token MLP tile" if tiled
+                              else "(MLP not tiled at this length)"))]
     if s.gradient_checkpointing:
         kept = L * n * m.hidden_size * a
         return [MemoryTerm("checkpointed_layer_inputs", kept,
@@ -201,11 +223,24 @@ def _activation_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
 
 
 def _loss_term(m: ModelShape, s: StepShape) -> MemoryTerm:
+    n = s.tokens
+    if s.fused_loss:
+        # fastpath.SupervisedHeadLoss: the supervised positions' states (all of them, at worst)
+        # are gathered, then the head and loss run on chunks of loss_chunk_tokens, each
+        # checkpointed: one chunk's fp32 logits and their gradient exist at a time. With Liger
+        # the chunks are smaller still, so this bounds both (measured on an H200, TinyLlama
+        # 4 x 1024: 2.15 GiB without Liger, 1.67 GiB with, against 2.19 GiB predicted).
+        chunk = min(n, s.loss_chunk_tokens)
+        return MemoryTerm("supervised_head_loss",
+                          int(8 * chunk * m.vocab_size + s.compute_bytes * n * m.hidden_size
+                              + HEAD_BYTES_PER_H * n * m.hidden_size),
+                          f"{chunk} tokens x V x 8 B (one chunk's fp32 logits + gradient) + "
+                          f"N x H x {s.compute_bytes} B (gathered states) + N x H x 6.5 B "
+                          "(final norm)")
     # transformers upcasts the logits to fp32 for the loss: at the peak (start of backward) the
     # fp32 logits (4NV), the log-softmax output kept for backward (4NV) and the fp32 gradient
     # (4NV) coexist; the compute-dtype logits are already freed. Measured: 11.9-12.1 B per N x V.
     # The final RMSNorm keeps its fp32 input and output for backward (~6.5 B x N x H measured).
-    n = s.tokens
     return MemoryTerm("logits_and_loss",
                       int(LOSS_BYTES_PER_V * n * m.vocab_size + HEAD_BYTES_PER_H * n * m.hidden_size),
                       "N x V x 12 B (fp32 logits + log-softmax + gradient) + N x H x 6.5 B "

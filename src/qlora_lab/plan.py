@@ -63,7 +63,10 @@ def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
         bits=cfg.quant.bits, double_quant=cfg.quant.double_quant, compute_bytes=compute,
         lora_r=cfg.lora.r, lora_bytes=4 if cfg.lora.weight_dtype == "float32" else compute,
         lora_dropout=cfg.lora.dropout > 0, optimizer=optimizer,
-        gradient_checkpointing=cfg.train.gradient_checkpointing, gpus=gpus, strategy=strategy)
+        gradient_checkpointing=cfg.train.gradient_checkpointing, gpus=gpus, strategy=strategy,
+        # Under FSDP train falls back to the model's own loss (lm_head is sharded there).
+        fused_loss=cfg.train.fused_loss and not (gpus > 1 and strategy == "fsdp"),
+        activation_offload=cfg.train.activation_offload)
 
 
 def apply_candidate(cfg: RunConfig, cand: memory.Candidate) -> RunConfig:
