@@ -41,3 +41,26 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         "checkpoint-2", "checkpoint-4"]
     lines = (tmp_path / "two/metrics.jsonl").read_text().splitlines()
     assert sum('"loss"' in line and "train_loss" not in line for line in lines) == 4
+
+
+def test_resume_with_another_world_size_says_why_not(trained_run, tmp_path, monkeypatch):
+    import shutil
+
+    import pytest
+
+    from qlora_lab.config import load_run_config
+    from qlora_lab.errors import UserError
+    from qlora_lab.train import setup_training
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    layout = run / "checkpoints" / "checkpoint-6" / "qlora_lab_layout.json"
+    assert layout.is_file() and '"world_size": 1' in layout.read_text()
+    cfg = load_run_config(run / "config.yaml")
+    from dataclasses import replace
+    cfg = replace(cfg, train=replace(cfg.train, output_dir=str(run)))
+    before = sorted(p.name for p in run.rglob("*"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"written by 1 process\(es\) and this run has 2"):
+        setup_training(cfg, resume=True)
+    assert sorted(p.name for p in run.rglob("*")) == before  # nothing touched

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from qlora_lab import fsio, safety
 
+from qlora_lab.errors import UserError
+
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^checkpoint-(\d+)$")  # Trainer's PREFIX_CHECKPOINT_DIR naming
@@ -104,6 +106,36 @@ def problem(path: Path) -> str | None:
 def global_step(path: Path) -> int:
     """The optimizer step a checkpoint was written at (call `problem` first)."""
     return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))["global_step"]
+
+
+LAYOUT_FILE = "qlora_lab_layout.json"
+
+
+def write_layout(path: Path, world_size: int) -> None:
+    """Record how many processes wrote a checkpoint: its data position is counted per process."""
+    (Path(path) / LAYOUT_FILE).write_text(json.dumps({"world_size": world_size}) + "\n",
+                                          encoding="utf-8")
+
+
+def check_layout(path: Path, world_size: int) -> None:
+    """Refuse to resume a checkpoint written by a different number of processes.
+
+    Trainer skips the micro-batches already seen by counting them per process; with another
+    world size it would skip the wrong rows and silently repeat or drop data. Checkpoints from
+    before this file existed carry no layout and are accepted.
+    """
+    layout = Path(path) / LAYOUT_FILE
+    if not layout.is_file():
+        return
+    try:
+        written = int(json.loads(layout.read_text(encoding="utf-8"))["world_size"])
+    except (ValueError, KeyError, TypeError):
+        return
+    if written != world_size:
+        raise UserError(f"--resume: {path} was written by {written} process(es) and this run has "
+                        f"{world_size} — the data position is counted per process, so resume "
+                        f"with {written} (torchrun --nproc-per-node {written}), or start again "
+                        "with --overwrite")
 
 
 def newest_usable(root: Path) -> Path | None:

@@ -259,6 +259,8 @@ def _trainer_class():
                 self._staging_dir = None
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
+                checkpoints.write_layout(checkpoints.staging_dir(root, step)
+                                         / checkpoints.name_for(step), self.args.world_size)
                 published = checkpoints.publish(root, step)
                 # Trainer's own rotation ran inside the staging dir, where it had nothing to do.
                 checkpoints.prune(root, self.args.save_total_limit, published)
@@ -369,6 +371,8 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
     replace_run = (check_output_dir(out, resume=bool(resume), overwrite=overwrite)
                    if _is_main_process() else False)
     checkpoint = find_checkpoint(out, resume)
+    if checkpoint is not None:
+        checkpoints.check_layout(Path(checkpoint), int(os.environ.get("WORLD_SIZE", "1")))
     device = models.resolve_device(cfg.train.device)
     dtype = models.resolve_compute_dtype(cfg.quant, device)
     _optimizer_name(cfg, device)  # a CUDA-only optimizer on CPU fails here, not after loading
