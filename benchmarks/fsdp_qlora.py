@@ -48,23 +48,9 @@ def log(msg: str) -> None:
 
 def train_tokenizer(data: Path, vocab_size: int = 16000):
     """A byte-level BPE trained on the data: Dolly rows get realistic token counts offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from gpu_train import train_bpe_tokenizer  # benchmarks/ is this script's sys.path[0]
 
-    texts = []
-    for line in data.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            texts.append(" ".join(str(row.get(k, "")) for k in
-                                  ("instruction", "context", "response", "input", "output")))
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    return train_bpe_tokenizer(data, vocab_size)
 
 
 def llama_tensor_shapes(arch: dict) -> list[tuple[str, tuple[int, ...]]]:

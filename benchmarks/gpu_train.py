@@ -21,24 +21,33 @@ from pathlib import Path
 import torch
 
 
-def build_base(data: Path, target: Path, vocab_size: int = 16000) -> Path:
+def train_bpe_tokenizer(data: Path, vocab_size: int = 16000):
+    """A byte-level BPE trained on the rows' text (Dolly or Alpaca fields)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from qlora_lab.models import PRESETS
+    from transformers import PreTrainedTokenizerFast
 
     texts = []
     for line in data.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        texts.append(" ".join(str(row.get(k, "")) for k in ("instruction", "context", "response")))
+        if line.strip():
+            row = json.loads(line)
+            texts.append(" ".join(str(row.get(k, "")) for k in
+                                  ("instruction", "context", "response", "input", "output")))
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
+
+
+def build_base(data: Path, target: Path, vocab_size: int = 16000) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_lab.models import PRESETS
+
+    fast = train_bpe_tokenizer(data, vocab_size)
     arch = dict(PRESETS["tinyllama"].arch)
     arch.update(bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
     torch.manual_seed(0)

@@ -428,18 +428,25 @@ class PadCollator:
     pad_to_multiple_of: int = 1
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        m = self.pad_to_multiple_of
-        longest = (longest + m - 1) // m * m
-        ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        ids, labels = _right_padded(features, self.pad_token_id, self.pad_to_multiple_of)
+        mask = torch.zeros_like(ids)
         for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
-            mask[i, :n] = 1
+            mask[i, :len(f["input_ids"])] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _right_padded(features: list[dict], pad_token_id: int, multiple: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and labels of `features`, right-padded to the longest (rounded up)."""
+    longest = max(len(f["input_ids"]) for f in features)
+    longest = (longest + multiple - 1) // multiple * multiple
+    ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+    return ids, labels
 
 
 # --- packing -------------------------------------------------------------------------------------
@@ -502,17 +509,12 @@ class PackedCollator:
     pad_to_multiple_of: int = 1
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        m = self.pad_to_multiple_of
-        longest = (longest + m - 1) // m * m
-        ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        ids, labels = _right_padded(features, self.pad_token_id, self.pad_to_multiple_of)
+        longest = ids.shape[1]
         positions = torch.arange(longest).repeat(len(features), 1)
         real = 0
         for i, f in enumerate(features):
             n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
             positions[i, :n] = torch.tensor(f["position_ids"])
             positions[i, n:] = torch.arange(longest - n)
             real += n

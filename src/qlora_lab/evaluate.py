@@ -264,6 +264,21 @@ def score_answers(rows: list[EvalRow], predictions: list[str]) -> dict:
     return scores
 
 
+def encode_prompts(loaded, prompts: list[list]):
+    """Render prompts as `generate` does and left-pad them into one batch on the model's device.
+
+    Left padding keeps every row's last prompt token at the end, where generation continues.
+    """
+    tok = loaded.tokenizer
+    texts = [render_prompt(p, tok, loaded.template, add_generation_prompt=True) for p in prompts]
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    return enc.to(loaded.model.device)
+
+
 @torch.inference_mode()
 def generate_batch(loaded, prompts: list[list], max_new_tokens: int) -> list[str]:
     """Greedy answers to several prompts in one `generate` call.
@@ -277,13 +292,7 @@ def generate_batch(loaded, prompts: list[list], max_new_tokens: int) -> list[str
     from qlora_lab.generate import stop_token_ids
 
     tok = loaded.tokenizer
-    texts = [render_prompt(p, tok, loaded.template, add_generation_prompt=True) for p in prompts]
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    finally:
-        tok.padding_side = side
-    enc = enc.to(loaded.model.device)
+    enc = encode_prompts(loaded, prompts)
     out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                 temperature=None, top_p=None, top_k=None,
                                 eos_token_id=stop_token_ids(loaded), pad_token_id=tok.pad_token_id,

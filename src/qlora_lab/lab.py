@@ -557,7 +557,7 @@ def time_generation(loaded, prompts: list, new_tokens: int, repeats: int) -> dic
     import torch
     from transformers.generation.streamers import BaseStreamer
 
-    from qlora_lab.data import render_prompt
+    from qlora_lab.evaluate import encode_prompts
 
     class Clock(BaseStreamer):
         def __init__(self):
@@ -570,13 +570,7 @@ def time_generation(loaded, prompts: list, new_tokens: int, repeats: int) -> dic
             pass
 
     tok, model = loaded.tokenizer, loaded.model
-    texts = [render_prompt(p, tok, loaded.template, add_generation_prompt=True) for p in prompts]
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    finally:
-        tok.padding_side = side
-    enc = enc.to(model.device)
+    enc = encode_prompts(loaded, prompts)
     cuda = loaded.device == "cuda"
 
     @torch.inference_mode()
