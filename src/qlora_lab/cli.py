@@ -122,10 +122,12 @@ def _csv(text: str | None, kind, flag: str) -> tuple | None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="real tokens/s of the plain HF QLoRA recipe vs qlora-lab's",
+    p = sub.add_parser("bench", help="real tokens/s of the plain HF QLoRA recipe, qlora-lab's "
+                       "and unsloth's, side by side",
                        description="Train the plain HF QLoRA recipe (fp32 upcast, padded "
-                       "batches, micro-batch 4) and qlora-lab's own for the same steps on the "
-                       "same rows, each in its own process; writes bench.json and bench.md.")
+                       "batches, micro-batch 4), qlora-lab's own and, where it is installed, "
+                       "unsloth's for the same steps on the same rows under the same memory cap, "
+                       "each in its own process; writes bench.json and bench.md.")
     p.add_argument("--config", help="training YAML (as for train)")
     p.add_argument("--model", help="preset, hub id, local dir or .gguf file")
     p.add_argument("--data", help="rows to train on (Dolly-length rows for meaningful numbers)")
