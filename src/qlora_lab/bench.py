@@ -388,12 +388,48 @@ def run_recipe(cfg: BenchConfig, recipe: str) -> dict:
         trainer, model, device, micro_batch = _build_plain(cfg, run, Path(run.train.output_dir))
     else:
         trainer, model, device, micro_batch = _build_qlora_lab(run, Path(run.train.output_dir))
+    check = loss_check(trainer) if recipe == "qlora_lab" and run.train.packing else None
     timer = _step_timer(device)
     trainer.add_callback(timer)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    return _measure(cfg, recipe, timer.marks, model, device, micro_batch, run)
+    result = _measure(cfg, recipe, timer.marks, model, device, micro_batch, run)
+    if check is not None:
+        result["loss_check"] = check
+    return result
+
+
+def loss_check(trainer, rows: int = 8) -> dict:
+    """The fast path's loss on the first rows, packed, against the model's own loss on them
+    padded: the two must agree within the compute dtype's noise (run before training)."""
+    import torch
+
+    from qlora_lab.data import PackedCollator, PadCollator, pack_examples
+
+    examples = list(trainer.train_dataset)  # packs: unpack their rows again
+    first = []
+    for pack in examples:
+        starts = [i for i, p in enumerate(pack["position_ids"]) if p == 0]
+        for a, b in zip(starts, starts[1:] + [len(pack["input_ids"])]):
+            first.append({"input_ids": pack["input_ids"][a:b],
+                          "labels": pack["input_ids"][a:a + 1] + pack["labels"][a + 1:b]})
+        if len(first) >= rows:
+            break
+    first = first[:rows]
+    pad = trainer.data_collator.pad_token_id
+    device = trainer.args.device
+    model = trainer.model
+    model.eval()  # no dropout: both sides see the same network
+    with torch.no_grad():
+        packed = PackedCollator(pad)(pack_examples(first, max(len(r["input_ids"]) for r in first)
+                                                   * len(first)))
+        fast = trainer.compute_loss(model, {k: v.to(device) for k, v in packed.items()})
+        padded = {k: v.to(device) for k, v in PadCollator(pad)(first).items()}
+        plain = model(**padded).loss
+    model.train()
+    return {"rows": len(first), "fast_path_loss": float(fast), "plain_loss": float(plain),
+            "abs_diff": abs(float(fast) - float(plain))}
 
 
 def _measure(cfg: BenchConfig, recipe: str, marks: list, model, device: str, micro_batch: int,
