@@ -234,7 +234,9 @@ def time_generation(loaded, prompts: list, new_tokens: int, repeats: int) -> dic
         tokens = clock.marks[1:]
         return tokens[0] - start, tokens[-1] - tokens[0]
 
-    timed(2)  # warm-up: kernel selection, allocator growth, bitsandbytes' CPU repacking
+    # Warm-up at full length: kernel selection, allocator growth, bitsandbytes' CPU repacking and
+    # the GPU's clocks, for every decode shape the timed runs will see.
+    timed(new_tokens)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     runs = [timed(new_tokens) for _ in range(repeats)]
