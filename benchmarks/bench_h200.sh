@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 benchmark of issue #5, as run for benchmarks/results/bench_h200_8gib.json:
-#   bash benchmarks/bench_h200.sh [sweep|final|context|all]
+#   bash benchmarks/bench_h200.sh [sweep|final|small|context|all]   (all = sweep, final, small)
 # Needs (offline host): .peer/peer-site.tgz from ../shared/device/peer-site.sh (unsloth,
 # bitsandbytes, liger-kernel) and the Dolly sample at .benchdata/dolly_dev.jsonl.
 # Model: the TinyLlama-1.1B architecture with random weights (speed and memory do not depend on
@@ -28,6 +28,13 @@ if [[ $phase == final || $phase == all ]]; then
   timeout 290 python3 -m qlora_lab bench "${COMMON[@]}" $best --steps 12 \
     --recipes plain,qlora_lab,unsloth --output-dir /tmp/bench-final 2>&1 | grep -v "it/s\]" | tail -30
   cp /tmp/bench-final/bench.json "$OUT/bench_h200_8gib.json"; cp /tmp/bench-final/bench.md "$OUT/bench_h200_8gib.md"
+fi
+if [[ $phase == small || $phase == all ]]; then
+  # Peak memory of one 2,048-token row per step (the issue's micro-batch 1 x 2048 target).
+  timeout 120 python3 -m qlora_lab bench --model $MODEL --data $DATA --memory-cap 8GiB --steps 4 \
+    --recipes qlora_lab --set train.grad_accum_steps=1 --set data.max_seq_len=2048 \
+    --set train.micro_batch_size=1 --output-dir /tmp/bench-small 2>&1 | grep -v "it/s\]" | tail -8
+  cp /tmp/bench-small/bench.json "$OUT/bench_1x2048_h200_8gib.json"
 fi
 if [[ $phase == context ]]; then
   timeout 400 python3 -m qlora_lab bench "${COMMON[@]}" --set lora.dropout=0.0 --steps 3 \
