@@ -28,6 +28,9 @@ LADDER = [
     ("+ 16 bins per micro-batch", ["lora.dropout=0.0", "train.micro_batch_size=16"]),
     ("4 bins, no gradient checkpointing", ["lora.dropout=0.0",
                                           "train.gradient_checkpointing=false"]),
+    ("16 bins + torch.compile per decoder layer", ["lora.dropout=0.0",
+                                                   "train.micro_batch_size=16",
+                                                   "train.compile=true"]),
 ]
 
 

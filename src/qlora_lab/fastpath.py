@@ -203,6 +203,25 @@ def _liger_rms_norm(norm: nn.Module) -> nn.Module:
     return new
 
 
+# --- compilation ------------------------------------------------------------------------------
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """torch.compile every decoder layer in place (nn.Module.compile); returns how many.
+
+    Per layer, not the whole model: the packed-sequence mask is built from data-dependent
+    control flow in transformers' masking code, and the loss gathers supervised positions;
+    both would break a whole-model graph, neither runs inside a layer. All layers share one
+    shape, so one compilation serves them all.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 # --- activation offload ------------------------------------------------------------------------
 
 
