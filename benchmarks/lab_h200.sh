@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The full `qlora-lab lab` report on one H200, offline, emulating an 8 GiB card (--budget 8GiB).
 #
-#   OUT=/some/dir bash benchmarks/lab_h200.sh        # from the repo root, ~6-8 min
+#   OUT=/some/dir bash benchmarks/lab_h200.sh [--set seeds=0 ...]   # from the repo root
+# (time on the H200 not measured yet; extra arguments go to `qlora-lab lab`, e.g. --set to cut
+# a sweep so the run fits one 10-minute device call)
 #
 # Speed and memory sections use the TinyLlama-1.1B architecture with random weights (built here,
 # offline: memory and speed do not depend on weight values); stability, inference and quality
@@ -62,7 +64,7 @@ PY
 # The lab writes report.json after every stage, so a run cut short still leaves its numbers.
 status=0
 timeout 500 python3 -m qlora_lab lab --budget 8GiB --model "$model" \
-  --speed-model "$work/tinyllama-random" --output-dir "$work/lab-h200" \
+  --speed-model "$work/tinyllama-random" --output-dir "$work/lab-h200" "$@" \
   > "$work/lab.log" 2>&1 || status=$?
 grep -E "^(INFO qlora_lab.lab|report:|qlora-lab)" "$work/lab.log" || true
 

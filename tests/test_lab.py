@@ -219,3 +219,21 @@ def test_output_dir_with_foreign_files_is_refused(tmp_path, capsys):
 def test_bad_budget_is_one_line(capsys):
     assert main(["lab", "--quick", "--budget", "lots"]) == 2
     assert "--budget" in capsys.readouterr().err
+
+
+def test_set_overrides_are_typed_and_checked(capsys):
+    from qlora_lab.cli import main
+    from qlora_lab.errors import UserError
+    from qlora_lab.lab import parse_overrides
+
+    values = parse_overrides(["seeds=0", "learning_rates=1e-4,2e-3", "stability_steps=7",
+                              "quant_variants=nf4,16bit", "target_eval_loss=2.5"])
+    assert values == {"seeds": (0,), "learning_rates": (1e-4, 2e-3), "stability_steps": 7,
+                      "quant_variants": ("nf4", "16bit"), "target_eval_loss": 2.5}
+    assert lab_config(True, **values).seeds == (0,)
+    for bad in ("output_dir=/tmp/x", "seeds", "stability_steps=many", "seeds="):
+        with pytest.raises(UserError, match="lab --set"):
+            parse_overrides([bad])
+    assert main(["lab", "--quick", "--set", "colour=blue"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "colour=blue" in err and "seeds" in err

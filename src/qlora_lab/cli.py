@@ -162,6 +162,9 @@ def _add_lab(sub) -> None:
     p.add_argument("--data", help="training rows (default: the bundled demo data)")
     p.add_argument("--eval-data", help="held-out rows with reference answers (needed with "
                    "--data)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a sweep size, e.g. --set seeds=0 --set stability_steps=10 "
+                   "(lists comma-separated; keys: see lab.TUNABLE)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +271,7 @@ def _command(args) -> int:
         print(report["table"], end="")
         print(f"report: {report['output_dir']}/bench.json, bench.md")
     elif args.command == "lab":
-        from qlora_lab.lab import lab_config, run_lab
+        from qlora_lab.lab import lab_config, parse_overrides, run_lab
 
         if args.data and not args.eval_data:
             raise UserError(f"--data {args.data} needs --eval-data FILE: held-out rows with "
@@ -283,6 +286,7 @@ def _command(args) -> int:
                 given["budget_bytes"] = parse_bytes(args.budget)
             except ValueError as exc:
                 raise UserError(f"--budget: {exc}") from None
+        given.update(parse_overrides(args.set))
         # Unset flags keep the preset's values (LabConfig / lab.QUICK), the one place they live.
         report = run_lab(lab_config(args.quick, **{k: v for k, v in given.items()
                                                    if v is not None}))

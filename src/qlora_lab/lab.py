@@ -138,6 +138,57 @@ def lab_config(quick: bool = False, **given) -> LabConfig:
     return LabConfig(**{**base, **given})
 
 
+# Knobs `lab --set` may change: the sizes of each section's sweep, never paths or the command.
+TUNABLE = ("seq_lens", "micro_batches", "ranks", "measure_configs", "measure_steps",
+           "throughput_seq_len", "throughput_steps", "rows_per_step", "learning_rate",
+           "eval_steps", "eval_rows", "target_eval_loss", "learning_rates", "quant_variants",
+           "optimizers", "seeds", "stability_steps", "spike_factor", "seq_len", "quality_steps",
+           "max_new_tokens", "decode_tokens", "batch_sizes", "repeats", "workers")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["seeds=0,1", "stability_steps=10"]` -> LabConfig values, each checked for its type.
+
+    Lists are comma-separated; numbers are read as the field's default is typed.
+    """
+    import yaml
+
+    defaults = {f.name: f.default for f in dataclasses.fields(LabConfig)}
+    values = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or key not in TUNABLE:
+            raise UserError(f"lab --set {pair!r}: use KEY=VALUE with KEY one of "
+                            f"{', '.join(TUNABLE)}")
+        default = defaults[key]
+        try:
+            if isinstance(default, tuple):
+                items = [yaml.safe_load(x) for x in raw.split(",") if x.strip()]
+                kind = type(default[0]) if default else str
+                value = tuple(float(x) if kind is float else kind(x) for x in items)
+                if not value:
+                    raise ValueError("empty list")
+            elif default is None or isinstance(default, float):
+                value = None if raw.strip().lower() in ("none", "") else float(raw)
+            elif isinstance(default, bool):
+                value = {"true": True, "false": False}[raw.strip().lower()]
+            else:
+                value = type(default)(raw)
+        except (ValueError, KeyError, TypeError, yaml.YAMLError):
+            shown = "comma-separated values" if isinstance(default, tuple) else type(default).__name__
+            raise UserError(f"lab --set {pair!r}: {raw!r} is not a valid value for {key} "
+                            f"(expected {shown}, e.g. {key}={_example(default)})") from None
+        values[key] = value
+    return values
+
+
+def _example(default) -> str:
+    if isinstance(default, tuple):
+        return ",".join(str(x) for x in default)
+    return str(default)
+
+
 # --- 1. feasibility -----------------------------------------------------------------------------
 
 
