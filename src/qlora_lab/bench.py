@@ -253,7 +253,7 @@ def search_max_context(make_trainer, lengths, out: Path, vocab_size: int) -> dic
 
 def _our_max_context(cfg: BenchConfig) -> dict:
     """Ours at long context: one row, checkpoints offloaded to host memory, tiled MLP."""
-    from qlora_lab.train import _trainer_class, build_training_args, setup_training
+    from qlora_lab.train import build_training_args, setup_training, trainer_class
 
     out = Path(cfg.output_dir) / "runs" / "qlora_lab-context"
     base = bench_run_config(cfg, "qlora_lab-context")
@@ -267,7 +267,7 @@ def _our_max_context(cfg: BenchConfig) -> dict:
         run = context_run(base, run_out)
         args = build_training_args(run, run_out, session.device, session.dtype, has_eval=False,
                                    resuming=False)
-        return _trainer_class()(model=session.model, args=args, train_dataset=rows,
+        return trainer_class()(model=session.model, args=args, train_dataset=rows,
                                 data_collator=context_collator(),
                                 head_loss=session.trainer.head_loss)
 

@@ -23,8 +23,8 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def _load(run, max_seq_len: int):
-    import unsloth  # noqa: F401  (must come first: it patches transformers at import)
     import torch
+    import unsloth  # noqa: F401  (must come first: it patches transformers at import)
     from unsloth import FastLanguageModel
 
     from qlora_lab import models

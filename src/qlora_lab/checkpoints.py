@@ -19,7 +19,6 @@ import zipfile
 from pathlib import Path
 
 from qlora_lab import fsio, safety
-
 from qlora_lab.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -108,7 +108,7 @@ class DataConfig:
     train_on_prompt: bool = False
     max_seq_len: int = 1024
     overlength: Literal["truncate", "drop"] = "truncate"
-    eval_source: Optional[str] = None
+    eval_source: str | None = None
     eval_fraction: float = 0.05
     max_eval_rows: int = 200
     max_rows: int = 0

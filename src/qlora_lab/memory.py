@@ -50,7 +50,7 @@ class ModelShape:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
     @classmethod
-    def from_config(cls, config) -> "ModelShape":
+    def from_config(cls, config) -> ModelShape:
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         return cls(vocab_size=get("vocab_size"), hidden_size=get("hidden_size"),
                    intermediate_size=get("intermediate_size"),

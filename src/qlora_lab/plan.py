@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 from qlora_lab import memory, models
 from qlora_lab.config import RunConfig, save_config
@@ -25,8 +24,8 @@ class PlanConfig:
     run: RunConfig
     gpus: int = 1
     strategy: str = "ddp"
-    budget: Optional[str] = None
-    output: Optional[str] = None
+    budget: str | None = None
+    output: str | None = None
     as_json: bool = False
 
 
@@ -55,7 +54,7 @@ def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
     compute = 4 if cfg.quant.compute_dtype == "float32" else 2
     optimizer = cfg.train.optimizer
     if optimizer == "auto":
-        # As train resolves it; under FSDP torch AdamW (see train._optimizer_name).
+        # As train resolves it; under FSDP torch AdamW (see trainer.optimizer_name).
         paged = device_is_gpu and not (gpus > 1 and strategy == "fsdp")
         optimizer = "paged_adamw_8bit" if paged else "adamw_torch"
     return memory.StepShape(

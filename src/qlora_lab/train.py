@@ -32,15 +32,27 @@ from pathlib import Path
 
 import torch
 
-from qlora_lab import adapters, checkpoints, faults, fastpath, fsio, models, safety
+from qlora_lab import adapters, checkpoints, fastpath, faults, fsio, models, safety
 from qlora_lab.config import RunConfig, save_config
-from qlora_lab.data import (PackedCollator, PadCollator, PreparedData, pack_examples, pack_stats,
-                            prepare_data)
+from qlora_lab.data import (
+    PackedCollator,
+    PadCollator,
+    PreparedData,
+    pack_examples,
+    pack_stats,
+    prepare_data,
+)
 from qlora_lab.errors import TrainingInterrupted, UserError
+from qlora_lab.trainer import (
+    CHECKPOINTS,
+    build_training_args,
+    make_callbacks,
+    optimizer_name,
+    trainer_class,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 RUN_MARKER = "config.yaml"  # a dir holding this was written by `train`
 
 
@@ -111,193 +123,6 @@ def find_checkpoint(out: Path, resume: str | bool | None) -> str | None:
         raise UserError(f"--resume {resume}: {candidate} {issue} — pick another checkpoint from "
                         f"{root}, or --resume alone for the newest complete one")
     return str(candidate)
-
-
-def _optimizer_name(cfg: RunConfig, device: str) -> str:
-    if cfg.train.optimizer == "auto":
-        # bitsandbytes' 8-bit optimizers need CUDA; paging moves optimizer state to host RAM
-        # under memory pressure instead of failing with an OOM.
-        # Under FSDP, torch AdamW: its state shards with the LoRA weights, and paged 8-bit state
-        # fails to save in FSDP-QLoRA checkpoints (peft docs, accelerate/fsdp.md, caveats).
-        if device == "cuda" and not models.fsdp_active():
-            return "paged_adamw_8bit"
-        return "adamw_torch"
-    if cfg.train.optimizer != "adamw_torch" and device != "cuda":
-        raise UserError(f"train.optimizer = {cfg.train.optimizer!r} needs CUDA — use "
-                        "'adamw_torch' or 'auto' on CPU")
-    return cfg.train.optimizer
-
-
-def _tensorboard_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
-
-
-def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dtype,
-                        has_eval: bool, resuming: bool):
-    from transformers import TrainingArguments
-
-    t = cfg.train
-    report_to = ["tensorboard"] if t.tensorboard and _tensorboard_available() else "none"
-    if report_to != "none":
-        # Assigned, not setdefault: a second run in the same process must not log into the
-        # first run's dir. Every output of a run stays inside its output dir.
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-    args = TrainingArguments(
-        output_dir=str(out / CHECKPOINTS),
-        max_steps=t.max_steps if t.max_steps > 0 else -1,
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,  # 0 disables clipping
-        optim=_optimizer_name(cfg, device),
-        bf16=(dtype == torch.bfloat16),
-        fp16=(dtype == torch.float16),
-        use_cpu=(device == "cpu"),
-        # Checkpointing is set up on the model itself (non-reentrant, see models.py).
-        gradient_checkpointing=False,
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=t.eval_steps,
-        eval_on_start=has_eval and not resuming,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        report_to=report_to,
-        remove_unused_columns=False,  # our rows are already model inputs
-        label_names=["labels"],  # peft's forward hides `labels` from Trainer's signature check
-        # Packed batches carry no attention_mask to count by; the trainer counts them itself.
-        include_num_input_tokens_seen="no" if t.packing else "non_padding",
-        dataloader_pin_memory=(device == "cuda"),
-        disable_tqdm=False,
-    )
-    if device == "cuda" and args.n_gpu > 1:
-        # A plain process that sees several GPUs would make Trainer wrap the 4-bit model in
-        # nn.DataParallel (its fallback when not launched distributed), which replicates the
-        # quantized weights per step and, measured on 2 H200s, trained no faster than one GPU.
-        # Multi-GPU goes through torchrun/accelerate (DDP); a plain process uses its own GPU.
-        log.warning("%d GPUs visible but not launched distributed: training on one; use "
-                    "`torchrun --nproc-per-node N -m qlora_lab train ...` for all of them",
-                    args.n_gpu)
-        args._n_gpu = 1  # TrainingArguments has no public switch for this
-    return args
-
-
-def _make_callbacks(out: Path):
-    from transformers import TrainerCallback
-
-    class MetricsJsonl(TrainerCallback):
-        """Append every log/eval event to metrics.jsonl (machine-readable twin of TensorBoard)."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                record = {"step": state.global_step, "time": round(time.time(), 3), **logs}
-                with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record) + "\n")
-
-    class Throughput(TrainerCallback):
-        """Tokens and time of this session only, so a resumed run reports its own speed.
-
-        The time includes periodic evaluation; benchmarks that need pure step time use bench.
-        """
-
-        start_tokens = 0
-        start_time = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            # Called after a checkpoint's state is restored, so this is the resumed count.
-            self.start_tokens = state.num_input_tokens_seen
-            self.start_time = time.perf_counter()
-
-    return MetricsJsonl(), Throughput(), faults.StopOnSignal()
-
-
-def _trainer_class():
-    """Trainer plus qlora-lab's overrides; each is a few lines that delegate.
-
-    - `_save_checkpoint`: Trainer writes `checkpoint-N` file by file. We point it at a hidden
-      staging dir and publish the finished checkpoint with one rename (checkpoints.publish).
-      Trainer has no public hook for where a checkpoint goes; overriding `_save_checkpoint` and
-      `_get_output_dir` in a subclass (checked against transformers 5.17 and 5.24) is the
-      smallest seam, and no library code is patched.
-    - `training_step`: report each loss to the NaN/inf guard (faults.NonFiniteLossGuard), and
-      count the real tokens of packed batches (they have no attention_mask for Trainer to sum).
-    - `compute_loss` (Trainer's documented override point): with `head_loss`, the loss comes
-      from the final hidden states at supervised positions only (fastpath.SupervisedHeadLoss),
-      normalized as transformers' ForCausalLMLoss normalizes, so gradients match the plain path.
-    """
-    from transformers import Trainer
-
-    class QloraTrainer(Trainer):
-        _staging_dir: Path | None = None
-
-        def __init__(self, *args, head_loss=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.head_loss = head_loss
-            self.loss_guard = faults.NonFiniteLossGuard()
-            self.add_callback(self.loss_guard)
-
-        def _save_checkpoint(self, model, trial):
-            root, step = Path(self.args.output_dir), self.state.global_step
-            if self.args.should_save:
-                checkpoints.prepare_staging(root, step)
-            # Under DDP every rank writes its RNG state into the staging dir: it must exist
-            # before they start, and be complete before rank 0 publishes it.
-            self.accelerator.wait_for_everyone()
-            self._staging_dir = checkpoints.staging_dir(root, step)
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._staging_dir = None
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                checkpoints.write_layout(checkpoints.staging_dir(root, step)
-                                         / checkpoints.name_for(step), self.args.world_size)
-                published = checkpoints.publish(root, step)
-                # Trainer's own rotation ran inside the staging dir, where it had nothing to do.
-                checkpoints.prune(root, self.args.save_total_limit, published)
-
-        def _get_output_dir(self, trial):
-            if self._staging_dir is not None:
-                return str(self._staging_dir)
-            return super()._get_output_dir(trial)
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            real = inputs.get("num_real_tokens")
-            if real is not None:
-                real = torch.as_tensor(real, device=self.args.device).reshape(1)
-                self.state.num_input_tokens_seen += int(self.accelerator.gather(real).sum())
-            loss = super().training_step(model, inputs, *args, **kwargs)
-            self.loss_guard.observe(loss)
-            return loss
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = {k: v for k, v in inputs.items() if k != "num_real_tokens"}
-            if self.head_loss is None or "labels" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels = inputs.pop("labels")
-            # Through the (possibly DDP-wrapped) model, so gradient sync hooks run; logits for
-            # one position only: the loss reads the final norm's output (caught by a hook).
-            outputs = model(**inputs, logits_to_keep=1)
-            head_loss, final_states = self.head_loss
-            total, count = head_loss(final_states.take(), labels)
-            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-                loss = total / num_items_in_batch
-                if self.args.average_tokens_across_devices:
-                    loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
-            else:
-                loss = total / max(count, 1)
-            return (loss, outputs) if return_outputs else loss
-
-    return QloraTrainer
 
 
 def _peak_memory(device: str) -> dict:
@@ -375,7 +200,7 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
         checkpoints.check_layout(Path(checkpoint), int(os.environ.get("WORLD_SIZE", "1")))
     device = models.resolve_device(cfg.train.device)
     dtype = models.resolve_compute_dtype(cfg.quant, device)
-    _optimizer_name(cfg, device)  # a CUDA-only optimizer on CPU fails here, not after loading
+    optimizer_name(cfg, device)  # a CUDA-only optimizer on CPU fails here, not after loading
 
     model_path = models.resolve_model_path(cfg.model.name)
     safety.require_safetensors(Path(model_path), "base model", cfg.model.allow_pickle,
@@ -420,8 +245,8 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
                           checkpoints.global_step(Path(checkpoint)) if checkpoint else None)
         _write_config(cfg, out)
         tokenizer.save_pretrained(out)
-    callbacks = _make_callbacks(out)
-    trainer = _trainer_class()(model=model, args=args, train_dataset=train_rows,
+    callbacks = make_callbacks(out)
+    trainer = trainer_class()(model=model, args=args, train_dataset=train_rows,
                                eval_dataset=eval_rows or None, data_collator=collator,
                                callbacks=list(callbacks), head_loss=head_loss)
     if trainer.is_fsdp_enabled:
