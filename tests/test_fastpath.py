@@ -184,3 +184,18 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tmp_path, dolly_file):
     assert loss_c == pytest.approx(loss_e, rel=1e-5)
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_selective_checkpointing_checkpoints_every_nth_layer_with_the_same_gradients(
+        tmp_path, dolly_file):
+    every = _session(tmp_path / "every", dolly_file, checkpoint_every=2)
+    full = _session(tmp_path / "full", dolly_file)
+    flags = [m.gradient_checkpointing for m in every.model.modules()
+             if type(m).__name__ == "LlamaDecoderLayer"]
+    assert flags == [i % 2 == 0 for i in range(len(flags))] and len(flags) == 2
+    batch = PackedCollator(full.tokenizer.pad_token_id)(pack_examples(full.data.train[:6], 256))
+    loss_e, grads_e = _loss_and_grads(every, batch)
+    loss_f, grads_f = _loss_and_grads(full, batch)
+    assert loss_e == pytest.approx(loss_f, rel=1e-6)
+    for name in grads_f:
+        torch.testing.assert_close(grads_e[name], grads_f[name], msg=name)

@@ -192,3 +192,27 @@ def test_step_shape_follows_the_fast_path_switches():
     assert not step_shape(cfg, gpus=2, strategy="fsdp").fused_loss
     off = config_from_dict({"train": {"fused_loss": False}})
     assert not step_shape(off).fused_loss
+
+
+def test_selective_checkpointing_sits_between_full_and_none():
+    model = _tinyllama_shape()
+    peak = {every: memory.estimate_peak_memory(model, memory.StepShape(
+        4, 1024, fused_loss=True, checkpoint_every=every)).peak_allocated_bytes
+        for every in (1, 2, 4)}
+    none = memory.estimate_peak_memory(model, memory.StepShape(
+        4, 1024, fused_loss=True, gradient_checkpointing=False)).peak_allocated_bytes
+    assert peak[1] < peak[2] < peak[4] < none
+    slow = memory.predicted_throughput(model, memory.StepShape(4, 1024, checkpoint_every=1))
+    fast = memory.predicted_throughput(model, memory.StepShape(4, 1024, checkpoint_every=4))
+    assert fast > slow  # less recomputation
+
+
+def test_offload_is_chosen_only_when_nothing_else_fits():
+    model = _tinyllama_shape()
+    base = memory.StepShape(1, 32768, fused_loss=True)
+    best, cands = memory.fit_to_budget(model, base, parse_bytes("8GiB"))
+    assert best is not None and best.activation_offload and best.micro_batch_size == 1
+    assert not any(c.fits for c in cands if not c.activation_offload)
+    short, cands = memory.fit_to_budget(model, memory.StepShape(4, 1024, fused_loss=True),
+                                        parse_bytes("8GiB"))
+    assert not short.activation_offload and not any(c.activation_offload for c in cands)

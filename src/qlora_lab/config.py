@@ -132,6 +132,8 @@ class TrainConfig:
         under pressure), torch AdamW on CPU (bitsandbytes' 8-bit optimizers need CUDA).
     max_grad_norm: 0.3 follows the QLoRA paper; 4-bit training is sensitive to spikes.
     gradient_checkpointing: recompute activations in backward; ~30 % slower, far less memory.
+    checkpoint_every: with checkpointing, checkpoint only every n-th decoder layer (selective
+        checkpointing; the others keep their activations): less recomputation, more memory.
     save_steps / eval_steps / logging_steps: in optimizer steps.
     device: `auto` = CUDA when available, else CPU.
     packing: pack whole rows into bins of `data.max_seq_len` tokens (first-fit decreasing)
@@ -173,6 +175,7 @@ class TrainConfig:
     liger: Literal["auto", "on", "off"] = "auto"
     activation_offload: bool = False
     compile: bool = False
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "grad_accum_steps", "logging_steps", "eval_steps",
@@ -187,6 +190,8 @@ class TrainConfig:
                  "a float in [0, 1)")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm,
                  ">= 0 (0 = no clipping)")
+        _require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every,
+                 "a positive integer (1 = every layer)")
         _require(self.gradient_checkpointing or not self.activation_offload,
                  "train.activation_offload", self.activation_offload,
                  "false when train.gradient_checkpointing is false (it offloads checkpoints)")

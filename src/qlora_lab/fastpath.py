@@ -267,11 +267,16 @@ def offloaded_checkpoint(function, hidden, *args, **kwargs):
     return _OffloadedCheckpoint.apply(function, hidden, *args)
 
 
-def enable_offloaded_checkpointing(model: nn.Module) -> None:
-    """Checkpoint every decoder layer with its saved input in host memory.
+def enable_offloaded_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:
+    """Checkpoint decoder layers with their saved inputs in host memory.
 
-    transformers has no public switch for the checkpoint function; `_set_gradient_checkpointing`
-    (PreTrainedModel, stable since 4.35) is the hook `gradient_checkpointing_enable` itself uses.
+    transformers >= 5.17 offers the same strategy as `gradient_checkpointing_enable(offload=True)`
+    (torch's save_on_cpu around each checkpoint). This one is what the 98,304-token measurement
+    under 8 GiB used (benchmarks/results/bench_context_ours_h200_8gib.json); it stays until a
+    side-by-side run shows the library's is as good. `_set_gradient_checkpointing`
+    (PreTrainedModel, stable since 4.35) is the hook `gradient_checkpointing_enable` itself uses
+    to install a checkpoint function.
     """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded_checkpoint)
+    model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded_checkpoint,
+                                      every_n_layers=every_n_layers)

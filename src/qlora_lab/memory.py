@@ -100,6 +100,7 @@ class StepShape:
     loss_chunk_tokens: int = 4096
     activation_offload: bool = False
     mlp_tile_tokens: int = 8192
+    checkpoint_every: int = 1  # selective checkpointing: every n-th layer
 
     @property
     def tokens(self) -> int:
@@ -211,6 +212,17 @@ def _activation_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
                            "one layer rebuilt in backward: 31.25H per token, + 9.1I per token "
                            + (f"of one {s.mlp_tile_tokens}-token MLP tile" if tiled
                               else "(MLP not tiled at this length)"))]
+    if s.gradient_checkpointing and s.checkpoint_every > 1:
+        # transformers checkpoints layers 0, n, 2n, ...; the others keep all their activations.
+        ckpt_layers = -(-L // s.checkpoint_every)
+        return [MemoryTerm("checkpointed_layer_inputs", ckpt_layers * n * m.hidden_size * a,
+                           f"{ckpt_layers} of {L} layers checkpointed (every "
+                           f"{s.checkpoint_every}): their inputs, N x H x {a} B each"),
+                MemoryTerm("layer_activations", (L - ckpt_layers) * per_layer,
+                           f"{L - ckpt_layers} layers not checkpointed: (31.25H + 9.1I) bytes "
+                           "per token each"),
+                MemoryTerm("recomputed_layer", per_layer,
+                           "one checkpointed layer's activations, rebuilt during its backward")]
     if s.gradient_checkpointing:
         kept = L * n * m.hidden_size * a
         return [MemoryTerm("checkpointed_layer_inputs", kept,
@@ -366,6 +378,18 @@ class Candidate:
     peak_allocated_bytes: int
     predicted_tokens_per_s: float
     fits: bool
+    checkpoint_every: int = 1
+    activation_offload: bool = False
+
+    @property
+    def activation_strategy(self) -> str:
+        if not self.gradient_checkpointing:
+            return "none"
+        if self.activation_offload:
+            return "checkpointing, inputs offloaded to host"
+        if self.checkpoint_every > 1:
+            return f"checkpointing every {self.checkpoint_every} layers"
+        return "checkpointing"
 
 
 def predicted_throughput(model: ModelShape, step: StepShape, flops_per_s: float = 200e12,
@@ -380,8 +404,21 @@ def predicted_throughput(model: ModelShape, step: StepShape, flops_per_s: float 
     params = model.linear_params() + model.vocab_size * model.hidden_size
     compute = 6 * params * step.tokens / flops_per_s
     if step.gradient_checkpointing:
-        compute *= 4 / 3
+        # The recomputed forward (2 of the 6 FLOPs per parameter) of the checkpointed layers.
+        ckpt_share = (-(-model.num_hidden_layers // step.checkpoint_every)
+                      / model.num_hidden_layers)
+        compute *= 1 + ckpt_share / 3
+    if step.activation_offload:
+        # Each layer input crosses PCIe twice (~25 GB/s each way on a typical card), on the
+        # compute stream.
+        compute += 2 * model.num_hidden_layers * step.tokens * model.hidden_size * 2 / 25e9
     return step.tokens / (step_overhead_s + compute)
+
+
+# Activation strategies the budget search tries, cheapest in time first:
+# (gradient_checkpointing, checkpoint_every, activation_offload).
+STRATEGIES = ((False, 1, False), (True, 4, False), (True, 2, False), (True, 1, False),
+              (True, 1, True))
 
 
 def fit_to_budget(model: ModelShape, base: StepShape, budget_bytes: int,
@@ -392,19 +429,34 @@ def fit_to_budget(model: ModelShape, base: StepShape, budget_bytes: int,
     The budget is compared with the predicted *reserved* peak (what the card must hold), so the
     allocator's overhead is inside the budget too. Returns the fastest feasible candidate.
     """
-    cands = []
-    for mb in micro_batches:
-        for ckpt in (False, True):
-            for opt in optimizers:
-                step = replace(base, micro_batch_size=mb, gradient_checkpointing=ckpt,
-                               optimizer=opt)
-                plan = estimate_peak_memory(model, step)
-                cands.append(Candidate(mb, step.seq_len, ckpt, opt, plan.peak_allocated_bytes,
-                                       predicted_throughput(model, step),
-                                       plan.peak_reserved_bytes <= budget_bytes))
+    cands = _candidates(model, base, budget_bytes, micro_batches, optimizers, offload=False)
+    if not any(c.fits for c in cands) and base.fused_loss:
+        # Offloading checkpoints to host memory is the last resort: it was measured for long
+        # rows (98,304 tokens in 8 GiB), not for speed, so it is chosen only when nothing else
+        # fits.
+        cands += _candidates(model, base, budget_bytes, micro_batches, optimizers, offload=True)
     feasible = [c for c in cands if c.fits]
     best = max(feasible, key=lambda c: c.predicted_tokens_per_s, default=None)
     return best, cands
+
+
+def _candidates(model: ModelShape, base: StepShape, budget_bytes: int, micro_batches,
+                optimizers, offload: bool) -> list[Candidate]:
+    cands = []
+    for mb in micro_batches:
+        for ckpt, every, strategy_offload in STRATEGIES:
+            if strategy_offload != offload:
+                continue
+            for opt in optimizers:
+                step = replace(base, micro_batch_size=mb, gradient_checkpointing=ckpt,
+                               optimizer=opt, checkpoint_every=every,
+                               activation_offload=offload)
+                plan = estimate_peak_memory(model, step)
+                cands.append(Candidate(mb, step.seq_len, ckpt, opt, plan.peak_allocated_bytes,
+                                       predicted_throughput(model, step),
+                                       plan.peak_reserved_bytes <= budget_bytes, every,
+                                       offload))
+    return cands
 
 
 def shorter_seq_fallback(model: ModelShape, base: StepShape, budget_bytes: int):

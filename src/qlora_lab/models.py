@@ -308,7 +308,7 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
     return model
 
 
-def prepare_for_training(model, gradient_checkpointing: bool) -> None:
+def prepare_for_training(model, gradient_checkpointing: bool, every_n_layers: int = 1) -> None:
     """Freeze the base and set up checkpointing, WITHOUT peft's fp32 upcast.
 
     peft's `prepare_model_for_kbit_training` casts every non-quantized weight (embeddings, norms,
@@ -330,7 +330,10 @@ def prepare_for_training(model, gradient_checkpointing: bool) -> None:
     elif gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs, so no enable_input_require_grads
         # hook is needed (that hook exists only for the reentrant variant).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        if every_n_layers > 1:  # selective checkpointing (transformers >= 5.17)
+            kwargs["every_n_layers"] = every_n_layers
+        model.gradient_checkpointing_enable(**kwargs)
 
 
 def keep_cpu_4bit_layout(model) -> None:

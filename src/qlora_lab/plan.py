@@ -65,7 +65,8 @@ def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
         gradient_checkpointing=cfg.train.gradient_checkpointing, gpus=gpus, strategy=strategy,
         # Under FSDP train falls back to the model's own loss (lm_head is sharded there).
         fused_loss=cfg.train.fused_loss and not (gpus > 1 and strategy == "fsdp"),
-        activation_offload=cfg.train.activation_offload)
+        activation_offload=cfg.train.activation_offload,
+        checkpoint_every=cfg.train.checkpoint_every)
 
 
 def apply_candidate(cfg: RunConfig, cand: memory.Candidate) -> RunConfig:
@@ -74,6 +75,8 @@ def apply_candidate(cfg: RunConfig, cand: memory.Candidate) -> RunConfig:
     accum = max(1, -(-rows_per_step // cand.micro_batch_size))
     train = replace(cfg.train, micro_batch_size=cand.micro_batch_size, grad_accum_steps=accum,
                     gradient_checkpointing=cand.gradient_checkpointing,
+                    checkpoint_every=cand.checkpoint_every,
+                    activation_offload=cand.activation_offload,
                     optimizer=cand.optimizer if cfg.train.optimizer != "auto" else "auto")
     return replace(cfg, train=train, data=replace(cfg.data, max_seq_len=cand.seq_len))
 
@@ -134,15 +137,25 @@ def run_plan(cfg: PlanConfig) -> dict:
         print(json.dumps(result, indent=2))
     else:
         print(f"model {run.model.name}: micro-batch {step.micro_batch_size} x seq {step.seq_len}, "
-              f"{step.bits}-bit base, LoRA r={step.lora_r}, {step.optimizer}, checkpointing "
-              f"{'on' if step.gradient_checkpointing else 'off'}"
+              f"{step.bits}-bit base, LoRA r={step.lora_r}, {step.optimizer}, "
+              f"activations: {_strategy(step)}"
               + (f"; per GPU of {step.gpus} ({step.strategy})" if step.gpus > 1 else ""))
         print(_table(plan))
         if cfg.budget:
             print(f"fits {cfg.budget}: micro-batch {result['chosen']['micro_batch_size']}, "
-                  f"checkpointing {'on' if result['chosen']['gradient_checkpointing'] else 'off'}"
+                  f"activations: {_strategy(step)}"
                   + (f"; config written to {cfg.output}" if cfg.output else ""))
     return result
+
+
+def _strategy(step: memory.StepShape) -> str:
+    if not step.gradient_checkpointing:
+        return "kept (no checkpointing)"
+    if step.activation_offload:
+        return "checkpointing, layer inputs offloaded to host memory"
+    if step.checkpoint_every > 1:
+        return f"checkpointing every {step.checkpoint_every} layers"
+    return "checkpointing every layer"
 
 
 def nearest_fit_advice(cfg: RunConfig, budget_bytes: int) -> str | None:
@@ -161,5 +174,8 @@ def nearest_fit_advice(cfg: RunConfig, budget_bytes: int) -> str | None:
             f"config and {budget_bytes / memory.GIB:.2f} GiB is available; nearest fit: "
             f"--set train.micro_batch_size={t.micro_batch_size} --set "
             f"train.grad_accum_steps={t.grad_accum_steps} --set "
-            f"train.gradient_checkpointing={str(t.gradient_checkpointing).lower()} "
-            f"(or pass --budget {budget_bytes / memory.GIB:.1f}GiB)")
+            f"train.gradient_checkpointing={str(t.gradient_checkpointing).lower()}"
+            + (f" --set train.checkpoint_every={t.checkpoint_every}"
+               if t.checkpoint_every > 1 else "")
+            + (" --set train.activation_offload=true" if t.activation_offload else "")
+            + f" (or pass --budget {budget_bytes / memory.GIB:.1f}GiB)")

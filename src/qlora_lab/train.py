@@ -219,9 +219,10 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
         model = models.load_base_model(model_path, cfg.model, cfg.quant, device)
     use_liger = fastpath.resolve_liger(cfg.train.liger, device)
     fastpath.apply_fast_modules(model, use_liger)  # before LoRA: same module names either way
-    models.prepare_for_training(model, cfg.train.gradient_checkpointing)
+    models.prepare_for_training(model, cfg.train.gradient_checkpointing,
+                                cfg.train.checkpoint_every)
     if cfg.train.activation_offload:
-        fastpath.enable_offloaded_checkpointing(model)
+        fastpath.enable_offloaded_checkpointing(model, cfg.train.checkpoint_every)
     head_loss = None
     # FSDP flattens lm_head's weight into shards: there, only the model's own loss sees it whole.
     if cfg.train.fused_loss and not models.fsdp_active():
