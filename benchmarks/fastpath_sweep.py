@@ -31,6 +31,8 @@ LADDER = [
     ("16 bins + torch.compile per decoder layer", ["lora.dropout=0.0",
                                                    "train.micro_batch_size=16",
                                                    "train.compile=true"]),
+    ("8 bins, checkpointing every 2nd layer", ["lora.dropout=0.0", "train.micro_batch_size=8",
+                                               "train.checkpoint_every=2"]),
 ]
 
 
