@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The H200 benchmark of issue #5, as run for benchmarks/results/bench_h200_8gib.json:
 #   bash benchmarks/bench_h200.sh [sweep|final|small|context|all]   (all = sweep, final, small)
+# One device call allows 10 minutes: run `sweep` in one call and `final` + `small` in the next
+# (the sweep's result stays in /tmp on a warm machine; BEST="--set k=v ..." overrides it).
 # Needs (offline host): .peer/peer-site.tgz from ../shared/device/peer-site.sh (unsloth,
 # bitsandbytes, liger-kernel) and the Dolly sample at .benchdata/dolly_dev.jsonl.
 # Model: the TinyLlama-1.1B architecture with random weights (speed and memory do not depend on
@@ -19,11 +21,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 COMMON=(--model $MODEL --data $DATA --memory-cap 8GiB --set train.grad_accum_steps=1
         --set data.max_seq_len=1024)
 if [[ $phase == sweep || $phase == all ]]; then
-  timeout 250 python3 benchmarks/fastpath_sweep.py --model $MODEL --data $DATA \
+  timeout 540 python3 benchmarks/fastpath_sweep.py --model $MODEL --data $DATA \
     --out "$OUT/fastpath_sweep.json" --steps 6 2>&1 | grep -v "it/s\]" | tail -40
+  cp "$OUT/fastpath_sweep.json" /tmp/fastpath_sweep.json
 fi
 if [[ $phase == final || $phase == all ]]; then
-  best=$(python3 -c "import json; b=json.load(open('$OUT/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)
+  best=${BEST:-$(python3 -c "import json; b=json.load(open('/tmp/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)}
   echo "final bench with: $best"
   timeout 290 python3 -m qlora_lab bench "${COMMON[@]}" $best --steps 12 \
     --recipes plain,qlora_lab,unsloth --output-dir /tmp/bench-final 2>&1 | grep -v "it/s\]" | tail -30
