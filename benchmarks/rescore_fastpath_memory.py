@@ -4,7 +4,8 @@
 
 Points: the ladder of fastpath_sweep_h200_run2_before.json (TinyLlama, 4 x 1024-token bins,
 gradient checkpointing, LoRA dropout 0.05) and the max-context search of
-bench_context_ours_h200_8gib.json (one row, offloaded checkpoints, tiled MLP, dropout 0).
+bench_context_ours_h200_8gib.json (one row, offloaded checkpoints, tiled MLP, dropout 0), and
+the micro-batch 1 x 2048 run of bench_1x2048_h200_8gib.json.
 Peaks are torch.cuda.max_memory_allocated on an H200 capped at 8 GiB.
 """
 
@@ -42,6 +43,11 @@ def main() -> None:
                                      activation_offload=True)
             points.append((f"one {attempt['tokens']}-token row, offloaded checkpoints", shape,
                            attempt["peak_allocated_bytes"], "bench_context_ours_h200_8gib.json"))
+    small = json.loads((RESULTS / "bench_1x2048_h200_8gib.json").read_text())
+    ours = small["recipes"]["qlora_lab"]
+    points.append(("one 2,048-token bin per step (micro-batch 1)",
+                   memory.StepShape(micro_batch_size=1, seq_len=2048, fused_loss=True),
+                   ours["peak_allocated_bytes"], "bench_1x2048_h200_8gib.json"))
     rows = []
     for name, shape, measured, source in points:
         predicted = memory.estimate_peak_memory(model, shape).peak_allocated_bytes
