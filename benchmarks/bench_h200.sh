@@ -10,8 +10,12 @@
 set -uo pipefail
 phase=${1:-all}
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
-mkdir -p /tmp/peer && [ -f /tmp/peer/.done ] || { tar xzf .peer/peer-site.tgz -C /tmp/peer && touch /tmp/peer/.done; }
-export PYTHONPATH=/tmp/peer:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 \
+# unsloth's package set (it holds bitsandbytes and liger-kernel too); without it, whatever is
+# already on PYTHONPATH (e.g. /tmp/site from .whl/) serves the phases that need no unsloth.
+if [ -f .peer/peer-site.tgz ]; then
+  mkdir -p /tmp/peer && [ -f /tmp/peer/.done ] || { tar xzf .peer/peer-site.tgz -C /tmp/peer && touch /tmp/peer/.done; }
+fi
+export PYTHONPATH=/tmp/peer:${PYTHONPATH:+$PYTHONPATH:}$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 \
        TOKENIZERS_PARALLELISM=false QLORA_LAB_CACHE=/tmp/qlora-cache
 DATA=.benchdata/dolly_dev.jsonl MODEL=/tmp/tinyllama-random
 [ -f $MODEL/config.json ] || python3 -c "
