@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The H200 benchmark of issue #5, as run for benchmarks/results/bench_h200_8gib.json:
-#   bash benchmarks/bench_h200.sh [sweep|final|small|context|all]   (all = sweep, final, small)
+#   bash benchmarks/bench_h200.sh [sweep|final|small|profile|context|all]   (all = sweep, final, small)
+# VARIANTS=4,6,7 picks rows of the sweep's ladder (default: all of them).
 # One device call allows 10 minutes: run `sweep` in one call and `final` + `small` in the next
 # (the sweep's result stays in /tmp on a warm machine; BEST="--set k=v ..." overrides it).
 # Needs (offline host): .peer/peer-site.tgz from ../shared/device/peer-site.sh (unsloth,
@@ -25,14 +26,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 COMMON=(--model $MODEL --data $DATA --memory-cap 8GiB --set train.grad_accum_steps=1
         --set data.max_seq_len=1024)
 if [[ $phase == sweep || $phase == all ]]; then
-  timeout 540 python3 benchmarks/fastpath_sweep.py --model $MODEL --data $DATA \
-    --out "$OUT/fastpath_sweep.json" --steps 6 2>&1 | grep -v "it/s\]" | tail -40
+  timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/fastpath_sweep.py --model $MODEL --data $DATA \
+    --out "$OUT/fastpath_sweep.json" --steps 8 ${VARIANTS:+--variants $VARIANTS} 2>&1 \
+    | grep -v "it/s\]" | tail -40
   cp "$OUT/fastpath_sweep.json" /tmp/fastpath_sweep.json
 fi
 if [[ $phase == final || $phase == all ]]; then
   best=${BEST:-$(python3 -c "import json; b=json.load(open('/tmp/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)}
   echo "final bench with: $best"
-  timeout 290 python3 -m qlora_lab bench "${COMMON[@]}" $best --steps 12 \
+  timeout ${FINAL_TIMEOUT:-290} python3 -m qlora_lab bench "${COMMON[@]}" $best --steps 12 \
     --recipes plain,qlora_lab,unsloth --output-dir /tmp/bench-final 2>&1 | grep -v "it/s\]" | tail -30
   cp /tmp/bench-final/bench.json "$OUT/bench_h200_8gib.json"; cp /tmp/bench-final/bench.md "$OUT/bench_h200_8gib.md"
 fi
@@ -42,6 +44,18 @@ if [[ $phase == small || $phase == all ]]; then
     --recipes qlora_lab --set train.grad_accum_steps=1 --set data.max_seq_len=2048 \
     --set train.micro_batch_size=1 --output-dir /tmp/bench-small 2>&1 | grep -v "it/s\]" | tail -8
   cp /tmp/bench-small/bench.json "$OUT/bench_1x2048_h200_8gib.json"
+  # The same with checkpointed layer inputs kept in host memory (the planner's last resort).
+  timeout 120 python3 -m qlora_lab bench --model $MODEL --data $DATA --memory-cap 8GiB --steps 4 \
+    --recipes qlora_lab --set train.grad_accum_steps=1 --set data.max_seq_len=2048 \
+    --set train.micro_batch_size=1 --set train.activation_offload=true \
+    --output-dir /tmp/bench-small-offload 2>&1 | grep -v "it/s\]" | tail -8
+  cp /tmp/bench-small-offload/bench.json "$OUT/bench_1x2048_offload_h200_8gib.json"
+fi
+if [[ $phase == profile ]]; then
+  # Where a step of the best config spends GPU time (PROFILE="--set k=v ..." overrides it).
+  best=${PROFILE:-$(python3 -c "import json; b=json.load(open('/tmp/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)}
+  timeout 150 python3 benchmarks/profile_step.py --model $MODEL --data $DATA $best \
+    --out "$OUT/profile_step_h200.json" 2>&1 | grep -v "it/s\]" | tail -30
 fi
 if [[ $phase == context ]]; then
   timeout 400 python3 -m qlora_lab bench "${COMMON[@]}" --set lora.dropout=0.0 --steps 3 \

@@ -63,7 +63,7 @@ PY
 
 # The lab writes report.json after every stage, so a run cut short still leaves its numbers.
 status=0
-timeout 500 python3 -m qlora_lab lab --budget 8GiB --model "$model" \
+timeout ${LAB_TIMEOUT:-500} python3 -m qlora_lab lab --budget 8GiB --model "$model" \
   --speed-model "$work/tinyllama-random" --output-dir "$work/lab-h200" "$@" \
   > "$work/lab.log" 2>&1 || status=$?
 grep -E "^(INFO qlora_lab.lab|report:|qlora-lab)" "$work/lab.log" || true

@@ -5,7 +5,8 @@
 Points: the ladder of fastpath_sweep_h200_run2_before.json (TinyLlama, 4 x 1024-token bins,
 gradient checkpointing, LoRA dropout 0.05) and the max-context search of
 bench_context_ours_h200_8gib.json (one row, offloaded checkpoints, tiled MLP, dropout 0), and
-the micro-batch 1 x 2048 run of bench_1x2048_h200_8gib.json.
+the micro-batch 1 x 2048 runs of bench_1x2048_h200_8gib.json (and its offloaded twin), and the
+rows of fastpath_sweep_h200_run3.json (4 to 32 bins, selective checkpointing, compiled layers).
 Peaks are torch.cuda.max_memory_allocated on an H200 capped at 8 GiB.
 """
 
@@ -43,11 +44,27 @@ def main() -> None:
                                      activation_offload=True)
             points.append((f"one {attempt['tokens']}-token row, offloaded checkpoints", shape,
                            attempt["peak_allocated_bytes"], "bench_context_ours_h200_8gib.json"))
-    small = json.loads((RESULTS / "bench_1x2048_h200_8gib.json").read_text())
-    ours = small["recipes"]["qlora_lab"]
-    points.append(("one 2,048-token bin per step (micro-batch 1)",
-                   memory.StepShape(micro_batch_size=1, seq_len=2048, fused_loss=True),
-                   ours["peak_allocated_bytes"], "bench_1x2048_h200_8gib.json"))
+    for source, offload in (("bench_1x2048_h200_8gib.json", False),
+                            ("bench_1x2048_offload_h200_8gib.json", True)):
+        ours = json.loads((RESULTS / source).read_text())["recipes"]["qlora_lab"]
+        points.append(("one 2,048-token bin per step (micro-batch 1)"
+                       + (", offloaded checkpoints" if offload else ""),
+                       memory.StepShape(micro_batch_size=1, seq_len=2048, fused_loss=True,
+                                        lora_dropout=False, activation_offload=offload),
+                       ours["peak_allocated_bytes"], source))
+    # Run 3 (LoRA dropout 0 by default): larger micro-batches, selective checkpointing, and
+    # torch.compile per layer, which the planner does not model (predicted as eager).
+    run3 = "fastpath_sweep_h200_run3.json"
+    for row in json.loads((RESULTS / run3).read_text())["rows"]:
+        if not row.get("peak_allocated_bytes"):
+            continue
+        sets = dict(s.split("=", 1) for s in row["set"])
+        shape = memory.StepShape(
+            micro_batch_size=int(sets.get("train.micro_batch_size", 4)), seq_len=1024,
+            fused_loss=True, lora_dropout=False,
+            gradient_checkpointing=sets.get("train.gradient_checkpointing") != "false",
+            checkpoint_every=int(sets.get("train.checkpoint_every", 1)))
+        points.append((row["variant"], shape, row["peak_allocated_bytes"], run3))
     rows = []
     for name, shape, measured, source in points:
         predicted = memory.estimate_peak_memory(model, shape).peak_allocated_bytes

@@ -1,0 +1,127 @@
+"""Where one training step of qlora-lab's path spends its GPU time: a torch.profiler breakdown.
+
+    python benchmarks/profile_step.py --model DIR --data dolly.jsonl --out profile.json \
+        [--set train.micro_batch_size=16 ...]
+
+Builds the run exactly as `qlora-lab train` does (train.setup_training), profiles two steps after
+two warm-up steps, and writes the kernels with the most CUDA time plus a breakdown by kind
+(4-bit dequantize, matmuls, attention, Liger kernels, elementwise/copies) and the step's wall
+time, so a perf change can aim at what dominates. The same settings as `bench` (no eval, no
+saves, grad_accum 1 unless --set says otherwise, the emulated 8 GiB cap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from qlora_lab.config import config_from_dict, parse_overrides
+from qlora_lab.train import setup_training
+
+# Substrings of kernel names, first match wins; anything else is "other".
+KINDS = [
+    ("dequantize 4-bit", ("dequantize", "kDequantize", "kgemm_4bit")),
+    ("attention", ("flash", "fmha", "attention", "efficient_attention", "softmax")),
+    ("triton: Liger + compiled", ("liger", "_rms_norm", "swiglu", "cross_entropy", "triton")),
+    ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul")),
+    ("copy / cast", ("copy", "Copy", "cast", "to_copy", "memcpy", "Memcpy")),
+    ("elementwise / reduce", ("elementwise", "vectorized", "reduce", "Reduce", "fill")),
+]
+
+
+def kind_of(name: str) -> str:
+    for kind, marks in KINDS:
+        if any(m in name for m in marks):
+            return kind
+    return "other"
+
+
+class _Stepper(TrainerCallback):
+    def __init__(self, prof):
+        self.prof, self.marks = prof, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append(time.perf_counter())
+        self.prof.step()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--memory-cap-gib", type=float, default=8.0)
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()  # on CPU it runs too (a smoke test of the script)
+    if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 1024**3 / total))
+
+    wait, warmup, active = 1, 1, 2
+    base = {"model": {"name": args.model},
+            "data": {"source": args.data, "eval_fraction": 0.0, "max_seq_len": 1024},
+            "train": {"output_dir": "/tmp/profile-step", "max_steps": wait + warmup + active + 1,
+                      "save_steps": 1000, "grad_accum_steps": 1, "tensorboard": False}}
+    cfg = config_from_dict(parse_overrides(args.set), config_from_dict(base))
+    session = setup_training(cfg, overwrite=True)
+    schedule = torch.profiler.schedule(wait=wait, warmup=warmup, active=active,
+                                         repeat=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA],
+                                schedule=schedule) as prof:
+        stepper = _Stepper(prof)
+        session.trainer.add_callback(stepper)
+        session.trainer.train()
+    # Wall time of every step after the first (the profiled ones are slowed by the profiler).
+    steps_s = [round(b - a, 4) for a, b in zip(stepper.marks, stepper.marks[1:])]
+
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    # "ProfilerStep#N" is the profiler's own step annotation, not a kernel.
+    events = [e for e in prof.key_averages()
+              if e.device_type == kind and not e.key.startswith("ProfilerStep")]
+    device_us = [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total, e.count)
+                 for e in events]
+    device_us.sort(key=lambda t: -t[1])
+    total_us = sum(t[1] for t in device_us) or 1.0
+    by_kind = defaultdict(float)
+    for name, us, _ in device_us:
+        by_kind[kind_of(name)] += us
+    launches = sum(c for _, _, c in device_us)
+    report = {
+        "command": " ".join(sys.argv),
+        "settings": args.set,
+        "profiled_steps": active,
+        "step_seconds": steps_s,
+        "gpu_busy_seconds_per_step": total_us / 1e6 / active,
+        "kernel_launches_per_step": launches / active,
+        "by_kind_share": {k: round(v / total_us, 4) for k, v in
+                          sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": n[:160], "kind": kind_of(n), "ms_per_step": us / 1e3 / active,
+                         "share": round(us / total_us, 4), "calls_per_step": c / active}
+                        for n, us, c in device_us[:args.top]],
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu",
+        "versions": {"torch": torch.__version__},
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("step_seconds", "gpu_busy_seconds_per_step",
+                                             "kernel_launches_per_step", "by_kind_share")},
+                     indent=1))
+    for k in report["top_kernels"][:15]:
+        print(f"{k['ms_per_step']:8.2f} ms {k['calls_per_step']:6.0f}x {k['kind']:22s} "
+              f"{k['name'][:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
