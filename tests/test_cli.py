@@ -57,6 +57,6 @@ def test_train_budget_applies_the_plan(tmp_path):
                  str(out), "--max-steps", "1", "--budget", "1GiB", "--set",
                  "train.tensorboard=false", "--set", "data.max_seq_len=256"]) == 0
     cfg = load_run_config(out / "config.yaml")
-    # The tiny model fits the largest micro-batch searched (32 rows: one micro-batch then
-    # exceeds the 4 x 4 rows per step, so accumulation drops to 1).
-    assert cfg.train.micro_batch_size == 32 and cfg.train.grad_accum_steps == 1
+    # The tiny model fits every micro-batch; the search only tries those that divide the
+    # 4 x 4 rows per step, so it takes all 16 in one micro-batch and keeps the effective batch.
+    assert cfg.train.micro_batch_size == 16 and cfg.train.grad_accum_steps == 1

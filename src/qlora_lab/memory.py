@@ -26,6 +26,10 @@ DQ_BLOCK = 256  # double quantization: one fp32 absmax per 256 (uint8-quantized)
 # allocated peak: 1.04-1.49x in the validation runs (largest with checkpointing at mid-size
 # micro-batches). The budget search compares the *reserved* estimate with the budget.
 RESERVED_OVER_ALLOCATED = 1.5
+# With packing every micro-batch has the same shape, so freed blocks are reused as they are and
+# the allocator holds less slack: 1.03-1.28x on the fast path (TinyLlama, 4 to 32 packed bins,
+# H200; benchmarks/results/reserved_ratio_fastpath.json).
+RESERVED_OVER_ALLOCATED_PACKED = 1.3
 # Allocations no term above names (cuBLAS workspaces taken through PyTorch's allocator, rotary
 # caches, bitsandbytes' quant-state tensors): the median unexplained residual of the validation
 # runs, 55 MiB, nearly constant across models and sizes.
@@ -101,6 +105,8 @@ class StepShape:
     activation_offload: bool = False
     mlp_tile_tokens: int = 8192
     checkpoint_every: int = 1  # selective checkpointing: every n-th layer
+    packed: bool = False  # rows packed into fixed-length bins (train.packing)
+    compiled: bool = False  # decoder layers torch.compiled (train.compile)
 
     @property
     def tokens(self) -> int:
@@ -196,22 +202,25 @@ def layer_activation_bytes_per_token(m: ModelShape, s: StepShape) -> float:
 def _activation_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
     n, a, L = s.tokens, s.compute_bytes, m.num_hidden_layers
     per_layer = int(layer_activation_bytes_per_token(m, s) * n)
+    # On the fast path (fused_loss stands for it) the MLP runs in tiles above 2 tiles' worth of
+    # tokens, so a recomputed layer holds only one tile of its (9.1I bytes/token) activations.
+    # Compiled layers are not counted as tiled: at 32 x 1,024 tokens they peaked at 6.23 GiB
+    # against eager's 5.20 (benchmarks/results/fastpath_sweep_h200_run3.json).
+    tiled = ((s.fused_loss or s.activation_offload) and not s.compiled
+             and n > 2 * s.mlp_tile_tokens)
+    mlp_tokens = s.mlp_tile_tokens if tiled else n
+    recomputed = int(a / 2 * (LAYER_BYTES_PER_H * m.hidden_size * n
+                              + LAYER_BYTES_PER_I * m.intermediate_size * mlp_tokens))
+    recomputed_note = ("one layer rebuilt in backward: 31.25H per token, + 9.1I per token "
+                       + (f"of one {s.mlp_tile_tokens}-token MLP tile" if tiled
+                          else "(MLP not tiled at this length)"))
     if s.activation_offload:
         # Layer inputs wait in host memory; on the GPU: the input being copied back plus the
-        # one in use. The recomputed layer's MLP runs in tiles above 2 tiles' worth of tokens,
-        # so only one tile of its (9.1I bytes/token) activations is alive.
-        scale = a / 2
-        tiled = n > 2 * s.mlp_tile_tokens
-        mlp_tokens = s.mlp_tile_tokens if tiled else n
-        recomputed = int(scale * (LAYER_BYTES_PER_H * m.hidden_size * n
-                                  + LAYER_BYTES_PER_I * m.intermediate_size * mlp_tokens))
+        # one in use.
         return [MemoryTerm("offloaded_layer_inputs", 2 * n * m.hidden_size * a,
                            f"2 x N x H x {a} B on the GPU; L x N x H x {a} B in pinned host "
                            "memory"),
-                MemoryTerm("recomputed_layer", recomputed,
-                           "one layer rebuilt in backward: 31.25H per token, + 9.1I per token "
-                           + (f"of one {s.mlp_tile_tokens}-token MLP tile" if tiled
-                              else "(MLP not tiled at this length)"))]
+                MemoryTerm("recomputed_layer", recomputed, recomputed_note)]
     if s.gradient_checkpointing and s.checkpoint_every > 1:
         # transformers checkpoints layers 0, n, 2n, ...; the others keep all their activations.
         ckpt_layers = -(-L // s.checkpoint_every)
@@ -221,15 +230,12 @@ def _activation_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
                 MemoryTerm("layer_activations", (L - ckpt_layers) * per_layer,
                            f"{L - ckpt_layers} layers not checkpointed: (31.25H + 9.1I) bytes "
                            "per token each"),
-                MemoryTerm("recomputed_layer", per_layer,
-                           "one checkpointed layer's activations, rebuilt during its backward")]
+                MemoryTerm("recomputed_layer", recomputed, recomputed_note)]
     if s.gradient_checkpointing:
         kept = L * n * m.hidden_size * a
         return [MemoryTerm("checkpointed_layer_inputs", kept,
                            f"L x N x H x {a} B: each layer's input, kept for recomputation"),
-                MemoryTerm("recomputed_layer", per_layer,
-                           "one layer's activations, rebuilt during its backward "
-                           "(31.25H + 9.1I bytes per token)")]
+                MemoryTerm("recomputed_layer", recomputed, recomputed_note)]
     return [MemoryTerm("layer_activations", L * per_layer,
                        "L x (31.25H + 9.1I) bytes per token (see layer_activation_bytes_per_token)")]
 
@@ -352,7 +358,8 @@ def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:
                        "cuBLAS workspaces, rotary caches, quant-state tensors (measured median)")
     peak += other.bytes
     terms = tuple(static + act + [loss, work, other])
-    return MemoryPlan(terms, int(peak), int(peak * RESERVED_OVER_ALLOCATED))
+    ratio = RESERVED_OVER_ALLOCATED_PACKED if step.packed else RESERVED_OVER_ALLOCATED
+    return MemoryPlan(terms, int(peak), int(peak * ratio))
 
 
 # --- fitting a run to a budget -------------------------------------------------------------------

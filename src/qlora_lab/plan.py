@@ -66,7 +66,8 @@ def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
         # Under FSDP train falls back to the model's own loss (lm_head is sharded there).
         fused_loss=cfg.train.fused_loss and not (gpus > 1 and strategy == "fsdp"),
         activation_offload=cfg.train.activation_offload,
-        checkpoint_every=cfg.train.checkpoint_every)
+        checkpoint_every=cfg.train.checkpoint_every, packed=cfg.train.packing,
+        compiled=cfg.train.compile)
 
 
 def apply_candidate(cfg: RunConfig, cand: memory.Candidate) -> RunConfig:
@@ -85,7 +86,11 @@ def fit_config(cfg: RunConfig, budget_bytes: int, gpus: int = 1, strategy: str =
                ) -> tuple[RunConfig, memory.Candidate, list]:
     shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
     base = step_shape(cfg, gpus=gpus, strategy=strategy)
-    best, cands = memory.fit_to_budget(shape, base, budget_bytes)
+    # Only micro-batches that divide the rows per optimizer step: the search trades micro-batch
+    # for accumulation and must not change the effective batch (which changes the optimization).
+    rows = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    micro_batches = tuple(d for d in range(1, min(rows, 64) + 1) if rows % d == 0)
+    best, cands = memory.fit_to_budget(shape, base, budget_bytes, micro_batches=micro_batches)
     if best is None:
         fallback = memory.shorter_seq_fallback(shape, base, budget_bytes)
         hint = (f"; data.max_seq_len = {fallback.seq_len} with micro-batch "
@@ -166,7 +171,7 @@ def nearest_fit_advice(cfg: RunConfig, budget_bytes: int) -> str | None:
     try:
         shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
         failed = memory.estimate_peak_memory(shape, step_shape(cfg))
-        fitted, best, _ = fit_config(cfg, budget_bytes)
+        fitted, _, _ = fit_config(cfg, budget_bytes)
     except UserError as exc:
         return str(exc) if "fits" in str(exc) else None
     t = fitted.train
