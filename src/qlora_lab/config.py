@@ -153,7 +153,7 @@ class TrainConfig:
     compile: torch.compile each decoder layer (one region per layer, so packed-row masks and the
         loss stay outside compiled code). On an H200 (TinyLlama, 8 GiB cap) it took 16
         1,024-token bins from 35.5k to 39.7k real tok/s, and 32 bins from 28.4k to 43.7k
-        (benchmarks/results/fastpath_sweep_h200_run3.json). Off by default: it costs ~25 s of
+        (benchmarks/results/fastpath_sweep_h200_run3.json). Off by default: it costs 25-30 s of
         compilation at start (a short run loses), and it is measured on that one GPU only.
     """
 
