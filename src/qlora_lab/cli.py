@@ -41,6 +41,9 @@ def _add_train(sub) -> None:
                    help="override any config value, e.g. --set lora.r=8 (repeatable)")
     p.add_argument("--budget", help="fit micro-batch and checkpointing to this VRAM budget "
                    "(e.g. 8GiB) with the planner before training")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the base model run Python from its repository (off by default; "
+                   "a YAML file or a run folder cannot turn it on)")
 
 
 def _add_generate(sub) -> None:
@@ -110,6 +113,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                    help="ddp: a full replica per GPU; fsdp: parameters and optimizer sharded")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model's repository run its own Python (off by default)")
 
 
 def _csv(text: str | None, kind, flag: str) -> tuple | None:
@@ -202,10 +207,32 @@ def train_config_from_args(args):
         cfg = config_from_dict(yaml_values)
         return config_from_dict(overrides, config_from_dict(flags, cfg))
 
+    source = args.config
     cfg = build(load_yaml(args.config) if args.config else {})
     saved = Path(cfg.train.output_dir) / "config.yaml"
     if getattr(args, "resume", None) and not args.config and saved.is_file():
+        source = str(saved)
         cfg = build(load_yaml(saved))  # resume repeats the saved run unless told otherwise
+    return _consent_to_remote_code(cfg, args, overrides, source)
+
+
+def _consent_to_remote_code(cfg, args, overrides: dict, source: str | None):
+    """Remote code runs only when this command line says so, never because a file does.
+
+    A config file or a run folder is data that may come from someone else; `trust_remote_code`
+    executes the model repository's Python, so it needs `--trust-remote-code` (or
+    `--set model.trust_remote_code=true`) in this very invocation.
+    """
+    from dataclasses import replace
+
+    granted = (getattr(args, "trust_remote_code", False)
+               or overrides.get("model", {}).get("trust_remote_code") is True)
+    if cfg.model.trust_remote_code and not granted:
+        raise UserError(f"{source} sets model.trust_remote_code: true, which runs the model "
+                        "repository's own Python — pass --trust-remote-code on the command line "
+                        "if you trust it, or set it to false")
+    if granted and not cfg.model.trust_remote_code:
+        cfg = replace(cfg, model=replace(cfg.model, trust_remote_code=True))
     return cfg
 
 

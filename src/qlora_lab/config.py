@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -21,6 +22,16 @@ from qlora_lab.errors import UserError
 
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
 DEFAULT_DATA = "databricks/databricks-dolly-15k"
+
+
+# Bounds that keep a typo (an extra zero, 1e20) a one-line error instead of an allocation that
+# fails deep inside torch. Each is far above any run that fits on hardware that exists today.
+MAX_LORA_RANK = 4096
+MAX_LORA_ALPHA = 1 << 20
+MAX_SEQ_LEN = 1 << 22  # tokens per row; the longest measured trainable row is 98,304
+MAX_BATCH = 1 << 16  # micro-batch rows (or bins) and accumulation steps
+MAX_STEPS = 10**9
+MAX_EPOCHS = 10**6
 
 
 @dataclass(frozen=True)
@@ -85,8 +96,10 @@ class LoraConfig:
     weight_dtype: Literal["compute", "float32"] = "compute"
 
     def __post_init__(self) -> None:
-        _require(self.r > 0, "lora.r", self.r, "a positive integer")
-        _require(self.alpha > 0, "lora.alpha", self.alpha, "a positive integer")
+        _require(0 < self.r <= MAX_LORA_RANK, "lora.r", self.r,
+                 f"a positive integer <= {MAX_LORA_RANK}")
+        _require(0 < self.alpha <= MAX_LORA_ALPHA, "lora.alpha", self.alpha,
+                 f"a positive integer <= {MAX_LORA_ALPHA}")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a float in [0, 1)")
 
 
@@ -119,11 +132,14 @@ class DataConfig:
     skip_bad_rows: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.max_seq_len >= 8, "data.max_seq_len", self.max_seq_len, "an integer >= 8")
+        _require(8 <= self.max_seq_len <= MAX_SEQ_LEN, "data.max_seq_len", self.max_seq_len,
+                 f"an integer in [8, {MAX_SEQ_LEN}]")
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction,
                  "a float in [0, 1)")
         _require(self.max_eval_rows >= 0, "data.max_eval_rows", self.max_eval_rows, ">= 0")
         _require(self.max_rows >= 0, "data.max_rows", self.max_rows, ">= 0 (0 = all rows)")
+        _require(self.max_eval_rows <= MAX_STEPS and self.max_rows <= MAX_STEPS,
+                 "data.max_rows", self.max_rows, f"<= {MAX_STEPS}")
 
 
 @dataclass(frozen=True)
@@ -184,11 +200,20 @@ class TrainConfig:
     checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch_size", "grad_accum_steps", "logging_steps", "eval_steps",
-                     "save_steps", "save_total_limit"):
+        _require(bool(self.output_dir.strip()), "train.output_dir", self.output_dir,
+                 "a non-empty path (an empty one would mean the current folder)")
+        for name in ("micro_batch_size", "grad_accum_steps"):
             value = getattr(self, name)
-            _require(value > 0, f"train.{name}", value, "a positive integer")
-        _require(self.max_steps >= 0, "train.max_steps", self.max_steps, ">= 0 (0 = use epochs)")
+            _require(0 < value <= MAX_BATCH, f"train.{name}", value,
+                     f"a positive integer <= {MAX_BATCH}")
+        for name in ("logging_steps", "eval_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            _require(0 < value <= MAX_STEPS, f"train.{name}", value, "a positive integer")
+        _require(0 <= self.max_steps <= MAX_STEPS, "train.max_steps", self.max_steps,
+                 f"in [0, {MAX_STEPS}] (0 = use epochs)")
+        _require(self.epochs <= MAX_EPOCHS, "train.epochs", self.epochs, f"<= {MAX_EPOCHS}")
+        # numpy's and torch's seeding take an unsigned 32-bit seed.
+        _require(0 <= self.seed < 2**32, "train.seed", self.seed, "an integer in [0, 2**32 - 1]")
         _require(self.max_steps > 0 or self.epochs > 0, "train.epochs", self.epochs,
                  "> 0 when train.max_steps is 0")
         _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
@@ -214,9 +239,23 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters: a hostile value must not make a huge message."""
+    short = reprlib.Repr()  # keyword arguments need Python 3.12
+    short.maxstring = short.maxother = limit
+    short.maxlist = short.maxdict = 6
+    short.maxlevel = 3
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise UserError(f"config key {key} = {value!r} is invalid: must be {allowed}")
+        raise UserError(f"config key {key} = {_short(value)} is invalid: must be {allowed}")
 
 
 # --- building a config from YAML and overrides -------------------------------------------------
@@ -234,7 +273,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if value in choices and type(value) is type(choices[0]):
             return value
         allowed = ", ".join(repr(c) for c in choices)
-        raise UserError(f"config key {key} = {value!r} is invalid: must be one of {allowed}")
+        raise UserError(f"config key {key} = {_short(value)} is invalid: must be one of "
+                        f"{allowed}")
     if origin in (Union, types.UnionType):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
@@ -246,6 +286,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             return value
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:  # torch and numpy index with int64; larger never works
+                raise UserError(f"config key {key} = {_short(value)} is invalid: too large")
             return value
     elif annotation is float:
         number = None
@@ -259,13 +301,15 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
                 pass
         if number is not None:
             if not math.isfinite(number):
-                raise UserError(f"config key {key} = {value!r} is invalid: must be a finite number")
+                raise UserError(f"config key {key} = {_short(value)} is invalid: must be a finite "
+                                  "number")
             return number
     elif annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     type_name = getattr(annotation, "__name__", str(annotation))
-    raise UserError(f"config key {key} = {value!r} has the wrong type: expected {type_name}")
+    raise UserError(f"config key {key} = {_short(value)} has the wrong type: expected "
+                    f"{type_name}")
 
 
 def _section_from_dict(cls: type, values: dict, prefix: str, base: Any) -> Any:
@@ -274,7 +318,8 @@ def _section_from_dict(cls: type, values: dict, prefix: str, base: Any) -> Any:
     updates = {}
     for key, value in values.items():
         if key not in known:
-            raise UserError(f"unknown config key {prefix}{key}: known keys in {prefix.rstrip('.')} "
+            raise UserError(f"unknown config key {prefix}{_clip(str(key))}: known keys in "
+                            f"{prefix.rstrip('.')} "
                             f"are {', '.join(sorted(known))}")
         updates[key] = _check_type(prefix + key, value, hints[key])
     return replace(base, **updates)
@@ -289,16 +334,67 @@ def config_from_dict(values: dict, base: RunConfig | None = None) -> RunConfig:
     updates = {}
     for name, section_values in values.items():
         if name not in sections:
-            raise UserError(f"unknown config section {name!r}: known sections are "
+            raise UserError(f"unknown config section {_clip(str(name))!r}: known sections are "
                             f"{', '.join(sections)}")
         if section_values is None:
             continue
         if not isinstance(section_values, dict):
-            raise UserError(f"config section {name} must be a mapping, got {section_values!r}")
+            raise UserError(f"config section {name} must be a mapping, got "
+                            f"{_short(section_values)}")
         section_cls = typing.get_type_hints(RunConfig)[name]
         updates[name] = _section_from_dict(section_cls, section_values, f"{name}.",
                                            getattr(base, name))
     return replace(base, **updates)
+
+
+# A config is a few hundred bytes. The bounds stop a "billion laughs" file (a few hundred bytes
+# of nested aliases that expand to billions of nodes) before it expands: the node graph is
+# composed without expanding aliases, then its expanded size is counted with shared subtrees
+# counted once per reference.
+MAX_YAML_BYTES = 1024 * 1024
+MAX_YAML_NODES = 100_000
+
+
+class InvalidYaml(UserError):
+    """Text that is not YAML at all (`--set` then takes it as a plain string)."""
+
+
+def _expanded_size(node, memo: dict) -> int:
+    key = id(node)
+    if key not in memo:
+        memo[key] = 0  # a node that contains itself (a recursive alias) counts once
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        memo[key] = 1 + sum(_expanded_size(child, memo) for child in children)
+    return memo[key]
+
+
+def parse_yaml_text(text: str, where: str) -> Any:
+    """Parse YAML data (never code: safe tags only) within size and alias-expansion bounds."""
+    if len(text) > MAX_YAML_BYTES:
+        raise UserError(f"{where} is {len(text)} characters; a config is at most "
+                        f"{MAX_YAML_BYTES} — check that this is the right file")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise UserError(f"{where} expands to more than {MAX_YAML_NODES} values through "
+                            "YAML aliases (&anchor/*alias) — write the values out, without "
+                            "nested aliases")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidYaml(f"{where} is not valid YAML: {first[:200]}") from None
+    except RecursionError:
+        raise UserError(f"{where} is nested too deeply to be a config — flatten it") from None
+    finally:
+        loader.dispose()
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -306,12 +402,15 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist — pass an existing YAML file to --config")
     try:
-        # safe_load: config values are data, never code (no Python object tags).
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"config file {path} is not valid YAML: {first}") from None
-    return data or {}
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise UserError(f"config file {path} is {path.stat().st_size} bytes; a config is at "
+                            f"most {MAX_YAML_BYTES} — check that this is the right file")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not valid YAML: not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"config file {path} cannot be read ({exc.strerror})") from None
+    return parse_yaml_text(text, f"config file {path}") or {}
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -321,12 +420,12 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, raw = pair.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            raise UserError(f"--set {pair!r} is malformed: use --set section.key=value "
+            raise UserError(f"--set {_short(pair)} is malformed: use --set section.key=value "
                             "(e.g. --set lora.r=8)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+            value = parse_yaml_text(raw, f"--set {_short(key)}") if raw.strip() else ""
+        except InvalidYaml:
+            value = raw  # not YAML: the text as written, then type-checked like any value
         nested.setdefault(parts[0], {})[parts[1]] = value
     return nested
 

@@ -153,7 +153,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 
     Lists are comma-separated; numbers are read as the field's default is typed.
     """
-    import yaml
+    from qlora_lab.config import InvalidYaml, parse_yaml_text
 
     defaults = {f.name: f.default for f in dataclasses.fields(LabConfig)}
     values = {}
@@ -161,12 +161,13 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, raw = pair.partition("=")
         key = key.strip()
         if not sep or key not in TUNABLE:
-            raise UserError(f"lab --set {pair!r}: use KEY=VALUE with KEY one of "
+            raise UserError(f"lab --set {pair[:80]!r}: use KEY=VALUE with KEY one of "
                             f"{', '.join(TUNABLE)}")
         default = defaults[key]
         try:
             if isinstance(default, tuple):
-                items = [yaml.safe_load(x) for x in raw.split(",") if x.strip()]
+                items = [parse_yaml_text(x, f"lab --set {key}") for x in raw.split(",")
+                         if x.strip()]
                 kind = type(default[0]) if default else str
                 value = tuple(float(x) if kind is float else kind(x) for x in items)
                 if not value:
@@ -177,9 +178,9 @@ def parse_overrides(pairs: list[str]) -> dict:
                 value = {"true": True, "false": False}[raw.strip().lower()]
             else:
                 value = type(default)(raw)
-        except (ValueError, KeyError, TypeError, yaml.YAMLError):
+        except (ValueError, KeyError, TypeError, InvalidYaml):
             shown = "comma-separated values" if isinstance(default, tuple) else type(default).__name__
-            raise UserError(f"lab --set {pair!r}: {raw!r} is not a valid value for {key} "
+            raise UserError(f"lab --set {pair[:80]!r}: {raw[:80]!r} is not a valid value for {key} "
                             f"(expected {shown}, e.g. {key}={_example(default)})") from None
         values[key] = value
     return values

@@ -17,6 +17,7 @@ loss stops before it reaches the weights or a checkpoint (faults.py).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -24,7 +25,6 @@ import os
 import re
 import resource
 import shlex
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from qlora_lab import adapters, checkpoints, fastpath, faults, fsio, models, safety
+from qlora_lab import adapters, checkpoints, fastpath, faults, fsio, models, rundir, safety
+from qlora_lab.rundir import check_output_dir, find_checkpoint  # noqa: F401 - re-exported
 from qlora_lab.config import RunConfig, save_config
 from qlora_lab.data import (
     PackedCollator,
@@ -53,76 +54,42 @@ from qlora_lab.trainer import (
 
 log = logging.getLogger(__name__)
 
-RUN_MARKER = "config.yaml"  # a dir holding this was written by `train`
-
-
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def check_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
-    """Refuse to clobber an earlier run unless told to; make sure the dir can be written.
+@dataclass
+class RunClaim:
+    """What `train` knows about its output dir before loading anything (see rundir.py)."""
 
-    Returns True when `--overwrite` must replace an earlier run. The caller deletes it only once
-    the config, data and model have loaded, so a mistake in any of them costs nothing.
+    out: Path
+    replace_run: bool  # --overwrite must clear an earlier run once loading has succeeded
+    checkpoint: str | None  # what --resume continues from
+    lock: rundir.RunLock | None  # held by rank 0 until the run ends
+
+
+def claim_output_dir(cfg: RunConfig, resume: str | bool | None, overwrite: bool) -> RunClaim:
+    """Check the output dir, lock it, pick the checkpoint and vet a resume; writes nothing.
+
+    Under torchrun/accelerate only rank 0 judges, locks and later writes the output dir: another
+    rank could otherwise find rank 0's fresh files and refuse a "non-empty" dir.
     """
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output dir {out} is a file — pass a directory to --output-dir")
+    out = Path(cfg.train.output_dir)
+    replace_run, lock = False, None
+    if _is_main_process():
+        replace_run = rundir.check_output_dir(out, resume=bool(resume), overwrite=overwrite)
+        lock = rundir.RunLock(out).acquire()
     try:
-        existing = out.is_dir() and any(out.iterdir())
-        if existing and not resume:
-            if not overwrite:
-                raise UserError(f"output dir {out} is not empty — pass --resume to continue that "
-                                "run, --overwrite to replace it, or another --output-dir")
-            if not (out / RUN_MARKER).is_file():
-                raise UserError(f"output dir {out} holds files that no qlora-lab run wrote; "
-                                "--overwrite only replaces earlier runs — pick another "
-                                "--output-dir")
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f"{fsio.TMP_PREFIX}write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"output dir {out} is not writable ({exc.strerror}) — pick another "
-                        "--output-dir") from None
-    return existing and not resume
-
-
-def find_checkpoint(out: Path, resume: str | bool | None) -> str | None:
-    """The checkpoint `--resume` continues from; None means "start at step 0".
-
-    `--resume` alone picks the newest complete checkpoint. A run killed before its first
-    checkpoint has none: it starts again (losing less than one save interval, as promised).
-    A name (`checkpoint-200`) or a path picks that checkpoint, which must be complete.
-    """
-    if resume in (None, False):
-        return None
-    root = out / CHECKPOINTS
-    if resume is True:
-        newest = checkpoints.newest_usable(root)
-        if newest is not None:
-            return str(newest)
-        existing = checkpoints.list_all(root)
-        if existing:
-            raise UserError(f"--resume: no usable checkpoint in {root} ({existing[-1].name} "
-                            f"{checkpoints.problem(existing[-1])}) — restore it, or pass "
-                            "--overwrite instead of --resume to start the run again")
-        if (out / RUN_MARKER).is_file():
-            log.warning("--resume: %s has no checkpoint yet (it stopped before the first one); "
-                        "starting it again from step 0", out)
-            return None
-        raise UserError(f"--resume: no checkpoint in {root} — train without --resume "
-                        "first (checkpoints are written every train.save_steps steps)")
-    given = Path(str(resume)).expanduser()
-    candidate = given if given.exists() else root / str(resume)
-    if not candidate.exists():
-        raise UserError(f"--resume {resume}: no such checkpoint — pass a checkpoint-N folder "
-                        f"from {root}, or --resume alone for the newest")
-    issue = checkpoints.problem(candidate)
-    if issue:
-        raise UserError(f"--resume {resume}: {candidate} {issue} — pick another checkpoint from "
-                        f"{root}, or --resume alone for the newest complete one")
-    return str(candidate)
+        if resume and _is_main_process():
+            rundir.check_resume_config(out, cfg)
+        checkpoint = rundir.find_checkpoint(out, resume)
+        if checkpoint is not None:
+            checkpoints.check_layout(Path(checkpoint), int(os.environ.get("WORLD_SIZE", "1")))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return RunClaim(out, replace_run, checkpoint, lock)
 
 
 def _peak_memory(device: str) -> dict:
@@ -179,25 +146,29 @@ class TrainingSession:
     checkpoint: str | None
     callbacks: tuple
     started: float  # perf_counter() when setup began, for wall_seconds
+    lock: rundir.RunLock | None = None
 
 
 def setup_training(cfg: RunConfig, resume: str | bool | None = None,
-                   overwrite: bool = False) -> TrainingSession:
+                   overwrite: bool = False, claim: RunClaim | None = None) -> TrainingSession:
     """Check paths, load data and model, attach LoRA and build the Trainer; train nothing yet.
 
     Everything that can fail on a user's input runs before the first write to the output dir.
     """
+    claim = claim or claim_output_dir(cfg, resume, overwrite)
+    try:
+        return _setup(cfg, resume, claim)
+    except BaseException:
+        if claim.lock is not None:
+            claim.lock.release()
+        raise
+
+
+def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     from transformers import set_seed
 
     started = time.perf_counter()
-    out = Path(cfg.train.output_dir)
-    # Under torchrun/accelerate only rank 0 judges and writes the output dir: another rank
-    # could otherwise find rank 0's fresh config.yaml and refuse a "non-empty" dir.
-    replace_run = (check_output_dir(out, resume=bool(resume), overwrite=overwrite)
-                   if _is_main_process() else False)
-    checkpoint = find_checkpoint(out, resume)
-    if checkpoint is not None:
-        checkpoints.check_layout(Path(checkpoint), int(os.environ.get("WORLD_SIZE", "1")))
+    out, checkpoint = claim.out, claim.checkpoint
     device = models.resolve_device(cfg.train.device)
     dtype = models.resolve_compute_dtype(cfg.quant, device)
     optimizer_name(cfg, device)  # a CUDA-only optimizer on CPU fails here, not after loading
@@ -236,16 +207,16 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
                                resuming=checkpoint is not None)
 
     if _is_main_process():
-        if replace_run:
-            shutil.rmtree(out)
-            out.mkdir(parents=True)
+        if claim.replace_run:
+            rundir.clear_run(out)
+        rundir.write_marker(out)  # first: from here on the folder is this run's to replace
         for stale in fsio.remove_stale(out) + fsio.remove_stale(out / CHECKPOINTS):
             log.info("removed %s, left behind by a killed run", stale)
         if resume:
             _trim_metrics(out / "metrics.jsonl",
                           checkpoints.global_step(Path(checkpoint)) if checkpoint else None)
         _write_config(cfg, out)
-        tokenizer.save_pretrained(out)
+        rundir.write_marker(out, tokenizer.save_pretrained(out))
     callbacks = make_callbacks(out)
     trainer = trainer_class()(model=model, args=args, train_dataset=train_rows,
                                eval_dataset=eval_rows or None, data_collator=collator,
@@ -256,7 +227,7 @@ def setup_training(cfg: RunConfig, resume: str | bool | None = None,
         from transformers.integrations.fsdp import update_fsdp_plugin_peft
         update_fsdp_plugin_peft(model, trainer.accelerator)
     return TrainingSession(cfg, out, trainer, model, tokenizer, data, device, dtype, checkpoint,
-                           callbacks, started)
+                           callbacks, started, claim.lock)
 
 
 def _batching(cfg: RunConfig, data: PreparedData, tokenizer):
@@ -275,9 +246,9 @@ def _batching(cfg: RunConfig, data: PreparedData, tokenizer):
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
     # Through a temp file: a kill mid-write must not leave a truncated config that --resume reads.
-    tmp = out / f"{fsio.TMP_PREFIX}{RUN_MARKER}"
+    tmp = out / f"{fsio.TMP_PREFIX}{rundir.CONFIG}"
     save_config(cfg, tmp)
-    fsio.commit_file(tmp, out / RUN_MARKER)
+    fsio.commit_file(tmp, out / rundir.CONFIG)
 
 
 def oom_advice(cfg: RunConfig) -> str:
@@ -343,12 +314,37 @@ def _interrupted_message(session: TrainingSession, stopper: faults.StopOnSignal)
 
 def run_train(cfg: RunConfig, resume: str | bool | None = None, overwrite: bool = False) -> dict:
     """Fine-tune `cfg.model` on `cfg.data`; returns the summary also written to summary.json."""
+    claim = claim_output_dir(cfg, resume, overwrite)
     try:
-        return train_session(setup_training(cfg, resume, overwrite))
+        finished = rundir.finished_summary(claim.out, claim.checkpoint)
+        if finished is not None:
+            log.warning("%s already finished at step %d; nothing to train or rewrite (its "
+                        "adapter is in %s) — pass --overwrite to train it again", claim.out,
+                        finished["steps"], claim.out / "adapter")
+            return finished
+        return train_session(setup_training(cfg, resume, overwrite, claim))
     except torch.cuda.OutOfMemoryError as exc:
         raise UserError(f"CUDA out of memory ({_oom_detail(exc)}) with micro_batch_size "
                         f"{cfg.train.micro_batch_size} x max_seq_len {cfg.data.max_seq_len} — "
                         f"{oom_advice(cfg)}") from None
+    except OSError as exc:
+        if exc.errno not in WRITE_FAILURES:
+            raise
+        raise UserError(_write_failure_message(exc, claim.out)) from None
+    finally:
+        if claim.lock is not None:
+            claim.lock.release()
+
+
+# A full disk, a quota, a file-size limit or a read-only remount: the user's to fix.
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def _write_failure_message(exc: OSError, out: Path) -> str:
+    where = exc.filename or out
+    return (f"could not write {where} ({exc.strerror}); nothing finished was lost, and what was "
+            f"half-written is removed at the next start — free space, then continue with: "
+            f"qlora-lab train --output-dir {shlex.quote(str(out))} --resume")
 
 
 def _final_eval_loss(trainer) -> float:
