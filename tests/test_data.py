@@ -4,8 +4,9 @@ import json
 import pytest
 
 from qlora_lab.config import DataConfig
-from qlora_lab.data import (IGNORE_INDEX, PadCollator, detect_schema, prepare_data, read_rows,
-                            render_prompt, render_segments, row_to_messages, tokenize_segments)
+from qlora_lab.data import (CLIP_CHARS_PER_TOKEN, IGNORE_INDEX, PadCollator, detect_schema,
+                            encode_conversation, prepare_data, read_rows, render_prompt,
+                            render_segments, row_to_messages, tokenize_segments)
 from qlora_lab.errors import UserError
 from qlora_lab.models import build_byte_tokenizer
 
@@ -140,6 +141,123 @@ def test_overlength_rows_are_truncated_or_dropped_and_counted(tmp_path, tok):
     assert max(len(e["input_ids"]) for e in truncated.train) == 120
     dropped = _prepare(path, tok, max_seq_len=120, overlength="drop")
     assert dropped.stats["dropped_overlength"] == 1 and len(dropped.train) == 4
+
+
+def test_unicode_line_breaks_inside_jsonl_rows_are_kept(tmp_path, tok):
+    # json.dumps writes U+2028, U+2029 and U+0085 raw and escapes \x1c-\x1e, \v, \f: all are
+    # characters str.splitlines() splits on, and none may split a JSON Lines row.
+    odd = "\u2028\u2029\x85\x1c\x1d\x1e\x0b\x0c"
+    rows = [{"instruction": f"a{odd}b", "context": f"c{odd[::-1]}d", "response": f"e{odd}f"},
+            {"messages": [{"role": "user", "content": f"u{odd}"},
+                          {"role": "assistant", "content": f"{odd}v"}]}]
+    lines = [json.dumps(rows[0], ensure_ascii=False), json.dumps(DOLLY_ROWS[0]), "{oops"]
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, not as an escape
+    read = read_rows(str(path))
+    assert [r.where for r in read] == [f"{path}:{i}" for i in (1, 2, 3)]
+    assert read[0].values == rows[0]
+    with pytest.raises(UserError, match=rf"{path}:3: invalid JSON"):
+        _prepare(path, tok)
+    data = _prepare(path, tok, skip_bad_rows=True)
+    assert data.stats["bad_rows_skipped"] == 1 and len(data.train) == 2
+    assert any(f"e{odd}f</s>" in tok.decode(ex["input_ids"]) for ex in data.train)
+    chat = write_jsonl(tmp_path / "c.jsonl", [json.dumps(rows[1], ensure_ascii=False)])
+    assert read_rows(str(chat))[0].values == rows[1]
+
+
+class _SpyTokenizer:
+    """A real tokenizer that records the longest text it was asked to encode."""
+
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, text, **kwargs):
+        self.longest = max(self.longest, len(text))
+        return self.tok(text, **kwargs)
+
+
+def test_huge_fields_are_clipped_before_tokenizing(tmp_path, tok):
+    # Tokenized whole, 3 MB fields would cost gigabytes of RAM: only their ends may reach the
+    # tokenizer, and the row still comes out exactly as truncation would have cut it.
+    big = {"instruction": "Sum it up.", "context": "z" * 3_000_000, "response": "y" * 3_000_000}
+    spy = _SpyTokenizer(tok)
+    data = _prepare(write_jsonl(tmp_path / "d.jsonl", [big]), spy, max_seq_len=256)
+    keep = CLIP_CHARS_PER_TOKEN * 256
+    user = len("Sum it up.\n\nContext: ") + 3_000_000
+    assert data.stats["clipped_chars"] == (user - 2 * keep) + (3_000_000 - 2 * keep)
+    assert spy.longest <= 2 * keep + 100
+    (ex,) = data.train
+    assert len(ex["input_ids"]) == 256 and ex["labels"][-1] == tok.eos_token_id
+    assert tok.decode(ex["input_ids"]).startswith("<s>### Instruction:\nSum it up.")
+
+
+def _answer_start(labels):
+    return next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
+
+
+def test_long_prompt_is_cut_in_the_middle_and_answer_kept_whole(tmp_path, tok):
+    row = {"instruction": "Which letter?", "context": "a" * 300 + "z" * 300, "response": "Z."}
+    data = _prepare(write_jsonl(tmp_path / "d.jsonl", [row]), tok, max_seq_len=128)
+    (ex,) = data.train
+    ids, labels = ex["input_ids"], ex["labels"]
+    start = _answer_start(labels)
+    assert len(ids) == 128 and tok.decode(ids[start:]) == "Z.</s>"
+    assert labels[start:] == ids[start:] and set(labels[:start]) == {IGNORE_INDEX}
+    prompt = tok.decode(ids[:start])  # keeps the question and the header leading to the answer
+    assert prompt.startswith("<s>### Instruction:\nWhich letter?\n\nContext: aaa")
+    assert prompt.endswith("zzz\n\n### Response:\n")
+    full = len(tok(render_prompt([{"role": "user", "content": f"Which letter?\n\nContext: "
+                                                       f"{row['context']}"}], tok, "plain"),
+                   add_special_tokens=False)["input_ids"]) + 3
+    assert data.stats["truncated_prompt_tokens"] == full - 128
+    assert data.stats["truncated_answer_tokens"] == 0 and data.stats["truncated"] == 1
+
+
+def test_too_long_answer_keeps_its_start_and_end_token(tmp_path, tok):
+    row = {"instruction": "Count.", "context": "", "response": "1 2 3 " * 100 + "done"}
+    data = _prepare(write_jsonl(tmp_path / "d.jsonl", [row]), tok, max_seq_len=256)
+    (ex,) = data.train
+    ids, labels = ex["input_ids"], ex["labels"]
+    start = _answer_start(labels)
+    assert len(ids) == 256 and ids[-1] == labels[-1] == tok.eos_token_id
+    assert labels[start:] == ids[start:]
+    assert tok.decode(ids[start:]).startswith("1 2 3 1 2 3")
+    # The short prompt fits beside the answer's share, so it is kept whole.
+    messages = [{"role": "user", "content": "Count."}]
+    assert tok.decode(ids[:start]) == render_prompt(messages, tok, "plain")
+    assert data.stats["truncated_prompt_tokens"] == 0
+    assert data.stats["truncated_answer_tokens"] == len(row["response"]) + 1 - (256 - start)
+
+
+def test_multi_turn_keeps_the_last_answer_whole(chat_tok):
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "q1 " * 60}, {"role": "assistant", "content": "a1 " * 60},
+            {"role": "user", "content": "q2?"}, {"role": "assistant", "content": "A2."}]
+    stats = {"clipped_chars": 0, "truncated": 0, "truncated_prompt_tokens": 0,
+             "truncated_answer_tokens": 0}
+    ex = encode_conversation(msgs, chat_tok, "chat", 128, stats=stats)
+    ids, labels = ex["input_ids"], ex["labels"]
+    assert len(ids) == 128 and chat_tok.decode(ids).startswith("<|system|>Be brief.</s>")
+    assert chat_tok.decode(ids).endswith("<|user|>q2?</s><|assistant|>A2.</s>")
+    answer = len(chat_tok("A2.</s>", add_special_tokens=False)["input_ids"])
+    assert labels[-answer:] == ids[-answer:]
+    # What survives of the earlier answer is still trained, except the first token after the cut.
+    trained = [i for i, lab in enumerate(labels[:-answer]) if lab != IGNORE_INDEX]
+    assert trained and all(labels[i] == ids[i] for i in trained)
+    after_cut = (128 - answer) // 2  # the prompt keeps as many tokens from its start
+    assert labels[after_cut] == IGNORE_INDEX and labels[after_cut + 1] == ids[after_cut + 1]
+    assert stats["truncated_answer_tokens"] == 0
+
+
+def test_dropping_overlength_rows_counts_clipped_rows_too(tmp_path, tok):
+    rows = DOLLY_ROWS[:2] + [{**DOLLY_ROWS[2], "context": "z" * 200_000}]
+    data = _prepare(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_seq_len=128,
+                    overlength="drop")
+    assert data.stats["dropped_overlength"] == 1 and len(data.train) == 2
+    assert data.stats["truncated"] == 0
 
 
 def test_eval_split_is_held_out_and_deterministic(tmp_path, tok):

@@ -186,8 +186,6 @@ DATA_CASES = [
      {"schema": "chat"}),
     ("forced-alpaca-on-dolly", "d.jsonl", VALID_JSONL, ["{f}:1: missing field 'output'"],
      {"schema": "alpaca"}),
-    ("seq-len-cuts-every-answer", "d.jsonl", VALID_JSONL, ["{f} left no trainable rows"],
-     {"max_seq_len": 8}),
     ("overlength-drops-all", "d.jsonl", VALID_JSONL, ["{f} left no trainable rows"],
      {"max_seq_len": 16, "overlength": "drop"}),
     ("chat-template-missing", "d.jsonl", VALID_JSONL, ["data.template = 'chat'"],
@@ -293,9 +291,10 @@ def test_huge_rows_load_and_are_truncated(tmp_path, tok):
     path.write_bytes(jsonl(GOOD, {**GOOD, "response": "y" * 200_000},
                            {**GOOD, "context": "z" * 200_000}))
     data = prepare_data(DataConfig(source=str(path), eval_fraction=0.0, max_seq_len=512), tok, 0)
-    # The long answer is cut to fit; the long context leaves no room for its answer: dropped.
-    assert data.stats["truncated"] == 2 and data.stats["dropped_no_answer_tokens"] == 1
-    assert len(data.train) == 2
+    # Both are cut to fit, prompt first: the long context loses its middle and keeps the answer.
+    assert data.stats["truncated"] == 2 and data.stats["dropped_no_answer_tokens"] == 0
+    assert len(data.train) == 3 and data.stats["clipped_chars"] > 0
+    assert all(len(e["input_ids"]) <= 512 for e in data.train)
 
 
 def test_multiline_csv_fields_survive(tmp_path, tok):
@@ -485,11 +484,12 @@ def test_bad_output_dirs(tmp_path, data_file, trained_run, case):
     elif case == "earlier-run":
         _earlier_run(out, trained_run)
         fragment = f"output dir {out} is not empty"
-    elif case in ("resume-nothing", "resume-foreign"):
-        if case == "resume-foreign":
-            out.mkdir()
-            (out / "notes.txt").write_text("precious")
+    elif case == "resume-nothing":
         resume, fragment = True, f"--resume: no checkpoint in {out / 'checkpoints'}"
+    elif case == "resume-foreign":
+        out.mkdir()
+        (out / "notes.txt").write_text("precious")
+        resume, fragment = True, "holds files that no qlora-lab run wrote"
     elif case == "resume-missing-name":
         _earlier_run(out, trained_run)
         resume, fragment = "checkpoint-99", "--resume checkpoint-99: no such checkpoint"
@@ -501,9 +501,18 @@ def test_bad_output_dirs(tmp_path, data_file, trained_run, case):
         staging = out / "checkpoints" / ".tmp-checkpoint-9" / "checkpoint-9"
         shutil.copytree(out / "checkpoints" / "checkpoint-6", staging)
         resume, fragment = str(staging), "is an unfinished checkpoint"
-    cfg = tiny_config(out, data_file)
+    cfg = _run_config(out, data_file)
     check_outcome(lambda: setup_training(cfg, resume=resume, overwrite=overwrite), tmp_path,
                   [fragment])
+
+
+def _run_config(out: Path, data_file: Path):
+    """The config a resume of `out` repeats (its saved one), else a fresh tiny config."""
+    if (out / "config.yaml").is_file():
+        cfg = load_yaml(out / "config.yaml")
+        cfg["train"]["output_dir"] = str(out)
+        return config_from_dict(cfg)
+    return tiny_config(out, data_file)
 
 
 def _truncate(path: Path) -> None:
@@ -541,7 +550,7 @@ def test_damaged_checkpoints_are_refused(tmp_path, data_file, trained_run, damag
     out = _earlier_run(tmp_path / "out", trained_run)
     breaker, fragment = CHECKPOINT_DAMAGE[damage]
     breaker(out / "checkpoints" / "checkpoint-6")
-    cfg = tiny_config(out, data_file)
+    cfg = _run_config(out, data_file)
     resume = "checkpoint-6" if named else True
     lead = "--resume checkpoint-6:" if named else "--resume: no usable checkpoint"
     check_outcome(lambda: setup_training(cfg, resume=resume), tmp_path, [lead, fragment])

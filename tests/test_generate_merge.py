@@ -1,10 +1,11 @@
 import json
 import shutil
+import stat
 
 import pytest
 import torch
 
-from qlora_lab import adapters
+from qlora_lab import adapters, fsio
 from qlora_lab.cli import main
 from qlora_lab.errors import UserError
 from qlora_lab.generate import GenerateConfig, generate_reply, load_for_inference
@@ -33,6 +34,10 @@ def test_merged_logits_match_unmerged(trained_run, tmp_path):
     merged_dir = tmp_path / "m"
     assert (merged_dir / "model.safetensors").is_file()
     assert not list(merged_dir.glob("*.bin")) and not list(merged_dir.glob("*.pt"))
+    # Readable by a serving container as the umask allows, not 0600 like safetensors writes it.
+    mask = fsio.current_umask()
+    assert stat.S_IMODE(merged_dir.stat().st_mode) == 0o777 & ~mask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in merged_dir.iterdir()} == {0o666 & ~mask}
     # Plain transformers loads it, with no quantization config left behind.
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     assert getattr(merged.config, "quantization_config", None) is None

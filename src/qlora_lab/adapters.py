@@ -7,26 +7,50 @@ template, so `generate` and `merge` can rebuild exactly that setup and refuse a 
 
 Everything read here may come from someone else, so it is checked before use: weights must be
 safetensors (pickles only with `allow_pickle`), JSON files must hold what we wrote, and a recorded
-`trust_remote_code: true` is honoured only when the user passes it too.
+`trust_remote_code: true` is honoured only when the user passes it too. adapter_config.json is
+checked against the tensor shapes in the safetensors header (no weight is read) before the base is
+loaded: an edited rank, scale, target list or feature flag would otherwise load silently (peft
+re-initialises missing LoRA weights and drops extra ones) or allocate a huge rank first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qlora_lab import models, safety
-from qlora_lab.config import ModelConfig, QuantConfig, config_from_dict
+from qlora_lab.config import (
+    MAX_LORA_ALPHA,
+    MAX_LORA_RANK,
+    ModelConfig,
+    QuantConfig,
+    config_from_dict,
+    load_yaml,
+)
 from qlora_lab.errors import UserError
 
 BASE_INFO_FILE = "qlora_lab_base.json"
 TEMPLATES = ("auto", "chat", "plain")
 FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# peft options `train` never sets. Each changes how the weights apply (DoRA magnitudes, per-module
+# ranks, full copies of base modules, skipped layers...) in ways the shape checks below do not
+# cover, so an adapter that turns one on did not come from qlora-lab: refuse it, do not guess.
+UNSUPPORTED_OPTIONS = ("use_dora", "use_qalora", "lora_bias", "fan_in_fan_out", "rank_pattern",
+                       "alpha_pattern", "modules_to_save", "layers_to_transform",
+                       "layer_replication", "exclude_modules", "target_parameters",
+                       "trainable_token_indices", "alora_invocation_tokens", "use_bdlora",
+                       "megatron_config")
+LORA_TENSOR = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
+PEFT_DEFAULT_R = PEFT_DEFAULT_ALPHA = 8  # what peft's LoraConfig assumes for a missing key
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,119 @@ def read_base_info(directory: Path) -> dict:
     return info
 
 
+def _check_record_matches_run(adapter_dir: Path, info: dict) -> None:
+    """In a run dir, the base record must agree with the config.yaml that `train` ran.
+
+    A record edited to claim a 16-bit base would make `generate` apply the adapter to weights it
+    never saw; the run's own config is the second witness (a bare adapter dir has none).
+    """
+    run_config = adapter_dir.parent / "config.yaml"
+    if adapter_dir.name != "adapter" or not run_config.is_file() or not info:
+        return
+    try:
+        ran = load_yaml(run_config)
+    except UserError:
+        return  # a damaged config.yaml is a problem for `train --resume`, not for loading
+
+    def section(values, key: str) -> dict:
+        value = values.get(key) if isinstance(values, dict) else None
+        return value if isinstance(value, dict) else {}
+
+    # What loading will use: keys missing from the record fall back to QuantConfig's defaults.
+    quant = QuantConfig(**info.get("quant", {}))
+    recorded = {"model": info.get("model"),
+                **{f"quant.{k}": getattr(quant, k) for k in ("bits", "quant_type", "double_quant")}}
+    actual = {"model": section(ran, "model").get("name"),
+              **{f"quant.{k}": v for k, v in section(ran, "quant").items()}}
+    for key, value in recorded.items():
+        if value is not None and actual.get(key, value) != value:
+            raise UserError(f"adapter {adapter_dir}: {BASE_INFO_FILE} records {key} = {value!r} "
+                            f"but the run's {run_config} has {actual[key]!r} — one of them was "
+                            f"edited; restore {BASE_INFO_FILE} from the run (re-run train)")
+
+
+def _config_error(adapter_dir: Path, key: str, value, why: str) -> UserError:
+    # "could not load adapter": the same lead as explain_load_errors, for the same kind of fault.
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return UserError(f"could not load adapter {adapter_dir}: {ADAPTER_CONFIG} {key} = {shown} "
+                     f"{why} — re-run train, or restore the adapter from its run")
+
+
+def check_peft_config(adapter_dir: Path, cfg: dict) -> None:
+    """adapter_config.json must describe a plain LoRA with a sane rank and scale."""
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise _config_error(adapter_dir, "peft_type", cfg["peft_type"],
+                            "is not supported (qlora-lab loads LoRA adapters only)")
+    r, alpha = cfg.get("r", PEFT_DEFAULT_R), cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if type(r) is not int or not 0 < r <= MAX_LORA_RANK:
+        raise _config_error(adapter_dir, "r", r, f"must be a positive integer <= {MAX_LORA_RANK}")
+    if (type(alpha) not in (int, float) or not math.isfinite(alpha)
+            or not 0 < alpha <= MAX_LORA_ALPHA):
+        raise _config_error(adapter_dir, "lora_alpha", alpha,
+                            f"must be a positive number <= {MAX_LORA_ALPHA}")
+    for key in UNSUPPORTED_OPTIONS:
+        if cfg.get(key):
+            raise _config_error(adapter_dir, key, cfg[key], "is a peft option qlora-lab never "
+                                "writes and does not support (load it with peft directly)")
+    if cfg.get("bias", "none") != "none":
+        raise _config_error(adapter_dir, "bias", cfg["bias"], "is not supported (only 'none')")
+    targets = cfg.get("target_modules")
+    if not (isinstance(targets, str) and targets
+            or isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise _config_error(adapter_dir, "target_modules", targets,
+                            "must be a list of module names")
+
+
+def _is_targeted(targets: str | list[str], module: str) -> bool:
+    """peft's rule (tuners_utils.check_target_module_exists): a string is a regex over the whole
+    name, a list entry matches the name or its last dotted parts."""
+    if targets == "all-linear":
+        return True  # expanded against the base at load time; nothing to check it against here
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, module) is not None
+        except re.error:
+            return False
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _weights_error(adapter_dir: Path, what: str) -> UserError:
+    return UserError(f"could not load adapter {adapter_dir}: {ADAPTER_WEIGHTS} {what} — re-run "
+                     "train, or restore the adapter from its run")
+
+
+def check_weights_match_config(adapter_dir: Path, cfg: dict) -> None:
+    """Every tensor is a LoRA A/B pair of rank r for a targeted module, and every target has one.
+
+    Only the safetensors header is read, so a bogus r fails here before anything is allocated.
+    """
+    shapes = safety.tensor_shapes(adapter_dir / ADAPTER_WEIGHTS, "re-run train")
+    modules: dict[str, dict[str, list[int]]] = {}
+    for name, shape in shapes.items():
+        match = LORA_TENSOR.fullmatch(name)
+        if match is None:
+            raise _weights_error(adapter_dir, f"holds {name}, which is not a LoRA A/B weight "
+                                 "(DoRA magnitudes, biases and saved modules are not supported)")
+        modules.setdefault(match["module"], {})[match["part"]] = shape
+    if not modules:
+        raise _weights_error(adapter_dir, "holds no LoRA weights")
+    r, targets = cfg.get("r", PEFT_DEFAULT_R), cfg["target_modules"]
+    for module, parts in sorted(modules.items()):
+        if not _is_targeted(targets, module):
+            raise _weights_error(adapter_dir, f"has weights for {module}, which "
+                                 f"{ADAPTER_CONFIG} target_modules does not list")
+        a, b = parts.get("A"), parts.get("B")
+        if (a is None or b is None or len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r
+                or min(a[1], b[0]) < 1):
+            raise _weights_error(adapter_dir, f"has lora_A {a} and lora_B {b} for {module}, but "
+                                 f"{ADAPTER_CONFIG} r = {r} needs [{r}, in] and [out, {r}]")
+    if isinstance(targets, list):
+        for target in targets:
+            if not any(_is_targeted([target], module) for module in modules):
+                raise _weights_error(adapter_dir, f"has no weights for {target}, which "
+                                     f"{ADAPTER_CONFIG} target_modules lists")
+
+
 def _check_adapter_files(adapter_dir: Path, allow_pickle: bool) -> None:
     weights = adapter_dir / "adapter_model.safetensors"
     if weights.is_file():
@@ -120,8 +257,11 @@ def resolve_adapter(path: str, model_override: str | None = None, allow_pickle: 
                         "(qlora-lab train --output-dir DIR) or pass the run's output dir")
     _check_adapter_files(adapter_dir, allow_pickle)
     info = read_base_info(adapter_dir)
-    peft_cfg = _read_json_object(adapter_dir / "adapter_config.json",
-                                 "re-run train or restore the file")
+    _check_record_matches_run(adapter_dir, info)
+    peft_cfg = _read_json_object(adapter_dir / ADAPTER_CONFIG, "re-run train or restore the file")
+    check_peft_config(adapter_dir, peft_cfg)
+    if (adapter_dir / ADAPTER_WEIGHTS).is_file():  # else pickle weights, allowed by the user
+        check_weights_match_config(adapter_dir, peft_cfg)
     base = model_override or info.get("model") or peft_cfg.get("base_model_name_or_path")
     if not base or not isinstance(base, str):
         raise UserError(f"adapter {adapter_dir} does not name its base model — pass --model")

@@ -19,6 +19,9 @@ same template sees the same text. Without one (template `plain`) this documented
 
 (system turns render as `### System:`; multi-turn chats repeat Instruction/Response blocks.)
 Training and `generate` share `render_prompt`, so the two can never drift apart.
+
+A row over `data.max_seq_len` tokens loses the middle of its prompt first, then the end of its
+last answer's text, but never that answer's end-of-turn marker (`fit_to_length`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import io
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +48,14 @@ IGNORE_INDEX = -100  # label value the cross-entropy loss skips (PyTorch's defau
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 PLAIN_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n",
                  "assistant": "### Response:\n"}
+# Characters kept from each end of a message before tokenizing, per token of max_seq_len (see
+# clip_messages). A token covers about 4 characters of English text, and the longest tokens of
+# common vocabularies (runs of spaces or '=') a few dozen; byte-level tokenizers may spend
+# several tokens on one character, which only makes the kept text go further. So max_seq_len
+# tokens span well under 64 * max_seq_len characters, and 64 leaves a wide margin.
+CLIP_CHARS_PER_TOKEN = 64
+# The least share of max_seq_len a truncated row keeps for its prompt (see fit_to_length).
+PROMPT_MIN_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _iter_jsonl(path: Path, text: str) -> Iterator[Row]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" alone, as JSON Lines does (a "\r" before it is allowed): str.splitlines()
+    # also splits on U+2028, U+2029, U+0085, \x1c-\x1e, \v and \f, and JSON strings may hold
+    # the first three raw, so it broke valid rows apart and shifted every later line number.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -320,10 +336,114 @@ def tokenize_segments(segments: list[tuple[str, bool]], tokenizer,
     input_ids: list[int] = []
     labels: list[int] = []
     for text, is_answer in segments:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = _tokenize(text, tokenizer)
         input_ids += ids
         labels += ids if (is_answer or train_on_prompt) else [IGNORE_INDEX] * len(ids)
     return input_ids, labels
+
+
+def _tokenize(text: str, tokenizer) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --- fitting a row into max_seq_len --------------------------------------------------------------
+
+
+def clip_messages(messages: list[dict], max_seq_len: int, stats: dict) -> list[dict]:
+    """The messages, each content cut to its first and last CLIP_CHARS_PER_TOKEN * max_seq_len
+    characters, so that a 50 MB row is not tokenized whole (7.5 GB of RAM) only to be truncated.
+
+    Nothing that truncation would keep is lost: `fit_to_length` keeps only tokens within
+    max_seq_len tokens of a message's start or end, and those lie within the kept characters.
+    A clipped message still holds far more than max_seq_len tokens, so `overlength: drop` drops
+    its row as before.
+    """
+    keep = CLIP_CHARS_PER_TOKEN * max_seq_len
+    out = []
+    for msg in messages:
+        text = msg["content"]
+        if len(text) > 2 * keep:
+            stats["clipped_chars"] += len(text) - 2 * keep
+            # Joined end to end: the changed tokens around the join lie in the part that
+            # fit_to_length cuts anyway, `keep` characters away from anything it keeps.
+            msg = {**msg, "content": text[:keep] + text[-keep:]}
+        out.append(msg)
+    return out
+
+
+def answer_end_tokens(answer_text: str, content: str, tokenizer) -> int:
+    """How many tokens end an answer after its content: the template's end-of-turn marker
+    (`</s>`, `<|im_end|>\\n`, ...). At least 1, so the answer's last token is always kept."""
+    core = content.strip()
+    at = answer_text.rfind(core) if core else 0  # an empty answer is all end marker
+    # at < 0: the template rewrote the content, so its end cannot be found: keep the last token.
+    end = answer_text[at + len(core):] if at >= 0 else ""
+    return max(1, len(_tokenize(end, tokenizer)))
+
+
+def fit_to_length(ids: list[int], labels: list[int], n_prompt: int, max_len: int,
+                  end_tokens: int, stats: dict) -> tuple[list[int], list[int]]:
+    """Cut a row to `max_len` tokens: the prompt first, the answer's end-of-turn marker never.
+
+    `ids[:n_prompt]` is the prompt of the last answer: everything before it, earlier turns
+    included. The prompt loses its middle. Its start holds the BOS token, the system prompt and
+    the instruction; its end holds the latest turn and the assistant header that the answer
+    follows. Cutting from the left would lose the question, and cutting from the right would
+    lose the header, so the answer would no longer follow a prompt like those seen in inference.
+    The last answer stays whole unless it does not fit beside PROMPT_MIN_FRACTION of `max_len`
+    of prompt (an answer without its question teaches little). Then it loses the end of its
+    text but keeps its last `end_tokens` tokens, so the model still learns to stop.
+    """
+    n_answer = len(ids) - n_prompt
+    prompt_len = min(n_prompt, max(max_len - n_answer, int(max_len * PROMPT_MIN_FRACTION)))
+    answer_len = max_len - prompt_len
+    head = prompt_len // 2  # the end of the prompt gets the odd token: it leads into the answer
+    end = min(end_tokens, answer_len)
+    keep = [*range(head), *range(n_prompt - (prompt_len - head), n_prompt + answer_len - end),
+            *range(len(ids) - end, len(ids))]
+    out_ids, out_labels = [ids[i] for i in keep], [labels[i] for i in keep]
+    if prompt_len < n_prompt:
+        # The token after the cut cannot be predicted from the one before it: never train on it
+        # (with train_on_prompt, or when it belongs to an earlier answer).
+        out_labels[head] = IGNORE_INDEX
+    stats["truncated"] += 1
+    stats["truncated_prompt_tokens"] += n_prompt - prompt_len
+    stats["truncated_answer_tokens"] += n_answer - answer_len
+    return out_ids, out_labels
+
+
+def _render(where: str, messages: list[dict], tokenizer, template: str):
+    from jinja2 import TemplateError
+
+    try:
+        return render_segments(messages, tokenizer, template)
+    except TemplateError as exc:  # e.g. a template that demands alternating user/assistant
+        raise _bad(where, f"the chat template rejects this conversation ({_first_line(exc)})"
+                   ) from None
+
+
+def encode_conversation(messages: list[dict], tokenizer, template: str, max_seq_len: int, *,
+                        train_on_prompt: bool = False, overlength: str = "truncate",
+                        stats: dict | None = None, where: str = "conversation") -> dict | None:
+    """{input_ids, labels} of one conversation in at most `max_seq_len` tokens; None if dropped.
+
+    Training and held-out evaluation should both use this, so that their rows are cut alike.
+    """
+    stats = Counter() if stats is None else stats
+    messages = clip_messages(messages, max_seq_len, stats)
+    segments = _render(where, messages, tokenizer, template)  # ends with the last answer
+    ids, labels = tokenize_segments(segments[:-1], tokenizer, train_on_prompt)
+    n_prompt = len(ids)
+    answer = _tokenize(segments[-1][0], tokenizer)
+    ids, labels = ids + answer, labels + answer
+    if len(ids) > max_seq_len:
+        if overlength == "drop":
+            stats["dropped_overlength"] += 1
+            return None
+        last = next(m for m in reversed(messages) if m["role"] == "assistant")
+        end = answer_end_tokens(segments[-1][0], last["content"], tokenizer)
+        ids, labels = fit_to_length(ids, labels, n_prompt, max_seq_len, end, stats)
+    return {"input_ids": ids, "labels": labels}
 
 
 # --- the whole pipeline --------------------------------------------------------------------------
@@ -342,37 +462,24 @@ def _valid_messages(rows: list[Row], schema: str, cfg: DataConfig, stats: dict) 
     return out
 
 
-def _render(where: str, messages: list[dict], tokenizer, template: str):
-    from jinja2 import TemplateError
-
-    try:
-        return render_segments(messages, tokenizer, template)
-    except TemplateError as exc:  # e.g. a template that demands alternating user/assistant
-        raise _bad(where, f"the chat template rejects this conversation ({_first_line(exc)})"
-                   ) from None
-
-
 def _encode(conversations: list, tokenizer, template: str, cfg: DataConfig, stats: dict) -> list:
     examples = []
     for where, messages in conversations:
         try:
-            segments = _render(where, messages, tokenizer, template)
+            example = encode_conversation(messages, tokenizer, template, cfg.max_seq_len,
+                                          train_on_prompt=cfg.train_on_prompt,
+                                          overlength=cfg.overlength, stats=stats, where=where)
         except UserError:
             if not cfg.skip_bad_rows:
                 raise
             stats["bad_rows_skipped"] += 1
             continue
-        ids, labels = tokenize_segments(segments, tokenizer, cfg.train_on_prompt)
-        if len(ids) > cfg.max_seq_len:
-            if cfg.overlength == "drop":
-                stats["dropped_overlength"] += 1
-                continue
-            ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
-            stats["truncated"] += 1
-        if all(label == IGNORE_INDEX for label in labels):
-            stats["dropped_no_answer_tokens"] += 1  # truncation cut the whole answer
+        if example is None:
             continue
-        examples.append({"input_ids": ids, "labels": labels})
+        if all(label == IGNORE_INDEX for label in example["labels"]):
+            stats["dropped_no_answer_tokens"] += 1  # the answer rendered to no tokens at all
+            continue
+        examples.append(example)
     return examples
 
 
@@ -389,8 +496,9 @@ def _schema_of(rows: list[Row], cfg: DataConfig) -> str:
 
 def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read, validate, split, render and tokenize. Counts of what was skipped go in `stats`."""
-    stats = {"bad_rows_skipped": 0, "truncated": 0, "dropped_overlength": 0,
-             "dropped_no_answer_tokens": 0}
+    stats = {"bad_rows_skipped": 0, "clipped_chars": 0, "truncated": 0,
+             "truncated_prompt_tokens": 0, "truncated_answer_tokens": 0,
+             "dropped_overlength": 0, "dropped_no_answer_tokens": 0}
     rows = read_rows(cfg.source)
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]

@@ -4,7 +4,7 @@ Every row of `--data` is read and validated by `qlora_lab.data` (the same schema
 one-line errors as `train`) and rendered by the same functions training used, so:
 
 - the loss is over answer tokens only, masked exactly as in training (`render_segments` +
-  `tokenize_segments`), averaged over tokens (not rows), and perplexity = exp(loss);
+  `tokenize_segments`, cut as training cuts by `encode_conversation`), averaged over tokens (not rows), and perplexity = exp(loss);
 - the answer is generated greedily from the prompt `generate` would build (`render_prompt` via
   `generate.generate_reply`), then scored against the row's reference with ROUGE-L F1 and, for
   categories whose answers are short facts or labels, normalised exact match.
@@ -34,11 +34,10 @@ from qlora_lab.data import (
     IGNORE_INDEX,
     PadCollator,
     detect_schema,
+    encode_conversation,
     read_rows,
     render_prompt,
-    render_segments,
     row_to_messages,
-    tokenize_segments,
 )
 from qlora_lab.errors import UserError
 
@@ -49,6 +48,7 @@ log = logging.getLogger(__name__)
 EXACT_MATCH_CATEGORIES = ("classification", "closed_qa")
 ALL = "all"
 UNCATEGORIZED = "uncategorized"
+REPORT_FILES = ("predictions.jsonl", "eval.md", "eval.json")
 
 
 @dataclass(frozen=True)
@@ -211,12 +211,10 @@ def load_eval_rows(cfg: EvalConfig) -> tuple[list[EvalRow], int]:
 
 def encode_for_loss(rows: list[EvalRow], tokenizer, template: str, max_seq_len: int) -> list:
     """Token ids and labels exactly as training builds them (prompt tokens masked, truncated)."""
-    examples = []
-    for row in rows:
-        ids, labels = tokenize_segments(render_segments(row.messages, tokenizer, template),
-                                        tokenizer, train_on_prompt=False)
-        examples.append({"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len]})
-    return examples
+    # The same cut as training (prompt first, the answer keeps its end token), so held-out loss
+    # here equals the training-time eval loss on the same rows.
+    return [encode_conversation(row.messages, tokenizer, template, max_seq_len, where=row.where)
+            for row in rows]
 
 
 @torch.inference_mode()
@@ -389,8 +387,18 @@ def _default_output_dir(cfg: EvalConfig) -> Path:
     return Path("eval")
 
 
-def _prepare_output_dir(cfg: EvalConfig) -> Path:
+def _prepare_output_dir(cfg: EvalConfig) -> tuple[Path, Path]:
+    """Create the report dir; return it and the folder no write may leave.
+
+    The default <run dir>/eval sits in a folder that may come from someone else: an `eval` or
+    `eval/eval.json` symlink shipped in it must not make us write elsewhere, so that folder is
+    the bound. A dir named with --output-dir may itself be a symlink (the user's choice, and
+    nothing is replaced or deleted, only files written into it); it is the bound itself.
+    """
     out = _default_output_dir(cfg)
+    root = out if cfg.output_dir else out.parent
+    fix = "remove the link, or pass --output-dir DIR to choose where the report goes"
+    fsio.check_inside(root, out, fix)
     if out.exists() and not out.is_dir():
         raise UserError(f"output dir {out} is a file — pass another --output-dir")
     try:
@@ -398,7 +406,9 @@ def _prepare_output_dir(cfg: EvalConfig) -> Path:
     except OSError as exc:
         raise UserError(f"output dir {out} cannot be created ({exc.strerror}) — pass another "
                         "--output-dir") from None
-    return out
+    for name in REPORT_FILES:
+        fsio.check_inside(root, out / name, fix)
+    return out, root
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -411,7 +421,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     started = time.perf_counter()
     rows, skipped = load_eval_rows(cfg)
-    out = _prepare_output_dir(cfg)
+    out, bound = _prepare_output_dir(cfg)
     loaded = load_for_inference(GenerateConfig(adapter=cfg.adapter, model_dir=cfg.model_dir,
                                                model=cfg.model, device=cfg.device))
     if cfg.adapter:
@@ -444,9 +454,11 @@ def run_eval(cfg: EvalConfig) -> dict:
                          "reference": row.reference,
                          **{name: predictions[name][i] for name in predictions}},
                         ensure_ascii=False) for i, row in enumerate(rows)]
-    fsio.write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
-    fsio.write_text(out / "eval.md", f"# qlora-lab eval\n\n`{report['command']}`\n\n{table}")
-    fsio.write_text(out / "eval.json", json.dumps(report, indent=2) + "\n")
+    # Checked again as written: the check in _prepare_output_dir was minutes of eval ago.
+    fsio.write_text(out / "predictions.jsonl", "\n".join(lines) + "\n", inside=bound)
+    fsio.write_text(out / "eval.md", f"# qlora-lab eval\n\n`{report['command']}`\n\n{table}",
+                    inside=bound)
+    fsio.write_text(out / "eval.json", json.dumps(report, indent=2) + "\n", inside=bound)
     report["table"] = table
     report["output_dir"] = str(out)
     return report

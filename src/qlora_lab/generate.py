@@ -1,11 +1,14 @@
 """`qlora-lab generate`: answer prompts with base + adapter (unmerged) or a merged model.
 
 The prompt is rendered by `data.render_prompt`, the same function training used, so the model sees
-at inference exactly the format it was trained on.
+at inference exactly the format it was trained on. A prompt longer than the model's context
+(`max_position_embeddings`) is refused, and `--max-new-tokens` is cut to the room left: past that
+length transformers only warns, and the model continues at positions it was never trained on.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,8 @@ from qlora_lab import adapters, models, safety
 from qlora_lab.config import ModelConfig, QuantConfig
 from qlora_lab.data import render_prompt, resolve_template
 from qlora_lab.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,17 +100,35 @@ def stop_token_ids(loaded: LoadedModel) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def fit_new_tokens(model_config, prompt_tokens: int, max_new_tokens: int) -> int:
+    """New tokens that fit after the prompt in the model's context (at most `max_new_tokens`)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return max_new_tokens  # the config states no limit; trust the caller
+    if prompt_tokens >= limit:
+        raise UserError(f"the prompt is {prompt_tokens} tokens, but the model reads at most "
+                        f"{limit} (max_position_embeddings) — shorten it (in --chat, /reset "
+                        "clears the history)")
+    if max_new_tokens > limit - prompt_tokens:
+        log.warning("the prompt is %d tokens of the model's %d, so --max-new-tokens %d is cut to "
+                    "%d", prompt_tokens, limit, max_new_tokens, limit - prompt_tokens)
+        return limit - prompt_tokens
+    return max_new_tokens
+
+
 @torch.inference_mode()
 def generate_reply(loaded: LoadedModel, messages: list[dict], cfg: GenerateConfig,
                    streamer=None) -> str:
     tok = loaded.tokenizer
     text = render_prompt(messages, tok, loaded.template, add_generation_prompt=True)
     enc = tok(text, add_special_tokens=False, return_tensors="pt").to(loaded.model.device)
+    max_new_tokens = fit_new_tokens(loaded.model.config, enc["input_ids"].shape[1],
+                                    cfg.max_new_tokens)
     sampling = cfg.temperature > 0
     if sampling:
         torch.manual_seed(cfg.seed)
     out = loaded.model.generate(
-        **enc, max_new_tokens=cfg.max_new_tokens, do_sample=sampling,
+        **enc, max_new_tokens=max_new_tokens, do_sample=sampling,
         temperature=cfg.temperature if sampling else None, top_p=cfg.top_p if sampling else None,
         top_k=None, eos_token_id=stop_token_ids(loaded), pad_token_id=tok.pad_token_id,
         use_cache=True, streamer=streamer)
@@ -123,17 +146,41 @@ def read_prompt(cfg: GenerateConfig) -> str:
             prompt = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UserError(f"prompt file {path} is not UTF-8 text — re-save it as UTF-8") from None
-    elif not sys.stdin.isatty():
-        try:
-            prompt = sys.stdin.read()
-        except UnicodeDecodeError:
-            raise UserError("the prompt on stdin is not UTF-8 text — re-encode it as UTF-8") from None
     else:
-        raise UserError("no prompt — pass --prompt TEXT, --prompt-file F, pipe text on stdin, "
-                        "or use --chat")
+        prompt = _read_stdin()
     if not prompt.strip():
         raise UserError("the prompt is empty — give some text to answer")
     return prompt.strip()
+
+
+def _stdin_open() -> bool:
+    # sys.stdin is None when fd 0 was closed before Python started (`generate <&-`); a closed
+    # stream object raises ValueError on any use.
+    return sys.stdin is not None and not sys.stdin.closed
+
+
+def _read_stdin() -> str:
+    """The prompt piped on stdin; a terminal, a closed stdin and an empty one mean "no prompt"."""
+    try:
+        text = "" if not _stdin_open() or sys.stdin.isatty() else sys.stdin.read()
+    except UnicodeDecodeError:
+        raise UserError("the prompt on stdin is not UTF-8 text — re-encode it as UTF-8") from None
+    except (OSError, ValueError):
+        text = ""  # fd 0 closed under a live sys.stdin: EBADF
+    if not text.strip():
+        raise UserError("no prompt (stdin is a terminal, closed or empty) — pass --prompt TEXT, "
+                        "--prompt-file F, pipe text on stdin, or use --chat")
+    return text
+
+
+def _read_line(prompt: str) -> str | None:
+    """One line typed in the chat; None at the end of input (Ctrl-D, a closed or empty stdin)."""
+    if not _stdin_open():
+        return None
+    try:
+        return input(prompt)
+    except (EOFError, OSError, ValueError):
+        return None
 
 
 def chat_loop(loaded: LoadedModel, cfg: GenerateConfig) -> None:
@@ -143,9 +190,8 @@ def chat_loop(loaded: LoadedModel, cfg: GenerateConfig) -> None:
     history: list[dict] = []
     print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits", flush=True)
     while True:
-        try:
-            line = input("you> ")
-        except EOFError:
+        line = _read_line("you> ")
+        if line is None:
             print()
             return
         if line.strip() in ("/exit", "/quit"):
@@ -158,13 +204,21 @@ def chat_loop(loaded: LoadedModel, cfg: GenerateConfig) -> None:
         history.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
         streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        reply = generate_reply(loaded, history, cfg, streamer=streamer)
+        try:
+            reply = generate_reply(loaded, history, cfg, streamer=streamer)
+        except UserError as exc:  # the history outgrew the context: say so, keep the session
+            history.pop()
+            print(f"\nerror: {exc}", file=sys.stderr, flush=True)
+            continue
         history.append({"role": "assistant", "content": reply})
 
 
 def run_generate(cfg: GenerateConfig) -> str | None:
     """Print (and return) the answer to one prompt, or run the interactive chat."""
     prompt = None if cfg.chat else read_prompt(cfg)
+    if cfg.chat and not _stdin_open():
+        log.warning("stdin is closed, so there is nothing to chat about; exiting")
+        return None  # like Ctrl-D at the first prompt, without loading a model for nothing
     loaded = load_for_inference(cfg)
     if cfg.chat:
         chat_loop(loaded, cfg)

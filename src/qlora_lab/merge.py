@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,14 @@ def _dequantized_base(ref: adapters.AdapterRef, base_path: str, device: str):
 
 
 def _check_output_dir(out: Path) -> None:
-    """A new or empty dir whose parent can be written; checked before any model is loaded."""
+    """A new or empty dir whose parent can be written; checked before any model is loaded.
+
+    Publishing renames the finished model onto `out`, which would replace a symlink there with a
+    real dir, quietly not where the link pointed: refuse, and name the real path to pass instead.
+    """
+    if out.is_symlink():
+        raise UserError(f"output dir {out} is a symlink (to {os.path.realpath(out)}), which "
+                        "merge would replace with a new dir — pass the real path as --output-dir")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output dir {out} already exists and is not empty — pass a new "
                         "--output-dir (nothing was overwritten)")

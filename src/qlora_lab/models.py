@@ -356,9 +356,34 @@ def attach_lora(model, lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    targets = lora_targets(lora.target_modules)
+    missing = [] if targets == "all-linear" else sorted(set(targets) - _linear_names(model))
+    if missing:
+        raise UserError(f"config key lora.target_modules names {', '.join(missing)[:200]}, which "
+                        f"match no linear layer of this model — use 'all-linear' or names from: "
+                        f"{', '.join(sorted(_linear_names(model)))[:300]}")
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=lora.target_modules, bias="none",
-                              task_type="CAUSAL_LM")
+                              target_modules=targets, bias="none", task_type="CAUSAL_LM")
     # autocast_adapter_dtype=True keeps adapter weights in fp32 over a 16-bit base.
     return get_peft_model(model, peft_cfg,
                           autocast_adapter_dtype=(lora.weight_dtype == "float32"))
+
+
+def lora_targets(target_modules: str) -> str | list[str]:
+    """`all-linear`, or the comma-separated module names as a list.
+
+    peft reads a bare string as a regular expression that must match a module's full name, so
+    `q_proj` alone would match nothing; a list matches name suffixes, which is what users mean.
+    """
+    if target_modules.strip() == "all-linear":
+        return "all-linear"
+    return [name.strip() for name in target_modules.split(",") if name.strip()]
+
+
+def _linear_names(model) -> set[str]:
+    """Last name components of the model's linear layers (4-bit ones included), lm_head aside."""
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and full_name.split(".")[-1] != "lm_head":
+            names.add(full_name.split(".")[-1])
+    return names

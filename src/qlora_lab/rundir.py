@@ -185,14 +185,14 @@ def find_checkpoint(out: Path, resume: str | bool | None) -> str | None:
     if not candidate.exists():
         raise UserError(f"--resume {resume}: no such checkpoint — pass a checkpoint-N folder "
                         f"from {root}, or --resume alone for the newest")
-    if candidate.resolve().parent != root.resolve():
-        raise UserError(f"--resume {resume}: {candidate} is not a checkpoint of {out} — pass a "
-                        f"checkpoint-N folder from {root}, or the --output-dir of the run it "
-                        "belongs to")
     issue = checkpoints.problem(candidate)
     if issue:
         raise UserError(f"--resume {resume}: {candidate} {issue} — pick another checkpoint from "
                         f"{root}, or --resume alone for the newest complete one")
+    if candidate.resolve().parent != root.resolve():
+        raise UserError(f"--resume {resume}: {candidate} is not a checkpoint of {out} — pass a "
+                        f"checkpoint-N folder from {root}, or the --output-dir of the run it "
+                        "belongs to")
     return str(candidate)
 
 

@@ -6,7 +6,8 @@ qlora-lab writes is safetensors, so the only way a pickle reaches us is a folder
 else: we refuse it with a one-line error unless the caller passes `allow_pickle=True`.
 
 The same header parser checks that a safetensors file is whole (a truncated or garbled file is
-reported by name, instead of failing deep inside a loader).
+reported by name, instead of failing deep inside a loader), and gives `adapters` the tensor shapes
+to check an adapter's config against without reading a single weight.
 """
 
 from __future__ import annotations
@@ -46,25 +47,28 @@ def require_safetensors(directory: Path, what: str, allow_pickle: bool = False,
                            if allow_hint else ""))
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """What is wrong with a safetensors file (None if its header and size are consistent)."""
-    path = Path(path)
+class _Damaged(Exception):
+    """What is wrong with a safetensors file, as the end of "<path> ..." (internal)."""
+
+
+def _read_header(path: Path) -> dict:
+    """The checked JSON header (tensor name -> dtype, shape, offsets); reads no tensor data."""
     try:
         size = path.stat().st_size
         with path.open("rb") as fh:
             prefix = fh.read(8)
             if len(prefix) < 8:
-                return "is truncated (no header)"
+                raise _Damaged("is truncated (no header)")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(MAX_HEADER_BYTES, size - 8):
-                return "is truncated or not a safetensors file (bad header length)"
+                raise _Damaged("is truncated or not a safetensors file (bad header length)")
             header = json.loads(fh.read(header_len).decode("utf-8"))
     except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
-    except (UnicodeDecodeError, ValueError):
-        return "is corrupted (its header is not JSON)"
+        raise _Damaged(f"cannot be read ({exc.strerror})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _Damaged("is corrupted (its header is not JSON)") from None
     if not isinstance(header, dict):
-        return "is corrupted (its header is not a JSON object)"
+        raise _Damaged("is corrupted (its header is not a JSON object)")
     end = 0
     for name, entry in header.items():
         if name == "__metadata__":
@@ -72,11 +76,32 @@ def safetensors_problem(path: Path) -> str | None:
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) for o in offsets) or offsets[0] > offsets[1]):
-            return f"is corrupted (bad entry for tensor {name!r})"
+            raise _Damaged(f"is corrupted (bad entry for tensor {name!r})")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _Damaged(f"is corrupted (bad shape for tensor {name!r})")
         end = max(end, offsets[1])
     if 8 + header_len + end > size:
-        return f"is truncated ({size} bytes, its header needs {8 + header_len + end})"
+        raise _Damaged(f"is truncated ({size} bytes, its header needs {8 + header_len + end})")
+    return header
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file (None if its header and size are consistent)."""
+    try:
+        _read_header(Path(path))
+    except _Damaged as exc:
+        return str(exc)
     return None
+
+
+def tensor_shapes(path: Path, fix: str) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header, without reading any tensor data."""
+    try:
+        header = _read_header(Path(path))
+    except _Damaged as exc:
+        raise UserError(f"{path} {exc} — {fix}") from None
+    return {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
 
 
 def require_whole_safetensors(path: Path, fix: str) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -131,6 +133,19 @@ def make_callbacks(out: Path):
     return MetricsJsonl(), Throughput(), faults.StopOnSignal()
 
 
+def _checkpoint_write_failed(root: Path, step: int, exc: BaseException) -> UserError:
+    reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:120]
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    run = root.parent
+    return UserError(f"could not write checkpoint {root / checkpoints.name_for(step)} ({reason}; "
+                     f"{free}); earlier checkpoints are intact and the partial one was removed — "
+                     f"free disk space, then continue with: qlora-lab train --output-dir "
+                     f"{shlex.quote(str(run))} --resume")
+
+
 def trainer_class():
     """Trainer plus qlora-lab's overrides; each is a few lines that delegate.
 
@@ -166,6 +181,9 @@ def trainer_class():
             self._staging_dir = checkpoints.staging_dir(root, step)
             try:
                 super()._save_checkpoint(model, trial)
+            except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as either
+                shutil.rmtree(self._staging_dir, ignore_errors=True)
+                raise _checkpoint_write_failed(root, step, exc) from None
             finally:
                 self._staging_dir = None
             self.accelerator.wait_for_everyone()
