@@ -52,14 +52,16 @@ def test_train_uses_the_fast_path_by_default(tmp_path, dolly_file):
     # Adapter names are the plain path's: the swapped MLP keeps its projections' names.
     names = [n for n, _ in session.model.named_parameters() if "lora_A" in n]
     assert any(".mlp.gate_proj.lora_A" in n for n in names)
-    assert session.data.stats["packs"] < len(session.data.train)
+    # A micro-batch is rows, packed or not: the step holds the recipe's rows.
+    assert session.trainer.args.per_device_train_batch_size == session.cfg.train.micro_batch_size
+    assert session.data.stats["rows_per_step"] == 4
 
 
 def test_fast_loss_and_gradients_match_the_plain_path(tmp_path, dolly_file):
     fast = _session(tmp_path / "fast", dolly_file)
     plain = _session(tmp_path / "plain", dolly_file, packing=False, fused_loss=False)
     rows = fast.data.train[:5]
-    packed = PackedCollator(fast.tokenizer.pad_token_id)(pack_examples(rows, 256))
+    packed = PackedCollator(fast.tokenizer.pad_token_id, 256)(rows)
     padded = PadCollator(plain.tokenizer.pad_token_id)(rows)
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # rows share bins
     fast_loss, fast_grads = _loss_and_grads(fast, packed)
@@ -90,22 +92,51 @@ def test_packing_keeps_rows_whole_and_labels_inside_rows():
     assert pack_stats(packs, 10)["pack_fill"] == pytest.approx(39 / (10 * len(packs)))
 
 
-def test_attention_never_crosses_rows_in_a_pack(tmp_path, dolly_file):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("flatten", [False, True], ids=["bins", "flat"])
+def test_attention_never_crosses_rows_in_a_pack(tmp_path, dolly_file, attn, flatten):
     session = _session(tmp_path, dolly_file)
-    model, rows = session.model, session.data.train[:4]
+    model, rows = session.model, session.data.train[:6]
+    model.config._attn_implementation = attn  # the attention that runs, as loading would set it
     model.eval()
-    batch = PackedCollator(session.tokenizer.pad_token_id)(pack_examples(rows, 1024))
-    assert batch["input_ids"].shape[0] == 1  # all four rows in one bin
+    bin_tokens = max(len(r["input_ids"]) for r in rows) + 8  # several bins, several rows each
+    batch = PackedCollator(session.tokenizer.pad_token_id, bin_tokens, flatten=flatten)(rows)
+    assert batch["input_ids"].shape[0] == (1 if flatten else len(pack_examples(rows, bin_tokens)))
+    assert flatten or batch["input_ids"].shape[0] > 1
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
-        start = 0
-        order = sorted(range(len(rows)))  # pack_examples keeps source order inside a pack
-        for i in order:
-            ids = torch.tensor([rows[i]["input_ids"]])
-            alone = model(input_ids=ids).logits[0]
-            torch.testing.assert_close(packed[start:start + ids.shape[1]], alone,
-                                       rtol=1e-4, atol=1e-4)
-            start += ids.shape[1]
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        positions = batch["position_ids"]
+        for b in range(packed.shape[0]):
+            starts = (positions[b] == 0).nonzero().flatten().tolist() + [positions.shape[1]]
+            for start, end in zip(starts, starts[1:]):
+                ids = batch["input_ids"][b:b + 1, start:end]
+                alone = model(input_ids=ids).logits[0]
+                torch.testing.assert_close(packed[b, start:end], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_flash_attention_packs_each_micro_batch_into_one_row(tmp_path, dolly_file):
+    from qlora_lab.train import collator_for
+
+    cfg = tiny_config(tmp_path / "run", dolly_file)
+    flash = replace(cfg, model=replace(cfg.model, attn_implementation="flash_attention_2"))
+    assert not collator_for(cfg, 0).flatten and collator_for(flash, 0).flatten
+    rows = [{"input_ids": [5] * n, "labels": [7] * n} for n in (200, 150, 120, 90)]
+    batch = collator_for(flash, 0)(rows)
+    assert batch["input_ids"].shape == (1, 560)
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert len(starts) == 4 and (batch["labels"][0, starts] == IGNORE_INDEX).all()
+
+
+def test_packing_does_not_change_which_rows_make_a_step(tmp_path, dolly_file):
+    packed = _session(tmp_path / "p", dolly_file, micro_batch_size=3, grad_accum_steps=2)
+    padded = _session(tmp_path / "u", dolly_file, micro_batch_size=3, grad_accum_steps=2,
+                      packing=False)
+    for key in ("rows_per_step", "tokens_per_step", "steps_per_epoch"):
+        assert packed.data.stats[key] == padded.data.stats[key]
+    assert packed.data.stats["rows_per_step"] == 6
+    real = [int(b["num_real_tokens"]) for b in packed.trainer.get_train_dataloader()]
+    rows = [int(b["attention_mask"].sum()) for b in padded.trainer.get_train_dataloader()]
+    assert real == rows  # same rows in the same micro-batches: same tokens in each
 
 
 def test_chunked_head_loss_equals_full_cross_entropy():
@@ -147,7 +178,7 @@ def test_offloaded_checkpointing_gives_the_same_gradients(tmp_path, dolly_file):
     layers = [m for m in on.model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert layers and all(m._gradient_checkpointing_func is fastpath.offloaded_checkpoint
                           for m in layers)
-    batch = PackedCollator(on.tokenizer.pad_token_id)(pack_examples(on.data.train[:6], 256))
+    batch = PackedCollator(on.tokenizer.pad_token_id, 256)(on.data.train[:6])
     loss_on, grads_on = _loss_and_grads(on, batch)
     loss_off, grads_off = _loss_and_grads(off, batch)
     assert loss_on == pytest.approx(loss_off, rel=1e-6)
@@ -164,13 +195,13 @@ def test_offload_needs_checkpointing(tmp_path, dolly_file):
 
 def test_packed_training_counts_only_real_tokens(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
-    session = _session(tmp_path, data, max_steps=2, micro_batch_size=1, grad_accum_steps=1)
+    session = _session(tmp_path, data, max_steps=2, micro_batch_size=3, grad_accum_steps=1,
+                       compile=False)
     session.trainer.train()
-    packs = session.trainer.train_dataset
-    per_step = sorted(len(p["input_ids"]) for p in packs)
+    rows = sorted(len(r["input_ids"]) for r in session.trainer.train_dataset)
     seen = session.trainer.state.num_input_tokens_seen
-    # Two single-bin steps: between the two smallest and the two largest packs.
-    assert per_step[0] + per_step[1] <= seen <= per_step[-1] + per_step[-2]
+    # Two steps of three rows each: between the six shortest and the six longest rows.
+    assert sum(rows[:6]) <= seen <= sum(rows[-6:])
 
 
 def test_compiled_layers_give_the_same_loss_and_gradients(tmp_path, dolly_file):
@@ -178,7 +209,7 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tmp_path, dolly_file):
     eager = _session(tmp_path / "e", dolly_file)
     assert all(getattr(m, "_compiled_call_impl", None) is not None
                for m in compiled.model.modules() if type(m).__name__ == "LlamaDecoderLayer")
-    batch = PackedCollator(eager.tokenizer.pad_token_id)(pack_examples(eager.data.train[:6], 256))
+    batch = PackedCollator(eager.tokenizer.pad_token_id, 256)(eager.data.train[:6])
     loss_c, grads_c = _loss_and_grads(compiled, batch)
     loss_e, grads_e = _loss_and_grads(eager, batch)
     assert loss_c == pytest.approx(loss_e, rel=1e-5)
@@ -193,7 +224,7 @@ def test_selective_checkpointing_checkpoints_every_nth_layer_with_the_same_gradi
     flags = [m.gradient_checkpointing for m in every.model.modules()
              if type(m).__name__ == "LlamaDecoderLayer"]
     assert flags == [i % 2 == 0 for i in range(len(flags))] and len(flags) == 2
-    batch = PackedCollator(full.tokenizer.pad_token_id)(pack_examples(full.data.train[:6], 256))
+    batch = PackedCollator(full.tokenizer.pad_token_id, 256)(full.data.train[:6])
     loss_e, grads_e = _loss_and_grads(every, batch)
     loss_f, grads_f = _loss_and_grads(full, batch)
     assert loss_e == pytest.approx(loss_f, rel=1e-6)

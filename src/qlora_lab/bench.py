@@ -408,25 +408,15 @@ def loss_check(trainer, rows: int = 8) -> dict:
     padded: the two must agree within the compute dtype's noise (run before training)."""
     import torch
 
-    from qlora_lab.data import PackedCollator, PadCollator, pack_examples
+    from qlora_lab.data import PadCollator
 
-    examples = list(trainer.train_dataset)  # packs: unpack their rows again
-    first = []
-    for pack in examples:
-        starts = [i for i, p in enumerate(pack["position_ids"]) if p == 0]
-        for a, b in zip(starts, starts[1:] + [len(pack["input_ids"])]):
-            first.append({"input_ids": pack["input_ids"][a:b],
-                          "labels": pack["input_ids"][a:a + 1] + pack["labels"][a + 1:b]})
-        if len(first) >= rows:
-            break
-    first = first[:rows]
+    first = [trainer.train_dataset[i] for i in range(min(rows, len(trainer.train_dataset)))]
     pad = trainer.data_collator.pad_token_id
     device = trainer.args.device
     model = trainer.model
     model.eval()  # no dropout: both sides see the same network
     with torch.no_grad():
-        packed = PackedCollator(pad)(pack_examples(first, max(len(r["input_ids"]) for r in first)
-                                                   * len(first)))
+        packed = trainer.data_collator(first)  # the collator training uses
         fast = trainer.compute_loss(model, {k: v.to(device) for k, v in packed.items()})
         padded = {k: v.to(device) for k, v in PadCollator(pad)(first).items()}
         plain = model(**padded).loss

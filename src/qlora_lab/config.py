@@ -80,10 +80,11 @@ class LoraConfig:
     r: rank; higher = more capacity and memory. alpha: scale is alpha / r.
     target_modules: `all-linear` = every linear projection except lm_head (QLoRA paper); or
         module names, comma-separated (`q_proj,v_proj`) or as a YAML list.
-    weight_dtype: `compute` stores adapter weights in the compute dtype (bf16 on recent GPUs,
-        fp32 on CPU); `float32` keeps them in fp32 over a 16-bit base (peft's default). On an H200
-        (TinyLlama, 8 GiB cap, 50 steps) fp32 adapters ran at 1.0k tok/s vs 1.45k for bf16, with
-        the same eval loss (8.424 vs 8.432): benchmarks/results/train_tinyllama_h200_8gib.json.
+    weight_dtype: `float32` (default) keeps the trainable adapter weights, their gradients and
+        the optimizer's update in fp32 under bf16/fp16 autocast, as peft does by default: in
+        bf16 an update smaller than 1/256 of a weight rounds away, and at the learning rates of
+        a cosine schedule's tail most do (64 % of elements unchanged at lr 2e-5 in one AdamW
+        step). `compute` stores them in the compute dtype: faster, but those updates are lost.
     dropout: 0 by default, as unsloth and torchtune ship it. peft then skips the dropout kernel
         on every adapter's input: +28 % real tokens/s on an H200 (4 x 1024-token bins, 8.5k ->
         10.9k, benchmarks/results/fastpath_sweep_h200_run1.json). The QLoRA paper's 0.05 for
@@ -94,7 +95,7 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: str = "all-linear"
-    weight_dtype: Literal["compute", "float32"] = "compute"
+    weight_dtype: Literal["compute", "float32"] = "float32"
 
     def __post_init__(self) -> None:
         _require(0 < self.r <= MAX_LORA_RANK, "lora.r", self.r,
@@ -147,7 +148,10 @@ class DataConfig:
 class TrainConfig:
     """Optimisation and bookkeeping.
 
-    micro_batch_size x grad_accum_steps = rows per optimizer step.
+    micro_batch_size x grad_accum_steps (x processes) = rows per optimizer step, with packing on
+        or off (the QLoRA demo's 16). One micro-batch of 16 rows instead of 4 x 4 accumulation is
+        the same step (the loss is averaged over the step's answer tokens either way) in fewer,
+        larger forward passes; lower it and raise accumulation when memory is short.
     max_steps: optimizer steps; 0 = run `epochs` over the data instead.
     optimizer: `auto` = paged 8-bit AdamW on CUDA (optimizer state in 8 bits, paged to host RAM
         under pressure), torch AdamW on CPU (bitsandbytes' 8-bit optimizers need CUDA).
@@ -157,10 +161,11 @@ class TrainConfig:
         checkpointing; the others keep their activations): less recomputation, more memory.
     save_steps / eval_steps / logging_steps: in optimizer steps.
     device: `auto` = CUDA when available, else CPU.
-    packing: pack whole rows into bins of `data.max_seq_len` tokens (first-fit decreasing)
-        instead of padding each batch to its longest row. Attention and loss never cross rows:
-        position_ids restart at each row and the model builds a block-diagonal mask. Then
-        micro_batch_size counts bins, not rows.
+    packing: lay each micro-batch's rows end to end in bins of `data.max_seq_len` tokens (best-fit
+        decreasing) instead of padding every row to the longest. Attention and loss never cross
+        rows: position_ids restart at each row and the model builds a block-diagonal mask (with
+        FlashAttention-2 the bins are flattened into one row, the only layout its packed path
+        reads). The rows of a step are the same as without packing; only padding goes.
     fused_loss: compute the LM head and cross-entropy only at supervised (answer) positions, in
         chunks, so the full fp32 logits tensor never exists; uses Liger's fused linear
         cross-entropy on CUDA when liger-kernel is installed and `liger` allows it.
@@ -177,8 +182,8 @@ class TrainConfig:
     output_dir: str = "runs/qlora"
     max_steps: int = 0
     epochs: float = 1.0
-    micro_batch_size: int = 4
-    grad_accum_steps: int = 4
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
     learning_rate: float = 2e-4
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = 0.03

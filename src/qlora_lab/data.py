@@ -567,8 +567,8 @@ def pack_examples(examples: list[dict], bin_tokens: int) -> list[dict]:
     boundaries and builds a block-diagonal causal mask (masking_utils.find_packed_sequence_indices,
     used when no attention_mask is passed and the KV cache is off), so no token attends across
     rows. The first label of every row is IGNORE_INDEX, so no row's first token is predicted from
-    the previous row's last one. Rows are never split. Dolly rows are short and varied, so bins
-    come out nearly full (see `pack_stats`); the order of packs is left to the sampler.
+    the previous row's last one. Rows are never split. `PackedCollator` packs each micro-batch's
+    rows, so which rows share an optimizer step is the sampler's choice, as without packing.
     """
     import bisect
 
@@ -604,26 +604,55 @@ def pack_stats(packs: list[dict], bin_tokens: int) -> dict:
     return {"packs": len(packs), "pack_fill": round(tokens / max(1, len(packs) * bin_tokens), 4)}
 
 
+def batch_geometry(examples: list[dict], micro_batch_size: int, grad_accum_steps: int,
+                   processes: int = 1) -> dict:
+    """Rows, tokens and optimizer steps per epoch: the same with packing on or off.
+
+    Steps per epoch count as Trainer counts them: micro-batches per process, rounded up, then
+    accumulation steps, rounded up.
+    """
+    rows_per_step = micro_batch_size * grad_accum_steps * processes
+    mean_tokens = sum(len(e["input_ids"]) for e in examples) / max(1, len(examples))
+    micro_batches = -(-len(examples) // (micro_batch_size * processes))
+    return {"rows_per_step": rows_per_step,
+            "tokens_per_step": round(mean_tokens * rows_per_step),
+            "steps_per_epoch": max(1, -(-micro_batches // grad_accum_steps))}
+
+
 @dataclass(frozen=True)
 class PackedCollator:
-    """Stack packs into a (bins x longest pack) batch; no attention_mask, by design.
+    """Pack one micro-batch's rows into bins; no attention_mask, by design.
 
-    The tail of a shorter pack is padding laid out as one more "row" (its own restarting
-    positions, labels ignored), so it cannot be attended to by real tokens. `num_real_tokens`
-    counts the rest; the trainer pops it before the forward pass.
+    A micro-batch is `train.micro_batch_size` rows, packed or not, so an optimizer step holds the
+    same rows either way and packing changes only speed, never the recipe. Its rows are laid end
+    to end in bins of `bin_tokens` (`pack_examples`) and the bins stacked; the number of bins
+    follows from the rows' lengths. The tail of a shorter bin is padding laid out as one more
+    "row" (its own restarting positions, labels ignored), so real tokens never attend to it.
+    `num_real_tokens` counts the rest; the trainer pops it before the forward pass.
+
+    `flatten` lays all bins in one row instead: FlashAttention-2 in transformers reads restarting
+    position_ids as row boundaries only at batch size 1, and would let a bin's rows attend to each
+    other at larger batch sizes (transformers' DataCollatorWithFlattening flattens for the same
+    reason). SDPA and eager build a block-diagonal mask from the restarts at any batch size, and
+    for them bins keep the masked attention square small.
     """
 
     pad_token_id: int
+    bin_tokens: int
     pad_to_multiple_of: int = 1
+    flatten: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        ids, labels = _right_padded(features, self.pad_token_id, self.pad_to_multiple_of)
+        bins = pack_examples(features, self.bin_tokens)
+        if self.flatten:
+            bins = [{key: [x for b in bins for x in b[key]] for key in bins[0]}]
+        ids, labels = _right_padded(bins, self.pad_token_id, self.pad_to_multiple_of)
         longest = ids.shape[1]
-        positions = torch.arange(longest).repeat(len(features), 1)
+        positions = torch.arange(longest).repeat(len(bins), 1)
         real = 0
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            positions[i, :n] = torch.tensor(f["position_ids"])
+        for i, b in enumerate(bins):
+            n = len(b["input_ids"])
+            positions[i, :n] = torch.tensor(b["position_ids"])
             positions[i, n:] = torch.arange(longest - n)
             real += n
         return {"input_ids": ids, "labels": labels, "position_ids": positions,

@@ -65,9 +65,8 @@ class LabConfig:
     seq_lens, micro_batches, ranks: the feasibility grid (x checkpointing on/off x 4/16-bit).
     measure_configs: how many grid points real CUDA runs confirm (one predicted not to fit).
     budgets_bytes: section 2's budgets; each gets the planner's config at throughput_seq_len.
-    rows_per_step: sequences per optimizer step (micro-batch x accumulation) in sections 2-5;
-        with packing (train's default) each is a bin of whole rows up to seq_len tokens. The
-        planner keeps it fixed while trading micro-batch for accumulation.
+    rows_per_step: rows per optimizer step (micro-batch x accumulation) in sections 2-5, packed
+        into bins or not. The planner keeps it fixed while trading micro-batch for accumulation.
     target_eval_loss: section 2's target; None = the highest final eval loss of the budget runs
         (the loss every budget reached, so each has a time).
     spike_factor: a run diverged if a logged training loss exceeds spike_factor x the first one.

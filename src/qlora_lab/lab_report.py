@@ -253,8 +253,9 @@ def _throughput_blocks(t: dict, runs: dict) -> list:
            "torch.cuda.set_per_process_memory_fraction" if t["capped"] else
            "on CPU no cap can be applied: the budget only chooses the planner's config, and the "
            "measured memory column needs CUDA")
-    return [{"p": f"`{t['model']}`, seq_len {t['seq_len']}, {t['rows_per_step']} packed "
-                  f"sequences (bins of whole rows up to seq_len tokens) per optimizer step, "
+    return [{"p": f"`{t['model']}`, seq_len {t['seq_len']}, {t['rows_per_step']} rows "
+                  f"per optimizer step (each micro-batch's rows packed into bins of seq_len "
+                  f"tokens), "
                   f"{t['steps']} steps per run; {cap}. Target eval loss "
                   f"{fmt(t['target_eval_loss'])} ({t['target_rule']}); time to target counts "
                   "from the start of training to the first evaluation at or below it, "

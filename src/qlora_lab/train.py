@@ -39,8 +39,7 @@ from qlora_lab.data import (
     PackedCollator,
     PadCollator,
     PreparedData,
-    pack_examples,
-    pack_stats,
+    batch_geometry,
     prepare_data,
 )
 from qlora_lab.errors import TrainingInterrupted, UserError
@@ -231,17 +230,32 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
 
 
 def _batching(cfg: RunConfig, data: PreparedData, tokenizer):
-    """Training and eval datasets plus the collator: packed bins, or padded rows."""
+    """Training and eval rows plus the collator: each micro-batch's rows packed, or padded.
+
+    Either way a micro-batch is `train.micro_batch_size` rows, so rows, tokens and steps per
+    epoch do not depend on packing; they are logged here and kept in summary.json.
+    """
+    t = cfg.train
+    geometry = batch_geometry(data.train, t.micro_batch_size, t.grad_accum_steps,
+                              int(os.environ.get("WORLD_SIZE", "1")))
+    data.stats.update(geometry)
+    log.info("batch: %d rows per optimizer step (%d x %d accumulation x %s processes), ~%d "
+             "tokens per step, %d steps per epoch", geometry["rows_per_step"], t.micro_batch_size,
+             t.grad_accum_steps, os.environ.get("WORLD_SIZE", "1"), geometry["tokens_per_step"],
+             geometry["steps_per_epoch"])
+    return data.train, data.eval, collator_for(cfg, tokenizer.pad_token_id)
+
+
+def collator_for(cfg: RunConfig, pad_token_id: int):
+    """Packed bins of `data.max_seq_len` tokens per micro-batch, or padded rows."""
     if not cfg.train.packing:
-        return data.train, data.eval, PadCollator(tokenizer.pad_token_id)
+        return PadCollator(pad_token_id)
     bin_tokens = cfg.data.max_seq_len
-    train, evals = pack_examples(data.train, bin_tokens), pack_examples(data.eval, bin_tokens)
-    data.stats.update(pack_stats(train, bin_tokens))
-    log.info("packing: %d train rows into %d bins of %d tokens (%.0f %% full)", len(data.train),
-             len(train), bin_tokens, 100 * data.stats["pack_fill"])
-    # Compiled layers want one shape: pad every bin to the full length (bins run ~95 % full).
+    # Compiled layers want few shapes: pad every bin to the full length.
     multiple = bin_tokens if cfg.train.compile else 1
-    return train, evals, PackedCollator(tokenizer.pad_token_id, pad_to_multiple_of=multiple)
+    # FlashAttention-2 sees row boundaries only in a batch of one row (PackedCollator.flatten).
+    flatten = cfg.model.attn_implementation == "flash_attention_2"
+    return PackedCollator(pad_token_id, bin_tokens, pad_to_multiple_of=multiple, flatten=flatten)
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
@@ -388,6 +402,8 @@ def train_session(session: TrainingSession) -> dict:
         "resumed_from": session.checkpoint,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "compute_dtype": str(session.dtype).removeprefix("torch."),
+        **{key: session.data.stats[key]
+           for key in ("rows_per_step", "tokens_per_step", "steps_per_epoch")},
         "data": session.data.stats,
         **_peak_memory(device),
     }
