@@ -7,13 +7,16 @@ import math
 
 import pytest
 import torch
-from conftest import DOLLY_ROWS, write_jsonl
+from conftest import DOLLY_ROWS, SHARED_DOLLY, write_jsonl
+from rouge_score import rouge_scorer
 
 from qlora_lab.cli import main
 from qlora_lab.evaluate import (
+    ANSWER_END_TOKENS,
     EvalConfig,
+    answer_token_cap,
     exact_match,
-    lcs_length,
+    load_eval_rows,
     normalize_answer,
     rouge_l,
     run_eval,
@@ -61,11 +64,45 @@ def test_rouge_l_identical_disjoint_and_symmetric():
 
 def test_rouge_l_value_follows_the_lcs_definition():
     # LCS("the cat ran away", "the cat sat") = "the cat" = 2 words; R = 2/4, P = 2/3.
-    assert lcs_length(["a", "b", "c", "d", "e"], ["a", "x", "c", "y", "e"]) == 3
     r, p = 2 / 4, 2 / 3
     assert rouge_l("the cat sat", "the cat ran away") == pytest.approx(2 * r * p / (r + p))
+    assert rouge_l("a x c y e", "a b c d e") == pytest.approx(3 / 5)  # LCS a c e
     assert rouge_l("THE, Cat!", "the cat") == 1.0  # lowercase words, punctuation ignored
-    assert rouge_l("", "") == 1.0 and rouge_l("", "x") == 0.0
+    assert rouge_l("café", "caf") == 1.0  # only [a-z0-9] make words, as in rouge-score
+    assert rouge_l("", "") == 0.0 and rouge_l("", "x") == 0.0  # rouge-score: no words, no score
+
+
+def _package_rouge_l(prediction: str, reference: str) -> float:
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return scorer.score(reference, prediction)["rougeL"].fmeasure
+
+
+TRICKY_PAIRS = [  # (prediction, reference)
+    ("an answer", ""), ("", "a reference"), ("", ""), ("   \n\t", "x"),
+    ("...!?", "?!..."), ("-- : ;", "the end."),
+    ("Crème brûlée à Paris", "creme brulee a paris"), ("東京は日本の首都", "東京"),
+    ("Привет, мир", "привет мир"), ("naïve café résumé", "naive cafe resume"),
+    ("3.14159 is pi", "pi is 3.14159"), ("1,000,000 $5 50%", "1000000 5 50"),
+    ("2023-05-01", "May 1, 2023"), ("the the the the", "the"), ("a b a b a b", "b a b a"),
+    ("line one\nline two\r\nline three", "line one line two line three"),
+    ("Don't stop-believing", "dont stop believing"), ("e-mail me@x.com", "email me at x com"),
+    ("running runs ran", "run runs running"),  # no stemming
+    ("UPPER lower MiXeD", "upper LOWER mixed"), ("emoji 🙂 ok", "emoji ok 🙂"),
+]
+
+
+@pytest.mark.parametrize("prediction, reference", TRICKY_PAIRS)
+def test_rouge_l_equals_the_rouge_score_package(prediction, reference):
+    assert rouge_l(prediction, reference) == _package_rouge_l(prediction, reference)
+
+
+@pytest.mark.skipif(not SHARED_DOLLY.is_file(), reason=f"{SHARED_DOLLY} not present")
+def test_rouge_l_equals_the_package_on_dolly_responses():
+    responses = [json.loads(line)["response"] for line in
+                 SHARED_DOLLY.read_text(encoding="utf-8").splitlines()[:201]]
+    pairs = list(zip(responses[1:], responses[:-1]))  # each response against the previous one
+    assert len(pairs) == 200
+    assert [rouge_l(p, r) for p, r in pairs] == [_package_rouge_l(p, r) for p, r in pairs]
 
 
 def test_exact_match_normalisation():
@@ -167,6 +204,19 @@ def test_batched_generation_equals_one_at_a_time(trained_run, tuned):
     assert generate_batch(tuned, prompts, 6) == [generate_reply(tuned, p, cfg) for p in prompts]
 
 
+def test_default_answer_cap_covers_every_reference(tuned, eval_data):
+    from types import SimpleNamespace
+
+    rows, _ = load_eval_rows(EvalConfig(model="tiny-random", data=str(eval_data)))
+    longest = max(len(tuned.tokenizer(r.reference, add_special_tokens=False)["input_ids"])
+                  for r in rows)
+    assert answer_token_cap(tuned, rows, None) == longest + ANSWER_END_TOKENS
+    assert answer_token_cap(tuned, rows, 3) == 3  # --max-new-tokens wins
+    config = SimpleNamespace(max_position_embeddings=5)
+    small = SimpleNamespace(tokenizer=tuned.tokenizer, model=SimpleNamespace(config=config))
+    assert answer_token_cap(small, rows, None) == 5  # never past the model's context
+
+
 def test_max_rows_and_default_output_dir(trained_run, eval_data, tmp_path):
     from qlora_lab.evaluate import _default_output_dir
 
@@ -176,6 +226,15 @@ def test_max_rows_and_default_output_dir(trained_run, eval_data, tmp_path):
                                  max_new_tokens=2, output_dir=str(tmp_path)))
     assert list(report["models"]) == ["model"]
     assert report["models"]["model"]["categories"]["all"]["n"] == 5
+    assert report["max_new_tokens"] == 2
+
+
+def test_default_cap_is_recorded_and_the_command_stays_as_given(tuned, eval_data, tmp_path):
+    cfg = EvalConfig(model="tiny-random", data=str(eval_data), max_rows=2,
+                     output_dir=str(tmp_path))
+    report = run_eval(cfg)
+    assert report["max_new_tokens"] == answer_token_cap(tuned, load_eval_rows(cfg)[0], None)
+    assert "--max-new-tokens" not in report["command"]
 
 
 # --- the CLI -------------------------------------------------------------------------------------

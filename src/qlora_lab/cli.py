@@ -84,7 +84,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--compare-base", action="store_true",
                    help="also evaluate the adapter's base (adapter off) and report deltas")
     p.add_argument("--max-rows", type=int, help="only the first N rows (default: all)")
-    p.add_argument("--max-new-tokens", type=int, help="generation cap per answer (default 128)")
+    p.add_argument("--max-new-tokens", type=int, help="generation cap per answer (default: the longest reference in tokens, + 8)")
     p.add_argument("--output-dir", help="report dir (default: <run dir>/eval, or ./eval)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed rows (and report how many) instead of stopping")

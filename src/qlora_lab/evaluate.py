@@ -4,9 +4,11 @@ Every row of `--data` is read and validated by `qlora_lab.data` (the same schema
 one-line errors as `train`) and rendered by the same functions training used, so:
 
 - the loss is over answer tokens only, masked exactly as in training (`render_segments` +
-  `tokenize_segments`, cut as training cuts by `encode_conversation`), averaged over tokens (not rows), and perplexity = exp(loss);
+  `tokenize_segments`, cut as training cuts by `encode_conversation`), averaged over tokens
+  (not rows), and perplexity = exp(loss);
 - the answer is generated greedily from the prompt `generate` would build (`render_prompt` via
-  `generate.generate_reply`), then scored against the row's reference with ROUGE-L F1 and, for
+  `generate.generate_reply`), long enough for the longest reference, then scored against the
+  row's reference with ROUGE-L F1 (Google's `rouge-score`, the common reference) and, for
   categories whose answers are short facts or labels, normalised exact match.
 
 With `--compare-base` the base the adapter was trained on is measured too: the adapter is
@@ -18,10 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
-import re
 import string
 import time
 from dataclasses import dataclass
@@ -62,7 +64,10 @@ class EvalConfig:
         groups the quality scores, rows without one count as "uncategorized".
     compare_base: also measure the adapter's base (adapter switched off) and report deltas.
     max_rows: evaluate only the first N rows; 0 = all. Generation dominates the run time.
-    max_new_tokens: generation cap per answer; a reference longer than this cannot score 1.
+    max_new_tokens: generation cap per answer; None (the default) = the longest reference of the
+        evaluated rows in the model's tokens plus its end-of-turn marker, within the model's
+        context (see `answer_token_cap`). A model that never stops costs this many decode steps
+        per batch: pass a number to bound the time, knowing longer references cannot score 1.
     max_seq_len: rows are truncated to this many tokens for the loss, as `data.max_seq_len`
         truncates them in training (same default).
     loss_batch_size: rows per forward pass for the loss; memory is batch x seq x vocab x 4 B.
@@ -80,7 +85,10 @@ class EvalConfig:
     data: str | None = None
     compare_base: bool = False
     max_rows: int = 0
-    max_new_tokens: int = 128
+    # Was a fixed 128, which cut 17 % of Dolly's references (SmolLM2 tokens; 512 still cuts 2 %,
+    # the longest is 1,916): a cut reference cannot score 1 whatever the model says, so the
+    # default now follows the references themselves (issue #13).
+    max_new_tokens: int | None = None
     max_seq_len: int = 1024
     loss_batch_size: int = 4
     generate_batch_size: int = 8
@@ -101,7 +109,7 @@ class EvalConfig:
             raise UserError("--compare-base needs --adapter (the base is the one the adapter "
                             "was trained on); to measure a base alone pass --model NAME")
         for name in ("max_new_tokens", "max_seq_len", "loss_batch_size", "generate_batch_size"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a "
                                 "positive integer")
         if self.max_rows < 0:
@@ -122,39 +130,21 @@ class EvalRow:
 # --- metrics -------------------------------------------------------------------------------------
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer  # imports nltk: only when answers are scored
 
-
-def lcs_length(a: list, b: list) -> int:
-    """Length of the longest common subsequence (dynamic programming, O(len(a) x len(b)))."""
-    if len(a) < len(b):
-        a, b = b, a  # keep the row as short as possible
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lowercase word tokens.
-
-    Lin (2004), "ROUGE: A Package for Automatic Evaluation of Summaries", section 3.1:
-    R = LCS(X, Y) / m, P = LCS(X, Y) / n for a reference X of m words and a candidate Y of n
-    words, F = (1 + b^2) R P / (R + b^2 P); we take b = 1 (the F1 that common scorers report).
-    Two empty texts agree perfectly (1.0); one empty text shares nothing (0.0).
+    """ROUGE-L F1 exactly as Google's `rouge-score` package computes it, so scores compare with
+    published ones: text lowercased, every run of characters outside [a-z0-9] read as a space
+    (accented letters and other scripts drop out), no stemming; R = LCS / reference words,
+    P = LCS / predicted words, F1 = 2PR / (P + R) (Lin 2004, section 3.1, with beta = 1).
+    A text with no such words on either side scores 0, two empty texts too.
     """
-    ref, pred = _words(reference), _words(prediction)
-    if not ref or not pred:
-        return float(ref == pred)
-    lcs = lcs_length(ref, pred)
-    if lcs == 0:
-        return 0.0
-    recall, precision = lcs / len(ref), lcs / len(pred)
-    return 2 * recall * precision / (recall + precision)
+    return _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
@@ -243,6 +233,20 @@ def heldout_loss(model, examples: list[dict], pad_token_id: int, batch_size: int
 
 
 # --- one model -----------------------------------------------------------------------------------
+
+
+ANSWER_END_TOKENS = 8  # room for the template's end-of-turn marker ("<|im_end|>\n" is 2 tokens)
+
+
+def answer_token_cap(loaded, rows: list[EvalRow], max_new_tokens: int | None) -> int:
+    """`max_new_tokens` if given, else enough for the longest reference, within the context."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    tok = loaded.tokenizer
+    longest = max(len(tok(row.reference, add_special_tokens=False)["input_ids"]) for row in rows)
+    cap = longest + ANSWER_END_TOKENS
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    return min(cap, context) if isinstance(context, int) else cap
 
 
 def score_answers(rows: list[EvalRow], predictions: list[str]) -> dict:
@@ -431,19 +435,22 @@ def run_eval(cfg: EvalConfig) -> dict:
         label = "fine-tuned"
     else:
         base_name, label = None, "model"
+    # The command and config are recorded as given; the cap they resolve to is recorded too.
+    max_new_tokens = answer_token_cap(loaded, rows, cfg.max_new_tokens)
+    run_cfg = dataclasses.replace(cfg, max_new_tokens=max_new_tokens)
     models, predictions = {}, {}
     if cfg.compare_base:
         # Same loaded weights with the LoRA layers bypassed: the base as the adapter saw it.
         with loaded.model.disable_adapter():
-            models["base"], predictions["base"] = evaluate_model(loaded, rows, cfg, "base")
-    models[label], predictions[label] = evaluate_model(loaded, rows, cfg, label)
+            models["base"], predictions["base"] = evaluate_model(loaded, rows, run_cfg, "base")
+    models[label], predictions[label] = evaluate_model(loaded, rows, run_cfg, label)
     table = markdown_table(models)
     report = {
         "command": command_line(cfg),
         "data": str(cfg.data), "rows": len(rows), "bad_rows_skipped": skipped,
         "evaluated": cfg.adapter or cfg.model_dir or cfg.model, "base_model": base_name,
         "template": loaded.template, "device": loaded.device,
-        "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy",
+        "max_new_tokens": max_new_tokens, "decoding": "greedy",
         "exact_match_categories": list(EXACT_MATCH_CATEGORIES),
         "models": models,
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -468,7 +475,7 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     versions = {}
-    for name in ("qlora-lab", "torch", "transformers", "peft", "bitsandbytes"):
+    for name in ("qlora-lab", "torch", "transformers", "peft", "bitsandbytes", "rouge-score"):
         with contextlib.suppress(md.PackageNotFoundError):
             versions[name] = md.version(name)
     return versions
