@@ -60,3 +60,24 @@ def test_train_budget_applies_the_plan(tmp_path):
     # The tiny model fits every micro-batch; the search only tries those that divide the
     # 4 x 4 rows per step, so it takes all 16 in one micro-batch and keeps the effective batch.
     assert cfg.train.micro_batch_size == 16 and cfg.train.grad_accum_steps == 1
+
+
+def test_train_stdout_is_only_the_json_summary(tmp_path, trained_run):
+    # Logs, Trainer's per-step dicts and progress bars go to stderr: `train ... | jq` works.
+    import json
+
+    proc = _run("train", "--config", str(trained_run / "config.yaml"), "--output-dir",
+                str(tmp_path / "run"), "--max-steps", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["steps"] == 2 and summary["rows_per_step"] == 4
+    assert "'loss':" in proc.stderr or "'train_runtime'" in proc.stderr
+
+
+def test_report_to_names_an_uninstalled_integration_in_one_line(tmp_path, capsys):
+    write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
+    code = main(["train", "--model", "tiny-random", "--data", str(tmp_path / "d.jsonl"),
+                 "--output-dir", str(tmp_path / "run"), "--set",
+                 "train.report_to=surely_not_an_integration"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "train.report_to" in err[-1] and "is not installed" in err[-1]

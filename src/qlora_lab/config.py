@@ -161,6 +161,10 @@ class TrainConfig:
         checkpointing; the others keep their activations): less recomputation, more memory.
     save_steps / eval_steps / logging_steps: in optimizer steps.
     device: `auto` = CUDA when available, else CPU.
+    tensorboard: TensorBoard logs in <output_dir>/tensorboard when the tensorboard package is
+        installed (a warning says so when it is not; metrics.jsonl has the same numbers).
+    report_to: more Trainer integrations, comma-separated (`wandb`, `mlflow`, ...), passed to
+        Trainer's `report_to` as they are; each must be installed.
     packing: lay each micro-batch's rows end to end in bins of `data.max_seq_len` tokens (best-fit
         decreasing) instead of padding every row to the longest. Attention and loss never cross
         rows: position_ids restart at each row and the model builds a block-diagonal mask (with
@@ -198,6 +202,7 @@ class TrainConfig:
     seed: int = 42
     device: Literal["auto", "cuda", "cpu"] = "auto"
     tensorboard: bool = True
+    report_to: str = ""
     packing: bool = True
     fused_loss: bool = True
     liger: Literal["auto", "on", "off"] = "auto"

@@ -12,6 +12,7 @@ import logging
 import os
 import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -49,13 +50,35 @@ def _tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
+def _report_to(t) -> list[str]:
+    """Trainer's `report_to`: TensorBoard when asked and installed, plus `train.report_to`."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [n.strip() for n in t.report_to.split(",") if n.strip()]
+    available = set(get_available_reporting_integrations())
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise UserError(f"config key train.report_to = {t.report_to!r:.80}: {', '.join(missing)} "
+                        "is not installed — install it, or remove it from train.report_to "
+                        f"(installed: {', '.join(sorted(available)) or 'none'})")
+    if t.tensorboard and "tensorboard" not in names:
+        if _tensorboard_available():
+            names.insert(0, "tensorboard")
+        else:
+            # Said once per run: the numbers are in metrics.jsonl either way.
+            log.warning("train.tensorboard is on but the tensorboard package is not installed: "
+                        "no TensorBoard logs this run (metrics.jsonl has the same numbers) — "
+                        "pip install tensorboard, or set train.tensorboard: false")
+    return names
+
+
 def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dtype,
                         has_eval: bool, resuming: bool):
     from transformers import TrainingArguments
 
     t = cfg.train
-    report_to = ["tensorboard"] if t.tensorboard and _tensorboard_available() else "none"
-    if report_to != "none":
+    report_to = _report_to(t)
+    if "tensorboard" in report_to:
         # Assigned, not setdefault: a second run in the same process must not log into the
         # first run's dir. Every output of a run stays inside its output dir.
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
@@ -86,7 +109,7 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
         save_total_limit=t.save_total_limit,
         seed=t.seed,
         data_seed=t.seed,
-        report_to=report_to,
+        report_to=report_to or "none",
         remove_unused_columns=False,  # our rows are already model inputs
         label_names=["labels"],  # peft's forward hides `labels` from Trainer's signature check
         # Packed batches carry no attention_mask to count by; the trainer counts them itself.
@@ -108,6 +131,17 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
 
 def make_callbacks(out: Path):
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    class StderrProgress(ProgressCallback):
+        """Trainer's progress bar, with its log lines on stderr: stdout carries only results
+        (the final JSON summary), so `qlora-lab train ... | jq` works."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {k: f"{v:.4g}" if isinstance(v, float) else v
+                         for k, v in logs.items() if k != "total_flos"}
+                self.training_bar.write(str(shown), file=sys.stderr)
 
     class MetricsJsonl(TrainerCallback):
         """Append every log/eval event to metrics.jsonl (machine-readable twin of TensorBoard)."""
@@ -132,7 +166,7 @@ def make_callbacks(out: Path):
             self.start_tokens = state.num_input_tokens_seen
             self.start_time = time.perf_counter()
 
-    return MetricsJsonl(), Throughput(), faults.StopOnSignal()
+    return MetricsJsonl(), Throughput(), faults.StopOnSignal(), StderrProgress()
 
 
 def _checkpoint_write_failed(root: Path, step: int, exc: BaseException) -> UserError:
@@ -217,6 +251,16 @@ def trainer_class():
 
         def __init__(self, *args, head_loss=None, **kwargs):
             super().__init__(*args, **kwargs)
+            from transformers.trainer_callback import ProgressCallback
+
+            # Trainer adds its own progress bar; ours (make_callbacks) is the same bar with its
+            # log lines on stderr, so keep one.
+            if any(isinstance(cb, ProgressCallback) and type(cb) is not ProgressCallback
+                   for cb in self.callback_handler.callbacks):
+                stock = [cb for cb in self.callback_handler.callbacks
+                         if type(cb) is ProgressCallback]
+                for cb in stock:
+                    self.callback_handler.callbacks.remove(cb)
             self.head_loss = head_loss
             self.loss_guard = faults.NonFiniteLossGuard()
             self.add_callback(self.loss_guard)
