@@ -91,7 +91,9 @@ def problem(path: Path) -> str | None:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return f"has a corrupted {STATE_FILE} (not JSON)"
-    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+    step = state.get("global_step") if isinstance(state, dict) else None
+    # bool is an int to Python; a step is a count, never negative.
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return f"has a corrupted {STATE_FILE} (no global_step)"
     adapter_problem = safety.safetensors_problem(path / ADAPTER_FILE)
     if adapter_problem:

@@ -236,7 +236,24 @@ def _consent_to_remote_code(cfg, args, overrides: dict, source: str | None):
     return cfg
 
 
+# Arguments that name files or folders; each is checked before any command touches it.
+PATH_ARGS = ("config", "model", "data", "eval_data", "output_dir", "adapter", "model_dir",
+             "prompt_file", "output", "speed_model")
+
+
+def _check_paths(args) -> None:
+    from qlora_lab.config import check_path_text
+
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            check_path_text(value, "--" + name.replace("_", "-"))
+    if isinstance(getattr(args, "resume", None), str):
+        check_path_text(args.resume, "--resume")
+
+
 def _command(args) -> int:
+    _check_paths(args)
     if args.command == "train":
         from qlora_lab.train import run_train
 

@@ -256,8 +256,32 @@ def _short(value: Any, limit: int = 80) -> str:
     short.maxstring = short.maxother = limit
     short.maxlist = short.maxdict = 6
     short.maxlevel = 3
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<an integer of {value.bit_length()} bits>"  # repr() refuses > 4300 digits
     text = short.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Keys whose values are file system paths (or hub ids, which must survive the same checks).
+PATH_KEYS = {"model.name", "data.source", "data.eval_source", "train.output_dir"}
+MAX_PATH_COMPONENT_BYTES = 255  # NAME_MAX on Linux, macOS and Windows file systems
+MAX_PATH_BYTES = 4096
+
+
+def check_path_text(text: str, what: str) -> str:
+    """Refuse a path no file system accepts (a NUL byte, a 256-byte name) with one line.
+
+    Python raises ValueError or OSError(ENAMETOOLONG) for such paths at the first stat, deep
+    inside whatever touches them first.
+    """
+    encoded = text.encode("utf-8", "surrogateescape")
+    if "\0" in text:
+        raise UserError(f"{what} = {_short(text)} holds a NUL byte, which no path can — fix it")
+    longest = max((len(part) for part in encoded.split(b"/")), default=0)
+    if longest > MAX_PATH_COMPONENT_BYTES or len(encoded) > MAX_PATH_BYTES:
+        raise UserError(f"{what} = {_short(text)} is too long for a path (a name is at most "
+                        f"{MAX_PATH_COMPONENT_BYTES} bytes, a path {MAX_PATH_BYTES}) — shorten it")
+    return text
 
 
 def _clip(text: str, limit: int = 80) -> str:
@@ -274,6 +298,9 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """Return `value` as `annotation` requires, or raise a one-line error quoting it."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        # torch and numpy index with int64; larger never works (and str() may refuse it)
+        raise UserError(f"config key {key} = {_short(value)} is invalid: too large")
     origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
@@ -303,7 +330,7 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     elif annotation is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
+            number = float(value)  # an int here is < 2**63 (checked above): no overflow
         elif isinstance(value, str):
             # YAML 1.1 reads `2e-4` (no dot) as a string; accept what Python reads as a float.
             try:
@@ -317,7 +344,10 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             return number
     elif annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+            text = str(value)
+            if key in PATH_KEYS:
+                check_path_text(text, f"config key {key}")
+            return text
     type_name = getattr(annotation, "__name__", str(annotation))
     raise UserError(f"config key {key} = {_short(value)} has the wrong type: expected "
                     f"{type_name}")
@@ -406,6 +436,9 @@ def parse_yaml_text(text: str, where: str) -> Any:
         raise InvalidYaml(f"{where} is not valid YAML: {first[:200]}") from None
     except RecursionError:
         raise UserError(f"{where} is nested too deeply to be a config — flatten it") from None
+    except (ValueError, OverflowError) as exc:  # an int of over 4300 digits, a float overflow
+        raise InvalidYaml(f"{where} holds a value YAML cannot read ({str(exc)[:100]}) — use a "
+                          "number of ordinary size") from None
     finally:
         loader.dispose()
 

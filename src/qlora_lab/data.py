@@ -78,6 +78,11 @@ class PreparedData:
 # --- reading -------------------------------------------------------------------------------------
 
 
+def _shown(path: str, limit: int = 160) -> str:
+    """A path as an error message quotes it: whole, or its two ends around '...'."""
+    return path if len(path) <= limit else f"{path[: limit // 2]}...{path[-limit // 2:]}"
+
+
 def _bad(where: str, problem: str) -> UserError:
     return UserError(f"{where}: {problem} — fix the row, or pass --skip-bad-rows to skip such rows")
 
@@ -175,22 +180,22 @@ def read_rows(source: str) -> list[Row]:
     path = Path(source).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         if path.is_dir():
-            raise UserError(f"data file {source} is a directory — pass a "
+            raise UserError(f"data file {_shown(source)} is a directory — pass a "
                             ".jsonl/.json/.csv/.parquet file inside it")
         if not path.is_file():
-            raise UserError(f"data file {source} does not exist — pass an existing "
+            raise UserError(f"data file {_shown(source)} does not exist — pass an existing "
                             ".jsonl/.json/.csv/.parquet file or a hub dataset name")
         suffix = path.suffix.lower()
         if suffix == ".parquet":
             rows = list(_iter_parquet(path))
         elif suffix not in LOCAL_SUFFIXES:
-            raise UserError(f"data file {source} has an unsupported suffix {suffix!r} — use one "
+            raise UserError(f"data file {_shown(source)} has an unsupported suffix {suffix!r} — use one "
                             "of " + ", ".join(LOCAL_SUFFIXES))
         else:
             try:
                 raw = path.read_bytes()
             except OSError as exc:
-                raise UserError(f"data file {source} cannot be read ({exc.strerror})") from None
+                raise UserError(f"data file {_shown(source)} cannot be read ({exc.strerror})") from None
             try:
                 text = raw.decode("utf-8-sig")
             except UnicodeDecodeError as exc:
@@ -202,7 +207,7 @@ def read_rows(source: str) -> list[Row]:
     else:
         rows = list(_iter_hub(source))
     if not rows:
-        raise UserError(f"data source {source} has no rows — add rows or pick another file")
+        raise UserError(f"data source {_shown(source)} has no rows — add rows or pick another file")
     return rows
 
 

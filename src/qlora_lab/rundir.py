@@ -196,6 +196,26 @@ def find_checkpoint(out: Path, resume: str | bool | None) -> str | None:
     return str(candidate)
 
 
+def check_checkpoint_matches(checkpoint: str, cfg: RunConfig) -> None:
+    """Refuse a checkpoint whose adapter has another shape than the config asks for.
+
+    A run's config.yaml edited by hand (or a checkpoint copied from another run) would otherwise
+    fail deep inside Trainer's load, after the run's files were rewritten.
+    """
+    path = Path(checkpoint) / "adapter_config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # checkpoints.problem already vetted the adapter weights; nothing to compare
+    for key, mine in (("r", cfg.lora.r), ("lora_alpha", cfg.lora.alpha)):
+        theirs = saved.get(key) if isinstance(saved, dict) else None
+        if theirs is not None and theirs != mine:
+            raise UserError(f"--resume: {checkpoint} was trained with {key} = {theirs!r:.40} but "
+                            f"the config says {mine} (lora.{'r' if key == 'r' else 'alpha'}) — "
+                            "restore the run's config.yaml, or start a new run with another "
+                            "--output-dir")
+
+
 def _flat(cfg: RunConfig) -> dict:
     return {f"{section}.{key}": value for section, values in to_dict(cfg).items()
             for key, value in values.items()}

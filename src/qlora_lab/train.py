@@ -84,6 +84,7 @@ def claim_output_dir(cfg: RunConfig, resume: str | bool | None, overwrite: bool)
         checkpoint = rundir.find_checkpoint(out, resume)
         if checkpoint is not None:
             checkpoints.check_layout(Path(checkpoint), int(os.environ.get("WORLD_SIZE", "1")))
+            rundir.check_checkpoint_matches(checkpoint, cfg)
     except BaseException:
         if lock is not None:
             lock.release()
