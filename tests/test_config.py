@@ -12,7 +12,7 @@ def test_defaults_are_the_seed_recipe():
     assert (cfg.quant.bits, cfg.quant.quant_type, cfg.quant.double_quant) == (4, "nf4", True)
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.0)
     assert cfg.lora.target_modules == "all-linear"
-    assert cfg.train.learning_rate == 2e-4 and cfg.train.lr_scheduler == "cosine"
+    assert cfg.train.learning_rate == 4e-4 and cfg.train.lr_scheduler == "cosine"
     assert cfg.train.gradient_checkpointing and cfg.data.max_seq_len == 1024
     assert cfg.data.eval_fraction > 0
 

@@ -78,6 +78,10 @@ class LoraConfig:
     """The trainable low-rank adapters.
 
     r: rank; higher = more capacity and memory. alpha: scale is alpha / r.
+        Chosen by a sweep of SmolLM2-135M on the Dolly sample (64 steps of 16 rows, held-out
+        answer loss, benchmarks/results/sweep_defaults.json): at lr 4e-4, scale 2 beat scale 1
+        (2.179 vs 2.205 at r 16, 2.163 vs 2.181 at r 32), and r 32 beat r 16 by 0.7 % (2.163 vs
+        2.179) for twice the adapter memory and optimizer state, so r stays 16 and alpha 32.
     target_modules: `all-linear` = every linear projection except lm_head (QLoRA paper); or
         module names, comma-separated (`q_proj,v_proj`) or as a YAML list.
     weight_dtype: `float32` (default) keeps the trainable adapter weights, their gradients and
@@ -188,8 +192,13 @@ class TrainConfig:
     epochs: float = 1.0
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
-    learning_rate: float = 2e-4
+    learning_rate: float = 4e-4  # sweep above: 2.179 at 4e-4 vs 2.217 at 2e-4, 2.272 at 1e-4
+    # Sweep (r 32, lr 4e-4): constant with warmup 2.153, linear 2.162, cosine 2.163; 0.5 % in a
+    # 64-step run, where a decaying schedule spends the most steps at a low rate. Cosine stays:
+    # long runs (Dolly-15k is ~940 steps an epoch) end better annealed, which 64 steps cannot show.
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    # Sweep: 0 %, 3 % and 10 % warmup gave 2.162, 2.163 and 2.163: no effect; 3 % guards a long
+    # run's first steps against Adam's untrained second moments.
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3
