@@ -1,0 +1,600 @@
+"""The planner against real peaks of `train`'s own setup, on six model families (issue #14).
+
+    python benchmarks/memory_validation_v2.py --out $OUT/memory_validation_v2.json   # H200, ~6 min
+    python benchmarks/memory_validation_v2.py --quick --out /tmp/mv2.json             # CPU smoke
+    python benchmarks/memory_validation_v2.py --budget-fit --out $OUT/budget_fit_8gib.json
+    python benchmarks/memory_validation_v2.py --rescore benchmarks/results/memory_validation_v2.json
+
+Every measured run goes through `qlora_lab.train.setup_training(cfg)`, the function `train`
+calls (model load and quantization, fast path, LoRA, packing collator, Trainer), then
+`session.trainer.train()` for a few optimizer steps, in a process of its own (peak statistics
+are per process). Rows are random text that the byte tokenizer turns into exactly
+`data.max_seq_len` tokens (`train_on_prompt`, so every position is supervised): with packing each
+row fills its own bin, the worst case the planner assumes. A few configs use half-length rows,
+two per bin, to exercise the block-diagonal mask. Weights are random, built from each family's
+config (`save_pretrained`), because memory does not depend on their values and nothing can be
+downloaded on the GPU host; the larger families keep their layer shapes and vocabulary but
+fewer layers, so a config loads in seconds.
+
+Coefficients may be fitted on the `fit` families only (half of them, at most); the `heldout`
+families are reported separately. `--rescore` re-predicts a result file with the current planner
+(the measured peaks do not depend on it), so the planner can be revised without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+GIB = 2**30
+LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+         "max_position_embeddings": 16384}
+# Byte tokenizer ids (models.build_byte_tokenizer): every family's vocabulary is larger.
+SPECIAL = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
+
+# name -> (split, transformers config). "fit": coefficients may be fitted on these (their
+# shapes calibrated the first planner); "heldout": reported separately, never fitted on.
+FAMILIES = {
+    "tinyllama": ("fit", {**LLAMA, "vocab_size": 32000, "hidden_size": 2048,
+                          "intermediate_size": 5632, "num_hidden_layers": 22,
+                          "num_attention_heads": 32, "num_key_value_heads": 4}),
+    "smollm2-135m": ("fit", {**LLAMA, "vocab_size": 49152, "hidden_size": 576,
+                             "intermediate_size": 1536, "num_hidden_layers": 30,
+                             "num_attention_heads": 9, "num_key_value_heads": 3,
+                             "tie_word_embeddings": True, "rope_theta": 100000.0}),
+    # Qwen2.5-0.5B: 152k vocabulary, tied, q/k/v biases, 2 KV heads.
+    "qwen2.5-0.5b": ("fit", {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896,
+                             "intermediate_size": 4864, "num_hidden_layers": 24,
+                             "num_attention_heads": 14, "num_key_value_heads": 2,
+                             "tie_word_embeddings": True, "rope_theta": 1000000.0,
+                             "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}),
+    # Llama-3.2-1B: 128k vocabulary, tied, wide MLP, 8 KV heads.
+    "llama3.2-1b": ("heldout", {**LLAMA, "vocab_size": 128256, "hidden_size": 2048,
+                                "intermediate_size": 8192, "num_hidden_layers": 16,
+                                "num_attention_heads": 32, "num_key_value_heads": 8,
+                                "tie_word_embeddings": True, "rope_theta": 500000.0}),
+    # Gemma-2-2B shape, 8 of 26 layers: 256k vocabulary, tied, GeGLU MLP, 4 norms per layer,
+    # head_dim 256, fp32-computing RMSNorm (not swapped for Liger's).
+    "gemma2-2b-8l": ("heldout", {"model_type": "gemma2", "vocab_size": 256000,
+                                 "hidden_size": 2304, "intermediate_size": 9216,
+                                 "num_hidden_layers": 8, "num_attention_heads": 8,
+                                 "num_key_value_heads": 4, "head_dim": 256,
+                                 "tie_word_embeddings": True,
+                                 "max_position_embeddings": 16384}),
+    # Phi-3-mini shape, 8 of 32 layers: fused qkv_proj and gate_up_proj (no fused SwiGLU).
+    "phi3-mini-8l": ("heldout", {"model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072,
+                                 "intermediate_size": 8192, "num_hidden_layers": 8,
+                                 "num_attention_heads": 32, "num_key_value_heads": 32,
+                                 "max_position_embeddings": 16384,
+                                 "original_max_position_embeddings": 4096}),
+}
+
+# (family, micro_batch rows, seq_len, lora r, activations, bits, extra --set values)
+# activations: ckpt (every layer), every2, every4, none, offload.
+CONFIGS = [
+    ("tinyllama", 16, 1024, 16, "ckpt", 4, {}),  # the defaults
+    ("tinyllama", 4, 1024, 16, "ckpt", 4, {}),
+    ("tinyllama", 1, 4096, 64, "ckpt", 4, {}),
+    ("tinyllama", 32, 512, 8, "every2", 4, {}),
+    ("tinyllama", 8, 1024, 16, "none", 4, {}),
+    ("tinyllama", 1, 16384, 16, "offload", 4, {}),
+    ("tinyllama", 16, 1024, 16, "ckpt", 16, {}),
+    ("tinyllama", 8, 1024, 16, "ckpt", 4, {"train.liger": "off"}),
+    ("tinyllama", 8, 1024, 16, "ckpt", 4, {"train.fused_loss": False}),
+    ("tinyllama", 16, 1024, 16, "ckpt", 4, {"rows_per_bin": 2}),
+    ("smollm2-135m", 64, 512, 16, "ckpt", 4, {}),
+    ("smollm2-135m", 16, 2048, 32, "every4", 4, {}),
+    ("smollm2-135m", 4, 8192, 16, "ckpt", 4, {}),
+    ("smollm2-135m", 16, 1024, 128, "none", 16, {}),
+    ("smollm2-135m", 8, 1024, 16, "ckpt", 4, {"train.packing": False}),
+    ("smollm2-135m", 8, 1024, 16, "ckpt", 4, {"lora.dropout": 0.05}),
+    ("smollm2-135m", 16, 1024, 16, "ckpt", 4, {"train.compile": True}),
+    ("qwen2.5-0.5b", 16, 1024, 16, "ckpt", 4, {}),
+    ("qwen2.5-0.5b", 2, 8192, 16, "ckpt", 4, {}),
+    ("qwen2.5-0.5b", 32, 512, 8, "every2", 4, {}),
+    ("qwen2.5-0.5b", 8, 1024, 64, "none", 4, {}),
+    ("qwen2.5-0.5b", 1, 16384, 16, "offload", 4, {}),
+    ("qwen2.5-0.5b", 8, 1024, 16, "ckpt", 16, {}),
+    ("qwen2.5-0.5b", 8, 1024, 16, "ckpt", 4, {"train.liger": "off"}),
+    ("llama3.2-1b", 16, 1024, 16, "ckpt", 4, {}),
+    ("llama3.2-1b", 4, 2048, 32, "ckpt", 4, {}),
+    ("llama3.2-1b", 1, 16384, 16, "ckpt", 4, {}),
+    ("llama3.2-1b", 32, 512, 16, "every4", 4, {}),
+    ("llama3.2-1b", 8, 1024, 8, "none", 4, {}),
+    ("llama3.2-1b", 2, 8192, 16, "offload", 4, {}),
+    ("llama3.2-1b", 8, 1024, 128, "ckpt", 16, {}),
+    ("llama3.2-1b", 8, 1024, 16, "ckpt", 4, {"train.fused_loss": False}),
+    ("llama3.2-1b", 16, 1024, 16, "ckpt", 4, {"rows_per_bin": 2}),
+    ("gemma2-2b-8l", 16, 1024, 16, "ckpt", 4, {}),
+    ("gemma2-2b-8l", 4, 4096, 16, "ckpt", 4, {}),
+    ("gemma2-2b-8l", 32, 512, 8, "every2", 4, {}),
+    ("gemma2-2b-8l", 8, 1024, 64, "none", 4, {}),
+    ("gemma2-2b-8l", 8, 1024, 16, "ckpt", 16, {}),
+    ("gemma2-2b-8l", 1, 16384, 16, "offload", 4, {}),
+    ("phi3-mini-8l", 16, 1024, 16, "ckpt", 4, {}),
+    ("phi3-mini-8l", 2, 8192, 32, "ckpt", 4, {}),
+    ("phi3-mini-8l", 64, 512, 16, "every2", 4, {}),
+    ("phi3-mini-8l", 8, 1024, 16, "none", 4, {}),
+    ("phi3-mini-8l", 8, 1024, 16, "ckpt", 16, {}),
+    ("phi3-mini-8l", 4, 2048, 16, "ckpt", 4, {"train.liger": "off"}),
+]
+
+# The CPU smoke: two tiny families through the same code path (no CUDA numbers).
+QUICK_FAMILIES = {
+    "tiny-llama": ("fit", {**LLAMA, "vocab_size": 320, "hidden_size": 64,
+                           "intermediate_size": 128, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "num_key_value_heads": 2}),
+    "tiny-qwen2": ("heldout", {"model_type": "qwen2", "vocab_size": 384, "hidden_size": 64,
+                               "intermediate_size": 96, "num_hidden_layers": 2,
+                               "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "tie_word_embeddings": True}),
+}
+QUICK_CONFIGS = [("tiny-llama", 2, 64, 8, "ckpt", 4, {}),
+                 ("tiny-qwen2", 4, 128, 8, "every2", 4, {"rows_per_bin": 2})]
+
+STRATEGIES = {"ckpt": {"train.gradient_checkpointing": True},
+              "every2": {"train.gradient_checkpointing": True, "train.checkpoint_every": 2},
+              "every4": {"train.gradient_checkpointing": True, "train.checkpoint_every": 4},
+              "none": {"train.gradient_checkpointing": False},
+              "offload": {"train.gradient_checkpointing": True,
+                          "train.activation_offload": True}}
+
+
+# --- building bases and rows ----------------------------------------------------------------------
+
+
+def build_base(name: str, arch: dict, root: Path, device: str) -> Path:
+    """A random-weight model of `arch` with the byte tokenizer, saved once under root/name."""
+    target = root / name
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_lab.models import build_byte_tokenizer
+
+    values = {**SPECIAL, **arch}
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    tmp = Path(tempfile.mkdtemp(prefix=name + ".tmp-", dir=root))
+    model.save_pretrained(tmp)
+    build_byte_tokenizer().save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def rows_file(root: Path, base: Path, rows: int, seq_len: int, rows_per_bin: int) -> Path:
+    """Dolly-style rows of exactly seq_len / rows_per_bin byte tokens each (template included).
+
+    Full-length rows are written twice too long and cut by `data.overlength: truncate`; shorter
+    ones are sized from the template's measured overhead, so two of them fill a bin exactly.
+    """
+    tokens = seq_len // rows_per_bin
+    path = root / f"rows-{rows}x{tokens}-of-{seq_len}.jsonl"
+    if path.is_file():
+        return path
+    # Printable ASCII: one byte-tokenizer token per character.
+    chars = 2 * tokens if rows_per_bin == 1 else tokens - _template_overhead(base, root)
+    text = "".join(chr(33 + (i * 7919) % 90) for i in range(chars))
+    with path.open("w", encoding="utf-8") as fh:
+        for i in range(rows):
+            fh.write(json.dumps(_row(i, text)) + "\n")
+    return path
+
+
+def _row(i: int, response: str) -> dict:
+    return {"instruction": f"row {i:06d}", "context": "", "response": response}
+
+
+def _template_overhead(base: Path, root: Path) -> int:
+    """Tokens a row adds around its response (prompt template, BOS/EOS), measured once."""
+    from qlora_lab.config import DataConfig
+    from qlora_lab.data import prepare_data
+    from qlora_lab.models import load_tokenizer
+
+    probe = root / "probe.jsonl"
+    probe.write_text(json.dumps(_row(0, "x" * 100)) + "\n", encoding="utf-8")
+    data = prepare_data(DataConfig(source=str(probe), max_seq_len=4096, eval_fraction=0.0,
+                                   train_on_prompt=True), load_tokenizer(str(base)), 0)
+    return len(data.train[0]["input_ids"]) - 100
+
+
+# --- one config ---------------------------------------------------------------------------------
+
+
+def run_config(spec: dict) -> dict:
+    """Set up `train` for spec, train a few steps, and return measured vs predicted bytes."""
+    import torch
+
+    from qlora_lab.config import config_from_dict
+    from qlora_lab.train import setup_training
+
+    device = spec["device"]
+    cfg = config_from_dict(spec["run"])
+    row = {"model": spec["family"], "split": spec["split"], "config": spec["config"],
+           **_predict(spec)}
+    if spec.get("cap_bytes") and device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(spec["cap_bytes"] / total)
+    try:
+        session = setup_training(cfg)
+        row["row_tokens"] = sorted({len(r["input_ids"]) for r in session.data.train})
+        timer = step_timer()
+        session.trainer.add_callback(timer)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            row["static_bytes"] = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        session.trainer.train()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            row["measured_bytes"] = torch.cuda.max_memory_allocated()
+            row["measured_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        else:
+            row["measured_bytes"] = None  # the CPU smoke checks the harness, not the numbers
+        stamps = timer.stamps
+        if len(stamps) >= 2:  # the first step (warm-up, compilation) is not timed
+            row["tokens_per_s"] = row["tokens_per_step"] * (len(stamps) - 1) / (
+                stamps[-1] - stamps[0])
+        row["steps"] = session.trainer.state.global_step
+        if session.lock is not None:
+            session.lock.release()
+    except torch.cuda.OutOfMemoryError as exc:
+        row.update(oom=True, measured_bytes=None, error=str(exc).splitlines()[0][:200])
+    if row.get("measured_bytes"):
+        row["error_pct"] = 100.0 * (row["predicted_bytes"] - row["measured_bytes"]) \
+            / row["measured_bytes"]
+    return row
+
+
+def _predict(spec: dict, liger: bool | None = None) -> dict:
+    """The planner's estimate for spec, for the step this harness runs: full-length rows (one
+    per bin, no mask) or half-length rows (two per bin: half the bins, a block-diagonal mask)."""
+    from qlora_lab import memory, plan
+    from qlora_lab.config import config_from_dict
+
+    cfg = config_from_dict(spec["run"])
+    per_bin = spec["rows_per_bin"]
+    step = plan.step_shape(cfg, device_is_gpu=spec["device"] == "cuda")
+    step = memory.replace(step, micro_batch_size=max(1, step.micro_batch_size // per_bin),
+                          short_rows=per_bin > 1,
+                          liger=step.liger if liger is None else liger)
+    est = memory.estimate_peak_memory(plan.model_shape(cfg.model.name), step)
+    return {"predicted_bytes": est.peak_allocated_bytes,
+            "predicted_reserved_bytes": est.peak_reserved_bytes,
+            "predicted_phase": est.peak_phase, "liger": step.liger,
+            "tokens_per_step": step.tokens, "terms": {t.name: t.bytes for t in est.terms}}
+
+
+def step_timer():
+    """A Trainer callback that stamps the end of every optimizer step."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.stamps.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def spec_for(family: str, split: str, base: Path, work: Path, mb: int, seq: int, r: int,
+             strategy: str, bits: int, extra: dict, steps: int, device: str) -> dict:
+    extra = dict(extra)
+    rows_per_bin = extra.pop("rows_per_bin", 1)
+    sets = {**STRATEGIES[strategy], **extra}
+    run = {"model": {"name": str(base)}, "quant": {"bits": bits}, "lora": {"r": r},
+           "data": {"source": str(rows_file(work, base, mb * steps + 4, seq, rows_per_bin)),
+                    "max_seq_len": seq, "eval_fraction": 0.0, "train_on_prompt": True},
+           "train": {"max_steps": steps, "micro_batch_size": mb, "grad_accum_steps": 1,
+                     "save_steps": 10**6, "logging_steps": 10**6, "eval_steps": 10**6,
+                     "tensorboard": False, "device": device}}
+    for key, value in sets.items():
+        section, name = key.split(".")
+        run.setdefault(section, {})[name] = value
+    label = {"micro_batch_size": mb, "seq_len": seq, "lora_r": r, "activations": strategy,
+             "bits": bits, "rows_per_bin": rows_per_bin, **extra}
+    return {"family": family, "split": split, "config": label, "run": run,
+            "rows_per_bin": rows_per_bin, "device": device}
+
+
+# --- running many -------------------------------------------------------------------------------
+
+
+def _isolated(spec: dict, work: Path, timeout: int) -> dict:
+    """Run one spec in a fresh process (peak statistics are per process)."""
+    out_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+    spec = {**spec, "run": {**spec["run"], "train": {**spec["run"]["train"],
+                                                     "output_dir": str(out_dir / "run")}}}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(spec)],
+                              check=False, capture_output=True, text=True, env=env,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": spec["family"], "split": spec["split"], "config": spec["config"],
+                "error": f"timed out after {timeout} s", "measured_bytes": None}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"model": spec["family"], "split": spec["split"], "config": spec["config"],
+            "error": proc.stderr.strip()[-600:], "measured_bytes": None}
+
+
+def run_all(specs: list[dict], work: Path, parallel: int, card_bytes: int, timeout: int
+            ) -> list[dict]:
+    """Run specs a few at a time, keeping the sum of predicted peaks within the card."""
+    from qlora_lab import memory, plan
+    from qlora_lab.config import config_from_dict
+
+    def need(spec) -> int:
+        cfg = config_from_dict(spec["run"])
+        step = plan.step_shape(cfg, device_is_gpu=spec["device"] == "cuda")
+        est = memory.estimate_peak_memory(plan.model_shape(cfg.model.name), step)
+        return int(est.peak_reserved_bytes * 1.2) + GIB  # + the CUDA context
+
+    order = sorted(range(len(specs)), key=lambda i: -need(specs[i]))
+    results: list[dict | None] = [None] * len(specs)
+    lock, free = threading.Condition(), [card_bytes]
+    running = [0]
+
+    def worker(i: int, cost: int) -> None:
+        try:
+            results[i] = _isolated(specs[i], work, timeout)
+            row = results[i]
+            print(f"{row['model']:14} {json.dumps(row['config'])[:90]:90} "
+                  + (f"pred {row['predicted_bytes'] / GIB:6.2f} meas "
+                     f"{row['measured_bytes'] / GIB:6.2f} GiB err {row['error_pct']:+5.1f}%"
+                     if row.get("measured_bytes") else
+                     f"{'OOM' if row.get('oom') else 'no CUDA number'} {row.get('error', '')[:80]}"),
+                  flush=True)
+        finally:
+            with lock:
+                free[0] += cost
+                running[0] -= 1
+                lock.notify_all()
+
+    threads = []
+    for i in order:
+        cost = min(need(specs[i]), card_bytes)
+        with lock:
+            lock.wait_for(lambda c=cost: running[0] < parallel
+                          and (free[0] >= c or running[0] == 0))
+            free[0] -= cost
+            running[0] += 1
+        thread = threading.Thread(target=worker, args=(i, cost))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    return [r for r in results if r is not None]
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per split and per family: max |error| %, max under-prediction % (a positive number)."""
+    def stats(group: list[dict]) -> dict:
+        errors = [r["error_pct"] for r in group if r.get("error_pct") is not None]
+        return {"configs": len(group), "measured": len(errors),
+                "oom": sum(1 for r in group if r.get("oom")),
+                "failed": sum(1 for r in group if r.get("error") and not r.get("oom")),
+                "max_abs_error_pct": max((abs(e) for e in errors), default=None),
+                "max_under_prediction_pct": max((max(0.0, -e) for e in errors), default=None),
+                "median_abs_error_pct": sorted(abs(e) for e in errors)[len(errors) // 2]
+                if errors else None}
+
+    summary = {split: stats([r for r in rows if r["split"] == split])
+               for split in ("fit", "heldout")}
+    summary["families"] = {f: {"split": next(r["split"] for r in rows if r["model"] == f),
+                               **stats([r for r in rows if r["model"] == f])}
+                           for f in dict.fromkeys(r["model"] for r in rows)}
+    return summary
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"hardware": gpu or f"cpu ({os.cpu_count()} cores)", "versions": versions}
+
+
+def rescore(path: Path, out: Path) -> dict:
+    """Re-predict every row of a result file with the current planner (no GPU needed)."""
+    report = json.loads(path.read_text())
+    families = {**FAMILIES, **QUICK_FAMILIES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in report["rows"]:
+            arch = families[row["model"]][1]
+            base = Path(tmp) / row["model"]
+            if not base.exists():  # the planner reads config.json only
+                from transformers import AutoConfig
+
+                values = {**SPECIAL, **arch}
+                AutoConfig.for_model(values.pop("model_type"), **values).save_pretrained(base)
+            c = dict(row["config"])
+            spec = spec_for(row["model"], row["split"], base, Path(tmp), c.pop("micro_batch_size"),
+                            c.pop("seq_len"), c.pop("lora_r"), c.pop("activations"),
+                            c.pop("bits"), c, 1, "cuda")
+            row.setdefault("predicted_bytes_at_run", row["predicted_bytes"])
+            row.update(_predict(spec, liger=row.get("liger")))
+            if row.get("measured_bytes"):
+                row["error_pct"] = 100.0 * (row["predicted_bytes"] - row["measured_bytes"]) \
+                    / row["measured_bytes"]
+    report["summary"] = summarize(report["rows"])
+    report["rescored_with"] = "python " + " ".join(sys.argv)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# --- the 8 GiB budget fit (issue #14 item 5) -------------------------------------------------
+
+
+BUDGET_MODELS = [("tinyllama", 1024), ("qwen2.5-0.5b", 2048), ("llama3.2-1b", 1024),
+                 ("smollm2-135m", 4096), ("gemma2-2b-8l", 1024)]
+BUDGET_ROWS_PER_STEP = 16
+
+
+def budget_fit(work: Path, bases: dict, steps: int, timeout: int, only: set) -> list[dict]:
+    """For each model: `train --budget 8GiB`'s choice vs a brute force over micro-batch and
+    activation strategy, each run alone (tokens/s) under an emulated 8 GiB card."""
+    from qlora_lab import plan
+    from qlora_lab.config import config_from_dict
+    from qlora_lab.errors import UserError
+
+    cap = 8 * GIB
+    entries = []
+    for family, seq in BUDGET_MODELS:
+        if only and family not in only:
+            continue
+        split = FAMILIES[family][0]
+
+        def spec(mb: int, strategy: str, family=family, split=split, seq=seq) -> dict:
+            s = spec_for(family, split, bases[family], work, mb, seq, 16, strategy, 4, {},
+                         steps, "cuda")
+            return {**s, "cap_bytes": cap}
+
+        want = config_from_dict({"model": {"name": str(bases[family])},
+                                 "data": {"max_seq_len": seq},
+                                 "train": {"micro_batch_size": BUDGET_ROWS_PER_STEP,
+                                           "grad_accum_steps": 1}})
+        entry = {"model": family, "seq_len": seq, "budget_bytes": cap,
+                 "rows_per_step": BUDGET_ROWS_PER_STEP}
+        try:
+            _, best, _ = plan.fit_config(want, cap)
+        except UserError as exc:
+            entry.update(chosen=None, planner_message=str(exc))
+            entries.append(entry)
+            continue
+        chosen_strategy = ("none" if not best.gradient_checkpointing else "offload"
+                           if best.activation_offload else {1: "ckpt", 2: "every2",
+                                                            4: "every4"}[best.checkpoint_every])
+        entry["chosen"] = {"micro_batch_size": best.micro_batch_size,
+                           "activations": chosen_strategy,
+                           "predicted_bytes": best.peak_allocated_bytes}
+        entry["chosen_run"] = _isolated(spec(best.micro_batch_size, chosen_strategy), work,
+                                        timeout)
+        brute = []
+        for strategy in ("none", "every4", "every2", "ckpt"):
+            oomed_at = None
+            for mb in (1, 2, 4, 8, 16):
+                if oomed_at is not None:  # a larger micro-batch of an OOMed strategy OOMs too
+                    brute.append({"micro_batch_size": mb, "activations": strategy,
+                                  "oom": True, "skipped": f"micro-batch {oomed_at} OOMed"})
+                    continue
+                if (mb, strategy) == (best.micro_batch_size, chosen_strategy):
+                    run = entry["chosen_run"]
+                else:
+                    run = _isolated(spec(mb, strategy), work, timeout)
+                brute.append({"micro_batch_size": mb, "activations": strategy,
+                              **{k: run.get(k) for k in ("oom", "tokens_per_s",
+                                                         "measured_bytes", "predicted_bytes",
+                                                         "error")}})
+                if run.get("oom") or run.get("error"):
+                    oomed_at = mb
+                print(f"budget {family:14} mb={mb:<2} {strategy:7} "
+                      f"{'OOM' if run.get('oom') else run.get('tokens_per_s')}", flush=True)
+        entry["brute_force"] = brute
+        fastest = max((b for b in brute if b.get("tokens_per_s")),
+                      key=lambda b: b["tokens_per_s"], default=None)
+        entry["fastest"] = fastest
+        chosen_tps = entry["chosen_run"].get("tokens_per_s")
+        if fastest and chosen_tps:
+            entry["chosen_share_of_fastest"] = chosen_tps / fastest["tokens_per_s"]
+        entry["chosen_oom"] = bool(entry["chosen_run"].get("oom"))
+        entries.append(entry)
+    return entries
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_validation_v2.json"))
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU smoke: 2 tiny configs through the same harness, no CUDA numbers")
+    parser.add_argument("--budget-fit", action="store_true",
+                        help="issue #14 item 5: --budget 8GiB's choice vs brute force")
+    parser.add_argument("--rescore", metavar="RESULT_JSON",
+                        help="re-predict a result file with the current planner")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--parallel", type=int, default=6, help="configs measured at once")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per config")
+    parser.add_argument("--only", default="", help="comma-separated family names")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "qlora-memval-v2"))
+    parser.add_argument("--single", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        print(json.dumps(run_config(json.loads(args.single))), flush=True)
+        return
+    out = Path(args.out)
+    if args.rescore:
+        report = rescore(Path(args.rescore), out)
+        print(json.dumps(report["summary"], indent=2))
+        return
+    import torch
+
+    device = "cpu" if args.quick else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("memory_validation_v2 measures CUDA peaks: run it on a GPU (or pass --quick)")
+    families = QUICK_FAMILIES if args.quick else FAMILIES
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    only = set(filter(None, args.only.split(",")))
+    work = Path(args.work)
+    (work / "models").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    needed = {c[0] for c in configs} | ({f for f, _ in BUDGET_MODELS} if args.budget_fit else set())
+    bases = {name: build_base(name, arch, work / "models", device)
+             for name, (_, arch) in families.items()
+             if name in needed and (not only or name in only)}
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    report = {"command": "python " + " ".join(sys.argv), **environment(),
+              "families": {n: {"split": s, "config": a} for n, (s, a) in families.items()}}
+    if args.budget_fit:
+        report["budget_fits"] = budget_fit(work, bases, max(args.steps, 4), args.timeout, only)
+    else:
+        specs = [spec_for(f, families[f][0], bases[f], work, mb, seq, r, strat, bits, extra,
+                          args.steps if device == "cuda" else 2, device)
+                 for f, mb, seq, r, strat, bits, extra in configs if f in bases]
+        card = (torch.cuda.get_device_properties(0).total_memory if device == "cuda"
+                else 8 * GIB)
+        report["rows"] = run_all(specs, work, 1 if args.quick else args.parallel, card,
+                                 args.timeout)
+        report["summary"] = summarize(report["rows"])
+        print(json.dumps(report["summary"], indent=2))
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out} in {report['wall_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
