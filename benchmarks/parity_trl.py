@@ -283,6 +283,8 @@ def evaluate_all(heldout: Path, adapters: dict, hp: dict, device: str) -> dict:
 
     path = resolve_model_path(PRESET)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    # Padding is masked out of the loss; any id will do where the tokenizer names none.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, _ = load_eval_rows(EvalConfig(model=PRESET, data=str(heldout)))
     examples = encode_for_loss(rows, tokenizer, resolve_template("auto", tokenizer),
                                hp["max_seq_len"])
@@ -301,7 +303,7 @@ def evaluate_all(heldout: Path, adapters: dict, hp: dict, device: str) -> dict:
             model.load_adapter(adapter, adapter_name=name)
             model.set_adapter(name)
         model.eval()
-        loss, n_tokens = heldout_loss(model, examples, tokenizer.pad_token_id, batch_size)
+        loss, n_tokens = heldout_loss(model, examples, pad_id, batch_size)
         results[name] = {"loss": loss, "answer_tokens": n_tokens,
                          "seconds": time.perf_counter() - started}
         say(f"held-out loss {name}: {loss:.4f} over {n_tokens} answer tokens "
