@@ -32,8 +32,8 @@ def plain_template_tokens(row: dict) -> int:
 def bench_report(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     data = write_jsonl(root / "dolly.jsonl", DOLLY_ROWS)
-    # 12 rows, micro-batch 4, no accumulation: the plain recipe's 3 steps are exactly one pass
-    # over the rows; ours packs all 12 rows into one 1024-token bin, so each step is one pass.
+    # 12 rows, 16 rows per step: the plain recipe reads them as 3 micro-batches of 4 (the
+    # over the rows, 4 x 4 per step; ours packs the 12 rows into bins in one micro-batch.
     # bf16 compute so that "no fp32 upcast" is visible on CPU (fp32 is the CPU default).
     code = main(["bench", "--model", "tiny-random", "--data", str(data), "--steps", str(STEPS),
                  "--output-dir", str(root / "out"), "--set", "train.grad_accum_steps=1",
@@ -66,11 +66,13 @@ def test_same_steps_and_real_tokens_excluding_padding(bench_report):
     recipes = json.loads((bench_report / "bench.json").read_text())["recipes"]
     plain, ours = recipes["plain"], recipes["qlora_lab"]
     assert plain["steps"] == ours["steps"] == STEPS
-    assert plain["micro_batch_size"] == ours["micro_batch_size"] == 4
-    # The real-token count is the rows' own length, no padding: the plain recipe reads each
-    # row once in 3 steps; ours reads all of them (one packed bin) in every step.
+    # The same rows per optimizer step: ours 16 x 1, the plain recipe 4 x 4 (the demo's).
+    assert (ours["micro_batch_size"], ours["grad_accum_steps"]) == (16, 1)
+    assert (plain["micro_batch_size"], plain["grad_accum_steps"]) == (4, 4)
+    # The real-token count is the rows' own length, no padding: with 12 rows and 16 rows per
+    # step, each recipe reads every row once per step.
     expected = sum(plain_template_tokens(r) for r in DOLLY_ROWS)
-    assert plain["real_tokens_total"] == expected
+    assert plain["real_tokens_total"] == STEPS * expected
     assert ours["real_tokens_total"] == STEPS * expected
 
 

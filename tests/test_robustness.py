@@ -224,7 +224,8 @@ def test_oom_advice_follows_the_config():
     assert "smaller base model" in oom_advice(lean)
     fat = config_from_dict({"train": {"gradient_checkpointing": False}, "quant": {"bits": 16}})
     advice = oom_advice(fat)
-    assert "micro_batch_size=2" in advice and "gradient_checkpointing=true" in advice
+    assert "micro_batch_size=8 --set train.grad_accum_steps=2" in advice  # 16 rows kept
+    assert "gradient_checkpointing=true" in advice
 
 
 def test_resume_of_a_finished_run_killed_while_writing_the_adapter(tmp_path, trained_run):

@@ -348,22 +348,25 @@ def _build_plain(cfg: BenchConfig, run: RunConfig, out: Path):
     models.keep_cpu_4bit_layout(model)  # a CPU correctness fix, not a speed-up
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = models.attach_lora(model, dataclasses.replace(run.lora, weight_dtype="float32"))
-    # Padded rows and the model's own loss, as the original train.py had them.
-    plain_train = dataclasses.replace(run.train, micro_batch_size=cfg.plain_micro_batch_size,
-                                      packing=False, fused_loss=False, liger="off")
-    args = build_training_args(dataclasses.replace(run, train=plain_train), out, device, dtype,
-                               has_eval=False, resuming=False)
+    # Padded rows and the model's own loss, as the original train.py had them; accumulation
+    # makes its optimizer step hold the same rows as qlora-lab's (the demo's 4 x 4 = 16).
+    rows_per_step = run.train.micro_batch_size * run.train.grad_accum_steps
+    plain_train = dataclasses.replace(
+        run.train, micro_batch_size=cfg.plain_micro_batch_size, packing=False, fused_loss=False,
+        liger="off", grad_accum_steps=max(1, rows_per_step // cfg.plain_micro_batch_size))
+    run = dataclasses.replace(run, train=plain_train)
+    args = build_training_args(run, out, device, dtype, has_eval=False, resuming=False)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(model=model, args=args, train_dataset=data.train,
                       data_collator=PadCollator(tokenizer.pad_token_id))
-    return trainer, model, device, cfg.plain_micro_batch_size
+    return trainer, model, device, cfg.plain_micro_batch_size, run
 
 
 def _build_qlora_lab(run: RunConfig, out: Path):
     from qlora_lab.train import setup_training
 
     session = setup_training(run, overwrite=True)
-    return session.trainer, session.model, session.device, run.train.micro_batch_size
+    return session.trainer, session.model, session.device, run.train.micro_batch_size, run
 
 
 def bench_run_config(cfg: BenchConfig, recipe: str) -> RunConfig:
@@ -385,9 +388,11 @@ def run_recipe(cfg: BenchConfig, recipe: str) -> dict:
     device = models.resolve_device(run.train.device)
     _apply_memory_cap(cfg.memory_cap_bytes, device)
     if recipe == "plain":
-        trainer, model, device, micro_batch = _build_plain(cfg, run, Path(run.train.output_dir))
+        trainer, model, device, micro_batch, run = _build_plain(cfg, run,
+                                                                Path(run.train.output_dir))
     else:
-        trainer, model, device, micro_batch = _build_qlora_lab(run, Path(run.train.output_dir))
+        trainer, model, device, micro_batch, run = _build_qlora_lab(run,
+                                                                    Path(run.train.output_dir))
     check = loss_check(trainer) if recipe == "qlora_lab" and run.train.packing else None
     timer = _step_timer(device)
     trainer.add_callback(timer)
