@@ -33,7 +33,7 @@ def bench_report(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     data = write_jsonl(root / "dolly.jsonl", DOLLY_ROWS)
     # 12 rows, 16 rows per step: the plain recipe reads them as 3 micro-batches of 4 (the
-    # over the rows, 4 x 4 per step; ours packs the 12 rows into bins in one micro-batch.
+    # demo's 4 x 4) and ours packs them into bins in one micro-batch: one pass per step.
     # bf16 compute so that "no fp32 upcast" is visible on CPU (fp32 is the CPU default).
     code = main(["bench", "--model", "tiny-random", "--data", str(data), "--steps", str(STEPS),
                  "--output-dir", str(root / "out"), "--set", "train.grad_accum_steps=1",
