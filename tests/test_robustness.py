@@ -284,3 +284,24 @@ def test_resume_skips_broken_checkpoints_and_names_them(tmp_path, trained_run, c
     shutil.rmtree(good)
     with pytest.raises(UserError, match="no usable checkpoint .* pass --overwrite"):
         find_checkpoint(run, True)
+
+
+def test_an_fsdp_sharded_checkpoint_is_judged_by_its_own_files(tmp_path):
+    # accelerate's SHARDED_STATE_DICT layout: the adapter and optimizer as distributed-checkpoint
+    # folders, no adapter_model.safetensors or optimizer.pt; written here without a process group.
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = tmp_path / "checkpoints" / "checkpoint-2"
+    dcp.save({"w": torch.ones(3)}, checkpoint_id=str(ckpt / checkpoints.FSDP_MODEL_DIR))
+    dcp.save({"m": torch.zeros(3)}, checkpoint_id=str(ckpt / checkpoints.FSDP_OPTIMIZER_DIR))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    for name in ("scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"):
+        torch.save({}, ckpt / name)
+    checkpoints.write_layout(ckpt, 2)
+    assert checkpoints.problem(ckpt) is None
+    assert find_checkpoint(tmp_path, True) == str(ckpt)
+    with pytest.raises(UserError, match="written by 2 process"):
+        checkpoints.check_layout(ckpt, 1)
+    (ckpt / checkpoints.FSDP_OPTIMIZER_DIR / ".metadata").unlink()
+    assert "sharded write was interrupted" in checkpoints.problem(ckpt)

@@ -84,6 +84,8 @@ def problem(path: Path) -> str | None:
         return "is an unfinished checkpoint (its write was interrupted)"
     if not path.is_dir():
         return "is not a checkpoint folder"
+    if (path / FSDP_MODEL_DIR).is_dir():
+        return sharded_problem(path)
     for name in (STATE_FILE, ADAPTER_FILE, *TORCH_FILES):
         if not (path / name).is_file():
             return f"has no {name}"
@@ -101,6 +103,32 @@ def problem(path: Path) -> str | None:
     for torch_file in (*TORCH_FILES, *sorted(p.name for p in path.glob("rng_state*.pth"))):
         if not zipfile.is_zipfile(path / torch_file):
             return f"has a truncated or corrupted {torch_file}"
+    return None
+
+
+# Under FSDP with SHARDED_STATE_DICT, accelerate writes the adapter and the optimizer as
+# torch.distributed.checkpoint folders (each rank its shard, `.metadata` written last) instead of
+# adapter_model.safetensors and optimizer.pt.
+FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR = "pytorch_model_fsdp_0", "optimizer_0"
+
+
+def sharded_problem(path: Path) -> str | None:
+    """`problem` for an FSDP sharded checkpoint: its own files, the same cheap checks."""
+    for folder in (FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR):
+        # `.metadata` is written last, by the coordinator, once every rank's shard is on disk.
+        # A shard may be empty: a rank can hold none of the saved (trainable) weights.
+        if not (path / folder / ".metadata").is_file():
+            return f"has no {folder}/.metadata (its sharded write was interrupted)"
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return f"has a corrupted {STATE_FILE} (not JSON)"
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"has a corrupted {STATE_FILE} (no global_step)"
+    for name in ("scheduler.pt", *sorted(p.name for p in path.glob("rng_state*.pth"))):
+        if not zipfile.is_zipfile(path / name):
+            return f"has a missing or truncated {name}"
     return None
 
 
