@@ -80,6 +80,12 @@ FAMILIES = {
                                  "original_max_position_embeddings": 4096}),
 }
 
+# Diagnostic shapes for --anatomy only, derived from a fit family (never held out): TinyLlama
+# with a GeLU-gated MLP runs transformers' own gated MLP instead of fastpath.FusedSwiGLU.
+DIAGNOSTIC_FAMILIES = {
+    "tinyllama-geglu": ("fit", {**FAMILIES["tinyllama"][1], "hidden_act": "gelu_pytorch_tanh"}),
+}
+
 # (family, micro_batch rows, seq_len, lora r, activations, bits, extra --set values)
 # activations: ckpt (every layer), every2, every4, none, offload.
 CONFIGS = [
@@ -239,7 +245,13 @@ def run_config(spec: dict) -> dict:
             torch.cuda.synchronize()
             row["static_bytes"] = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
+            if spec.get("anatomy"):
+                torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
         session.trainer.train()
+        if device == "cuda" and spec.get("anatomy"):
+            torch.cuda.synchronize()
+            row["anatomy"] = peak_anatomy(torch.cuda.memory._snapshot(), row["static_bytes"])
+            torch.cuda.memory._record_memory_history(enabled=None)
         if device == "cuda":
             torch.cuda.synchronize()
             row["measured_bytes"] = torch.cuda.max_memory_allocated()
@@ -259,6 +271,62 @@ def run_config(spec: dict) -> dict:
         row["error_pct"] = 100.0 * (row["predicted_bytes"] - row["measured_bytes"]) \
             / row["measured_bytes"]
     return row
+
+
+# Frames worth naming when saying who allocated a block (the innermost such frame is shown).
+_ANATOMY_FILES = ("qlora_lab", "peft", "bitsandbytes", "liger_kernel", "transformers",
+                  "torch/utils/checkpoint", "torch/nn/functional", "torch/autograd")
+
+
+def peak_anatomy(snapshot: dict, start_bytes: int, top: int = 60) -> dict:
+    """What is alive at the allocated peak of a recorded stretch (memory history, torch >= 2.1).
+
+    Replays the allocator's trace from `start_bytes` (allocated when recording began): the
+    blocks allocated since then and still alive at the peak, grouped by the innermost frame of
+    interest (allocations made by autograd's C++ engine carry no Python frame), plus a coarse
+    timeline of allocated bytes. A diagnostic for deriving the planner's terms.
+    """
+    trace = snapshot["device_traces"][0]
+    total, peak, peak_at, timeline = start_bytes, start_bytes, -1, []
+    every = max(1, len(trace) // 400)
+    for i, event in enumerate(trace):  # allocated bytes fall at free_requested (the allocator's
+        if event["action"] == "alloc":  # stats do), not when a stream's use completes
+            total += event["size"]
+            if total > peak:
+                peak, peak_at = total, i
+        elif event["action"] == "free_requested":
+            total -= event["size"]
+        if i % every == 0:
+            timeline.append([i, total, _site(event.get("frames") or [])[:100]])
+    live: dict[int, tuple[int, int, str]] = {}
+    for i, event in enumerate(trace[:peak_at + 1]):
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], i, _site(event.get("frames") or []))
+        elif event["action"] == "free_requested":
+            live.pop(event["addr"], None)
+    groups: dict[str, list[int]] = {}
+    for size, _, site in live.values():
+        g = groups.setdefault(site, [0, 0])
+        g[0] += size
+        g[1] += 1
+    return {"start_bytes": start_bytes, "peak_bytes": peak, "peak_event": peak_at,
+            "events": len(trace),
+            "peak_groups": sorted(([k, v[0], v[1]] for k, v in groups.items()),
+                                  key=lambda g: -g[1])[:top],
+            "peak_blocks": sorted(([size, at, site] for size, at, site in live.values()),
+                                  key=lambda b: -b[0])[:top],
+            "peak_recent": sorted(([size, at, site] for size, at, site in live.values()),
+                                  key=lambda b: -b[1])[:top],
+            "timeline": timeline}
+
+
+def _site(frames: list[dict]) -> str:
+    named = [f for f in frames if any(k in f["filename"] for k in _ANATOMY_FILES)]
+    if not named:
+        return "<no python frame: autograd engine>" if not frames else (
+            f"{frames[0]['filename'].rsplit('/', 1)[-1]}:{frames[0]['line']} {frames[0]['name']}")
+    return " < ".join(f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}"
+                      for f in named[:3])
 
 
 def _predict(spec: dict, liger: bool | None = None) -> dict:
@@ -294,13 +362,16 @@ def step_timer():
     return StepTimer()
 
 
-def spec_for(family: str, split: str, base: Path, work: Path, mb: int, seq: int, r: int,
+def spec_for(family: str, split: str, base: Path, work: Path | None, mb: int, seq: int, r: int,
              strategy: str, bits: int, extra: dict, steps: int, device: str) -> dict:
+    """One config's run (work=None: no rows are written, for predicting only)."""
     extra = dict(extra)
     rows_per_bin = extra.pop("rows_per_bin", 1)
     sets = {**STRATEGIES[strategy], **extra}
+    source = ("unused.jsonl" if work is None
+              else str(rows_file(work, base, mb * steps + 4, seq, rows_per_bin)))
     run = {"model": {"name": str(base)}, "quant": {"bits": bits}, "lora": {"r": r},
-           "data": {"source": str(rows_file(work, base, mb * steps + 4, seq, rows_per_bin)),
+           "data": {"source": source,
                     "max_seq_len": seq, "eval_fraction": 0.0, "train_on_prompt": True},
            "train": {"max_steps": steps, "micro_batch_size": mb, "grad_accum_steps": 1,
                      "save_steps": 10**6, "logging_steps": 10**6, "eval_steps": 10**6,
@@ -439,7 +510,7 @@ def rescore(path: Path, out: Path) -> dict:
                 values = {**SPECIAL, **arch}
                 AutoConfig.for_model(values.pop("model_type"), **values).save_pretrained(base)
             c = dict(row["config"])
-            spec = spec_for(row["model"], row["split"], base, Path(tmp), c.pop("micro_batch_size"),
+            spec = spec_for(row["model"], row["split"], base, None, c.pop("micro_batch_size"),
                             c.pop("seq_len"), c.pop("lora_r"), c.pop("activations"),
                             c.pop("bits"), c, 1, "cuda")
             row.setdefault("predicted_bytes_at_run", row["predicted_bytes"])
@@ -532,6 +603,19 @@ def budget_fit(work: Path, bases: dict, steps: int, timeout: int, only: set) -> 
     return entries
 
 
+def _anatomy_spec(text: str, families: dict, bases: dict, work: Path, steps: int) -> dict:
+    """'family,mb,seq,r,activations,bits[,section.key=value]' -> a spec recording its peak."""
+    family, mb, seq, r, strategy, bits, *sets = text.split(",")
+    extra: dict = {}
+    for item in sets:
+        key, value = item.split("=", 1)
+        extra[key] = (int(value) if value.isdigit() else
+                      {"true": True, "false": False}.get(value.lower(), value))
+    spec = spec_for(family, families[family][0], bases[family], work, int(mb), int(seq), int(r),
+                    strategy, int(bits), extra, steps, "cuda")
+    return {**spec, "anatomy": True}
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -544,6 +628,9 @@ def main() -> None:
                         help="issue #14 item 5: --budget 8GiB's choice vs brute force")
     parser.add_argument("--rescore", metavar="RESULT_JSON",
                         help="re-predict a result file with the current planner")
+    parser.add_argument("--anatomy", action="append", default=[], metavar="SPEC",
+                        help="what is alive at the peak of one config: 'family,mb,seq,r,"
+                        "activations,bits[,section.key=value]' (repeatable; CUDA)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=6, help="configs measured at once")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per config")
@@ -564,13 +651,16 @@ def main() -> None:
     device = "cpu" if args.quick else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("memory_validation_v2 measures CUDA peaks: run it on a GPU (or pass --quick)")
-    families = QUICK_FAMILIES if args.quick else FAMILIES
+    families = (QUICK_FAMILIES if args.quick else
+                {**FAMILIES, **DIAGNOSTIC_FAMILIES} if args.anatomy else FAMILIES)
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     only = set(filter(None, args.only.split(",")))
     work = Path(args.work)
     (work / "models").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    needed = {c[0] for c in configs} | ({f for f, _ in BUDGET_MODELS} if args.budget_fit else set())
+    needed = ({a.split(",")[0] for a in args.anatomy} if args.anatomy
+              else {c[0] for c in configs} | ({f for f, _ in BUDGET_MODELS} if args.budget_fit
+                                               else set()))
     bases = {name: build_base(name, arch, work / "models", device)
              for name, (_, arch) in families.items()
              if name in needed and (not only or name in only)}
@@ -578,7 +668,11 @@ def main() -> None:
         torch.cuda.empty_cache()
     report = {"command": "python " + " ".join(sys.argv), **environment(),
               "families": {n: {"split": s, "config": a} for n, (s, a) in families.items()}}
-    if args.budget_fit:
+    if args.anatomy:
+        specs = [_anatomy_spec(text, families, bases, work, args.steps) for text in args.anatomy]
+        card = torch.cuda.get_device_properties(0).total_memory
+        report["anatomy"] = run_all(specs, work, args.parallel, card, args.timeout)
+    elif args.budget_fit:
         report["budget_fits"] = budget_fit(work, bases, max(args.steps, 4), args.timeout, only)
     else:
         specs = [spec_for(f, families[f][0], bases[f], work, mb, seq, r, strat, bits, extra,

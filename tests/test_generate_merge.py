@@ -1,6 +1,7 @@
 import json
 import shutil
 import stat
+from dataclasses import replace
 
 import pytest
 import torch
@@ -89,3 +90,165 @@ def test_incomplete_adapter_dirs(trained_run, tmp_path, remove, fragment):
     (copy / remove).unlink()
     with pytest.raises(UserError, match=fragment):
         adapters.resolve_adapter(str(copy))
+
+
+# --- merge --dtype -------------------------------------------------------------------------------
+
+# Largest |merged - (base + adapter)| logit allowed, relative to the largest logit. In fp32 only
+# summation order differs; in 16 bits every weight and activation is rounded (to eps/2, growing
+# through the layers), and on this wide-init random model that comes to 3-5 eps (measured).
+LOGIT_TOLERANCE = {"fp32": 1e-5, "bf16": 8 * torch.finfo(torch.bfloat16).eps,
+                   "fp16": 8 * torch.finfo(torch.float16).eps}
+TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(scope="module")
+def unmerged_logits(trained_run):
+    """Token ids and the logits of base + adapter, unmerged, on the dense fp32 base."""
+    from peft import PeftModel
+
+    from qlora_lab.merge import _dequantized_base
+
+    ref = adapters.resolve_adapter(str(trained_run))
+    base_path = json.loads((trained_run / "adapter/adapter_config.json").read_text())[
+        "base_model_name_or_path"]
+    model = PeftModel.from_pretrained(_dequantized_base(ref, base_path, "cpu"),
+                                      str(ref.adapter_dir)).eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return ids, model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_merge_dtype(trained_run, tmp_path, unmerged_logits, dtype):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / dtype
+    report = run_merge(MergeConfig(adapter=str(trained_run), output_dir=str(out), dtype=dtype))
+    assert report["dtype"] == str(TORCH_DTYPE[dtype]).removeprefix("torch.")
+    assert report["dtype_from"] == "--dtype"
+    assert json.loads((out / "merge_report.json").read_text())["dtype"] == report["dtype"]
+    # Plain transformers loads it in that dtype by default (the dtype its config records).
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert {p.dtype for p in merged.parameters()} == {TORCH_DTYPE[dtype]}
+    ids, expected = unmerged_logits
+    with torch.no_grad():
+        diff = (merged(input_ids=ids).logits.float() - expected).abs().max().item()
+    assert diff <= LOGIT_TOLERANCE[dtype] * expected.abs().max().item(), diff
+    weights = (out / "model.safetensors").stat().st_size
+    fp32_bytes = 4 * sum(p.numel() for p in merged.parameters())
+    assert weights < fp32_bytes * (0.6 if dtype != "fp32" else 1.1)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_16_bit_merge_rounds_once(trained_run, tmp_path, dtype):
+    # W + BA is rounded once, into the saved dtype: the weights are the fp32 merge's, cast.
+    # (Casting the fp32 base first and merging in 16 bits would round twice.)
+    from safetensors.torch import load_file
+
+    for name in ("fp32", dtype):
+        run_merge(MergeConfig(adapter=str(trained_run), output_dir=str(tmp_path / name),
+                              dtype=name))
+    exact = load_file(tmp_path / "fp32/model.safetensors")
+    saved = load_file(tmp_path / dtype / "model.safetensors")
+    assert exact.keys() == saved.keys()
+    assert all(torch.equal(exact[k].to(TORCH_DTYPE[dtype]), saved[k]) for k in exact)
+
+
+@pytest.mark.parametrize("record_in", ["qlora_lab_base.json", "summary.json"])
+def test_merge_defaults_to_the_training_dtype(trained_run, tmp_path, record_in):
+    # A GPU run trains in bf16: its merge is bf16 by default, wherever it runs. summary.json is
+    # the record of runs trained before qlora_lab_base.json kept the dtype.
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    info_path, summary_path = run / "adapter" / adapters.BASE_INFO_FILE, run / "summary.json"
+    info, summary = json.loads(info_path.read_text()), json.loads(summary_path.read_text())
+    assert info["compute_dtype"] == summary["compute_dtype"] == "float32"  # trained on CPU
+    del info["compute_dtype"]
+    (info if record_in == "qlora_lab_base.json" else summary)["compute_dtype"] = "bfloat16"
+    info_path.write_text(json.dumps(info))
+    summary_path.write_text(json.dumps(summary))
+    report = run_merge(MergeConfig(adapter=str(run), output_dir=str(tmp_path / "m")))
+    assert (report["dtype"], report["dtype_from"]) == ("bfloat16", "training")
+
+
+def test_merge_without_a_dtype_record_keeps_the_device_default(trained_run, tmp_path):
+    copy = tmp_path / "adapter"  # a bare adapter dir: no summary.json beside it
+    shutil.copytree(trained_run / "adapter", copy)
+    info = json.loads((copy / adapters.BASE_INFO_FILE).read_text())
+    del info["compute_dtype"]
+    (copy / adapters.BASE_INFO_FILE).write_text(json.dumps(info))
+    report = run_merge(MergeConfig(adapter=str(copy), output_dir=str(tmp_path / "m")))
+    assert report["dtype"] == "float32" and report["dtype_from"].startswith("device default")
+
+
+def test_merge_cli_takes_dtype(trained_run, tmp_path, capsys):
+    assert main(["-q", "merge", "--adapter", str(trained_run), "--output-dir",
+                 str(tmp_path / "m"), "--dtype", "bf16"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
+    with pytest.raises(SystemExit):
+        main(["merge", "--adapter", str(trained_run), "--output-dir", str(tmp_path / "n"),
+              "--dtype", "int8"])
+
+
+# --- shareable adapters --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, hub", [
+    ("tinyllama", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"),
+    ("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+     "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"),
+    ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ("org/some-model", "org/some-model"),
+    ("tiny-random", None),
+    ("/models/llama", None),
+    ("model.gguf", None),
+])
+def test_hub_id_of_bases(name, hub):
+    from qlora_lab.modelcard import hub_id
+
+    assert hub_id(name) == hub
+
+
+def test_trained_adapter_has_a_model_card_peft_loads(trained_run):
+    from huggingface_hub import ModelCard
+    from peft import AutoPeftModelForCausalLM
+
+    adapter = trained_run / "adapter"
+    text = (adapter / "README.md").read_text()
+    card = ModelCard(text)
+    assert card.data.library_name == "peft"
+    assert card.data.tags == ["qlora", "lora", "qlora-lab"]
+    assert card.data.base_model is None  # tiny-random has no hub repo
+    assert "More Information Needed" not in text  # peft's template card is gone
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert f"{summary['eval_loss']:.4f} after" in text
+    assert "## Hyperparameters" in text and "- LoRA: r 8, alpha 16" in text
+    # With no hub id the adapter keeps the local base path, so plain peft still loads it.
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+    assert model.peft_config["default"].r == 8
+
+
+@pytest.mark.parametrize("preset, hub", [("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                                         ("tinyllama",
+                                          "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T")])
+def test_preset_adapters_name_their_hub_base(trained_run, tmp_path, preset, hub):
+    from types import SimpleNamespace
+
+    from huggingface_hub import ModelCard
+
+    from qlora_lab.config import QuantConfig, load_run_config
+
+    adapter = tmp_path / "adapter"  # as `train` saves it, with the preset as the base
+    shutil.copytree(trained_run / "adapter", adapter)
+    run_cfg = load_run_config(trained_run / "config.yaml")
+    run_cfg = replace(run_cfg, model=replace(run_cfg.model, name=preset))
+    adapters.write_base_info(adapter, run_cfg.model, QuantConfig(), "chat", SimpleNamespace(),
+                             run=run_cfg, summary=json.loads((trained_run / "summary.json")
+                                                             .read_text()))
+    peft_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == hub  # what peft and the hub read
+    assert ModelCard((adapter / "README.md").read_text()).data.base_model == hub
+    # qlora-lab itself still reloads the preset (offline for smollm2-135m), not the hub repo.
+    assert json.loads((adapter / adapters.BASE_INFO_FILE).read_text())["model"] == preset
+    assert adapters.resolve_adapter(str(adapter)).base_model == preset

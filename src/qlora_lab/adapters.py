@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_lab import models, safety
+from qlora_lab import modelcard, models, safety
 from qlora_lab.config import (
     MAX_LORA_ALPHA,
     MAX_LORA_RANK,
@@ -36,7 +36,7 @@ from qlora_lab.config import (
 from qlora_lab.errors import UserError
 
 BASE_INFO_FILE = "qlora_lab_base.json"
-TEMPLATES = ("auto", "chat", "plain")
+TEMPLATES = ("auto", "chat", "plain", "raw")  # raw: data.RAW, rows trained as written
 FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -73,12 +73,25 @@ def fingerprint(config) -> dict:
 
 
 def write_base_info(target: Path, model_cfg: ModelConfig, quant: QuantConfig, template: str,
-                    config, **extra) -> None:
+                    config, *, run=None, summary: dict | None = None, **extra) -> None:
+    """Record the base in `target`; in an adapter folder also make it shareable: the base's hub
+    id in adapter_config.json (peft wrote the local path it loaded) and a README.md model card
+    built from the run's config and summary (over peft's template card)."""
     info = {"model": model_cfg.name, "trust_remote_code": model_cfg.trust_remote_code,
             "quant": {"bits": quant.bits, "quant_type": quant.quant_type,
                       "double_quant": quant.double_quant},
             "template": template, "fingerprint": fingerprint(config), **extra}
     (target / BASE_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    peft_config = target / ADAPTER_CONFIG
+    if not peft_config.is_file():
+        return  # a merged model: no adapter to share
+    hub_id = modelcard.hub_id(model_cfg.name)
+    if hub_id:
+        values = json.loads(peft_config.read_text(encoding="utf-8"))
+        values["base_model_name_or_path"] = hub_id
+        peft_config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n",
+                               encoding="utf-8")
+    modelcard.write_model_card(target, model_cfg.name, run, template, summary)
 
 
 def _read_json_object(path: Path, fix: str) -> dict:

@@ -67,6 +67,9 @@ def _add_merge(sub) -> None:
     p.add_argument("--adapter", required=True, help="a run's output dir (or its adapter/ dir)")
     p.add_argument("--output-dir", required=True, help="new dir for the merged model")
     p.add_argument("--model", help="base model (overrides the one recorded with the adapter)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="dtype of the merged weights (default: the compute dtype the adapter "
+                   "was trained in, e.g. bf16 for a GPU run)")
     _add_safety_flags(p)
 
 
@@ -340,7 +343,8 @@ def _command(args) -> int:
 
         report = run_merge(MergeConfig(adapter=args.adapter, output_dir=args.output_dir,
                                        model=args.model, allow_pickle=args.allow_pickle,
-                                       trust_remote_code=args.trust_remote_code))
+                                       trust_remote_code=args.trust_remote_code,
+                                       dtype=args.dtype))
         print(json.dumps(report, indent=2))
     return 0
 

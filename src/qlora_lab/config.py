@@ -109,15 +109,33 @@ class LoraConfig:
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a float in [0, 1)")
 
 
+# The fields of each data schema (data.py reads them): the names `data.columns` maps onto.
+SCHEMA_FIELDS = {
+    "dolly": ("instruction", "context", "response"),
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where rows come from and how they become token sequences.
 
     source: a hub dataset name or a local .jsonl/.json/.csv/.parquet file.
-    schema: `auto` detects dolly (instruction/context/response), alpaca (instruction/input/output)
-        or chat (messages with role/content).
+    schema: `auto` detects it from the first row's keys: dolly (instruction/context/response),
+        alpaca (instruction/input/output), chat (messages with role/content), sharegpt
+        (conversations with from/value), prompt_completion (TRL's prompt/completion, as strings
+        or as message lists) or text (continued pre-training: every token trained).
+    columns: rename the file's columns to a schema's fields before detection, as
+        `field=column` pairs (`instruction=question,response=answer`) or a YAML mapping
+        (`{instruction: question}`); the fields are those in SCHEMA_FIELDS. Column names holding
+        `,` or `=` cannot be mapped.
     template: `auto` uses the tokenizer's chat template when it has one, else the plain template
-        documented in data.py.
+        documented in data.py. Text rows and TRL's string prompt/completion rows are trained as
+        written, with no template (TRL does the same), unless `chat`/`plain` is asked for by name.
     train_on_prompt: also compute loss on prompt tokens (default: response tokens only).
     max_seq_len: longer rows are truncated or dropped (`overlength`), and the counts reported.
     eval_source: a separate held-out file; otherwise `eval_fraction` of the rows is held out.
@@ -126,7 +144,9 @@ class DataConfig:
     """
 
     source: str = DEFAULT_DATA
-    schema: Literal["auto", "dolly", "alpaca", "chat"] = "auto"
+    schema: Literal["auto", "dolly", "alpaca", "chat", "sharegpt", "prompt_completion",
+                    "text"] = "auto"
+    columns: str = ""
     template: Literal["auto", "chat", "plain"] = "auto"
     train_on_prompt: bool = False
     max_seq_len: int = 1024
@@ -146,6 +166,23 @@ class DataConfig:
         _require(self.max_rows >= 0, "data.max_rows", self.max_rows, ">= 0 (0 = all rows)")
         _require(self.max_eval_rows <= MAX_STEPS and self.max_rows <= MAX_STEPS,
                  "data.max_rows", self.max_rows, f"<= {MAX_STEPS}")
+        self.column_map()  # raises on a malformed mapping
+
+    def column_map(self) -> dict[str, str]:
+        """`columns` as {schema field: the file's column}."""
+        fields_ = sorted({f for names in SCHEMA_FIELDS.values() for f in names})
+        mapping: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in self.columns.split(","))):
+            target, sep, column = pair.partition("=")
+            target, column = target.strip(), column.strip()
+            _require(bool(sep and target and column), "data.columns", self.columns,
+                     "field=column pairs, comma-separated (instruction=question,response=answer)")
+            _require(target in fields_, "data.columns", self.columns,
+                     f"pairs whose field is one of {', '.join(fields_)} (not {target!r})")
+            _require(target not in mapping, "data.columns", self.columns,
+                     f"pairs with distinct fields ({target!r} is mapped twice)")
+            mapping[target] = column
+        return mapping
 
 
 @dataclass(frozen=True)
@@ -373,6 +410,8 @@ def _section_from_dict(cls: type, values: dict, prefix: str, base: Any) -> Any:
                             f"are {', '.join(sorted(known))}")
         if key == "target_modules" and isinstance(value, list):
             value = ",".join(str(v) for v in value)  # [q_proj, v_proj] in YAML or --set
+        if key == "columns" and isinstance(value, dict):
+            value = ",".join(f"{k}={v}" for k, v in value.items())  # {instruction: question}
         updates[key] = _check_type(prefix + key, value, hints[key])
     return replace(base, **updates)
 

@@ -1,9 +1,15 @@
 """Rows -> messages -> prompt text -> token ids with a loss mask -> padded batches.
 
-Sources: a local .jsonl/.json/.csv/.parquet file or a hub dataset name. Schemas (auto-detected):
-- dolly:  instruction, context (optional), response
-- alpaca: instruction, input (optional), output
-- chat:   messages = [{"role": "system"|"user"|"assistant", "content": str}, ...]
+Sources: a local .jsonl/.json/.csv/.parquet file or a hub dataset name. Schemas (auto-detected;
+`data.columns` renames a file's columns to these fields first):
+- dolly:    instruction, context (optional), response
+- alpaca:   instruction, input (optional), output
+- chat:     messages = [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]
+- sharegpt: conversations = [{"from": "system"|"human"|"gpt"|"tool", "value": str}, ...]
+- prompt_completion (TRL): prompt and completion, both strings (trained as written: loss on the
+            completion) or both message lists (rendered as a chat: loss on the completion's
+            assistant turns)
+- text:     text (continued pre-training: trained as written, loss on every token)
 
 Prompt format. With the tokenizer's chat template (template `chat`, the default when the tokenizer
 has one) rows are rendered exactly as `apply_chat_template` renders them, so inference with the
@@ -17,11 +23,15 @@ same template sees the same text. Without one (template `plain`) this documented
     ### Response:
     {response}<eos>
 
-(system turns render as `### System:`; multi-turn chats repeat Instruction/Response blocks.)
+(system turns render as `### System:`, tool turns as `### Tool:`; multi-turn chats repeat
+Instruction/Response blocks.) Rows trained as written (template `raw`: text rows, TRL's string
+prompt/completion rows) are their texts end to end, as TRL trains them: the BOS token if the
+tokenizer adds one to plain text, then the prompt, then the answer and EOS.
 Training and `generate` share `render_prompt`, so the two can never drift apart.
 
 A row over `data.max_seq_len` tokens loses the middle of its prompt first, then the end of its
-last answer's text, but never that answer's end-of-turn marker (`fit_to_length`).
+last answer's text, but never that answer's end-of-turn marker (`fit_to_length`). A text row has
+no end marker to keep: it loses its end, as in pre-training.
 """
 
 from __future__ import annotations
@@ -47,7 +57,12 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips (PyTorch's default ignore_index)
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 PLAIN_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n",
-                 "assistant": "### Response:\n"}
+                 "assistant": "### Response:\n", "tool": "### Tool:\n"}
+RAW = "raw"  # the template of rows trained as written: text rows, TRL's string prompt/completion
+# ShareGPT's speaker names -> chat roles ("observation" is LLaMA-Factory's name for a tool result).
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "tool": "tool", "observation": "tool"}
+OPTIONAL_FIELDS = ("context", "input")  # fields a row may lack (config.SCHEMA_FIELDS has all)
 # Characters kept from each end of a message before tokenizing, per token of max_seq_len (see
 # clip_messages). A token covers about 4 characters of English text, and the longest tokens of
 # common vocabularies (runs of spaces or '=') a few dozen; byte-level tokenizers may spend
@@ -214,17 +229,61 @@ def read_rows(source: str) -> list[Row]:
 # --- schemas -------------------------------------------------------------------------------------
 
 
+def rename_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
+    """Rows with the file's columns renamed to schema fields (`data.columns`), before detection.
+
+    A row without a mapped column is a bad row (unless the field is optional), so a typo in the
+    mapping names the file, the line and the column instead of "cannot detect the schema".
+    """
+    if not columns:
+        return rows
+    sources = set(columns.values())
+    out = []
+    for row in rows:
+        values = row.values
+        if isinstance(values, dict):
+            missing = [(f, c) for f, c in columns.items()
+                       if c not in values and f not in OPTIONAL_FIELDS]
+            if missing:
+                field_name, column = missing[0]
+                values = _bad(row.where, f"no column {column!r}, which data.columns maps to "
+                              f"{field_name!r} (columns here: {sorted(map(str, values))[:8]})")
+            else:
+                renamed = {k: v for k, v in values.items() if k not in sources}
+                renamed.update({f: values[c] for f, c in columns.items() if c in values})
+                values = renamed
+        out.append(Row(row.where, values))
+    return out
+
+
 def detect_schema(values: Any, source: str) -> str:
     keys = set(values) if isinstance(values, dict) else set()
     if "messages" in keys:
         return "chat"
+    if "conversations" in keys:
+        return "sharegpt"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
     if {"instruction", "output"} <= keys:
         return "alpaca"
     if {"instruction", "response"} <= keys:
         return "dolly"
+    if "text" in keys:  # last: instruction datasets often carry a pre-rendered `text` too
+        return "text"
     raise UserError(f"{source}: cannot detect the schema from keys {sorted(keys)} — expected "
-                    "dolly (instruction, context, response), alpaca (instruction, input, output) "
-                    "or chat (messages); set data.schema to force one")
+                    "dolly (instruction, context, response), alpaca (instruction, input, output), "
+                    "chat (messages), sharegpt (conversations), prompt_completion (prompt, "
+                    "completion) or text; set data.schema to force one, or data.columns to "
+                    "rename columns (instruction=question,response=answer)")
+
+
+def trained_as_written(schema: str, values: Any) -> bool:
+    """Whether rows like this one skip the prompt template: text rows, and TRL's standard
+    prompt/completion rows, whose prompt is a string (TRL renders only message lists)."""
+    if schema == "text":
+        return True
+    return (schema == "prompt_completion" and isinstance(values, dict)
+            and isinstance(values.get("prompt"), str))
 
 
 def _text_field(values: dict, key: str, where: str, required: bool) -> str:
@@ -248,8 +307,60 @@ def _require_encodable(text: str, where: str, what: str) -> None:
                    f"{exc.start})") from None
 
 
+def _message_list(values: dict, key: str, where: str, role_key: str = "role",
+                  text_key: str = "content", roles: dict | None = None) -> list[dict]:
+    """values[key] as chat messages; ShareGPT's {from, value} pass their own keys and `roles`."""
+    roles = roles or {r: r for r in PLAIN_HEADERS}
+    messages = values.get(key)
+    if not isinstance(messages, list) or not messages:
+        raise _bad(where, f"field {key!r} must be a non-empty list of {{{role_key}, {text_key}}}")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get(text_key), str):
+            raise _bad(where, f"{key}[{i}] must be an object with a string {text_key!r}")
+        role = msg.get(role_key)
+        if not isinstance(role, str) or role not in roles:
+            raise _bad(where, f"{key}[{i}] has {role_key} {role!r}; allowed: "
+                       + ", ".join(roles))
+        _require_encodable(msg[text_key], where, f"{key}[{i}].{text_key}")
+        out.append({"role": roles[role], "content": msg[text_key]})
+    return out
+
+
+def _require_answer(messages: list[dict], where: str, field_name: str = "") -> None:
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise _bad(where, f"no non-empty assistant message to learn from{field_name}")
+
+
+def _prompt_completion(values: dict, where: str) -> list[dict]:
+    prompt, completion = values.get("prompt"), values.get("completion")
+    for key, value in (("prompt", prompt), ("completion", completion)):
+        if value is None:
+            raise _bad(where, f"missing field {key!r}")
+    if isinstance(prompt, str) and isinstance(completion, str):  # TRL's standard form
+        _require_encodable(prompt, where, "field 'prompt'")
+        _require_encodable(completion, where, "field 'completion'")
+        if not completion.strip():
+            raise _bad(where, "empty 'completion'")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if isinstance(prompt, list) and isinstance(completion, list):  # its conversational form
+        # TRL trains on the completion only: assistant turns of the prompt are context.
+        context = [{**m, "trained": False} if m["role"] == "assistant" else m
+                   for m in _message_list(values, "prompt", where)]
+        answer = _message_list(values, "completion", where)
+        _require_answer(answer, where, " in 'completion'")
+        return context + answer
+    raise _bad(where, "'prompt' and 'completion' must both be strings (TRL's standard form) or "
+               "both lists of {role, content} (its conversational form), got "
+               f"{type(prompt).__name__} and {type(completion).__name__}")
+
+
 def row_to_messages(row: Row, schema: str) -> list[dict]:
-    """Validate one row against its schema and turn it into chat messages."""
+    """Validate one row against its schema and turn it into chat messages.
+
+    An assistant message marked `"trained": False` is context, not an answer (the prompt side of
+    a TRL conversational row). A text row is one assistant message: all of it is trained.
+    """
     values, where = row.values, row.where
     if isinstance(values, UserError):
         raise values
@@ -266,21 +377,18 @@ def row_to_messages(row: Row, schema: str) -> list[dict]:
             raise _bad(where, f"empty {answer_key!r}")
         user = instruction.strip() + (f"\n\nContext: {extra.strip()}" if extra.strip() else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": answer.strip()}]
-    messages = values.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad(where, "field 'messages' must be a non-empty list of {role, content}")
-    out = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
-            raise _bad(where, f"messages[{i}] must be an object with a string 'content'")
-        role = msg.get("role")
-        if not isinstance(role, str) or role not in PLAIN_HEADERS:
-            raise _bad(where, f"messages[{i}] has role {role!r}; allowed: "
-                       "system, user, assistant")
-        _require_encodable(msg["content"], where, f"messages[{i}].content")
-        out.append({"role": role, "content": msg["content"]})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
-        raise _bad(where, "no non-empty assistant message to learn from")
+    if schema == "text":
+        text = _text_field(values, "text", where, required=True)
+        if not text.strip():
+            raise _bad(where, "empty 'text'")
+        return [{"role": "assistant", "content": text}]
+    if schema == "prompt_completion":
+        return _prompt_completion(values, where)
+    if schema == "sharegpt":
+        out = _message_list(values, "conversations", where, "from", "value", SHAREGPT_ROLES)
+    else:
+        out = _message_list(values, "messages", where)
+    _require_answer(out, where)
     return out
 
 
@@ -288,6 +396,7 @@ def row_to_messages(row: Row, schema: str) -> list[dict]:
 
 
 def resolve_template(template: str, tokenizer) -> str:
+    """The template to render with: `auto` becomes `chat` or `plain`; `raw` stays as it is."""
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise UserError("data.template = 'chat' but the tokenizer has no chat template — use "
                         "'plain' or 'auto'")
@@ -296,9 +405,35 @@ def resolve_template(template: str, tokenizer) -> str:
     return template
 
 
+def data_template(cfg: DataConfig, schema: str, first_values: Any, tokenizer) -> str:
+    """The template a data set renders with: `raw` for rows trained as written, unless
+    `data.template` names another for TRL's string rows (text rows have no prompt to format)."""
+    if trained_as_written(schema, first_values):
+        if cfg.template == "auto":
+            return RAW
+        if schema == "text":
+            raise UserError(f"data.template = {cfg.template!r} does not apply to text rows, "
+                            "which are trained as written — leave data.template at 'auto'")
+    return resolve_template(cfg.template, tokenizer)
+
+
+def _raw_prefix(tokenizer) -> str:
+    """The BOS token when the tokenizer adds one to plain text (Llama's does, GPT-2's does not)."""
+    bos_id = tokenizer.bos_token_id
+    if bos_id is None:
+        return ""
+    return tokenizer.bos_token if tokenizer("a")["input_ids"][:1] == [bos_id] else ""
+
+
 def render_prompt(messages: list[dict], tokenizer, template: str,
                   add_generation_prompt: bool = True) -> str:
     """Text of a conversation; with `add_generation_prompt` it ends where the answer starts."""
+    if template == RAW:
+        # TRL's language-modelling rows: texts end to end, EOS after each answer (once).
+        eos = tokenizer.eos_token or ""
+        return _raw_prefix(tokenizer) + "".join(
+            m["content"] + (eos if m["role"] == "assistant" and not m["content"].endswith(eos)
+                            else "") for m in messages)
     if template == "chat":
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
@@ -316,11 +451,12 @@ def render_segments(messages: list[dict], tokenizer, template: str) -> list[tupl
 
     Each answer's text is what the template adds after the generation prompt, so the model learns
     to emit the template's end-of-turn marker too and generation stops where training stopped.
+    Assistant messages marked `"trained": False` stay in the prompt.
     """
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
+        if not _is_answer(msg):
             continue
         prompt = render_prompt(messages[:i], tokenizer, template, add_generation_prompt=True)
         full = render_prompt(messages[: i + 1], tokenizer, template, add_generation_prompt=False)
@@ -332,6 +468,10 @@ def render_segments(messages: list[dict], tokenizer, template: str) -> list[tupl
         segments.append((full[len(prompt):], True))
         done = full
     return segments
+
+
+def _is_answer(message: dict) -> bool:
+    return message["role"] == "assistant" and message.get("trained", True)
 
 
 def tokenize_segments(segments: list[tuple[str, bool]], tokenizer,
@@ -421,10 +561,21 @@ def _render(where: str, messages: list[dict], tokenizer, template: str):
     from jinja2 import TemplateError
 
     try:
-        return render_segments(messages, tokenizer, template)
+        segments = render_segments(messages, tokenizer, template)
     except TemplateError as exc:  # e.g. a template that demands alternating user/assistant
         raise _bad(where, f"the chat template rejects this conversation ({_first_line(exc)})"
                    ) from None
+    if template == "chat":
+        # Many templates render only the roles they know and skip the rest without a word
+        # (TinyLlama's, for one, has no branch for tool turns): a tool result the model never
+        # sees would train answers on facts it was not given.
+        rendered = "".join(text for text, _ in segments)
+        last = max((i for i, m in enumerate(messages) if _is_answer(m)), default=0)
+        for i, msg in enumerate(messages[:last]):
+            if msg["role"] == "tool" and msg["content"].strip() not in rendered:
+                raise _bad(where, f"the chat template drops message {i} (role 'tool') — use a "
+                           "model whose template renders tool turns, or data.template = 'plain'")
+    return segments
 
 
 def encode_conversation(messages: list[dict], tokenizer, template: str, max_seq_len: int, *,
@@ -445,7 +596,12 @@ def encode_conversation(messages: list[dict], tokenizer, template: str, max_seq_
         if overlength == "drop":
             stats["dropped_overlength"] += 1
             return None
-        last = next(m for m in reversed(messages) if m["role"] == "assistant")
+        if template == RAW and len(messages) == 1:
+            # A text row has no end-of-turn marker to keep: keep its start, as pre-training does.
+            stats["truncated"] += 1
+            stats["truncated_answer_tokens"] += len(ids) - max_seq_len
+            return {"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len]}
+        last = next(m for m in reversed(messages) if _is_answer(m))
         end = answer_end_tokens(segments[-1][0], last["content"], tokenizer)
         ids, labels = fit_to_length(ids, labels, n_prompt, max_seq_len, end, stats)
     return {"input_ids": ids, "labels": labels}
@@ -454,12 +610,22 @@ def encode_conversation(messages: list[dict], tokenizer, template: str, max_seq_
 # --- the whole pipeline --------------------------------------------------------------------------
 
 
-def _valid_messages(rows: list[Row], schema: str, cfg: DataConfig, stats: dict) -> list:
-    """(where, messages) for each valid row; bad rows raise, or are counted and skipped."""
+def _valid_messages(rows: list[Row], schema: str, as_written: bool, cfg: DataConfig,
+                    stats: dict) -> list:
+    """(where, messages) for each valid row; bad rows raise, or are counted and skipped.
+
+    `as_written`: whether the first row is trained as written; TRL's two prompt/completion forms
+    render differently, so a file must keep to one.
+    """
     out = []
     for row in rows:
         try:
-            out.append((row.where, row_to_messages(row, schema)))
+            messages = row_to_messages(row, schema)
+            if trained_as_written(schema, row.values) != as_written:
+                form = {True: "a string", False: "a message list"}
+                raise _bad(row.where, f"'prompt' is {form[not as_written]} here but "
+                           f"{form[as_written]} in the first row — use one form in a file")
+            out.append((row.where, messages))
         except UserError:
             if not cfg.skip_bad_rows:
                 raise
@@ -488,15 +654,14 @@ def _encode(conversations: list, tokenizer, template: str, cfg: DataConfig, stat
     return examples
 
 
-def _schema_of(rows: list[Row], cfg: DataConfig) -> str:
-    if cfg.schema != "auto":
-        return cfg.schema
+def _first_object(rows: list[Row]) -> Row:
+    """The first row that parsed to an object: it decides the schema and the template."""
     first = next((r for r in rows if isinstance(r.values, dict)), rows[0])
     if isinstance(first.values, UserError):
         raise first.values  # no row parsed: the first one's own error names file and line
     if not isinstance(first.values, dict):
         raise _bad(first.where, f"expected an object, got {type(first.values).__name__}")
-    return detect_schema(first.values, first.where)
+    return first
 
 
 def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
@@ -504,15 +669,19 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     stats = {"bad_rows_skipped": 0, "clipped_chars": 0, "truncated": 0,
              "truncated_prompt_tokens": 0, "truncated_answer_tokens": 0,
              "dropped_overlength": 0, "dropped_no_answer_tokens": 0}
+    columns = cfg.column_map()
     rows = read_rows(cfg.source)
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
-    schema = _schema_of(rows, cfg)
-    template = resolve_template(cfg.template, tokenizer)
-    conversations = _valid_messages(rows, schema, cfg, stats)
+    rows = rename_columns(rows, columns)
+    first = _first_object(rows)
+    schema = cfg.schema if cfg.schema != "auto" else detect_schema(first.values, first.where)
+    template = data_template(cfg, schema, first.values, tokenizer)
+    as_written = trained_as_written(schema, first.values)
+    conversations = _valid_messages(rows, schema, as_written, cfg, stats)
     if cfg.eval_source:
-        eval_rows = read_rows(cfg.eval_source)
-        eval_convs = _valid_messages(eval_rows, schema, cfg, stats)
+        eval_rows = rename_columns(read_rows(cfg.eval_source), columns)
+        eval_convs = _valid_messages(eval_rows, schema, as_written, cfg, stats)
         train_convs = conversations
     else:
         order = list(range(len(conversations)))
@@ -529,7 +698,8 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         raise UserError(f"data source {cfg.source} left no trainable rows after filtering "
                         f"({stats}) — raise data.max_seq_len or check the rows")
     stats.update(rows_read=len(rows), train_rows=len(train), eval_rows=len(evals),
-                 train_tokens=sum(len(e["input_ids"]) for e in train))
+                 train_tokens=sum(len(e["input_ids"]) for e in train), schema=schema,
+                 template=template)
     return PreparedData(train, evals, schema, template, stats)
 
 

@@ -37,10 +37,14 @@ RESERVED_OVER_ALLOCATED = 1.5
 # the allocator holds less slack: 1.03-1.28x on the fast path (TinyLlama, 4 to 32 packed bins,
 # H200; benchmarks/results/reserved_ratio_fastpath.json).
 RESERVED_OVER_ALLOCATED_PACKED = 1.3
-# Allocations no term names (cuBLAS workspaces taken through PyTorch's allocator, rotary
-# caches, bitsandbytes' quant-state tensors): the median unexplained residual of the first
-# validation runs, 55 MiB, nearly constant across models and sizes.
-UNNAMED_BYTES = 55 * 2**20
+# Allocations no term names, nearly constant across models and sizes. At the peak of the
+# TinyLlama and Qwen2.5 steps the allocator's trace shows two 32 MiB blocks that live through
+# the whole step (one from the rotary embedding's first call, one from bitsandbytes' first
+# dequantization) and small bits (quant-state tensors, loss scalars). Fitted on the fit
+# families only: the median of (measured - every named term) over the 24 fit rows of
+# benchmarks/results/memory_validation_v2.json, 67.4 MiB (the middle half of them lie within
+# 64-97 MiB).
+UNNAMED_BYTES = 67 * 2**20
 # The plain path's loss (transformers' ForCausalLMLoss on full logits): at the start of backward
 # the fp32 logits, the log-softmax kept for backward and its fp32 gradient coexist; measured
 # 11.9-12.1 B per N x V (benchmarks/results/memory_validation.json).
@@ -74,6 +78,10 @@ class ModelShape:
     norm_kind: "rms" (Liger swaps it on CUDA), "rms_fp32" (computes in fp32, not swapped:
         Gemma), "layer" (LayerNorm). norms_per_layer counts the hidden-size norms of a layer.
     final_norm: the decoder has a final `norm` module (the fused loss reads its output).
+    fused_qkv: q, k and v come from one projection (Phi-3's qkv_proj, GPT-2's c_attn), so the
+        v that attention keeps is a view that keeps the whole projection output alive.
+    sliding_window: the window of sliding-window attention layers (0: none); from that length
+        on transformers hands SDPA an explicit mask.
     """
 
     vocab_size: int
@@ -101,6 +109,8 @@ class ModelShape:
     norm_kind: str = "rms"
     qk_norm: bool = False
     final_norm: bool = True
+    fused_qkv: bool = False
+    sliding_window: int = 0
     source: str = "config arithmetic"
 
     def __post_init__(self) -> None:
@@ -143,7 +153,7 @@ class ModelShape:
                    num_attention_heads=heads, num_key_value_heads=kv_heads,
                    tie_word_embeddings=bool(get("tie_word_embeddings", False)),
                    head_dim=head_dim, linear_bias_params=bias,
-                   qk_norm=model_type == "qwen3",
+                   qk_norm=model_type == "qwen3", sliding_window=sliding_window(config),
                    norm_params=(2 * layers + 1) * h
                    + (2 * layers * head_dim if model_type == "qwen3" else 0))
 
@@ -173,6 +183,18 @@ class ModelShape:
         share = self.experts_per_token / self.num_experts if self.num_experts else 0.0
         return (self.linear_params() + self.frozen_params - self.expert_params
                 + self.expert_params * share + self.vocab_size * self.hidden_size)
+
+
+def sliding_window(config) -> int:
+    """The window of a config's sliding-window attention layers, 0 when no layer slides
+    (Qwen2 names a window but, with use_sliding_window off, uses it in no layer)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    window = get("sliding_window") or 0
+    layer_types = get("layer_types") or ()
+    if (layer_types and "sliding_attention" not in layer_types) or get("use_sliding_window",
+                                                                        True) is False:
+        return 0
+    return int(window)
 
 
 def _count(shapes: list[tuple[int, int]], layers: int) -> dict[tuple[int, int], int]:
@@ -280,40 +302,107 @@ def _lora_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
     params = m.lora_params(s.lora_r)
     weights = params * s.lora_bytes
     grads = params * s.lora_bytes  # gradients take the parameter dtype (fp32 for fp32 masters)
-    if s.optimizer == "adamw_torch":
-        # torch AdamW keeps exp_avg and exp_avg_sq in the parameter dtype.
-        state, where = 2 * params * s.lora_bytes, "2 states x param dtype"
-    elif s.optimizer == "adamw_8bit":
-        state, where = 2 * params, "2 states x 1 B (blockwise 8-bit)"
-    else:
-        state, where = 0, "paged: CUDA managed memory, outside PyTorch's allocator"
+    state, where = _optimizer_state(m, s)
     return [MemoryTerm("lora_weights", weights, f"{params:,} LoRA params x {s.lora_bytes} B"),
             MemoryTerm("lora_grads", grads, f"{params:,} x {s.lora_bytes} B"),
             MemoryTerm("optimizer_state", state, where)]
 
 
+def _lora_tensor_sizes(m: ModelShape, r: int) -> list[tuple[int, int]]:
+    """(elements, count) of every LoRA tensor: A is r x in, B is out x r, per adapted linear."""
+    return [(r * i, n) for i, _, n in m.linears] + [(o * r, n) for _, o, n in m.linears]
+
+
+def _optimizer_state(m: ModelShape, s: StepShape) -> tuple[int, str]:
+    """Optimizer state inside PyTorch's allocator (a paged state lives outside it).
+
+    bitsandbytes' 8-bit Adam (optim/optimizer.py, 0.50): tensors under `min_8bit_size` (4,096
+    elements) keep two fp32 states; larger ones two uint8 states plus an fp32 absmax per
+    256-element block each. A paged optimizer pages only tensors of >= 1e5 elements
+    (get_state_buffer); smaller states and every absmax stay in the allocator. Each tensor is
+    its own allocation, rounded up to 512 B. Measured: 24.4 MiB for TinyLlama at r=16, the sum
+    of these (anatomy of benchmarks/memory_validation_v2.py).
+    """
+    if s.optimizer == "adamw_torch":
+        # torch AdamW keeps exp_avg and exp_avg_sq in the parameter dtype.
+        return 2 * m.lora_params(s.lora_r) * s.lora_bytes, "2 states x param dtype"
+    paged = s.optimizer != "adamw_8bit"
+    total = 0
+    for numel, count in _lora_tensor_sizes(m, s.lora_r):
+        if numel < 4096:
+            per = 2 * _alloc(4 * numel)
+        else:
+            blocks = -(-numel // 256)
+            per = 2 * _alloc(4 * blocks) + (0 if paged and numel >= 100_000
+                                             else 2 * _alloc(numel))
+        total += per * count
+    where = ("8-bit states of tensors under 1e5 elements, fp32 under 4,096, and every absmax "
+             "(larger states are paged outside PyTorch's allocator)" if paged
+             else "2 states x 1 B (blockwise 8-bit) + absmax; fp32 under 4,096 elements")
+    return total, where
+
+
+def _alloc(nbytes: int) -> int:
+    return -(-nbytes // 512) * 512  # PyTorch's caching allocator rounds every block to 512 B
+
+
 # --- activations --------------------------------------------------------------------------------
+#
+# What each tensor below is was read off the allocator's trace at the peak of real steps
+# (`memory_validation_v2.py --anatomy`, fit families only: TinyLlama, SmolLM2, Qwen2.5), then
+# written down from the code that allocates it, so it carries to shapes never measured.
 
 
-def _norm_bytes(m: ModelShape, s: StepShape) -> float:
-    """Bytes per hidden unit one norm keeps, besides its input (see NORM_KINDS)."""
+def _lora_copies_inputs(s: StepShape, autocast: bool = True) -> bool:
+    """peft's LoRA keeps a cast copy of each adapted linear's input instead of the input itself.
+
+    peft's plain (16-bit base) Linear casts its input to the adapters' dtype whatever autocast
+    says, and autocast casts it back for the matmul: lora_A keeps that 16-bit copy. Its 4-bit
+    Linear casts only outside autocast (the offloaded recomputation), and lora_A keeps the fp32
+    input. Nothing else keeps a projection's input (the frozen base needs only its weight), so
+    the originals are freed: the norms' outputs and the down projection's input.
+    """
+    return s.lora_bytes > s.compute_bytes and (s.bits != 4 or not autocast)
+
+
+def norms_saved_bytes_per_token(m: ModelShape, s: StepShape, autocast: bool = True) -> float:
+    """What a layer's hidden-size norms keep, per token, the layer's own input aside.
+
+    The outputs of the two norms that feed projections (attention's and the MLP's) are kept by
+    those projections' LoRA (a x H each; not when LoRA keeps copies, _lora_copies_inputs);
+    Gemma's post-norms feed a residual add, which keeps nothing. Liger's RMSNorm keeps its
+    input X (the residual sums after the first norm); an fp32-computing RMSNorm keeps an fp32
+    copy of its input (4 x H); LayerNorm under autocast an fp32 input and output (8 x H).
+    """
+    a, h, norms = s.compute_bytes, m.hidden_size, m.norms_per_layer
+    fed = 0 if _lora_copies_inputs(s, autocast) else min(2, norms)
+    if m.norm_kind == "rms" and s.liger:
+        return (fed + norms - 1) * a * h
+    per_norm = 8 if m.norm_kind == "layer" else 4
+    return norms * per_norm * h + fed * a * h
+
+
+def _final_norm_bytes(m: ModelShape, s: StepShape) -> float:
+    """The final norm, per hidden unit: its output (what the head reads) and what its kind
+    keeps of its input (Liger: the last layer's output itself)."""
     a = s.compute_bytes
     if m.norm_kind == "rms":
-        return a if s.liger else 4 + a
-    if m.norm_kind == "rms_fp32":
-        return 4 + a
-    return 4 + 4 + a
+        return a + a if s.liger else 4 + a
+    return (4 if m.norm_kind == "rms_fp32" else 8) + a
 
 
 def _keeps_norm_input(m: ModelShape, s: StepShape) -> bool:
     return m.norm_kind == "rms" and s.liger  # Liger's RMSNorm saves X itself
 
 
-def _masked(s: StepShape) -> bool:
+def _masked(m: ModelShape, s: StepShape) -> bool:
     """SDPA/eager get an explicit mask: several rows per micro-batch, shorter than their bins
-    (packed bins restart positions, padded rows have padding). One row alone fills its bin."""
-    return (s.short_rows and s.micro_batch_size > 1
-            and s.attn_implementation != "flash_attention_2")
+    (packed bins restart positions, padded rows have padding), or rows as long as a sliding
+    window (transformers' _ignore_causal_mask_sdpa then cannot fall back to is_causal)."""
+    if s.attn_implementation == "flash_attention_2":
+        return False
+    return ((s.short_rows and s.micro_batch_size > 1)
+            or 0 < m.sliding_window <= s.seq_len)
 
 
 def mlp_saved_bytes_per_token(m: ModelShape, s: StepShape) -> float:
@@ -341,65 +430,105 @@ def mlp_saved_bytes_per_token(m: ModelShape, s: StepShape) -> float:
 def attention_saved_bytes_per_token(m: ModelShape, s: StepShape) -> float:
     """What one layer's attention keeps (its normed input aside), per token.
 
-    RoPE'd q and k, v (SDPA/flash keep all three), the attention output, its transposed copy
-    (o_proj's input) and the fp32 log-sum-exp per head. With an explicit mask, transformers runs
-    GQA by repeating k/v to every query head (transformers' use_gqa_in_sdpa), so k and v are
-    q-wide; eager attention also keeps the fp32 and 16-bit probabilities (heads x seq_len each).
-    Per-head q/k norms (Qwen3) keep their inputs.
+    RoPE'd q and k, v, and the attention output, which o_proj reads as it is (SDPA's output is
+    already laid out as (tokens, heads x dim): transformers' .contiguous() copies nothing), +
+    the fp32 log-sum-exp per head. A fused q/k/v projection's output stays whole behind the v
+    view. With an explicit mask transformers runs GQA by repeating k/v to every query head
+    (repeat_kv), so k and v are q-wide copies. Eager attention also keeps the fp32 and 16-bit
+    probabilities (heads x seq_len each). Per-head q/k norms (Qwen3) keep their inputs.
     """
-    a = s.compute_bytes
-    kv = m.q_dim if _masked(s) and m.num_key_value_heads < m.num_attention_heads else m.kv_dim
-    saved = a * (3 * m.q_dim + 2 * kv) + 4 * m.num_attention_heads
+    a, q, kv = s.compute_bytes, m.q_dim, m.kv_dim
+    if _masked(m, s) and m.num_key_value_heads < m.num_attention_heads:
+        saved = a * 4 * q
+    elif m.fused_qkv:
+        saved = a * (3 * q + 3 * kv)
+    else:
+        saved = a * (2 * q + 2 * kv)
+    saved += 4 * m.num_attention_heads
     if m.qk_norm:
-        saved += (m.q_dim + m.kv_dim) * (a if m.norm_kind == "rms" and s.liger else 4)
+        saved += (q + kv) * (a if m.norm_kind == "rms" and s.liger else 4)
     if s.attn_implementation == "eager":
         saved += (4 + a) * m.num_attention_heads * s.seq_len
     return saved
 
 
-def layer_saved_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share: float = 1.0
-                                ) -> float:
-    """Bytes one decoder layer keeps for backward, per token, without checkpointing.
+def lora_saved_bytes_per_token(m: ModelShape, s: StepShape, autocast: bool = True) -> float:
+    """What one layer's adapters keep beyond their inputs, per token.
 
-    Its norms (`norms_per_layer`, see NORM_KINDS; with Liger the residual sum each norm reads
-    is kept too), attention (attention_saved_bytes_per_token), MLP (mlp_saved_bytes_per_token,
-    scaled by the share of tokens held at once when the MLP runs in tiles), and per LoRA
-    adapter its A output (r) and, with dropout, its dropped-out input and mask (a + 1 bytes per
-    input feature). The layer's own input is counted by the caller (it is the checkpoint).
+    Each adapter's A output (r), and with dropout its dropped-out input and mask (a + 1 per
+    input feature), and where LoRA copies its inputs (_lora_copies_inputs) that copy: 16-bit
+    under autocast, fp32 outside it (the offloaded recomputation).
     """
     a = s.compute_bytes
-    h = m.hidden_size
-    norms = m.norms_per_layer * h * _norm_bytes(m, s)
-    if _keeps_norm_input(m, s):
-        norms += (m.norms_per_layer - 1) * a * h  # the residual sums the later norms read
     adapters = sum(n for _, _, n in m.linears) / m.num_hidden_layers
-    lora = a * s.lora_r * adapters
+    inputs = m.layer_linear_inputs()
+    copy = (s.lora_bytes if not autocast else a) if _lora_copies_inputs(s, autocast) else 0
+    kept = (4 if copy == 4 else a) * s.lora_r * adapters + copy * inputs
     if s.lora_dropout:
-        lora += (a + 1) * m.layer_linear_inputs()
-    return (norms + attention_saved_bytes_per_token(m, s)
-            + mlp_saved_bytes_per_token(m, s) * mlp_tokens_share + lora)
+        kept += (a + 1) * inputs
+    return kept
 
 
-def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share: float = 1.0
-                                   ) -> float:
-    """What one layer holds at the worst moment of its backward, per token: its saved tensors
-    plus the gradients alive then, whichever of two moments is larger.
+def layer_saved_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share: float = 1.0,
+                                autocast: bool = True) -> float:
+    """Bytes one decoder layer keeps for backward, per token, its own input aside.
 
-    In the MLP's backward: the gradient arriving at the layer's output and the one it sends on
-    (a x H each) and the MLP's widest gradient (a x I; routed: per slot). In attention's
-    backward, the MLP's tensors already freed: the same two a x H, the output's gradient
-    (a x q), dq, dk, dv (a x (q + 2 kv)) and FlashAttention's fp32 dq accumulator (4 x q)
-    with its fp32 row sums (4 per head).
+    Norms, attention, MLP (scaled by the share of tokens held at once: 0 in a layer whose MLP
+    runs in checkpointed tiles, one tile's share while a tile is rebuilt) and adapters.
+    """
+    return (norms_saved_bytes_per_token(m, s, autocast) + attention_saved_bytes_per_token(m, s)
+            + _mlp_kept(m, s, autocast) * mlp_tokens_share
+            + lora_saved_bytes_per_token(m, s, autocast))
+
+
+def _mlp_kept(m: ModelShape, s: StepShape, autocast: bool = True) -> float:
+    # The down projection's input is kept by its LoRA alone: a copy replaces it where LoRA
+    # copies its inputs.
+    mlp = mlp_saved_bytes_per_token(m, s)
+    if _lora_copies_inputs(s, autocast) and m.mlp != "moe":
+        mlp -= s.compute_bytes * m.intermediate_size
+    return mlp
+
+
+def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share: float = 1.0,
+                                   autocast: bool = True) -> float:
+    """What one layer holds at the worst moment of its backward (or of its recomputation), per
+    token: its saved tensors plus what is alive then, whichever moment is largest.
+
+    The MLP's backward, at the down projection: its input is freed once lora_A's gradient is
+    taken; that input gradient, the 4-bit base's and their sum (3 x a x I: routed, per slot)
+    coexist with the gradient arriving at the layer's output (a x H). Attention's backward, the
+    MLP freed: that gradient and the one sent on (2 x a x H), the output's gradient (a x q), dq,
+    dk, dv (a x (q + 2 kv)), FlashAttention's fp32 dq accumulator (4 x q) and row sums.
+    Where LoRA casts to fp32, the down projection's forward: a 16-bit base holds the fp32 copy
+    of the widest input (4 x I) while lora_A takes its 16-bit cast, + the base output and the
+    arriving gradient (2 x a x H); outside autocast (offload) the adapters' fp32 output and its
+    scaled copy (2 x 4 x H) + the base output and the arriving gradient.
     """
     a, h = s.compute_bytes, m.hidden_size
-    saved = layer_saved_bytes_per_token(m, s, mlp_tokens_share)
-    width = (m.experts_per_token * m.expert_intermediate_size + m.shared_intermediate_size
-             if m.mlp == "moe" else m.intermediate_size)
-    in_mlp = saved + 2 * a * h + a * width * mlp_tokens_share
-    in_attention = (saved - mlp_saved_bytes_per_token(m, s) * mlp_tokens_share + 2 * a * h
-                    + a * (2 * m.q_dim + 2 * m.kv_dim) + 4 * m.q_dim
+    saved = layer_saved_bytes_per_token(m, s, mlp_tokens_share, autocast)
+    mlp = _mlp_kept(m, s, autocast) * mlp_tokens_share
+    if m.mlp == "moe":
+        width = m.experts_per_token * m.expert_intermediate_size + m.shared_intermediate_size
+        in_mlp = saved + 2 * a * h + a * width * mlp_tokens_share
+    elif autocast:
+        in_mlp = saved + a * h + 2 * a * m.intermediate_size * mlp_tokens_share
+    else:  # the fp32 copy of the down projection's input is freed as its gradients arrive
+        in_mlp = saved + a * h + a * m.intermediate_size * mlp_tokens_share
+    in_attention = (saved - mlp + 2 * a * h + a * (2 * m.q_dim + 2 * m.kv_dim) + 4 * m.q_dim
                     + 4 * m.num_attention_heads)
-    return max(in_mlp, in_attention)
+    moments = [in_mlp, in_attention]
+    if _lora_copies_inputs(s, autocast):
+        # Forward (or recomputation) at the down projection: the MLP's input and the down
+        # projection's input are still referenced by the running code.
+        refs = a * h + a * m.intermediate_size * mlp_tokens_share
+        if not autocast:
+            moments.append(saved + refs + 2 * a * h + 2 * 4 * h)
+        else:
+            widest = max(i for i, _, _ in m.linears)
+            share = mlp_tokens_share if widest == m.intermediate_size else 1.0
+            moments.append(saved + refs + 4 * widest * share + 2 * a * h)
+    return max(moments)
 
 
 def _mlp_tiled(m: ModelShape, s: StepShape) -> bool:
@@ -409,46 +538,69 @@ def _mlp_tiled(m: ModelShape, s: StepShape) -> bool:
     return m.mlp == "swiglu" and not s.compiled and s.tokens > 2 * s.mlp_tile_tokens
 
 
-def _activation_terms(m: ModelShape, s: StepShape) -> tuple[list[MemoryTerm], MemoryTerm]:
-    """(terms kept from forward into backward, the transient of one layer's backward)."""
+@dataclass(frozen=True)
+class _Activations:
+    kept: list[MemoryTerm]  # from forward into backward, all layers
+    backward: MemoryTerm  # on top of `kept` at the worst moment of backward
+    freed_per_layer: int  # what each layer's backward releases (for when the gradients peak)
+
+
+def _activation_terms(m: ModelShape, s: StepShape) -> _Activations:
+    """What forward keeps for backward and the worst moment of backward, per strategy.
+
+    Backward frees as it goes (a layer's checkpointed input or its activations) while the LoRA
+    gradients of the layers done accumulate, so the worst moment is the first layer backward
+    meets (the last layer), unless the gradients grow faster than activations shrink
+    (see _gradients_at_peak). Non-reentrant checkpointing rebuilds that layer on top of the
+    checkpointed inputs; a layer that kept its activations adds only its gradients.
+    """
     n, a, layers, h = s.tokens, s.compute_bytes, m.num_hidden_layers, m.hidden_size
-    share = s.mlp_tile_tokens / n if _mlp_tiled(m, s) else 1.0
-    tile_note = (f"; MLP in {s.mlp_tile_tokens}-token tiles, one tile's activations at a time"
-                 if share < 1 else "")
-    per_layer = layer_saved_bytes_per_token(m, s, share)
+    tiled = _mlp_tiled(m, s)
+    share = s.mlp_tile_tokens / n if tiled else 1.0  # a rebuilt tile's share of the tokens
+    kept_share = 0.0 if tiled else 1.0  # tiles are checkpointed: a layer keeps no MLP tensors
+    tile_note = (f"; MLP in {s.mlp_tile_tokens}-token checkpointed tiles, one rebuilt at a time"
+                 if tiled else "")
     kept_input = a * h if _keeps_norm_input(m, s) else 0  # a kept layer's input, saved by its norm
-    in_backward = layer_backward_bytes_per_token(m, s, share)
-    recomputed = MemoryTerm("recomputed_layer", int(in_backward * n),
-                            f"one layer rebuilt in backward: {per_layer:,.0f} B/token saved, "
-                            f"{in_backward:,.0f} with its gradients" + tile_note)
+    per_layer = layer_saved_bytes_per_token(m, s, kept_share) + kept_input
+    if s.gradient_checkpointing and s.activation_offload:
+        # Layer inputs wait in pinned host memory; on the GPU: the input copied back and the
+        # embeddings' output (held by the autograd graph). fastpath._OffloadedCheckpoint
+        # rebuilds the layer in backward outside autocast, so peft casts every adapted
+        # linear's input to fp32 and keeps it.
+        worst = layer_backward_bytes_per_token(m, s, share, autocast=False)
+        return _Activations(
+            [MemoryTerm("offloaded_layer_inputs", 2 * n * h * a,
+                        f"2 x N x H x {a} B on the GPU; L x N x H x {a} B in pinned host memory")],
+            MemoryTerm("recomputed_layer", int(worst * n),
+                       f"one layer rebuilt outside autocast (fp32 LoRA inputs): {worst:,.0f} "
+                       "B/token at its worst moment" + tile_note), 0)
+    worst = layer_backward_bytes_per_token(m, s, share)
     if not s.gradient_checkpointing:
-        kept = MemoryTerm("layer_activations", int(layers * (per_layer + kept_input) * n),
-                          f"L x N x {per_layer + kept_input:,.0f} B (each layer's saved "
-                          "tensors, see layer_saved_bytes_per_token)" + tile_note)
-        backward = MemoryTerm("layer_backward", int((in_backward - per_layer) * n),
-                              "one layer's gradients (its saved tensors are counted above)")
-        return [kept, _lora_cast_term(m, s, layers)], backward
-    if s.activation_offload:
-        # Layer inputs wait in host memory; on the GPU: the input being copied back plus the
-        # one in use. fastpath._OffloadedCheckpoint rebuilds the whole layer, its output too
-        # (non-reentrant checkpointing stops at the last saved tensor).
-        offloaded = replace(recomputed, bytes=recomputed.bytes + a * h * n,
-                            derivation=recomputed.derivation + f" + its output (N x H x {a} B)")
-        return [MemoryTerm("offloaded_layer_inputs", 2 * n * h * a,
-                           f"2 x N x H x {a} B on the GPU; L x N x H x {a} B in pinned host "
-                           "memory")], offloaded
+        return _Activations(
+            [MemoryTerm("layer_activations", int(layers * per_layer * n),
+                        f"L x N x {per_layer:,.0f} B (each layer's saved tensors, see "
+                        "layer_saved_bytes_per_token)" + tile_note),
+             _lora_cast_term(m, s, layers)],
+            MemoryTerm("layer_backward", int((worst - per_layer + kept_input) * n),
+                       "the last layer's gradients (its saved tensors are counted above)"),
+            int(per_layer * n))
     ckpt = -(-layers // s.checkpoint_every)  # transformers checkpoints layers 0, k, 2k, ...
-    terms = [MemoryTerm("checkpointed_layer_inputs", ckpt * n * h * a,
-                        f"{ckpt} of {layers} layers checkpointed: each one's input, N x H x "
-                        f"{a} B")]
+    kept = [MemoryTerm("checkpointed_layer_inputs", ckpt * n * h * a,
+                       f"{ckpt} of {layers} layers checkpointed: each one's input, N x H x "
+                       f"{a} B")]
     if ckpt < layers:
-        terms += [MemoryTerm("layer_activations", int((layers - ckpt) * (per_layer + kept_input)
-                                                      * n),
-                             f"{layers - ckpt} layers not checkpointed (every "
-                             f"{s.checkpoint_every}): N x {per_layer + kept_input:,.0f} B each"
-                             + tile_note),
-                  _lora_cast_term(m, s, layers - ckpt)]
-    return terms, recomputed
+        kept += [MemoryTerm("layer_activations", int((layers - ckpt) * per_layer * n),
+                            f"{layers - ckpt} layers not checkpointed (every "
+                            f"{s.checkpoint_every}): N x {per_layer:,.0f} B each" + tile_note),
+                 _lora_cast_term(m, s, layers - ckpt)]
+    if (layers - 1) % s.checkpoint_every == 0:
+        backward = MemoryTerm("recomputed_layer", int(worst * n),
+                              f"the last layer rebuilt in backward: {worst:,.0f} B/token at its "
+                              "worst moment" + tile_note)
+    else:  # the last layer kept its activations: backward adds its gradients only
+        backward = MemoryTerm("layer_backward", int((worst - per_layer + kept_input) * n),
+                              "the last layer (not checkpointed): its gradients")
+    return _Activations(kept, backward, n * h * a)
 
 
 def _lora_cast_term(m: ModelShape, s: StepShape, layers: int) -> MemoryTerm:
@@ -459,6 +611,19 @@ def _lora_cast_term(m: ModelShape, s: StepShape, layers: int) -> MemoryTerm:
         extra = 0
     return MemoryTerm("lora_autocast_casts", extra,
                       f"16-bit casts of {layers} layers' fp32 adapters, kept for backward")
+
+
+def _gradients_at_peak(m: ModelShape, s: StepShape, grads: int, freed_per_layer: int) -> int:
+    """LoRA gradients alive at backward's worst moment.
+
+    The Trainer frees them after every optimizer step (zero_grad(set_to_none=True)), so
+    backward allocates them layer by layer: at the first layer's backward one layer's worth
+    exists. If a layer's gradients outweigh what its backward frees (large r, few tokens, or
+    offloaded inputs), the worst moment moves to the end of backward, where all exist.
+    """
+    layers = m.num_hidden_layers
+    per_layer = grads // layers
+    return per_layer + (layers - 1) * max(0, per_layer - freed_per_layer)
 
 
 def _loss_chunk_rows(m: ModelShape, n: int) -> int:
@@ -478,7 +643,7 @@ def _loss_term(m: ModelShape, s: StepShape) -> MemoryTerm:
                         "model has none — set train.fused_loss to false")
     # The final norm: its output (what the head reads) and, per its kind, its fp32 input copy;
     # the last layer's output it reads is kept by Liger's norm.
-    final = n * h * (_norm_bytes(m, s) + (a if _keeps_norm_input(m, s) else 0))
+    final = n * h * _final_norm_bytes(m, s)
     if s.fused_loss and s.liger:
         # fastpath.SupervisedHeadLoss -> LigerFusedLinearCrossEntropyFunction: every position
         # supervised at worst; the gathered states, the input gradient it computes in forward,
@@ -501,22 +666,36 @@ def _loss_term(m: ModelShape, s: StepShape) -> MemoryTerm:
 
 
 def _mask_term(m: ModelShape, s: StepShape) -> MemoryTerm:
-    if not _masked(s):
+    if not _masked(m, s):
         return MemoryTerm("attention_mask", 0, "no explicit mask (full rows or FlashAttention)")
     # transformers builds a (B, 1, S, S) boolean mask once per step; SDPA converts it to the
     # query dtype in the layer that runs (one layer at a time in backward).
     b, t = s.micro_batch_size, s.seq_len
     return MemoryTerm("attention_mask", b * t * t * (1 + s.compute_bytes),
-                      "B x S x S boolean block-diagonal mask + its 16-bit copy in one layer")
+                      "B x S x S boolean mask (block-diagonal or sliding window) + its 16-bit "
+                      "copy in one layer")
 
 
 def _workspace_term(m: ModelShape, s: StepShape) -> MemoryTerm:
     if s.bits != 4:
         return MemoryTerm("dequant_workspace", 0, "16-bit base: no dequantization")
-    # bitsandbytes dequantizes one weight to the compute dtype per matmul (and again in
-    # backward for the input gradient); two can be alive at once around a layer boundary.
-    return MemoryTerm("dequant_workspace", 2 * m.largest_linear() * s.compute_bytes,
-                      "2 x largest linear weight dequantized to the compute dtype")
+    # bitsandbytes dequantizes one weight to the compute dtype inside each matmul and frees it
+    # before the gradients of that matmul are summed, which is backward's worst moment; it adds
+    # to the peak only where it outweighs the I-wide gradients it replaces (a handful of tokens).
+    weight = m.largest_linear() * s.compute_bytes
+    gradients = 2 * s.compute_bytes * m.intermediate_size * s.tokens
+    return MemoryTerm("dequant_workspace", max(0, weight - gradients),
+                      "largest weight dequantized, beyond the 2 x N x I x a B of gradients "
+                      "alive instead at the peak")
+
+
+def _unnamed_term(m: ModelShape, s: StepShape) -> MemoryTerm:
+    # RoPE's cos and sin tables (N x head_dim each, compute dtype), built once per step by the
+    # model, + what no term names (UNNAMED_BYTES).
+    rotary = 2 * s.tokens * m.head_dim * s.compute_bytes
+    return MemoryTerm("unnamed_allocations", UNNAMED_BYTES + rotary,
+                      f"RoPE cos/sin (2 x N x {m.head_dim} x {s.compute_bytes} B) + "
+                      f"{UNNAMED_BYTES / 2**20:.0f} MiB unnamed (fitted, see UNNAMED_BYTES)")
 
 
 # --- data parallelism ---------------------------------------------------------------------------
@@ -586,24 +765,32 @@ def _fsdp_terms(m: ModelShape, s: StepShape, static: list[MemoryTerm]
 def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:
     """Peak PyTorch-allocated bytes of one training step (per GPU), as named, derived terms.
 
-    The step's peak is the larger of two moments, on top of the weights, adapters and what
-    forward keeps for backward: the end of forward, when the loss runs; and one layer's
-    backward, when checkpointing rebuilds it (plus bitsandbytes' dequantized weights).
+    The step's peak is the larger of two moments, on top of the weights, adapters, optimizer
+    state and what forward keeps for backward: the end of forward, when the loss runs (no LoRA
+    gradient exists yet); and backward's worst moment (see _activation_terms), with the LoRA
+    gradients alive then.
     """
     static, extra = _distributed_terms(model, step,
                                        _weight_terms(model, step) + _lora_terms(model, step))
+    act = _activation_terms(model, step)
+    if step.gpus <= 1 or step.strategy == "ddp":
+        grads = next(t for t in static if t.name == "lora_grads")
+        alive = _gradients_at_peak(model, step, grads.bytes, act.freed_per_layer)
+        static = [replace(grads, bytes=alive, derivation=grads.derivation + f"; {alive:,} B "
+                          "alive at backward's worst moment (allocated layer by layer)")
+                  if t is grads else t for t in static]
     static = static + extra
-    kept, layer_backward = _activation_terms(model, step)
     mask = _mask_term(model, step)
     loss = _loss_term(model, step)
     work = _workspace_term(model, step)
-    backward = layer_backward.bytes + work.bytes
-    phase = "loss (end of forward)" if loss.bytes >= backward else "one layer's backward"
-    other = MemoryTerm("unnamed_allocations", UNNAMED_BYTES,
-                       "cuBLAS workspaces, rotary caches, quant-state tensors (measured median)")
-    peak = (sum(t.bytes for t in static + kept) + mask.bytes + max(loss.bytes, backward)
+    grads_alive = next(t.bytes for t in static if t.name == "lora_grads")
+    backward = act.backward.bytes + work.bytes
+    at_loss = loss.bytes - grads_alive  # no LoRA gradient exists at the end of forward
+    phase = "loss (end of forward)" if at_loss >= backward else "one layer's backward"
+    other = _unnamed_term(model, step)
+    peak = (sum(t.bytes for t in static + act.kept) + mask.bytes + max(at_loss, backward)
             + other.bytes)
-    terms = tuple(static + kept + [mask, loss, layer_backward, work, other])
+    terms = tuple(static + act.kept + [mask, loss, act.backward, work, other])
     ratio = RESERVED_OVER_ALLOCATED_PACKED if step.packed else RESERVED_OVER_ALLOCATED
     return MemoryPlan(terms, int(peak), int(peak * ratio), peak_phase=phase)
 

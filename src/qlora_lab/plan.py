@@ -219,11 +219,30 @@ def _layer_shape(model, name: str) -> dict:
         attention = next(children[n] for n in ATTENTION_NAMES if n in children)
         shape = {"norms_per_layer": max(1, len(norms)), "norm_kind": kind,
                  "qk_norm": any(_is_norm(m) for m in attention.modules()),
+                 "fused_qkv": _fused_qkv(attention, config),
                  **_mlp_shape(mlp, config, name, _is_swiglu_mlp)}
         shapes.append(shape)
     widest = max(shapes, key=lambda s: (s["mlp"] == "moe", s["intermediate_size"]))
     final = getattr(model.get_decoder(), "norm", None) if hasattr(model, "get_decoder") else None
-    return {**widest, "final_norm": final is not None}
+    return {**widest, "final_norm": final is not None,
+            "sliding_window": memory.sliding_window(config)}
+
+
+def _fused_qkv(attention, config) -> bool:
+    """q, k and v come out of one projection (Phi-3's qkv_proj, GPT-2's c_attn)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    fused = (heads + 2 * kv_heads) * head_dim
+    for module in attention.modules():
+        if isinstance(module, nn.Linear) and module.out_features == fused:
+            return True
+        if isinstance(module, Conv1D) and module.weight.shape[1] == fused:
+            return True
+    return False
 
 
 def _mlp_shape(mlp, config, name: str, is_swiglu) -> dict:

@@ -416,6 +416,7 @@ def train_session(session: TrainingSession) -> dict:
         with fsio.staged_dir(out / "adapter") as adapter_dir:
             session.model.save_pretrained(adapter_dir, state_dict=full_state)
             adapters.write_base_info(adapter_dir, cfg.model, cfg.quant, session.data.template,
-                                     session.model.base_model.config)
+                                     session.model.base_model.config, run=cfg, summary=summary,
+                                     compute_dtype=summary["compute_dtype"])
         fsio.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
