@@ -3,7 +3,9 @@
     python benchmarks/memory_validation_v2.py --out $OUT/memory_validation_v2.json   # H200, ~6 min
     python benchmarks/memory_validation_v2.py --quick --out /tmp/mv2.json             # CPU smoke
     python benchmarks/memory_validation_v2.py --budget-fit --out $OUT/budget_fit_8gib.json
-    python benchmarks/memory_validation_v2.py --rescore benchmarks/results/memory_validation_v2.json
+    python benchmarks/memory_validation_v2.py --rescore benchmarks/results/memory_validation_v2.json \
+        --out benchmarks/results/memory_validation_v2.json                 # CPU, after a planner change
+    python benchmarks/memory_validation_v2.py --anatomy tinyllama,16,1024,16,ckpt,4 --out $OUT/a.json
 
 Every measured run goes through `qlora_lab.train.setup_training(cfg)`, the function `train`
 calls (model load and quantization, fast path, LoRA, packing collator, Trainer), then
@@ -18,7 +20,10 @@ fewer layers, so a config loads in seconds.
 
 Coefficients may be fitted on the `fit` families only (half of them, at most); the `heldout`
 families are reported separately. `--rescore` re-predicts a result file with the current planner
-(the measured peaks do not depend on it), so the planner can be revised without a GPU.
+(the measured peaks do not depend on it), so the planner can be revised without a GPU; it writes
+the measured file's schema with `"rescored": true` and the planner's commit. `--anatomy` records
+the allocator's trace of one config and reports what is alive at its peak, grouped by the code
+that allocated it: how the planner's terms were found (run it on fit families only).
 """
 
 from __future__ import annotations
@@ -461,8 +466,19 @@ def run_all(specs: list[dict], work: Path, parallel: int, card_bytes: int, timeo
 # --- reporting ----------------------------------------------------------------------------------
 
 
+def strategy(config: dict) -> str:
+    """A row's activation strategy as the summary groups it: `default` is the path `train`
+    runs by default (4-bit base, every layer checkpointed, no other switch)."""
+    extra = sorted(k for k in config if "." in k)
+    if config["bits"] == 4 and config["activations"] == "ckpt" and not extra:
+        return "default"
+    name = config["activations"] + ("/16-bit" if config["bits"] == 16 else "")
+    return " ".join([name] + [f"{k}={config[k]}" for k in extra])
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Per split and per family: max |error| %, max under-prediction % (a positive number)."""
+    """Per split, per family and per split x strategy: max |error| %, max under-prediction %
+    (a positive number), median |error| %."""
     def stats(group: list[dict]) -> dict:
         errors = [r["error_pct"] for r in group if r.get("error_pct") is not None]
         return {"configs": len(group), "measured": len(errors),
@@ -473,11 +489,17 @@ def summarize(rows: list[dict]) -> dict:
                 "median_abs_error_pct": sorted(abs(e) for e in errors)[len(errors) // 2]
                 if errors else None}
 
-    summary = {split: stats([r for r in rows if r["split"] == split])
-               for split in ("fit", "heldout")}
+    splits = ("fit", "heldout")
+    summary = {split: stats([r for r in rows if r["split"] == split]) for split in splits}
     summary["families"] = {f: {"split": next(r["split"] for r in rows if r["model"] == f),
                                **stats([r for r in rows if r["model"] == f])}
                            for f in dict.fromkeys(r["model"] for r in rows)}
+    summary["strategies"] = {
+        split: {name: stats([r for r in rows if r["split"] == split
+                             and strategy(r["config"]) == name])
+                for name in dict.fromkeys(strategy(r["config"]) for r in rows
+                                          if r["split"] == split)}
+        for split in splits}
     return summary
 
 
@@ -496,18 +518,27 @@ def environment() -> dict:
     return {"hardware": gpu or f"cpu ({os.cpu_count()} cores)", "versions": versions}
 
 
-def rescore(path: Path, out: Path) -> dict:
-    """Re-predict every row of a result file with the current planner (no GPU needed)."""
-    report = json.loads(path.read_text())
-    families = {**FAMILIES, **QUICK_FAMILIES}
+# Fields a run measured; re-predicting a result file never touches them.
+MEASURED_FIELDS = ("measured_bytes", "measured_reserved_bytes", "static_bytes", "row_tokens",
+                   "tokens_per_s", "steps", "oom", "error")
+
+
+def repredict(report: dict) -> list[dict]:
+    """The rows of a result file re-predicted by the current planner, on the CPU (each family
+    counted from its config on the meta device): same schema, with predicted_bytes,
+    predicted_reserved_bytes, predicted_phase, terms and error_pct replaced and the
+    prediction made when the row was measured kept as predicted_bytes_at_run."""
+    from transformers import AutoConfig
+
+    families = {**FAMILIES, **QUICK_FAMILIES,
+                **{n: (f["split"], f["config"]) for n, f in report.get("families", {}).items()}}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for row in report["rows"]:
-            arch = families[row["model"]][1]
+        for old in report["rows"]:
+            row = json.loads(json.dumps(old))
             base = Path(tmp) / row["model"]
             if not base.exists():  # the planner reads config.json only
-                from transformers import AutoConfig
-
-                values = {**SPECIAL, **arch}
+                values = {**SPECIAL, **families[row["model"]][1]}
                 AutoConfig.for_model(values.pop("model_type"), **values).save_pretrained(base)
             c = dict(row["config"])
             spec = spec_for(row["model"], row["split"], base, None, c.pop("micro_batch_size"),
@@ -518,10 +549,44 @@ def rescore(path: Path, out: Path) -> dict:
             if row.get("measured_bytes"):
                 row["error_pct"] = 100.0 * (row["predicted_bytes"] - row["measured_bytes"]) \
                     / row["measured_bytes"]
-    report["summary"] = summarize(report["rows"])
-    report["rescored_with"] = "python " + " ".join(sys.argv)
+            rows.append(row)
+    return rows
+
+
+def rescore(path: Path, out: Path) -> dict:
+    """Re-predict every row of a result file with the current planner (no GPU needed) and write
+    it, in the measured file's schema, to `out` (the same path is fine: measured fields are
+    checked to be unchanged)."""
+    report = json.loads(path.read_text())
+    rows = repredict(report)
+    for old, new in zip(report["rows"], rows):
+        if any(old.get(k) != new.get(k) for k in MEASURED_FIELDS):
+            raise RuntimeError(f"re-predicting changed a measured field of {old['model']} "
+                               f"{old['config']}")
+    report["rows"] = rows
+    report["summary"] = summarize(rows)
+    report["rescored"] = True
+    report["rescore"] = {
+        "command": "python " + " ".join(sys.argv), "planner_commit": _planner_commit(),
+        "note": "measured_bytes and every other measured field are the H200 runs' own "
+                "(command, versions above); predicted_bytes, predicted_reserved_bytes, "
+                "predicted_phase, terms and error_pct are the planner's at planner_commit, "
+                "re-predicted from each row's config without a GPU; predicted_bytes_at_run "
+                "is what the planner of the run predicted."}
+    report.pop("rescored_with", None)
     out.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _planner_commit() -> str:
+    """HEAD, marked when the planner's files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "src/qlora_lab/memory.py", "src/qlora_lab/plan.py")
+    return head + (" + uncommitted changes to memory.py/plan.py" if dirty else "")
 
 
 # --- the 8 GiB budget fit (issue #14 item 5) -------------------------------------------------

@@ -104,6 +104,16 @@ def test_qkv_biases_are_counted():
     assert shape.linear_bias_params == BASE["num_hidden_layers"] * (q + 2 * kv)
 
 
+def test_fused_projections_and_sliding_windows_are_read_from_the_module_tree():
+    # Phi-3's qkv_proj (and GPT-2's c_attn) keep their whole output alive behind the v view.
+    assert _census("phi3").fused_qkv and _census("gpt2").fused_qkv
+    assert not _census("llama").fused_qkv and not _census("qwen2").fused_qkv
+    # Gemma-2 alternates sliding-window layers; Qwen2 names a window it uses in no layer.
+    assert _census("gemma2", sliding_window=64).sliding_window == 64
+    assert _census("qwen2", sliding_window=64).sliding_window == 0
+    assert _census("llama").sliding_window == 0
+
+
 def test_moe_counts_every_expert_for_weights_and_the_active_ones_for_activations():
     four, eight = _census("qwen3_moe"), _census("qwen3_moe", num_experts=8)
     h, i, layers = BASE["hidden_size"], 32, BASE["num_hidden_layers"]

@@ -43,7 +43,7 @@ RESERVED_OVER_ALLOCATED_PACKED = 1.3
 # dequantization) and small bits (quant-state tensors, loss scalars). Fitted on the fit
 # families only: the median of (measured - every named term) over the 24 fit rows of
 # benchmarks/results/memory_validation_v2.json, 67.4 MiB (the middle half of them lie within
-# 64-97 MiB).
+# 62-83 MiB).
 UNNAMED_BYTES = 67 * 2**20
 # The plain path's loss (transformers' ForCausalLMLoss on full logits): at the start of backward
 # the fp32 logits, the log-softmax kept for backward and its fp32 gradient coexist; measured
@@ -321,7 +321,7 @@ def _optimizer_state(m: ModelShape, s: StepShape) -> tuple[int, str]:
     256-element block each. A paged optimizer pages only tensors of >= 1e5 elements
     (get_state_buffer); smaller states and every absmax stay in the allocator. Each tensor is
     its own allocation, rounded up to 512 B. Measured: 24.4 MiB for TinyLlama at r=16, the sum
-    of these (anatomy of benchmarks/memory_validation_v2.py).
+    of these (benchmarks/results/memory_anatomy_h200.json).
     """
     if s.optimizer == "adamw_torch":
         # torch AdamW keeps exp_avg and exp_avg_sq in the parameter dtype.
@@ -349,8 +349,9 @@ def _alloc(nbytes: int) -> int:
 # --- activations --------------------------------------------------------------------------------
 #
 # What each tensor below is was read off the allocator's trace at the peak of real steps
-# (`memory_validation_v2.py --anatomy`, fit families only: TinyLlama, SmolLM2, Qwen2.5), then
-# written down from the code that allocates it, so it carries to shapes never measured.
+# (`memory_validation_v2.py --anatomy` on the fit families TinyLlama, SmolLM2 and Qwen2.5:
+# benchmarks/results/memory_anatomy_h200.json), then written down from the code that allocates
+# it, so it carries to shapes never measured.
 
 
 def _lora_copies_inputs(s: StepShape, autocast: bool = True) -> bool:
@@ -497,13 +498,17 @@ def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share
 
     The MLP's backward, at the down projection: its input is freed once lora_A's gradient is
     taken; that input gradient, the 4-bit base's and their sum (3 x a x I: routed, per slot)
-    coexist with the gradient arriving at the layer's output (a x H). Attention's backward, the
-    MLP freed: that gradient and the one sent on (2 x a x H), the output's gradient (a x q), dq,
-    dk, dv (a x (q + 2 kv)), FlashAttention's fp32 dq accumulator (4 x q) and row sums.
-    Where LoRA casts to fp32, the down projection's forward: a 16-bit base holds the fp32 copy
-    of the widest input (4 x I) while lora_A takes its 16-bit cast, + the base output and the
-    arriving gradient (2 x a x H); outside autocast (offload) the adapters' fp32 output and its
-    scaled copy (2 x 4 x H) + the base output and the arriving gradient.
+    coexist with the gradient arriving at the layer's output (a x H). Attention's backward
+    (SDPA's), the MLP's tensors, its norm's output and the residual sum freed: the residual's
+    gradient (a x H), the output's gradient (a x q), dq, dk, dv (a x (q + 2 kv)),
+    FlashAttention's fp32 dq accumulator (4 x q) and row sums, and under GQA dk and dv per
+    query head before they are summed per key-value head (2 x a x q).
+    With the MLP in tiles, the end of its backward: the tiles' input gradients and their
+    concatenation (2 x a x H) beside the arriving one. Where LoRA copies its inputs, the down
+    projection's forward (or recomputation), its input and the MLP's still referenced: on a
+    16-bit base the fp32 copy of the widest input (4 x I) while lora_A takes its 16-bit cast;
+    outside autocast (offload) the adapters' fp32 output and its scaled copy (2 x 4 x H); either
+    way + the base output and the arriving gradient (2 x a x H).
     """
     a, h = s.compute_bytes, m.hidden_size
     saved = layer_saved_bytes_per_token(m, s, mlp_tokens_share, autocast)
@@ -511,13 +516,25 @@ def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share
     if m.mlp == "moe":
         width = m.experts_per_token * m.expert_intermediate_size + m.shared_intermediate_size
         in_mlp = saved + 2 * a * h + a * width * mlp_tokens_share
-    elif autocast:
-        in_mlp = saved + a * h + 2 * a * m.intermediate_size * mlp_tokens_share
-    else:  # the fp32 copy of the down projection's input is freed as its gradients arrive
+    elif _lora_copies_inputs(s, autocast) and not autocast:
+        # the fp32 copy of the down projection's input is freed as its gradients arrive
         in_mlp = saved + a * h + a * m.intermediate_size * mlp_tokens_share
-    in_attention = (saved - mlp + 2 * a * h + a * (2 * m.q_dim + 2 * m.kv_dim) + 4 * m.q_dim
+    else:
+        in_mlp = saved + a * h + 2 * a * m.intermediate_size * mlp_tokens_share
+    if s.lora_dropout and m.mlp != "moe":
+        # the down projection's dropped-out input and mask go with its input
+        in_mlp -= (a + 1) * m.intermediate_size * mlp_tokens_share
+    kv_grads = 2 * m.kv_dim
+    if m.num_key_value_heads < m.num_attention_heads:
+        kv_grads += 2 * m.q_dim  # dk, dv per query head first (FlashAttention's dk/dv_expanded)
+    in_attention = (saved - mlp - a * h * _attention_norms_freed(m, s, autocast)
+                    + a * h + a * (2 * m.q_dim + kv_grads) + 4 * m.q_dim
                     + 4 * m.num_attention_heads)
     moments = [in_mlp, in_attention]
+    if mlp_tokens_share < 1:
+        # Tiled: every tile's input gradient waits for the last tile, then all are concatenated
+        # (the split's backward), beside the gradient arriving at the layer's output.
+        moments.append(saved - mlp + 3 * a * h)
     if _lora_copies_inputs(s, autocast):
         # Forward (or recomputation) at the down projection: the MLP's input and the down
         # projection's input are still referenced by the running code.
@@ -529,6 +546,26 @@ def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share
             share = mlp_tokens_share if widest == m.intermediate_size else 1.0
             moments.append(saved + refs + 4 * widest * share + 2 * a * h)
     return max(moments)
+
+
+def _attention_norms_freed(m: ModelShape, s: StepShape, autocast: bool) -> float:
+    """How many a x H tensors of norms_saved_bytes_per_token are gone by attention's backward:
+    the MLP norm's output (when LoRA keeps it) and, with Liger, the residual sum it kept."""
+    fed = 0 if _lora_copies_inputs(s, autocast) else 1
+    return fed + (1 if _keeps_norm_input(m, s) and m.norms_per_layer > 1 else 0)
+
+
+def offload_forward_bytes_per_token(m: ModelShape, s: StepShape) -> float:
+    """One layer's forward under fastpath._OffloadedCheckpoint, per token, beyond its input.
+
+    It runs under no_grad, where fastpath.FusedSwiGLU does not tile: the whole MLP is alive at
+    once. At the up projection: the attention's residual sum and the MLP's input (2 x a x H),
+    the gate output, and the up projection's base output, its clone (peft's 4-bit Linear
+    clones it) and the LoRA branch being added (4 x a x I in all). Measured at 65,536 and
+    98,304 tokens (bench_context_ours_h200_8gib.json): this, not backward, is the peak there.
+    """
+    a = s.compute_bytes
+    return 2 * a * m.hidden_size + 4 * a * m.intermediate_size
 
 
 def _mlp_tiled(m: ModelShape, s: StepShape) -> bool:
@@ -543,6 +580,7 @@ class _Activations:
     kept: list[MemoryTerm]  # from forward into backward, all layers
     backward: MemoryTerm  # on top of `kept` at the worst moment of backward
     freed_per_layer: int  # what each layer's backward releases (for when the gradients peak)
+    forward: int = 0  # on top of `kept` at the worst moment of forward, where it can beat both
 
 
 def _activation_terms(m: ModelShape, s: StepShape) -> _Activations:
@@ -573,7 +611,8 @@ def _activation_terms(m: ModelShape, s: StepShape) -> _Activations:
                         f"2 x N x H x {a} B on the GPU; L x N x H x {a} B in pinned host memory")],
             MemoryTerm("recomputed_layer", int(worst * n),
                        f"one layer rebuilt outside autocast (fp32 LoRA inputs): {worst:,.0f} "
-                       "B/token at its worst moment" + tile_note), 0)
+                       "B/token at its worst moment" + tile_note), 0,
+            int(offload_forward_bytes_per_token(m, s) * n))
     worst = layer_backward_bytes_per_token(m, s, share)
     if not s.gradient_checkpointing:
         return _Activations(
@@ -669,11 +708,23 @@ def _mask_term(m: ModelShape, s: StepShape) -> MemoryTerm:
     if not _masked(m, s):
         return MemoryTerm("attention_mask", 0, "no explicit mask (full rows or FlashAttention)")
     # transformers builds a (B, 1, S, S) boolean mask once per step; SDPA converts it to the
-    # query dtype in the layer that runs (one layer at a time in backward).
+    # query dtype in every layer, and a layer that keeps its activations keeps that copy for
+    # backward (a checkpointed one only while it is rebuilt).
     b, t = s.micro_batch_size, s.seq_len
-    return MemoryTerm("attention_mask", b * t * t * (1 + s.compute_bytes),
+    copies = 1 + _kept_layers(m, s)
+    return MemoryTerm("attention_mask", b * t * t * (1 + s.compute_bytes * copies),
                       "B x S x S boolean mask (block-diagonal or sliding window) + its 16-bit "
-                      "copy in one layer")
+                      f"copy in {copies} layer(s): the one that runs, those keeping activations")
+
+
+def _kept_layers(m: ModelShape, s: StepShape) -> int:
+    """Decoder layers that keep their activations (not checkpointed)."""
+    layers = m.num_hidden_layers
+    if not s.gradient_checkpointing:
+        return layers
+    if s.activation_offload:
+        return 0
+    return layers - -(-layers // s.checkpoint_every)
 
 
 def _workspace_term(m: ModelShape, s: StepShape) -> MemoryTerm:
@@ -777,7 +828,8 @@ def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:
         grads = next(t for t in static if t.name == "lora_grads")
         alive = _gradients_at_peak(model, step, grads.bytes, act.freed_per_layer)
         static = [replace(grads, bytes=alive, derivation=grads.derivation + f"; {alive:,} B "
-                          "alive at backward's worst moment (allocated layer by layer)")
+                          "at backward's worst moment (allocated layer by layer; net of the "
+                          "activations freed before it, see _gradients_at_peak)")
                   if t is grads else t for t in static]
     static = static + extra
     mask = _mask_term(model, step)
@@ -786,11 +838,16 @@ def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:
     grads_alive = next(t.bytes for t in static if t.name == "lora_grads")
     backward = act.backward.bytes + work.bytes
     at_loss = loss.bytes - grads_alive  # no LoRA gradient exists at the end of forward
-    phase = "loss (end of forward)" if at_loss >= backward else "one layer's backward"
+    at_forward = act.forward - grads_alive
+    phase = max((at_loss, "loss (end of forward)"), (backward, "one layer's backward"),
+                (at_forward, "one layer's forward (offloaded, untiled MLP)"))[1]
     other = _unnamed_term(model, step)
-    peak = (sum(t.bytes for t in static + act.kept) + mask.bytes + max(at_loss, backward)
-            + other.bytes)
-    terms = tuple(static + act.kept + [mask, loss, act.backward, work, other])
+    peak = (sum(t.bytes for t in static + act.kept) + mask.bytes
+            + max(at_loss, backward, at_forward) + other.bytes)
+    extra_terms = [MemoryTerm("offloaded_forward", act.forward,
+                              "one layer's forward under no_grad: MLP untiled (see "
+                              "offload_forward_bytes_per_token)")] if act.forward else []
+    terms = tuple(static + act.kept + [mask, loss, act.backward] + extra_terms + [work, other])
     ratio = RESERVED_OVER_ALLOCATED_PACKED if step.packed else RESERVED_OVER_ALLOCATED
     return MemoryPlan(terms, int(peak), int(peak * ratio), peak_phase=phase)
 
