@@ -230,3 +230,23 @@ def test_selective_checkpointing_checkpoints_every_nth_layer_with_the_same_gradi
     assert loss_e == pytest.approx(loss_f, rel=1e-6)
     for name in grads_f:
         torch.testing.assert_close(grads_e[name], grads_f[name], msg=name)
+
+
+def test_offloaded_checkpoint_recomputes_under_the_forwards_autocast():
+    # The recompute in backward must see the forward's autocast, as torch's checkpoint does;
+    # otherwise it runs in fp32 and its gradients differ from the forward it replays.
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    x = torch.randn(4, 16)
+    grads = []
+    for wrap in (fastpath.offloaded_checkpoint,
+                 lambda f, h: checkpoint(f, h, use_reentrant=False)):
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = wrap(layer, x.clone().requires_grad_(True))
+        out.float().square().sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -235,6 +235,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, hidden, *rest):
         ctx.run, ctx.rest, ctx.device = run, rest, hidden.device
+        # Backward runs outside the forward's autocast region: record it to recompute alike (as
+        # torch.utils.checkpoint does), or the rebuilt layer runs in fp32 and differs.
+        kind = hidden.device.type
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         stash = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu",
@@ -252,7 +256,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            with torch.enable_grad():
+            kind, enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
                 out = ctx.run(hidden, *ctx.rest)
         torch.autograd.backward(out, grad_out)
         ctx.stash = None
