@@ -89,6 +89,17 @@ def problem(path: Path) -> str | None:
     for name in (STATE_FILE, ADAPTER_FILE, *TORCH_FILES):
         if not (path / name).is_file():
             return f"has no {name}"
+    issue = _state_problem(path)
+    if issue:
+        return issue
+    adapter_problem = safety.safetensors_problem(path / ADAPTER_FILE)
+    if adapter_problem:
+        return f"has an {ADAPTER_FILE} that {adapter_problem}"
+    return _torch_files_problem(path, TORCH_FILES, "a truncated or corrupted")
+
+
+def _state_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint's trainer_state.json (None: a readable global_step)."""
     try:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
@@ -97,12 +108,14 @@ def problem(path: Path) -> str | None:
     # bool is an int to Python; a step is a count, never negative.
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return f"has a corrupted {STATE_FILE} (no global_step)"
-    adapter_problem = safety.safetensors_problem(path / ADAPTER_FILE)
-    if adapter_problem:
-        return f"has an {ADAPTER_FILE} that {adapter_problem}"
-    for torch_file in (*TORCH_FILES, *sorted(p.name for p in path.glob("rng_state*.pth"))):
-        if not zipfile.is_zipfile(path / torch_file):
-            return f"has a truncated or corrupted {torch_file}"
+    return None
+
+
+def _torch_files_problem(path: Path, names: tuple, what: str) -> str | None:
+    """torch.save writes zips: a file that is not one (truncated, garbled, absent) is named."""
+    for name in (*names, *sorted(p.name for p in path.glob("rng_state*.pth"))):
+        if not zipfile.is_zipfile(path / name):
+            return f"has {what} {name}"
     return None
 
 
@@ -119,17 +132,8 @@ def sharded_problem(path: Path) -> str | None:
         # A shard may be empty: a rank can hold none of the saved (trainable) weights.
         if not (path / folder / ".metadata").is_file():
             return f"has no {folder}/.metadata (its sharded write was interrupted)"
-    try:
-        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return f"has a corrupted {STATE_FILE} (not JSON)"
-    step = state.get("global_step") if isinstance(state, dict) else None
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return f"has a corrupted {STATE_FILE} (no global_step)"
-    for name in ("scheduler.pt", *sorted(p.name for p in path.glob("rng_state*.pth"))):
-        if not zipfile.is_zipfile(path / name):
-            return f"has a missing or truncated {name}"
-    return None
+    return _state_problem(path) or _torch_files_problem(path, ("scheduler.pt",),
+                                                        "a missing or truncated")
 
 
 def global_step(path: Path) -> int:
