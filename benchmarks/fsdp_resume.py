@@ -20,10 +20,8 @@ checkpoints), started through this file's `worker` mode, which caps each process
    As a control, checkpoint-K of (2) and (3) (the same steps, no resume in between) are compared
    too: a difference there is run-to-run GPU nondeterminism, not something resume did.
 
-If `checkpoints.problem` refuses FSDP's sharded checkpoint layout (no adapter_model.safetensors
-or optimizer.pt: the adapter and optimizer live in torch.distributed.checkpoint folders), phases
-4 and 5 record that refusal and run again with `accept_sharded_checkpoints()`, the proposed fix
-to src/qlora_lab/checkpoints.py applied in the worker processes only; the report says which.
+FSDP's sharded checkpoints (the adapter and optimizer in torch.distributed.checkpoint folders)
+are judged by `checkpoints.sharded_problem`; the report records its verdict.
 Every subprocess has a timeout and the whole script a deadline (--budget-s); a timed-out launch is
 killed with all its workers, and the JSON is written after every phase.
 """
@@ -75,36 +73,13 @@ def sharded_checkpoint_problem(path: Path) -> str | None:
     return sharded_problem(path)
 
 
-def accept_sharded_checkpoints() -> None:
-    """Make `checkpoints.problem` judge FSDP's sharded layout by its own files (see above).
-
-    A stand-in for the change proposed to src/qlora_lab/checkpoints.py, installed by `worker
-    --accept-sharded` in its own process; `rundir` looks `problem` up on the module at each call.
-    """
-    from qlora_lab import checkpoints, fsio
-
-    unsharded = checkpoints.problem
-
-    def problem(path):
-        path = Path(path)
-        staged = any(part.startswith(fsio.TMP_PREFIX) for part in path.parts)
-        if not staged and (path / FSDP_MODEL_DIR).is_dir():
-            return sharded_checkpoint_problem(path)
-        return unsharded(path)
-
-    checkpoints.problem = problem
-
-
 def worker(argv: list[str]) -> int:
-    """`worker --cap-gib X --peak-dir D [--accept-sharded] -- train ...`: one rank's CLI run."""
+    """`worker --cap-gib X --peak-dir D -- train ...`: one rank's CLI run."""
     cut = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(prog="fsdp_resume.py worker")
     parser.add_argument("--cap-gib", type=float, default=0.0, help="0: no cap, no CUDA")
     parser.add_argument("--peak-dir", required=True)
-    parser.add_argument("--accept-sharded", action="store_true")
     opts = parser.parse_args(argv[:cut])
-    if opts.accept_sharded:
-        accept_sharded_checkpoints()
     if opts.cap_gib > 0:
         from fsdp_qlora import worker as capped_worker  # benchmarks/ is sys.path[0]
 
@@ -168,12 +143,10 @@ class Launcher:
     def __init__(self, args, work: Path, deadline: float):
         self.args, self.work, self.deadline = args, work, deadline
 
-    def command(self, nproc: int, peak_dir: Path, accept_sharded: bool,
-                train_args: list[str]) -> list[str]:
+    def command(self, nproc: int, peak_dir: Path, train_args: list[str]) -> list[str]:
         me = str(Path(__file__).resolve())
         worker_args = ["worker", "--cap-gib", str(0 if self.args.smoke_cpu else self.args.cap_gib),
-                       "--peak-dir", str(peak_dir), *(["--accept-sharded"] if accept_sharded
-                                                      else []), "--", *train_args]
+                       "--peak-dir", str(peak_dir), "--", *train_args]
         if self.args.smoke_cpu:
             if nproc == 1:
                 return [sys.executable, me, *worker_args]
@@ -185,14 +158,14 @@ class Launcher:
                 "--num_cpu_threads_per_process", str(threads), "--main_process_port",
                 str(free_port()), me, *worker_args]
 
-    def run(self, name: str, nproc: int, train_args: list[str], accept_sharded: bool = False,
+    def run(self, name: str, nproc: int, train_args: list[str],
             kill_at: Path | None = None) -> dict:
         """Run a launch to its end, or until `kill_at` exists (then SIGKILL it), or time out."""
         peak_dir = self.work / "peaks" / name
         shutil.rmtree(peak_dir, ignore_errors=True)
-        cmd = self.command(nproc, peak_dir, accept_sharded, train_args)
+        cmd = self.command(nproc, peak_dir, train_args)
         timeout = min(self.args.launch_timeout, self.deadline - time.monotonic() - 15)
-        result = {"command": " ".join(cmd), "processes": nproc, "accept_sharded": accept_sharded}
+        result = {"command": " ".join(cmd), "processes": nproc}
         if timeout < 20:
             log(f"{name}: skipped, {timeout:.0f} s left before the deadline")
             return {**result, "skipped": "out of time (--budget-s)"}
@@ -339,6 +312,10 @@ def run_phases(args, report: dict, write) -> None:
                                       else "cpu"))
         report["build_seconds"] = round(time.perf_counter() - start, 2)
     unbroken, killed, alone = work / "uninterrupted", work / "killed", work / "one_gpu_copy"
+    # A warm machine keeps /tmp between calls: an earlier call's checkpoint must not stand in
+    # for this call's kill.
+    for run in (unbroken, killed, alone):
+        shutil.rmtree(run, ignore_errors=True)
     first = f"checkpoint-{args.save_steps}"
 
     phases["uninterrupted"] = launch.run("uninterrupted", args.gpus,
@@ -363,34 +340,24 @@ def run_phases(args, report: dict, write) -> None:
         if (ckpt / checkpoints.LAYOUT_FILE).is_file() else None,
         "sharded_fsdp": sharded, "src_problem_verdict": verdict,
         "sharded_problem_verdict": sharded_checkpoint_problem(ckpt) if sharded else None}
-    need_fix = verdict is not None and sharded and not args.no_fix
     if verdict is not None:
-        log(f"checkpoints.problem refuses {first}: it {verdict}"
-            + ("; phases 4 and 5 also run with accept_sharded_checkpoints()" if need_fix else ""))
+        log(f"checkpoints.problem refuses {first}: it {verdict}")
     write()
 
     # 4. one GPU, on a copy: if it were accepted, it must not touch the run that phase 5 resumes.
     def resume(run: Path) -> list[str]:
         return ["train", "--output-dir", str(run), "--resume"]
 
-    for fixed in (False, True) if need_fix else (False,):
-        name = "one_gpu_with_fix" if fixed else "one_gpu"
-        shutil.rmtree(alone, ignore_errors=True)
-        shutil.copytree(killed, alone)
-        before = snapshot(alone)
-        phases[name] = launch.run(name, 1, resume(alone), accept_sharded=fixed)
-        phases[name]["files_unchanged"] = snapshot(alone) == before
-        write()
+    shutil.rmtree(alone, ignore_errors=True)
+    shutil.copytree(killed, alone)
+    before = snapshot(alone)
+    phases["one_gpu"] = launch.run("one_gpu", 1, resume(alone))
+    phases["one_gpu"]["files_unchanged"] = snapshot(alone) == before
+    write()
 
-    # 5. two GPUs: as the code stands, then (if it refused) with the proposed fix.
+    # 5. two GPUs.
     phases["resumed"] = launch.run("resumed", args.gpus, resume(killed))
-    final = "resumed"
-    if phases["resumed"].get("exit_code") != 0 and need_fix:
-        write()
-        phases["resumed_with_fix"] = launch.run("resumed_with_fix", args.gpus, resume(killed),
-                                                accept_sharded=True)
-        final = "resumed_with_fix"
-    report["final_phase"] = final
+    report["final_phase"] = "resumed"
     write()
 
     if (unbroken / ADAPTER).is_file() and (killed / ADAPTER).is_file():
@@ -409,14 +376,13 @@ def headline(report: dict) -> dict:
     phases, adapter = report["phases"], report.get("adapter", {})
     final = phases.get(report.get("final_phase", ""), {})
     head = {"resumed": final.get("exit_code") == 0,
-            "resume_needed_src_fix": report.get("final_phase") == "resumed_with_fix",
             "src_problem_verdict": report.get("checkpoint", {}).get("src_problem_verdict")}
     if "max_abs_diff" in adapter:
         head.update(max_abs_diff=adapter["max_abs_diff"], adapter_dtypes=adapter["dtypes"],
                     within_1e_6=adapter["max_abs_diff"] <= 1e-6)
     if "max_abs_diff" in report.get("control_checkpoint", {}):
         head["control_max_abs_diff_at_checkpoint"] = report["control_checkpoint"]["max_abs_diff"]
-    for name in ("one_gpu", "one_gpu_with_fix"):
+    for name in ("one_gpu",):
         if name in phases:
             one = phases[name]
             head[name] = {"exit_code": one.get("exit_code"),
@@ -450,8 +416,6 @@ def main() -> int:
     parser.add_argument("--launch-timeout", type=int, default=150, help="seconds per launch")
     parser.add_argument("--budget-s", type=int, default=420,
                         help="deadline for the whole script; later launches are skipped")
-    parser.add_argument("--no-fix", action="store_true",
-                        help="never retry with accept_sharded_checkpoints()")
     parser.add_argument("--smoke-cpu", action="store_true",
                         help="the flow on CPU: DDP over gloo, tiny-random, no FSDP")
     parser.add_argument("--set", dest="extra_sets", action="append",
