@@ -250,3 +250,38 @@ def test_offloaded_checkpoint_recomputes_under_the_forwards_autocast():
         grads.append([p.grad.clone() for p in layer.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("gemma2", {"final_logit_softcapping": 0.5, "head_dim": 8}),  # a small cap: it bites
+    ("cohere", {"logit_scale": 0.25}),
+    ("granite", {"logits_scaling": 3.0}),
+])
+def test_fused_head_loss_applies_the_models_own_logit_transform(model_type, extra):
+    """The fused loss must equal the model's own loss where the model rescales or caps logits
+    (Gemma 2 softcapping, Cohere's logit scale, Granite's divisor)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32,
+                                  intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=64, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    transform = fastpath.logit_transform(model.config)
+    assert transform != fastpath.LogitTransform()  # the config's transform was read
+    ids = torch.randint(0, 64, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE_INDEX
+    loss = fastpath.SupervisedHeadLoss(model.get_output_embeddings(), use_liger=False,
+                                       chunk_tokens=5, logits=transform)
+    states = fastpath.FinalHiddenStates(model)
+    with torch.no_grad():
+        reference = model(input_ids=ids, labels=labels).loss
+        total, count = loss(states.take(), labels)
+        # Without the transform the loss differs: the test would catch its absence.
+        model(input_ids=ids)
+        plain, _ = fastpath.SupervisedHeadLoss(model.get_output_embeddings(),
+                                               use_liger=False)(states.take(), labels)
+    torch.testing.assert_close(total / count, reference, rtol=1e-5, atol=1e-5)
+    assert abs(float(plain / count) - float(reference)) > 1e-3

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -88,17 +89,19 @@ class SupervisedHeadLoss:
     also skips ~40 % of the head's matmul.
     """
 
-    def __init__(self, lm_head: nn.Module, use_liger: bool, chunk_tokens: int = 4096):
+    def __init__(self, lm_head: nn.Module, use_liger: bool, chunk_tokens: int = 4096,
+                 logits: LogitTransform | None = None):
         self.lm_head = lm_head
         self.chunk_tokens = chunk_tokens
+        self.logits = logits or LogitTransform()
         self._liger = None
         if use_liger:
             from liger_kernel.transformers.fused_linear_cross_entropy import (
                 LigerFusedLinearCrossEntropyLoss,
             )
 
-            self._liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX,
-                                                           reduction="sum")
+            self._liger = LigerFusedLinearCrossEntropyLoss(
+                ignore_index=IGNORE_INDEX, reduction="sum", softcap=self.logits.softcap)
 
     def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         # Position t predicts token t+1: drop the last position and the first label.
@@ -111,6 +114,9 @@ class SupervisedHeadLoss:
         weight = self.lm_head.weight
         # The final norm may hand back fp32 states over a 16-bit head (mixed precision).
         states = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
+        if self.logits.scale != 1.0:
+            # (s x h) W^T = s x (h W^T): the model's logit scale, applied before the head.
+            states = states * self.logits.scale
         states = states.to(weight.dtype)
         targets = targets.index_select(0, keep.to(targets.device))
         if self._liger is not None:
@@ -120,12 +126,38 @@ class SupervisedHeadLoss:
             part = slice(start, start + self.chunk_tokens)
             # Checkpointed: the chunk's fp32 logits are rebuilt in backward, never kept.
             total = total + checkpoint(_chunk_loss, self.lm_head, states[part], targets[part],
-                                       use_reentrant=False)
+                                       self.logits.softcap, use_reentrant=False)
         return total, count
 
 
-def _chunk_loss(head: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(states).float(), targets, reduction="sum")
+def _chunk_loss(head: nn.Module, states: torch.Tensor, targets: torch.Tensor,
+                softcap: float | None) -> torch.Tensor:
+    logits = head(states).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to its head's output before the loss, so the fused loss does it too.
+
+    scale: logits are multiplied by it (Cohere's `logit_scale`; Granite divides by
+        `logits_scaling`). softcap: Gemma 2's `final_logit_softcapping`, tanh(z / c) x c.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def logit_transform(config) -> LogitTransform:
+    """Read the logit scaling and softcapping a transformers config declares."""
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor:
+        scale /= float(divisor)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return LogitTransform(scale=scale, softcap=float(cap) if cap else None)
 
 
 # --- MLP and norms ------------------------------------------------------------------------------

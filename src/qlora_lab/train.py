@@ -197,7 +197,8 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     head_loss = None
     # FSDP flattens lm_head's weight into shards: there, only the model's own loss sees it whole.
     if cfg.train.fused_loss and not models.fsdp_active():
-        head_loss = (fastpath.SupervisedHeadLoss(model.get_output_embeddings(), use_liger),
+        head_loss = (fastpath.SupervisedHeadLoss(model.get_output_embeddings(), use_liger,
+                                                 logits=fastpath.logit_transform(model.config)),
                      fastpath.FinalHiddenStates(model))
     model = models.attach_lora(model, cfg.lora)
     if cfg.train.compile:
