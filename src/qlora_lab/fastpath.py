@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora_lab.data import IGNORE_INDEX
 from qlora_lab.errors import UserError
+from qlora_lab.memory import head_loss_chunk_tokens
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,11 @@ class SupervisedHeadLoss:
     also skips ~40 % of the head's matmul.
     """
 
-    def __init__(self, lm_head: nn.Module, use_liger: bool, chunk_tokens: int = 4096,
+    def __init__(self, lm_head: nn.Module, use_liger: bool, chunk_tokens: int | None = None,
                  logits: LogitTransform | None = None):
         self.lm_head = lm_head
-        self.chunk_tokens = chunk_tokens
+        # The planner's chunk (memory.head_loss_chunk_tokens): it models exactly this size.
+        self.chunk_tokens = chunk_tokens or head_loss_chunk_tokens(lm_head.weight.shape[0])
         self.logits = logits or LogitTransform()
         self._liger = None
         if use_liger:

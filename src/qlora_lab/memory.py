@@ -225,7 +225,6 @@ class StepShape:
     gpus: int = 1
     strategy: str = "ddp"  # or "fsdp"
     fused_loss: bool = False  # loss from the final hidden states (fastpath.SupervisedHeadLoss)
-    loss_chunk_tokens: int = 4096  # its chunk without Liger
     liger: bool = False  # Liger kernels: RMSNorm, SwiGLU, fused linear cross-entropy
     activation_offload: bool = False
     mlp_tile_tokens: int = 8192
@@ -665,6 +664,17 @@ def _gradients_at_peak(m: ModelShape, s: StepShape, grads: int, freed_per_layer:
     return per_layer + (layers - 1) * max(0, per_layer - freed_per_layer)
 
 
+# Without Liger, fastpath.SupervisedHeadLoss runs the head in chunks of this many logits (fp32:
+# 256 MiB), so a 256k vocabulary gets 256-token chunks where a 32k one gets 2,048: one chunk's
+# logits, log-softmax and gradient stay under 1 GiB whatever the vocabulary.
+HEAD_LOSS_CHUNK_LOGITS = 1 << 26
+
+
+def head_loss_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of the chunked (non-Liger) supervised head loss."""
+    return max(64, min(4096, HEAD_LOSS_CHUNK_LOGITS // max(1, vocab_size)))
+
+
 def _loss_chunk_rows(m: ModelShape, n: int) -> int:
     """Liger's fused linear cross-entropy chunk: ceil(N / ceil(V / H)) rounded up to a power of
     two, at most N (liger_kernel/ops/fused_linear_cross_entropy.py, 0.8.5), so one chunk's
@@ -695,7 +705,7 @@ def _loss_term(m: ModelShape, s: StepShape) -> MemoryTerm:
     if s.fused_loss:
         # Without Liger: the states, their gradient, and one checkpointed chunk rebuilt in
         # backward: 16-bit and fp32 logits, the log-softmax and its gradient (12 B x V).
-        rows = min(n, s.loss_chunk_tokens)
+        rows = min(n, head_loss_chunk_tokens(v))
         return MemoryTerm("supervised_head_loss",
                           int(final + 2 * a * n * h + 12 * rows * v),
                           f"{rows:,}-token chunks x V x 12 B + N x H x {2 * a} B (states, "
