@@ -8,8 +8,8 @@
 # parity           benchmarks/parity_trl.py on the GPU (issue #13 parity)
 # quality          fp32 vs bf16 LoRA weights: held-out loss on SmolLM2 (sweep_defaults --grid quality)
 # fp32             `qlora-lab bench` of the fast path with fp32 vs bf16 LoRA weights, 8 GiB cap
-# memval           benchmarks/memory_validation_v2.py (issue #14 accuracy)
-# budget           benchmarks/memory_validation_v2.py --budget-fit (issue #14 budget fit)
+# memval           benchmarks/memory_validation_v2.py $MEMVAL_ARGS (issue #14 accuracy)
+# budget           benchmarks/memory_validation_v2.py --budget-fit $BUDGET_ARGS (issue #14 item 5)
 # Needs: .peer/peer-site.tgz (../shared/device/peer-site.sh: bitsandbytes, liger-kernel, trl,
 # unsloth) and the Dolly sample at .benchdata/dolly_dev.jsonl. Results go to $OUT.
 set -uo pipefail
@@ -58,11 +58,12 @@ from gpu_train import build_base; build_base(Path('$DATA'), Path('$TINYLLAMA'))"
         cp /tmp/bench-$dtype/bench.json "$OUT/bench_lora_${dtype}_h200_8gib.json"
       done ;;
     memval)
-      timeout 560 python3 benchmarks/memory_validation_v2.py \
-        --out "$OUT/memory_validation_v2.json" 2>&1 | quiet 40 ;;
+      timeout ${MEMVAL_TIMEOUT:-560} python3 benchmarks/memory_validation_v2.py ${MEMVAL_ARGS:-} \
+        --out "$OUT/memory_validation_v2.json" 2>&1 | quiet 60 ;;
     budget)
-      timeout 560 python3 benchmarks/memory_validation_v2.py --budget-fit \
-        --out "$OUT/budget_fit_8gib.json" 2>&1 | quiet 40 ;;
+      timeout ${BUDGET_TIMEOUT:-560} python3 benchmarks/memory_validation_v2.py --budget-fit \
+        --parallel 8 ${BUDGET_ARGS:-} --out "$OUT/budget_fit_8gib${BUDGET_TAG:-}.json" 2>&1 \
+        | quiet 80 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
