@@ -602,14 +602,18 @@ def _activation_terms(m: ModelShape, s: StepShape) -> _Activations:
     if s.gradient_checkpointing and s.activation_offload:
         # Layer inputs wait in pinned host memory; on the GPU: the input copied back and the
         # embeddings' output (held by the autograd graph). fastpath._OffloadedCheckpoint
-        # rebuilds the layer in backward outside autocast, so peft casts every adapted
-        # linear's input to fp32 and keeps it.
-        worst = layer_backward_bytes_per_token(m, s, share, autocast=False)
+        # rebuilds the layer in backward under the forward's autocast (as torch's checkpoint
+        # does), so its worst moment is a checkpointed layer's.
+        worst = layer_backward_bytes_per_token(m, s, share)
         return _Activations(
-            [MemoryTerm("offloaded_layer_inputs", 2 * n * h * a,
-                        f"2 x N x H x {a} B on the GPU; L x N x H x {a} B in pinned host memory")],
+            # A third N x H x a: the gradient handed down from the layer above while this one
+            # is rebuilt (fitted on the fit families' offload rows, 1.0-1.3 of them, and
+            # derived as that gradient; memory_validation_v2.json).
+            [MemoryTerm("offloaded_layer_inputs", 3 * n * h * a,
+                        f"3 x N x H x {a} B on the GPU (input copied back, embeddings' output, "
+                        f"incoming gradient); L x N x H x {a} B in pinned host memory")],
             MemoryTerm("recomputed_layer", int(worst * n),
-                       f"one layer rebuilt outside autocast (fp32 LoRA inputs): {worst:,.0f} "
+                       f"one layer rebuilt from its offloaded input: {worst:,.0f} "
                        "B/token at its worst moment" + tile_note), 0,
             int(offload_forward_bytes_per_token(m, s) * n))
     worst = layer_backward_bytes_per_token(m, s, share)
