@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_train import build_base  # noqa: E402
+from gpu_train import build_base
 
 
 def train(cmd_prefix: list[str], base: Path, data: str, out: Path, steps: int,
@@ -53,7 +53,8 @@ def main() -> None:
                 base, args.data, work / "two", args.steps)
     from qlora_lab.config import config_from_dict
     from qlora_lab.memory import estimate_peak_memory
-    from qlora_lab.plan import model_shape, step_shape
+    from qlora_lab.plan import step_shape
+    from qlora_lab.shapes import model_shape
 
     plan = estimate_peak_memory(model_shape(str(base)), step_shape(config_from_dict({})))
     report = {

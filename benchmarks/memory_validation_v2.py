@@ -404,7 +404,7 @@ def _site(frames: list[dict]) -> str:
 def _predict(spec: dict, liger: bool | None = None) -> dict:
     """The planner's estimate for spec, for the step this harness runs: full-length rows (one
     per bin, no mask) or half-length rows (two per bin: half the bins, a block-diagonal mask)."""
-    from qlora_lab import memory, plan
+    from qlora_lab import memory, plan, shapes
     from qlora_lab.config import config_from_dict
 
     cfg = config_from_dict(spec["run"])
@@ -413,7 +413,7 @@ def _predict(spec: dict, liger: bool | None = None) -> dict:
     step = memory.replace(step, micro_batch_size=max(1, step.micro_batch_size // per_bin),
                           short_rows=per_bin > 1,
                           liger=step.liger if liger is None else liger)
-    est = memory.estimate_peak_memory(plan.model_shape(cfg.model.name), step)
+    est = memory.estimate_peak_memory(shapes.model_shape(cfg.model.name), step)
     return {"predicted_bytes": est.peak_allocated_bytes,
             "predicted_reserved_bytes": est.peak_reserved_bytes,
             "predicted_phase": est.peak_phase, "liger": step.liger,
@@ -484,13 +484,13 @@ def _isolated(spec: dict, work: Path, timeout: int) -> dict:
 def run_all(specs: list[dict], work: Path, parallel: int, card_bytes: int, timeout: int
             ) -> list[dict]:
     """Run specs a few at a time, keeping the sum of predicted peaks within the card."""
-    from qlora_lab import memory, plan
+    from qlora_lab import memory, plan, shapes
     from qlora_lab.config import config_from_dict
 
     def need(spec) -> int:
         cfg = config_from_dict(spec["run"])
         step = plan.step_shape(cfg, device_is_gpu=spec["device"] == "cuda")
-        est = memory.estimate_peak_memory(plan.model_shape(cfg.model.name), step)
+        est = memory.estimate_peak_memory(shapes.model_shape(cfg.model.name), step)
         return int(est.peak_reserved_bytes * 1.2) + GIB  # + the CUDA context
 
     order = sorted(range(len(specs)), key=lambda i: -need(specs[i]))

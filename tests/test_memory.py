@@ -7,9 +7,11 @@ from dataclasses import replace
 import pytest
 
 from qlora_lab import memory
+from qlora_lab import plan as plan_module
 from qlora_lab.cli import main
-from qlora_lab.memory import ModelShape, StepShape, estimate_peak_memory, fit_to_budget, parse_bytes
+from qlora_lab.memory import ModelShape, StepShape, estimate_peak_memory, parse_bytes
 from qlora_lab.models import PRESETS
+from qlora_lab.plan import fit_to_budget
 
 TINYLLAMA = ModelShape.from_config(PRESETS["tinyllama"].arch)
 STEP = StepShape(micro_batch_size=4, seq_len=1024)
@@ -200,8 +202,8 @@ def test_selective_checkpointing_sits_between_full_and_none():
     none = memory.estimate_peak_memory(model, memory.StepShape(
         4, 1024, fused_loss=True, gradient_checkpointing=False)).peak_allocated_bytes
     assert peak[1] < peak[2] < peak[4] < none
-    slow = memory.predicted_throughput(model, memory.StepShape(4, 1024, checkpoint_every=1))
-    fast = memory.predicted_throughput(model, memory.StepShape(4, 1024, checkpoint_every=4))
+    slow = plan_module.predicted_throughput(model, memory.StepShape(4, 1024, checkpoint_every=1))
+    fast = plan_module.predicted_throughput(model, memory.StepShape(4, 1024, checkpoint_every=4))
     assert fast > slow  # less recomputation
 
 
@@ -211,10 +213,10 @@ def test_offload_is_chosen_only_when_nothing_else_fits():
     # adapters (lora.weight_dtype compute) then.
     base = memory.StepShape(1, 65536, fused_loss=True, liger=True, packed=True,
                             lora_dropout=False, lora_bytes=2)
-    best, cands = memory.fit_to_budget(model, base, parse_bytes("8GiB"))
+    best, cands = plan_module.fit_to_budget(model, base, parse_bytes("8GiB"))
     assert best is not None and best.activation_offload and best.micro_batch_size == 1
     assert not any(c.fits for c in cands if not c.activation_offload)
-    short, cands = memory.fit_to_budget(model, memory.StepShape(4, 1024, fused_loss=True,
+    short, cands = plan_module.fit_to_budget(model, memory.StepShape(4, 1024, fused_loss=True,
                                                                 liger=True),
                                         parse_bytes("8GiB"))
     assert not short.activation_offload and not any(c.activation_offload for c in cands)

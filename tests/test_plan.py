@@ -42,7 +42,7 @@ def _config(model_type: str, **overrides):
 
 
 def _census(model_type: str, **overrides) -> memory.ModelShape:
-    from qlora_lab.plan import census
+    from qlora_lab.shapes import census
 
     return census(_config(model_type, **overrides), model_type)
 
@@ -77,7 +77,7 @@ def test_every_preset_is_counted_as_transformers_builds_it(preset):
     # Full-size shapes on the meta device: no memory, no weights.
     from transformers import AutoConfig
 
-    from qlora_lab.plan import census
+    from qlora_lab.shapes import census
     from qlora_lab.presets import PRESETS
 
     arch = dict(PRESETS[preset].arch)

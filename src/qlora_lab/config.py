@@ -34,6 +34,22 @@ MAX_STEPS = 10**9
 MAX_EPOCHS = 10**6
 
 
+def resolve_optimizer(setting: str, on_cuda: bool, fsdp: bool = False) -> str:
+    """`train.optimizer`, with `auto` resolved as `train` runs it (and `plan` predicts it).
+
+    auto: bitsandbytes' paged 8-bit AdamW on CUDA (paging moves optimizer state to host RAM
+    under memory pressure instead of failing with an OOM); torch AdamW on CPU, and under FSDP,
+    where the state shards with the LoRA weights and paged 8-bit state fails to save in
+    FSDP-QLoRA checkpoints (peft docs, accelerate/fsdp.md, caveats).
+    """
+    if setting == "auto":
+        return "paged_adamw_8bit" if on_cuda and not fsdp else "adamw_torch"
+    if setting != "adamw_torch" and not on_cuda:
+        raise UserError(f"train.optimizer = {setting!r} needs CUDA — use 'adamw_torch' or "
+                        "'auto' on CPU")
+    return setting
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which base model to fine-tune.

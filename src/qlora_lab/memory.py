@@ -62,7 +62,7 @@ class ModelShape:
     """The architecture facts memory depends on.
 
     The first eight fields are a Llama-style config's; the rest default to what such a config
-    implies and are filled from the real module tree by plan.census (any architecture
+    implies and are filled from the real module tree by shapes.census (any architecture
     transformers builds) when they differ.
 
     linears: (in_features, out_features, count) of every linear layer 4-bit quantization and
@@ -866,7 +866,7 @@ def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:
     return MemoryPlan(terms, int(peak), int(peak * ratio), peak_phase=phase)
 
 
-# --- fitting a run to a budget -------------------------------------------------------------------
+# --- sizes --------------------------------------------------------------------------------------
 
 
 def parse_bytes(text: str) -> int:
@@ -878,103 +878,3 @@ def parse_bytes(text: str) -> int:
         raise ValueError(f"cannot read {text!r} as a size — write e.g. 8GiB or 7500MiB")
     scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2)]
     return int(float(match.group(1)) * scale)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    micro_batch_size: int
-    seq_len: int
-    gradient_checkpointing: bool
-    optimizer: str
-    peak_allocated_bytes: int
-    predicted_tokens_per_s: float
-    fits: bool
-    checkpoint_every: int = 1
-    activation_offload: bool = False
-
-    @property
-    def activation_strategy(self) -> str:
-        if not self.gradient_checkpointing:
-            return "none"
-        if self.activation_offload:
-            return "checkpointing, inputs offloaded to host"
-        if self.checkpoint_every > 1:
-            return f"checkpointing every {self.checkpoint_every} layers"
-        return "checkpointing"
-
-
-def predicted_throughput(model: ModelShape, step: StepShape, flops_per_s: float = 200e12,
-                         step_overhead_s: float = 0.35) -> float:
-    """A simple, documented cost model for ranking configs (not a benchmark).
-
-    Time per micro-batch = fixed overhead (kernel launches of ~150 quantized LoRA layers, which
-    dominate at small batches: measured ~0.35-0.6 s per micro-batch on an H200 with the plain
-    stack) + 6 x active params x tokens / achievable FLOP/s, x 4/3 when checkpointing recomputes
-    the forward.
-    """
-    compute = 6 * model.active_params() * step.tokens / flops_per_s
-    if step.gradient_checkpointing:
-        # The recomputed forward (2 of the 6 FLOPs per parameter) of the checkpointed layers.
-        ckpt_share = (-(-model.num_hidden_layers // step.checkpoint_every)
-                      / model.num_hidden_layers)
-        compute *= 1 + ckpt_share / 3
-    if step.activation_offload:
-        # Each layer input crosses PCIe twice (~25 GB/s each way on a typical card), on the
-        # compute stream.
-        compute += 2 * model.num_hidden_layers * step.tokens * model.hidden_size * 2 / 25e9
-    return step.tokens / (step_overhead_s + compute)
-
-
-# Activation strategies the budget search tries, cheapest in time first:
-# (gradient_checkpointing, checkpoint_every, activation_offload).
-STRATEGIES = ((False, 1, False), (True, 4, False), (True, 2, False), (True, 1, False),
-              (True, 1, True))
-
-
-def fit_to_budget(model: ModelShape, base: StepShape, budget_bytes: int,
-                  micro_batches=(1, 2, 4, 8, 16, 32), optimizers=("paged_adamw_8bit",)
-                  ) -> tuple[Candidate | None, list[Candidate]]:
-    """Search micro-batch x checkpointing x optimizer at the needed sequence length.
-
-    The budget is compared with the predicted *reserved* peak (what the card must hold), so the
-    allocator's overhead is inside the budget too. Returns the fastest feasible candidate.
-    """
-    cands = _candidates(model, base, budget_bytes, micro_batches, optimizers, offload=False)
-    if not any(c.fits for c in cands) and base.fused_loss:
-        # Offloading checkpoints to host memory is the last resort: it was measured for long
-        # rows (98,304 tokens in 8 GiB), not for speed, so it is chosen only when nothing else
-        # fits.
-        cands += _candidates(model, base, budget_bytes, micro_batches, optimizers, offload=True)
-    feasible = [c for c in cands if c.fits]
-    best = max(feasible, key=lambda c: c.predicted_tokens_per_s, default=None)
-    return best, cands
-
-
-def _candidates(model: ModelShape, base: StepShape, budget_bytes: int, micro_batches,
-                optimizers, offload: bool) -> list[Candidate]:
-    cands = []
-    for mb in micro_batches:
-        for ckpt, every, strategy_offload in STRATEGIES:
-            if strategy_offload != offload:
-                continue
-            for opt in optimizers:
-                step = replace(base, micro_batch_size=mb, gradient_checkpointing=ckpt,
-                               optimizer=opt, checkpoint_every=every,
-                               activation_offload=offload)
-                plan = estimate_peak_memory(model, step)
-                cands.append(Candidate(mb, step.seq_len, ckpt, opt, plan.peak_allocated_bytes,
-                                       predicted_throughput(model, step),
-                                       plan.peak_reserved_bytes <= budget_bytes, every,
-                                       offload))
-    return cands
-
-
-def shorter_seq_fallback(model: ModelShape, base: StepShape, budget_bytes: int):
-    """When nothing fits at the needed length, the longest power-of-two length that does."""
-    seq = base.seq_len
-    while seq > 64:
-        seq //= 2
-        best, _ = fit_to_budget(model, replace(base, seq_len=seq), budget_bytes)
-        if best is not None:
-            return best
-    return None

@@ -1,8 +1,8 @@
 """`qlora-lab plan`: print the predicted peak memory of a run, and fit a run to a VRAM budget.
 
-A preset's architecture is stored with it (presets.py), so planning a preset imports no torch.
-Any other model is built on the meta device from its config (local config.json, GGUF, or the
-hub's via AutoConfig) and counted module by module (`census`); planning never loads weights.
+The model's shape comes from shapes.py (its module tree, never its weights), the step's from the
+run config (`step_shape`, as `train` will run it), and memory.py adds up one step's bytes; the
+budget search here tries micro-batch x activation strategy against those sums.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qlora_lab import memory
-from qlora_lab.config import RunConfig, save_config
+from qlora_lab.config import RunConfig, resolve_optimizer, save_config
 from qlora_lab.errors import UserError
-from qlora_lab.presets import preset_for
+from qlora_lab.memory import ModelShape, StepShape, estimate_peak_memory
+from qlora_lab.shapes import model_shape
 
 
 @dataclass(frozen=True)
@@ -31,276 +32,12 @@ class PlanConfig:
     as_json: bool = False
 
 
-def model_shape(name: str, trust_remote_code: bool = False) -> memory.ModelShape:
-    """The architecture of a preset (its stored shapes: no torch), a local model dir, a .gguf
-    file or a hub id (counted from the module tree transformers builds, see census)."""
-    preset = preset_for(name)
-    if preset is not None:
-        return memory.ModelShape.from_config(preset.arch)
-    path = Path(name).expanduser()
-    if name.endswith(".gguf"):
-        from qlora_lab import models
-
-        path = Path(models.resolve_model_path(name))
-    if (path / "config.json").is_file() or path.exists():
-        return census(_local_config(path, trust_remote_code), name, trust_remote_code)
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the architecture of {name!r} ({_first_line(exc)}) "
-                        "— pass a preset, a local model dir or a reachable hub id") from None
-    return census(config, name, trust_remote_code)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-
-
-def _local_config(path: Path, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    if not (path / "config.json").is_file():
-        raise UserError(f"model dir {path} has no config.json — pass a folder written by "
-                        "save_pretrained, a .gguf file, a hub id or a preset")
-    try:
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"cannot read {path / 'config.json'} ({_first_line(exc)}) — pass a "
-                        "config.json that transformers' AutoConfig reads") from None
-
-
-# --- counting a model from its module tree ------------------------------------------------------
-
-# Where decoder layers keep their feed-forward block, across transformers' model families.
-MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn", "moe")
-ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-
-
-def census(config, name: str, trust_remote_code: bool = False) -> memory.ModelShape:
-    """Count `config`'s model as transformers builds it, on the meta device (no memory, no
-    weights): quantized/adapted linears, embeddings, head, norms, biases, experts.
-
-    Any config transformers can read gives a shape or one UserError line naming what is not
-    modelled; never a traceback.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - any failure to build is the user's one line
-        kind = getattr(config, "model_type", type(config).__name__)
-        raise UserError(f"cannot build {name} ({kind}) as a causal LM on the meta device "
-                        f"({type(exc).__name__}: {_first_line(exc)}) — the planner counts "
-                        "models that AutoModelForCausalLM.from_config builds") from None
-    return count_modules(model, name)
-
-
-def count_modules(model, name: str) -> memory.ModelShape:
-    """The ModelShape of a built model (meta or real), as `train` quantizes and adapts it.
-
-    bitsandbytes 4-bit replaces every nn.Linear and GPT-2 Conv1D except the output embedding
-    (transformers' replace_with_bnb_linear, get_keys_to_not_convert), and peft's `all-linear`
-    adapts the same layers; everything else keeps the compute dtype.
-    """
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
-    config = model.config
-    head = model.get_output_embeddings()
-    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or []) + list(
-        getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    counts = dict.fromkeys(("bias", "embedding", "head", "norm", "frozen", "expert", "fp32"), 0)
-    linears: dict[tuple[int, int], int] = {}
-    seen: set[int] = set()
-    for mod_name, module in model.named_modules():
-        # A tied head shares the embedding's parameter, met first: it adds nothing.
-        params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-        if not params:
-            continue
-        seen.update(id(p) for p in params)
-        numel = sum(p.numel() for p in params)
-        if module is head:
-            counts["head"] += numel
-        elif any(_matches(mod_name, key) for key in keep_fp32):
-            counts["fp32"] += numel
-        elif isinstance(module, (nn.Linear, Conv1D)):
-            shape = (tuple(module.weight.shape) if isinstance(module, Conv1D)
-                     else (module.in_features, module.out_features))
-            linears[shape] = linears.get(shape, 0) + 1
-            counts["bias"] += module.bias.numel() if module.bias is not None else 0
-        elif isinstance(module, nn.Embedding):
-            counts["embedding"] += numel
-        elif _is_norm(module):
-            counts["norm"] += numel
-        elif all(p.dim() == 3 for p in params):  # fused routed experts: (experts, out, in)
-            counts["frozen"] += numel
-            counts["expert"] += numel
-        elif "router" in type(module).__name__.lower() or mod_name.endswith(".gate"):
-            counts["frozen"] += numel
-        else:
-            kinds = ", ".join(f"{n} {tuple(p.shape)}" for n, p in
-                              module.named_parameters(recurse=False))
-            raise UserError(f"{name}: module {mod_name} ({type(module).__name__}: {kinds}) "
-                            "holds weights the planner does not model (not a linear, "
-                            "embedding, norm or MoE expert) — measure this model with "
-                            "`qlora-lab bench` instead")
-    layer = _layer_shape(model, name)
-    vocab = head.weight.shape[0] if head is not None else config.vocab_size
-    hidden = config.hidden_size
-    return memory.ModelShape(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=_num_layers(model, name),
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=getattr(config, "num_key_value_heads", None)
-        or config.num_attention_heads,
-        head_dim=getattr(config, "head_dim", None) or hidden // config.num_attention_heads,
-        tie_word_embeddings=head is not None and counts["head"] == 0,
-        linears=tuple((a, b, n) for (a, b), n in sorted(linears.items())),
-        linear_bias_params=counts["bias"], embedding_params=counts["embedding"],
-        head_params=counts["head"], norm_params=counts["norm"], frozen_params=counts["frozen"],
-        expert_params=counts["expert"], fp32_params=counts["fp32"],
-        source="meta-device module tree", **layer)
-
-
-def _matches(module_name: str, key: str) -> bool:
-    return module_name == key or module_name.endswith("." + key) or f"{key}." in module_name
-
-
-def _is_norm(module) -> bool:
-    return "norm" in type(module).__name__.lower()
-
-
-def _decoder_layers(model) -> list:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def _num_layers(model, name: str) -> int:
-    layers = _decoder_layers(model)
-    if not layers:
-        raise UserError(f"{name}: {type(model).__name__} has no decoder layers that transformers "
-                        "can checkpoint (GradientCheckpointingLayer) — the planner models "
-                        "decoder-only causal LMs")
-    return len(layers)
-
-
-def _layer_shape(model, name: str) -> dict:
-    """What the activation terms need from the decoder layers: MLP kind and widths, norms.
-
-    Layers that differ (dense and MoE layers mixed) are planned as the widest of them.
-    """
-    from qlora_lab.fastpath import _is_rms_norm, _is_swiglu_mlp
-
-    config = model.config
-    _num_layers(model, name)  # a model without decoder layers is refused here
-    shapes = []
-    for layer in _decoder_layers(model):
-        children = dict(layer.named_children())
-        if not any(n in children for n in ATTENTION_NAMES):
-            raise UserError(f"{name}: decoder layer {type(layer).__name__} has no attention "
-                            f"module (children: {', '.join(children)[:120]}) — the planner "
-                            "models attention decoders (no state-space or linear-attention "
-                            "layers)")
-        mlp = next((children[n] for n in MLP_NAMES if n in children), None)
-        if mlp is None:
-            raise UserError(f"{name}: decoder layer {type(layer).__name__} has no feed-forward "
-                            f"block named {' / '.join(MLP_NAMES)} — not modelled")
-        norms = [m for m in children.values()
-                 if _is_norm(m) and getattr(m, "weight", None) is not None
-                 and m.weight.numel() == config.hidden_size]
-        kind = ("rms" if norms and all(_is_rms_norm(m) for m in norms) else
-                "layer" if norms and "layernorm" in type(norms[0]).__name__.lower() else
-                "rms_fp32")
-        attention = next(children[n] for n in ATTENTION_NAMES if n in children)
-        shape = {"norms_per_layer": max(1, len(norms)), "norm_kind": kind,
-                 "qk_norm": any(_is_norm(m) for m in attention.modules()),
-                 "fused_qkv": _fused_qkv(attention, config),
-                 **_mlp_shape(mlp, config, name, _is_swiglu_mlp)}
-        shapes.append(shape)
-    widest = max(shapes, key=lambda s: (s["mlp"] == "moe", s["intermediate_size"]))
-    final = getattr(model.get_decoder(), "norm", None) if hasattr(model, "get_decoder") else None
-    return {**widest, "final_norm": final is not None,
-            "sliding_window": memory.sliding_window(config)}
-
-
-def _fused_qkv(attention, config) -> bool:
-    """q, k and v come out of one projection (Phi-3's qkv_proj, GPT-2's c_attn)."""
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    fused = (heads + 2 * kv_heads) * head_dim
-    for module in attention.modules():
-        if isinstance(module, nn.Linear) and module.out_features == fused:
-            return True
-        if isinstance(module, Conv1D) and module.weight.shape[1] == fused:
-            return True
-    return False
-
-
-def _mlp_shape(mlp, config, name: str, is_swiglu) -> dict:
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
-    children = dict(mlp.named_children())
-    experts = children.get("experts")
-    if experts is not None:
-        return _moe_shape(mlp, experts, config, name)
-
-    def width(module) -> int:
-        return (module.weight.shape[1] if isinstance(module, Conv1D) else module.out_features)
-
-    act = getattr(config, "hidden_act", None)
-    if is_swiglu(mlp) and act in ("silu", "swish"):
-        return {"mlp": "swiglu", "intermediate_size": mlp.gate_proj.out_features}
-    if "gate_proj" in children or "gate_up_proj" in children:
-        return {"mlp": "gated", "intermediate_size": children["down_proj"].in_features}
-    linear = [m for m in children.values() if isinstance(m, (nn.Linear, Conv1D))]
-    if len(linear) == 2:
-        return {"mlp": "plain", "intermediate_size": max(width(m) for m in linear)}
-    raise UserError(f"{name}: feed-forward block {type(mlp).__name__} (children: "
-                    f"{', '.join(children)[:120]}) is not modelled — the planner knows "
-                    "gated (SwiGLU/GeGLU), plain two-layer and MoE blocks")
-
-
-def _moe_shape(mlp, experts, config, name: str) -> dict:
-    top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "top_k", None)
-    if not top_k:
-        raise UserError(f"{name}: MoE block {type(mlp).__name__} but the config names no "
-                        "num_experts_per_tok — not modelled")
-    weights = list(experts.parameters())
-    if weights and weights[0].dim() == 3:  # fused: (experts, 2 x I or I, H)
-        count = weights[0].shape[0]
-        per_expert = getattr(config, "moe_intermediate_size", None) or min(
-            min(p.shape[1:]) for p in weights)
-    else:  # a ModuleList of MLPs (their linears are quantized and adapted like any other)
-        count = len(experts)
-        per_expert = getattr(config, "moe_intermediate_size", None) or max(
-            m.out_features for m in experts[0].modules() if hasattr(m, "out_features"))
-    # An always-active shared expert (Qwen2-MoE, DeepSeek): a dense MLP beside the routed ones.
-    shared = sum(child.down_proj.in_features for child_name, child in mlp.named_children()
-                 if child_name.startswith("shared_expert") and hasattr(child, "down_proj"))
-    return {"mlp": "moe", "intermediate_size": per_expert * top_k + shared,
-            "num_experts": count, "experts_per_token": top_k,
-            "expert_intermediate_size": per_expert, "shared_intermediate_size": shared}
-
-
 def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
                strategy: str = "ddp") -> memory.StepShape:
     """The step `train` runs for `cfg` on a GPU (fastpath: what is swapped, fused, tiled)."""
     compute = 4 if cfg.quant.compute_dtype == "float32" else 2
-    optimizer = cfg.train.optimizer
-    if optimizer == "auto":
-        # As train resolves it; under FSDP torch AdamW (see trainer.optimizer_name).
-        paged = device_is_gpu and not (gpus > 1 and strategy == "fsdp")
-        optimizer = "paged_adamw_8bit" if paged else "adamw_torch"
+    optimizer = resolve_optimizer(cfg.train.optimizer, device_is_gpu,
+                                  fsdp=gpus > 1 and strategy == "fsdp")
     return memory.StepShape(
         micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_seq_len,
         bits=cfg.quant.bits, double_quant=cfg.quant.double_quant, compute_bytes=compute,
@@ -328,7 +65,109 @@ def _liger_used(setting: str) -> bool:
     return setting == "on" or importlib.util.find_spec("liger_kernel") is not None
 
 
-def apply_candidate(cfg: RunConfig, cand: memory.Candidate) -> RunConfig:
+# --- fitting a run to a budget ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    micro_batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    optimizer: str
+    peak_allocated_bytes: int
+    predicted_tokens_per_s: float
+    fits: bool
+    checkpoint_every: int = 1
+    activation_offload: bool = False
+
+    @property
+    def activation_strategy(self) -> str:
+        if not self.gradient_checkpointing:
+            return "none"
+        if self.activation_offload:
+            return "checkpointing, inputs offloaded to host"
+        if self.checkpoint_every > 1:
+            return f"checkpointing every {self.checkpoint_every} layers"
+        return "checkpointing"
+
+
+def predicted_throughput(model: ModelShape, step: StepShape, flops_per_s: float = 200e12,
+                         step_overhead_s: float = 0.35) -> float:
+    """A simple, documented cost model for ranking configs (not a benchmark).
+
+    Time per micro-batch = fixed overhead (kernel launches of ~150 quantized LoRA layers, which
+    dominate at small batches: measured ~0.35-0.6 s per micro-batch on an H200 with the plain
+    stack) + 6 x active params x tokens / achievable FLOP/s, x 4/3 when checkpointing recomputes
+    the forward.
+    """
+    compute = 6 * model.active_params() * step.tokens / flops_per_s
+    if step.gradient_checkpointing:
+        # The recomputed forward (2 of the 6 FLOPs per parameter) of the checkpointed layers.
+        ckpt_share = (-(-model.num_hidden_layers // step.checkpoint_every)
+                      / model.num_hidden_layers)
+        compute *= 1 + ckpt_share / 3
+    if step.activation_offload:
+        # Each layer input crosses PCIe twice (~25 GB/s each way on a typical card), on the
+        # compute stream.
+        compute += 2 * model.num_hidden_layers * step.tokens * model.hidden_size * 2 / 25e9
+    return step.tokens / (step_overhead_s + compute)
+
+
+# Activation strategies the budget search tries, cheapest in time first:
+# (gradient_checkpointing, checkpoint_every, activation_offload).
+STRATEGIES = ((False, 1, False), (True, 4, False), (True, 2, False), (True, 1, False),
+              (True, 1, True))
+
+
+def fit_to_budget(model: ModelShape, base: StepShape, budget_bytes: int,
+                  micro_batches=(1, 2, 4, 8, 16, 32), optimizers=("paged_adamw_8bit",)
+                  ) -> tuple[Candidate | None, list[Candidate]]:
+    """Search micro-batch x checkpointing x optimizer at the needed sequence length.
+
+    The budget is compared with the predicted *reserved* peak (what the card must hold), so the
+    allocator's overhead is inside the budget too. Returns the fastest feasible candidate.
+    """
+    cands = _candidates(model, base, budget_bytes, micro_batches, optimizers, offload=False)
+    if not any(c.fits for c in cands) and base.fused_loss:
+        # Offloading checkpoints to host memory is the last resort: it was measured for long
+        # rows (98,304 tokens in 8 GiB), not for speed, so it is chosen only when nothing else
+        # fits.
+        cands += _candidates(model, base, budget_bytes, micro_batches, optimizers, offload=True)
+    feasible = [c for c in cands if c.fits]
+    best = max(feasible, key=lambda c: c.predicted_tokens_per_s, default=None)
+    return best, cands
+
+
+def _candidates(model: ModelShape, base: StepShape, budget_bytes: int, micro_batches,
+                optimizers, offload: bool) -> list[Candidate]:
+    cands = []
+    for mb in micro_batches:
+        for ckpt, every, strategy_offload in STRATEGIES:
+            if strategy_offload != offload:
+                continue
+            for opt in optimizers:
+                step = replace(base, micro_batch_size=mb, gradient_checkpointing=ckpt,
+                               optimizer=opt, checkpoint_every=every, activation_offload=offload)
+                plan = estimate_peak_memory(model, step)
+                cands.append(Candidate(mb, step.seq_len, ckpt, opt, plan.peak_allocated_bytes,
+                                       predicted_throughput(model, step),
+                                       plan.peak_reserved_bytes <= budget_bytes, every,
+                                       offload))
+    return cands
+
+
+def shorter_seq_fallback(model: ModelShape, base: StepShape, budget_bytes: int):
+    """When nothing fits at the needed length, the longest power-of-two length that does."""
+    seq = base.seq_len
+    while seq > 64:
+        seq //= 2
+        best, _ = fit_to_budget(model, replace(base, seq_len=seq), budget_bytes)
+        if best is not None:
+            return best
+    return None
+
+
+def apply_candidate(cfg: RunConfig, cand: Candidate) -> RunConfig:
     """The run config with the candidate's choices; rows per optimizer step stay the same."""
     rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     accum = max(1, -(-rows_per_step // cand.micro_batch_size))
@@ -341,16 +180,16 @@ def apply_candidate(cfg: RunConfig, cand: memory.Candidate) -> RunConfig:
 
 
 def fit_config(cfg: RunConfig, budget_bytes: int, gpus: int = 1, strategy: str = "ddp"
-               ) -> tuple[RunConfig, memory.Candidate, list]:
+               ) -> tuple[RunConfig, Candidate, list]:
     shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
     base = step_shape(cfg, gpus=gpus, strategy=strategy)
     # Only micro-batches that divide the rows per optimizer step: the search trades micro-batch
     # for accumulation and must not change the effective batch (which changes the optimization).
     rows = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     micro_batches = tuple(d for d in range(1, min(rows, 64) + 1) if rows % d == 0)
-    best, cands = memory.fit_to_budget(shape, base, budget_bytes, micro_batches=micro_batches)
+    best, cands = fit_to_budget(shape, base, budget_bytes, micro_batches=micro_batches)
     if best is None:
-        fallback = memory.shorter_seq_fallback(shape, base, budget_bytes)
+        fallback = shorter_seq_fallback(shape, base, budget_bytes)
         hint = (f"; data.max_seq_len = {fallback.seq_len} with micro-batch "
                 f"{fallback.micro_batch_size} would fit") if fallback else ""
         raise UserError(f"no micro-batch/checkpointing choice fits {cfg.model.name} at "

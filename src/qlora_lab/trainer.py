@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora_lab import checkpoints, faults, models
-from qlora_lab.config import RunConfig
+from qlora_lab.config import RunConfig, resolve_optimizer
 from qlora_lab.data import IGNORE_INDEX
 from qlora_lab.errors import UserError
 
@@ -30,18 +30,7 @@ CHECKPOINTS = "checkpoints"
 
 
 def optimizer_name(cfg: RunConfig, device: str) -> str:
-    if cfg.train.optimizer == "auto":
-        # bitsandbytes' 8-bit optimizers need CUDA; paging moves optimizer state to host RAM
-        # under memory pressure instead of failing with an OOM.
-        # Under FSDP, torch AdamW: its state shards with the LoRA weights, and paged 8-bit state
-        # fails to save in FSDP-QLoRA checkpoints (peft docs, accelerate/fsdp.md, caveats).
-        if device == "cuda" and not models.fsdp_active():
-            return "paged_adamw_8bit"
-        return "adamw_torch"
-    if cfg.train.optimizer != "adamw_torch" and device != "cuda":
-        raise UserError(f"train.optimizer = {cfg.train.optimizer!r} needs CUDA — use "
-                        "'adamw_torch' or 'auto' on CPU")
-    return cfg.train.optimizer
+    return resolve_optimizer(cfg.train.optimizer, device == "cuda", fsdp=models.fsdp_active())
 
 
 def _tensorboard_available() -> bool:
