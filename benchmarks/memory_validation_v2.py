@@ -687,7 +687,7 @@ BUDGET_MICRO_BATCHES = (16, 8, 4, 2, 1)  # divisors of BUDGET_ROWS_PER_STEP, lar
 
 
 def budget_fit(work: Path, bases: dict, steps: int, timeout: int, only: set,
-               parallel: int) -> list[dict]:
+               parallel: int, data: Path | None = None) -> list[dict]:
     """For each model: `train --budget 8GiB`'s choice against a search over micro-batch x
     activation strategy under an emulated 8 GiB card.
 
@@ -709,12 +709,15 @@ def budget_fit(work: Path, bases: dict, steps: int, timeout: int, only: set,
     def spec(family: str, seq: int, mb: int, strategy: str, run_steps: int) -> dict:
         s = spec_for(family, FAMILIES[family][0], bases[family], work, mb, seq, 16, strategy, 4,
                      {}, run_steps, "cuda")
+        if data is not None:  # real rows, packed as train packs them (answers supervised)
+            s["run"]["data"].update(source=str(data), train_on_prompt=False)
         return {**s, "cap_bytes": cap}
 
     entries = {}
     for family, seq in models:
         want = config_from_dict({"model": {"name": str(bases[family])},
-                                 "data": {"max_seq_len": seq},
+                                 "data": {"max_seq_len": seq,
+                                          **({"source": str(data)} if data else {})},
                                  "train": {"micro_batch_size": BUDGET_ROWS_PER_STEP,
                                            "grad_accum_steps": 1}})
         entry = {"model": family, "seq_len": seq, "budget_bytes": cap,
@@ -868,6 +871,9 @@ def main() -> None:
                         help="CPU smoke: 2 tiny configs through the same harness, no CUDA numbers")
     parser.add_argument("--budget-fit", action="store_true",
                         help="issue #14 item 5: --budget 8GiB's choice vs brute force")
+    parser.add_argument("--budget-data", metavar="JSONL",
+                        help="--budget-fit on these rows (e.g. the Dolly sample) instead of "
+                        "full-length synthetic ones")
     parser.add_argument("--rescore", metavar="RESULT_JSON",
                         help="re-predict a result file with the current planner")
     parser.add_argument("--anatomy", action="append", default=[], metavar="SPEC",
@@ -926,7 +932,9 @@ def main() -> None:
         report["anatomy"] = run_all(specs, work, args.parallel, card, args.timeout)
     elif args.budget_fit:
         report["budget_fits"] = budget_fit(work, bases, max(args.steps, 6), args.timeout, only,
-                                           args.parallel)
+                                           args.parallel,
+                                           Path(args.budget_data) if args.budget_data else None)
+        report["budget_data"] = args.budget_data or "full-length synthetic rows"
     else:
         specs = [spec_for(f, families[f][0], bases[f], work, mb, seq, r, strat, bits, extra,
                           args.steps if device == "cuda" else 2, device)
