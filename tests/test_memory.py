@@ -466,3 +466,41 @@ def test_sliding_window_rows_get_a_mask_from_the_window_on():
     long = estimate_peak_memory(gemma, StepShape(4, 4096, fused_loss=True, short_rows=False))
     assert _term(short, "attention_mask") == 0
     assert _term(long, "attention_mask") == 4 * 4096 * 4096 * 3
+
+
+def test_committed_budget_fit_uses_the_card_and_is_this_planners_choice():
+    """benchmarks/results/budget_fit_8gib.json (issue #14): on four models under an emulated
+    8 GiB card, `train --budget 8GiB`'s choice never ran out of memory and reached >= 90 % of
+    the fastest fitting micro-batch x strategy; and today's planner still makes that choice."""
+    import json
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from qlora_lab.config import config_from_dict
+    from qlora_lab.plan import fit_config
+
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "benchmarks/results/budget_fit_8gib.json").read_text())
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import memory_validation_v2 as harness
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    assert len(report["budget_fits"]) >= 4
+    for entry in report["budget_fits"]:
+        assert not entry["chosen_oom"], entry["model"]
+        assert entry["chosen_share_of_fastest"] >= 0.9, entry["model"]
+        values = {**harness.SPECIAL, **harness.FAMILIES[entry["model"]][1]}
+        with tempfile.TemporaryDirectory() as base:
+            AutoConfig.for_model(values.pop("model_type"), **values).save_pretrained(base)
+            want = config_from_dict({
+                "model": {"name": base}, "data": {"max_seq_len": entry["seq_len"]},
+                "train": {"micro_batch_size": entry["rows_per_step"], "grad_accum_steps": 1,
+                          "liger": "on"}})  # as on the GPU host, where liger-kernel is installed
+            _, best, _ = fit_config(want, entry["budget_bytes"])
+        chosen = entry["chosen"]
+        assert (best.micro_batch_size, harness._strategy_name(best)) == (
+            chosen["micro_batch_size"], chosen["activations"]), entry["model"]
