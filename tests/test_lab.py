@@ -12,7 +12,10 @@ import json
 import math
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -237,3 +240,48 @@ def test_set_overrides_are_typed_and_checked(capsys):
     assert main(["lab", "--quick", "--set", "colour=blue"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "colour=blue" in err and "seeds" in err
+
+
+# A small lab for the interruption test: every section, few runs, few steps.
+SMALL = ["--set", "learning_rates=1e-3", "--set", "quant_variants=nf4,16bit", "--set", "seeds=0",
+         "--set", "throughput_steps=3", "--set", "stability_steps=3", "--set", "quality_steps=4",
+         "--set", "seq_lens=256", "--set", "micro_batches=1,2", "--set", "batch_sizes=1",
+         "--set", "repeats=1", "--set", "decode_tokens=4", "--set", "max_new_tokens=4",
+         "--set", "eval_rows=2"]
+
+
+def test_an_interrupted_lab_continues_where_it_stopped(tmp_path):
+    """Ctrl-C while a section trains: lab says how to continue (an inner run's own advice,
+    `train --resume` for its scratch dir, would not); the same command then reuses every run
+    that finished and runs the rest."""
+    out = tmp_path / "report"
+    argv = ["lab", "--quick", "--output-dir", str(out), *SMALL]
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_lab", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not list(out.glob("runs/stability__*/metrics.jsonl")):  # section 3 is training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert re.match(r"qlora-lab lab: lab stopped by a signal during (stability|fine-tune);", last)
+    assert "run the same command again to continue" in last and "--resume" not in last
+    partial = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert partial["complete"] is False and partial["throughput"]["points"]
+    finished = {r["id"]: r for r in (json.loads(f.read_text()) for f in
+                                      out.glob("runs/*.record.json"))}
+    assert {rid for rid in finished if rid.startswith("throughput/")} == {
+        p["run_id"] for p in partial["throughput"]["points"] if "run_id" in p}
+
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["complete"] is True
+    assert set(report["reused_runs"]) == set(finished)  # all finished ones, read back as they were
+    for rid, earlier in finished.items():
+        assert report["runs"][rid] == {**earlier, "reused": True}
+    trained_now = [r for r in report["runs"].values()
+                   if r["kind"] == "train" and not r.get("reused")]
+    assert trained_now and all(r["status"] == "ok" for r in trained_now)
+    assert "reused" in (out / "report.md").read_text(encoding="utf-8")

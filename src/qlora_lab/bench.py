@@ -4,49 +4,56 @@ One invocation trains each recipe for the same number of optimizer steps on the 
 the same seed, each in its own Python process (peak-memory counters, CUDA caching allocator state
 and any library patching cannot leak from one recipe into the next), and writes:
 
-    bench.json   top-level `speedup` (qlora_lab / plain real tokens/s) and, under `recipes`, one
-                 entry per recipe (`plain`, `qlora_lab`, `unsloth`) with `real_tokens_per_s`,
-                 `peak_allocated_bytes` (null on CPU), step time, MFU, ...; plus the command,
-                 library versions and hardware
+    bench.json   top-level `speedup` (qlora_lab / plain real tokens/s, the plain recipe's median)
+                 and, under `recipes`, one entry per recipe (`plain`, `qlora_lab`, `unsloth`,
+                 `unsloth_packed`) with `real_tokens_per_s`, `peak_allocated_bytes` (null on
+                 CPU), step time, MFU, ...; `plain_runs`, each plain run's real tokens/s; plus
+                 the command, library versions and hardware
     bench.md     the same as a Markdown table
 
 Recipes:
 - `plain`: what a typical HF QLoRA train.py does, as the original demo did: peft's
   `prepare_model_for_kbit_training` (every non-quantized weight upcast to fp32, and its default
-  gradient checkpointing), fp32 LoRA weights, padded batches, micro-batch 4, Trainer.
+  gradient checkpointing), fp32 LoRA weights, padded batches, micro-batch 4, Trainer. Its speed
+  varies most from run to run, so it runs `plain_runs` times and reports the median, min and max.
 - `qlora_lab`: exactly `qlora-lab train` (train.setup_training), no eval, no checkpoints.
-- `unsloth`: only when the package is importable, in bench_peer.py (its own process, its own
-  recommended settings, padded batches at `peer_micro_batch_size` rows).
+- `unsloth` and `unsloth_packed`: only when the package is importable and CUDA is there, in
+  bench_peer.py, with unsloth's own recommended settings: padded batches of
+  `peer_micro_batch_size` rows, and its own sample packing (TRL's packing, padding-free) with
+  `peer_micro_batch_size` bins per micro-batch. Where the packed path lacks the variable-length
+  attention kernels it is fastest with, its entry says so (`host_lacks`).
 
 With `context_lengths`, each recipe that supports it (ours, unsloth) also searches the longest
 single row (micro-batch 1) that trains two optimizer steps under the cap, shortest first.
 
-"Real" tokens are non-padding tokens (the attention mask's sum, counted by Trainer), timed over
-the steps after `warmup_steps`, with CUDA synchronized before each clock read.
+"Real" tokens are non-padding tokens (the attention mask's sum, counted by Trainer; every token
+of a padding-free batch), timed over the steps after `warmup_steps`, with CUDA synchronized
+before each clock read. Every process is started through child.run_child.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
-import platform
 import resource
-import subprocess
-import sys
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlora_lab import child
 from qlora_lab.config import RunConfig, config_from_dict, to_dict
 from qlora_lab.errors import UserError
 
 log = logging.getLogger(__name__)
 
-RECIPES = ("plain", "qlora_lab")
+OUR_RECIPES = ("plain", "qlora_lab")  # run by this module, in child processes
+PEER_RECIPES = ("unsloth", "unsloth_packed")  # run by bench_peer.py
+RECIPES = OUR_RECIPES + PEER_RECIPES
+# Versions recorded with each peer entry: unsloth, and what its packed path runs on.
+PEER_PACKAGES = ("unsloth", "unsloth_zoo", "trl", "flash-attn", "xformers")
 GIB = 1024**3
 
 
@@ -62,9 +69,13 @@ class BenchConfig:
     memory_cap_bytes: emulated card size on CUDA via `set_per_process_memory_fraction`
         (None = the whole card); ignored on CPU.
     plain_micro_batch_size: the plain recipe's micro-batch (the original demo used 4).
-    peer_micro_batch_size: unsloth's micro-batch; 32 was its fastest that fit 8 GiB on Dolly
-        rows (64 ran out of memory), measured on the H200.
-    recipes: which recipes to run; `unsloth` is skipped (and says so) when not importable.
+    plain_runs: how many times the plain recipe runs (each in its own process); it reports the
+        median real tokens/s, with min and max. More runs, a steadier baseline, more time.
+    peer_micro_batch_size: unsloth's micro-batch: rows padded (`unsloth`), or bins of
+        max_seq_len tokens (`unsloth_packed`). Pick the largest that fits the cap (bigger =
+        faster until it runs out of memory).
+    recipes: which recipes to run; the unsloth ones are skipped (and say why) where unsloth is
+        not importable or there is no CUDA.
     context_lengths: row lengths for the max-context search; empty = no search.
     peak_flops: the peak FLOP/s MFU is measured against; 989e12 is the H100/H200 SXM dense bf16
         spec. MFU is reported only on CUDA.
@@ -77,8 +88,9 @@ class BenchConfig:
     warmup_steps: int = 2
     memory_cap_bytes: int | None = 8 * GIB
     plain_micro_batch_size: int = 4
+    plain_runs: int = 3
     peer_micro_batch_size: int = 32
-    recipes: tuple[str, ...] = ("plain", "qlora_lab", "unsloth")
+    recipes: tuple[str, ...] = RECIPES
     context_lengths: tuple[int, ...] = ()
     peak_flops: float = 989e12
     command: str = ""
@@ -89,13 +101,16 @@ class BenchConfig:
                             f"steps — pass --steps {self.warmup_steps + 1} or more")
         if self.memory_cap_bytes is not None and self.memory_cap_bytes <= 0:
             raise UserError(f"--memory-cap {self.memory_cap_bytes} must be positive")
-        unknown = [r for r in self.recipes if r not in RECIPES + ("unsloth",)]
+        if self.plain_runs < 1:
+            raise UserError(f"--plain-runs {self.plain_runs} must be at least 1 (3 or more for a "
+                            "median that one slow run cannot move)")
+        unknown = [r for r in self.recipes if r not in RECIPES]
         if unknown or not self.recipes:
             raise UserError(f"--recipes {','.join(self.recipes)}: unknown {unknown} — pick from "
-                            "plain, qlora_lab, unsloth")
+                            f"{', '.join(RECIPES)}")
 
 
-# --- the parent: run each recipe in a subprocess, then report -----------------------------------
+# --- the parent: run each recipe in a child process, then report --------------------------------
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -109,20 +124,26 @@ def run_bench(cfg: BenchConfig) -> dict:
     except OSError as exc:
         raise UserError(f"output dir {out} cannot be created ({exc.strerror}) — pick another "
                         "--output-dir") from None
-    recipes = {name: _run_in_subprocess(cfg, name, out) for name in RECIPES
-               if name in cfg.recipes}
-    if "unsloth" in cfg.recipes:
-        recipes["unsloth"] = run_unsloth_recipe(cfg, out)
+    recipes, plain_runs = {}, []
+    if "plain" in cfg.recipes:
+        recipes["plain"], plain_runs = run_plain(cfg, out)
+    if "qlora_lab" in cfg.recipes:
+        recipes["qlora_lab"] = run_ours(cfg, out, "qlora_lab")
+    for name in PEER_RECIPES:
+        if name in cfg.recipes:
+            recipes[name] = run_peer(cfg, out, name)
     contexts = {}
     if cfg.context_lengths:
         if "qlora_lab" in cfg.recipes:
-            contexts["qlora_lab"] = _run_in_subprocess(cfg, "qlora_lab", out, mode="max_context")
-        if "unsloth" in cfg.recipes and "skipped" not in recipes.get("unsloth", {}):
-            contexts["unsloth"] = _run_peer(cfg, out, "max_context")
+            contexts["qlora_lab"] = run_ours(cfg, out, "qlora_lab", mode="max_context")
+        if "unsloth" in cfg.recipes and "skipped" not in recipes["unsloth"]:
+            contexts["unsloth"] = run_peer(cfg, out, "unsloth", mode="max_context")
     report = {
         "speedup": _ratio(recipes, "qlora_lab", "plain"),
         "speedup_vs_unsloth": _ratio(recipes, "qlora_lab", "unsloth"),
+        "speedup_vs_unsloth_packed": _ratio(recipes, "qlora_lab", "unsloth_packed"),
         "recipes": recipes,
+        "plain_runs": plain_runs,
         "max_context": contexts,
         "command": cfg.command,
         "steps": cfg.steps,
@@ -130,8 +151,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         "memory_cap_bytes": cfg.memory_cap_bytes,
         "peak_flops": cfg.peak_flops,
         "config": to_dict(cfg.run),
-        "versions": _versions(),
-        "hardware": _hardware(),
+        "versions": child.versions(),
+        "hardware": child.hardware(),
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     report["table"] = format_table(report)
@@ -146,51 +167,63 @@ def _ratio(recipes: dict, top: str, bottom: str) -> float | None:
     return a / b if a and b else None
 
 
-def run_unsloth_recipe(cfg: BenchConfig, out: Path) -> dict:
-    """unsloth's recipe, in its own process (it patches transformers when imported)."""
+def spec(cfg: BenchConfig, **extra) -> dict:
+    """What a recipe's process is given: the bench settings, the run config, and `extra`."""
+    return {"bench": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "run"},
+            "run": to_dict(cfg.run), **extra}
+
+
+def bench_config(given: dict) -> BenchConfig:
+    """The BenchConfig a `spec` was made from (in the recipe's process)."""
+    return BenchConfig(run=config_from_dict(given["run"]), **given["bench"])
+
+
+def run_ours(cfg: BenchConfig, out: Path, recipe: str, mode: str = "throughput",
+             label: str = "") -> dict:
+    """One of our recipes in its own process; its failure fails the bench."""
+    name = f"{recipe}-{mode}{label}"
+    result = child.run_child("qlora_lab.bench:measure", spec(cfg, recipe=recipe, mode=mode),
+                             out / f".{name}", cfg.memory_cap_bytes)
+    if result.outcome in (child.Outcome.USER_ERROR, child.Outcome.OOM):
+        hint = (" — lower the micro-batch or max_seq_len, or raise --memory-cap"
+                if result.outcome is child.Outcome.OOM else "")
+        raise UserError(f"recipe {name}: {result.error}{hint}")
+    return result.unwrap()
+
+
+def run_plain(cfg: BenchConfig, out: Path) -> tuple[dict, list[float]]:
+    """The plain recipe `plain_runs` times; its entry is the median run, with min and max.
+
+    Returns (entry, each run's real tokens/s in run order). The entry's other fields are the
+    median run's (for an even count, the lower of the two middle runs).
+    """
+    runs = [run_ours(cfg, out, "plain", label=f"-{i}") for i in range(cfg.plain_runs)]
+    ordered = sorted(runs, key=lambda r: r["real_tokens_per_s"] or 0.0)
+    rates = [r["real_tokens_per_s"] or 0.0 for r in ordered]
+    entry = {**ordered[(len(runs) - 1) // 2], "runs": len(runs),
+             "real_tokens_per_s": statistics.median(rates),
+             "real_tokens_per_s_min": rates[0], "real_tokens_per_s_max": rates[-1]}
+    return entry, [r["real_tokens_per_s"] for r in runs]
+
+
+def run_peer(cfg: BenchConfig, out: Path, recipe: str, mode: str = "throughput") -> dict:
+    """An unsloth recipe in its own process (it patches transformers when imported); its
+    failure is recorded in bench.json, not fatal."""
     if importlib.util.find_spec("unsloth") is None:
         return {"skipped": "not installed"}
     import torch
 
     if not torch.cuda.is_available():
         return {"skipped": "unsloth needs CUDA"}
-    return _run_peer(cfg, out, "throughput")
-
-
-def _spec(cfg: BenchConfig, **extra) -> dict:
-    return {"bench": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "run"},
-            "run": to_dict(cfg.run), **extra}
-
-
-def _run_peer(cfg: BenchConfig, out: Path, mode: str) -> dict:
-    spec = _spec(cfg, mode=mode, micro_batch=cfg.peer_micro_batch_size,
-                 lengths=list(cfg.context_lengths))
-    return _spawn("qlora_lab.bench_peer", spec, out, f"unsloth-{mode}", fatal=False)
-
-
-def _run_in_subprocess(cfg: BenchConfig, recipe: str, out: Path, mode: str = "throughput"
-                       ) -> dict:
-    return _spawn("qlora_lab.bench", _spec(cfg, recipe=recipe, mode=mode), out,
-                  f"{recipe}-{mode}", fatal=True)
-
-
-def _spawn(module: str, spec: dict, out: Path, name: str, fatal: bool) -> dict:
-    spec_path, result_path = out / f".{name}-spec.json", out / f".{name}-result.json"
-    spec_path.write_text(json.dumps(spec), encoding="utf-8")
-    result_path.unlink(missing_ok=True)
-    log.info("bench: running %s in its own process", name)
-    # The child's stdout (Trainer prints its summary dict there) goes to our stderr, so that
-    # stdout carries only the table.
-    proc = subprocess.run([sys.executable, "-m", module, str(spec_path), str(result_path)],
-                          check=False, stdout=sys.stderr)
-    if not result_path.is_file():
-        if not fatal:
-            return {"error": f"exited {proc.returncode} without a result"}
-        raise RuntimeError(f"bench {name} exited {proc.returncode} without a result")
-    result = json.loads(result_path.read_text(encoding="utf-8"))
-    if "error" in result and fatal:
-        raise UserError(f"recipe {name}: {result['error']}")
-    return result
+    given = spec(cfg, mode=mode, packed=recipe == "unsloth_packed",
+                 micro_batch=cfg.peer_micro_batch_size, lengths=list(cfg.context_lengths))
+    result = child.run_child("qlora_lab.bench_peer:run", given, out / f".{recipe}-{mode}",
+                             cfg.memory_cap_bytes, packages=PEER_PACKAGES)
+    if result.outcome is not child.Outcome.OK:
+        return {"error": result.error, "outcome": result.outcome.value,
+                "wall_seconds": result.wall_seconds}
+    peer_versions = {k: result.versions.get(k) for k in PEER_PACKAGES}
+    return {**result.value, "versions": peer_versions, "wall_seconds": result.wall_seconds}
 
 
 # --- max-context search (shared with the peer's process) ---------------------------------------
@@ -251,7 +284,7 @@ def search_max_context(make_trainer, lengths, out: Path, vocab_size: int) -> dic
     return {"longest_tokens": longest, "attempts": attempts}
 
 
-def _our_max_context(cfg: BenchConfig) -> dict:
+def our_max_context(cfg: BenchConfig) -> dict:
     """Ours at long context: one row, checkpoints offloaded to host memory, tiled MLP."""
     from qlora_lab.train import build_training_args, setup_training, trainer_class
 
@@ -278,19 +311,7 @@ def _our_max_context(cfg: BenchConfig) -> dict:
 # --- the child: one recipe in this process ------------------------------------------------------
 
 
-def _apply_memory_cap(cap: int | None, device: str) -> None:
-    import torch
-
-    if cap is None:
-        return
-    if device != "cuda":
-        log.info("bench: --memory-cap applies to CUDA only; ignored on %s", device)
-        return
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
-
-
-def _step_timer(device: str):
+def step_timer(device: str):
     """A callback that reads the clock and Trainer's real-token count after every step."""
     import torch
     from transformers import TrainerCallback
@@ -370,12 +391,20 @@ def _build_qlora_lab(run: RunConfig, out: Path):
 
 
 def bench_run_config(cfg: BenchConfig, recipe: str) -> RunConfig:
-    """The run both recipes train: every row trains (no held-out split), no eval, no saves."""
+    """The run every recipe trains: every row trains (no held-out split), no eval, no saves."""
     out = Path(cfg.output_dir) / "runs" / recipe
     data = dataclasses.replace(cfg.run.data, eval_fraction=0.0, eval_source=None)
     train = dataclasses.replace(cfg.run.train, output_dir=str(out), max_steps=cfg.steps,
                                 save_steps=cfg.steps + 1, tensorboard=False)
     return dataclasses.replace(cfg.run, data=data, train=train)
+
+
+def measure(given: dict) -> dict:
+    """A recipe's process (child.run_child's target): train it here and measure it."""
+    cfg = bench_config(given)
+    if given["mode"] == "max_context":
+        return our_max_context(cfg)
+    return run_recipe(cfg, given["recipe"])
 
 
 def run_recipe(cfg: BenchConfig, recipe: str) -> dict:
@@ -386,7 +415,6 @@ def run_recipe(cfg: BenchConfig, recipe: str) -> dict:
 
     run = bench_run_config(cfg, recipe)
     device = models.resolve_device(run.train.device)
-    _apply_memory_cap(cfg.memory_cap_bytes, device)
     if recipe == "plain":
         trainer, model, device, micro_batch, run = _build_plain(cfg, run,
                                                                 Path(run.train.output_dir))
@@ -394,15 +422,15 @@ def run_recipe(cfg: BenchConfig, recipe: str) -> dict:
         trainer, model, device, micro_batch, run = _build_qlora_lab(run,
                                                                     Path(run.train.output_dir))
     check = loss_check(trainer) if recipe == "qlora_lab" and run.train.packing else None
-    timer = _step_timer(device)
+    timer = step_timer(device)
     trainer.add_callback(timer)
     if device == "cuda":
         # The loss check's padded pass leaves blocks cached; without this they would count in
-        # the reserved peak (measured: 3.95 GiB reserved for 1.54 GiB allocated at 4 bins).
+        # the reserved peak (more than twice the allocated peak, as once measured).
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    result = _measure(cfg, recipe, timer.marks, model, device, micro_batch, run)
+    result = measurement(cfg, recipe, timer.marks, model, device, micro_batch, run)
     if check is not None:
         result["loss_check"] = check
     return result
@@ -430,8 +458,9 @@ def loss_check(trainer, rows: int = 8) -> dict:
             "abs_diff": abs(float(fast) - float(plain))}
 
 
-def _measure(cfg: BenchConfig, recipe: str, marks: list, model, device: str, micro_batch: int,
-             run: RunConfig) -> dict:
+def measurement(cfg: BenchConfig, recipe: str, marks: list, model, device: str,
+                micro_batch: int, run: RunConfig) -> dict:
+    """A recipe's bench.json entry from its step marks (step_timer) and its model."""
     import torch
 
     steps = len(marks) - 1
@@ -482,9 +511,11 @@ def _fmt(value, spec: str) -> str:
 def format_table(report: dict) -> str:
     lines = ["| recipe | real tok/s | step s | peak memory | MFU | non-quantized weights |",
              "|---|---:|---:|---:|---:|---|"]
+    notes = []
     for name, r in report["recipes"].items():
-        if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} | | | | |")
+        if "skipped" in r or "error" in r:
+            why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r['error']}"
+            lines.append(f"| {name} | {why} | | | | |")
             continue
         if r["peak_allocated_bytes"] is not None:
             peak = f"{r['peak_allocated_bytes'] / GIB:.2f} GiB allocated"
@@ -494,51 +525,13 @@ def format_table(report: dict) -> str:
         dtypes = ", ".join(r["weight_dtypes"]["non_quantized_base"])
         lines.append(f"| {name} | {_fmt(r['real_tokens_per_s'], ',.0f')} | "
                      f"{r['mean_step_seconds']:.3f} | {peak} | {mfu} | {dtypes} |")
-    lines.append(f"\nspeedup (qlora_lab / plain real tok/s): {_fmt(report['speedup'], '.2f')}x\n")
+        if "runs" in r:
+            notes.append(f"{name}: median of {r['runs']} runs, min "
+                         f"{r['real_tokens_per_s_min']:,.0f}, max {r['real_tokens_per_s_max']:,.0f}")
+        if r.get("host_lacks"):
+            notes.append(f"{name}: this host lacks {', '.join(r['host_lacks'])} (its packed "
+                         "attention's fast kernels)")
+    lines.append("")
+    lines += notes
+    lines.append(f"speedup (qlora_lab / plain real tok/s): {_fmt(report['speedup'], '.2f')}x\n")
     return "\n".join(lines)
-
-
-def _versions() -> dict:
-    names = ("qlora-lab", "torch", "transformers", "peft", "bitsandbytes", "accelerate")
-    found = {"python": platform.python_version()}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
-def _hardware() -> dict:
-    import torch
-
-    info = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "cuda": torch.cuda.is_available()}
-    if info["cuda"]:
-        info["gpu"] = torch.cuda.get_device_name()
-        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-    return info
-
-
-def _worker(spec_path: str, result_path: str) -> int:
-    """Entry point of a recipe's process: read the spec, run, write the result (or the error)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    cfg = BenchConfig(run=config_from_dict(spec["run"]), **spec["bench"])
-    try:
-        if spec.get("mode") == "max_context":
-            from qlora_lab import models
-
-            _apply_memory_cap(cfg.memory_cap_bytes, models.resolve_device(cfg.run.train.device))
-            result = _our_max_context(cfg)
-        else:
-            result = run_recipe(cfg, spec["recipe"])
-        code = 0
-    except UserError as exc:
-        result, code = {"error": str(exc)}, 2
-    Path(result_path).write_text(json.dumps(result, indent=2), encoding="utf-8")
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(_worker(*sys.argv[1:3]))

@@ -6,6 +6,7 @@ A UserError becomes one line on stderr and exit code 2; `--debug` shows the trac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -38,7 +39,8 @@ def _add_train(sub) -> None:
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed data rows (and report how many) instead of stopping")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config value, e.g. --set lora.r=8 (repeatable)")
+                   help="override any config value, e.g. --set lora.r=8 or --set "
+                   "lora.target_modules=[q_proj,v_proj] (repeatable)")
     p.add_argument("--budget", help="fit micro-batch and checkpointing to this VRAM budget "
                    "(e.g. 8GiB) with the planner before training")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -73,6 +75,24 @@ def _add_merge(sub) -> None:
     _add_safety_flags(p)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a run or a merged model as one GGUF file for "
+                       "llama.cpp and Ollama",
+                       description="Merge (in memory) and write a GGUF file: llama.cpp's "
+                       "architecture metadata, the tokenizer with its chat template, and the "
+                       "weights in f16 or q8_0. Supported architectures: llama, qwen2.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--adapter", help="a run's output dir (or its adapter/ dir); merged first")
+    src.add_argument("--model-dir", help="a merged model dir (from `merge`) or any "
+                     "save_pretrained folder")
+    p.add_argument("--model", help="base model: exported alone, or the adapter's base override")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the file to write")
+    p.add_argument("--type", choices=["f16", "q8_0"], help="weight type (default f16; q8_0 is "
+                   "about half the size, with a little more error)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
+    _add_safety_flags(p)
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="held-out loss, perplexity and answer quality (ROUGE-L, "
                        "exact match) per category",
@@ -91,6 +111,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--output-dir", help="report dir (default: <run dir>/eval, or ./eval)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed rows (and report how many) instead of stopping")
+    p.add_argument("--columns", help="rename the file's columns to schema fields first, as "
+                   "train's data.columns does (e.g. instruction=question,response=answer)")
 
 
 def _add_safety_flags(p) -> None:
@@ -143,9 +165,12 @@ def _add_bench(sub) -> None:
                    "the whole card; ignored on CPU)")
     p.add_argument("--steps", type=int, help="optimizer steps per recipe (default 20)")
     p.add_argument("--output-dir", help="where bench.json and bench.md go (default ./bench)")
-    p.add_argument("--recipes", help="comma-separated subset of plain,qlora_lab,unsloth "
-                   "(default all; unsloth runs only where it is installed)")
-    p.add_argument("--peer-micro-batch", type=int, help="unsloth's micro-batch (default 32)")
+    p.add_argument("--recipes", help="comma-separated subset of plain,qlora_lab,unsloth,"
+                   "unsloth_packed (default all; unsloth's run only where it is installed)")
+    p.add_argument("--plain-runs", type=int, help="runs of the plain recipe; bench.json "
+                   "reports their median, min and max (default 3)")
+    p.add_argument("--peer-micro-batch", type=int, help="unsloth's micro-batch: rows padded, "
+                   "bins packed (default 32)")
     p.add_argument("--context-lengths", help="also find the longest trainable row at "
                    "micro-batch 1, trying these lengths in order, e.g. 32768,65536,98304")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -172,7 +197,8 @@ def _add_lab(sub) -> None:
                    "--data)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a sweep size, e.g. --set seeds=0 --set stability_steps=10 "
-                   "(lists comma-separated; keys: see lab.TUNABLE)")
+                   "(train's --set grammar with one-word keys; lists as 0,1 or [0, 1]; keys: "
+                   "see lab.TUNABLE)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_generate(sub)
     _add_merge(sub)
+    _add_export(sub)
     _add_plan(sub)
     _add_eval(sub)
     _add_bench(sub)
@@ -196,14 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 def train_config_from_args(args):
     from qlora_lab.config import RunConfig, config_from_dict, load_yaml, parse_overrides
 
-    flags = {"model": {"name": args.model}, "data": {"source": getattr(args, "data", None)},
-             "train": {"output_dir": getattr(args, "output_dir", None),
-                       "max_steps": getattr(args, "max_steps", None),
-                       "save_steps": getattr(args, "save_steps", None),
-                       "seed": getattr(args, "seed", None)}}
-    if getattr(args, "skip_bad_rows", False):
-        flags["data"]["skip_bad_rows"] = True
-    flags = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in flags.items()}
+    flags = _run_flags(args)
     overrides = parse_overrides(args.set)
 
     def build(yaml_values: dict) -> RunConfig:
@@ -217,6 +237,39 @@ def train_config_from_args(args):
         source = str(saved)
         cfg = build(load_yaml(saved))  # resume repeats the saved run unless told otherwise
     return _consent_to_remote_code(cfg, args, overrides, source)
+
+
+# train, plan and bench flags set the run config field of their own name (--max-steps sets
+# train.max_steps); --model and --data name the section whose main field they set.
+SECTION_FLAGS = {"model": "name", "data": "source"}
+NOT_COPIED = {"trust_remote_code"}  # a consent, which _consent_to_remote_code alone grants
+
+
+def _run_flags(args) -> dict:
+    """{section: {field: value}} of the flags given: copied by field name, never one by one.
+
+    Unset flags (None, or False for a switch) are left out: the config's defaults, the YAML file
+    and --set decide those.
+    """
+    import typing
+
+    from qlora_lab.config import RunConfig
+
+    flags = {}
+    for section, cls in typing.get_type_hints(RunConfig).items():
+        values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)
+                  if f.name not in NOT_COPIED}
+        if section in SECTION_FLAGS:
+            values[SECTION_FLAGS[section]] = getattr(args, section, None)
+        flags[section] = {k: v for k, v in values.items() if v is not None and v is not False}
+    return flags
+
+
+def given_fields(args, cls, **computed) -> dict:
+    """Arguments for dataclass `cls`: the flags named like its fields, plus `computed` values,
+    without the unset ones (None), which keep `cls`'s defaults, the one place they live."""
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    return {k: v for k, v in {**values, **computed}.items() if v is not None}
 
 
 def _consent_to_remote_code(cfg, args, overrides: dict, source: str | None):
@@ -280,11 +333,7 @@ def _command(args) -> int:
     elif args.command == "generate":
         from qlora_lab.generate import GenerateConfig, run_generate
 
-        run_generate(GenerateConfig(
-            adapter=args.adapter, model_dir=args.model_dir, model=args.model,
-            prompt=args.prompt, prompt_file=args.prompt_file, chat=args.chat,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code))
+        run_generate(GenerateConfig(**given_fields(args, GenerateConfig)))
     elif args.command == "plan":
         from qlora_lab.plan import PlanConfig, run_plan
 
@@ -294,12 +343,7 @@ def _command(args) -> int:
     elif args.command == "eval":
         from qlora_lab.evaluate import EvalConfig, run_eval
 
-        given = {"adapter": args.adapter, "model_dir": args.model_dir, "model": args.model,
-                 "data": args.data, "compare_base": args.compare_base,
-                 "max_rows": args.max_rows, "max_new_tokens": args.max_new_tokens,
-                 "output_dir": args.output_dir, "skip_bad_rows": args.skip_bad_rows}
-        # Unset flags keep EvalConfig's defaults, the one place they live.
-        report = run_eval(EvalConfig(**{k: v for k, v in given.items() if v is not None}))
+        report = run_eval(EvalConfig(**given_fields(args, EvalConfig)))
         print(report["table"], end="")
         print(f"report: {report['output_dir']}/eval.json, eval.md, predictions.jsonl")
     elif args.command == "bench":
@@ -307,6 +351,7 @@ def _command(args) -> int:
 
         given = {"run": train_config_from_args(args), "steps": args.steps,
                  "output_dir": args.output_dir, "peer_micro_batch_size": args.peer_micro_batch,
+                 "plain_runs": args.plain_runs,
                  "recipes": _csv(args.recipes, str, "--recipes"),
                  "context_lengths": _csv(args.context_lengths, int, "--context-lengths"),
                  "command": shlex.join(["qlora-lab", *args.argv])}
@@ -318,14 +363,14 @@ def _command(args) -> int:
         print(report["table"], end="")
         print(f"report: {report['output_dir']}/bench.json, bench.md")
     elif args.command == "lab":
-        from qlora_lab.lab import lab_config, parse_overrides, run_lab
+        from qlora_lab.lab import LabConfig, lab_config, parse_overrides, run_lab
 
         if args.data and not args.eval_data:
             raise UserError(f"--data {args.data} needs --eval-data FILE: held-out rows with "
                             "reference answers for the eval and quality sections")
-        given = {"model": args.model, "speed_model": args.speed_model, "data": args.data,
-                 "eval_data": args.eval_data, "output_dir": args.output_dir,
-                 "command": shlex.join(["qlora-lab", *args.argv])}
+        # quick=None: --quick picks the preset (lab_config's first argument), not one field.
+        given = given_fields(args, LabConfig, quick=None,
+                             command=shlex.join(["qlora-lab", *args.argv]))
         if args.budget:
             from qlora_lab.memory import parse_bytes
 
@@ -341,10 +386,16 @@ def _command(args) -> int:
     elif args.command == "merge":
         from qlora_lab.merge import MergeConfig, run_merge
 
-        report = run_merge(MergeConfig(adapter=args.adapter, output_dir=args.output_dir,
-                                       model=args.model, allow_pickle=args.allow_pickle,
-                                       trust_remote_code=args.trust_remote_code,
-                                       dtype=args.dtype))
+        report = run_merge(MergeConfig(**given_fields(args, MergeConfig)))
+        print(json.dumps(report, indent=2))
+    elif args.command == "export":
+        from qlora_lab.export import ExportConfig, run_export
+
+        given = {"gguf": args.gguf, "adapter": args.adapter, "model_dir": args.model_dir,
+                 "model": args.model, "type": args.type, "overwrite": args.overwrite,
+                 "allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
+        # Unset flags keep ExportConfig's defaults, the one place they live.
+        report = run_export(ExportConfig(**{k: v for k, v in given.items() if v is not None}))
         print(json.dumps(report, indent=2))
     return 0
 

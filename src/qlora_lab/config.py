@@ -57,6 +57,8 @@ class ModelConfig:
     name: a preset (`tinyllama`, `smollm2-135m`, `tiny-random`), a hub id, a local directory or a
         `.gguf` file.
     trust_remote_code: run code shipped with a hub model. Off: it executes arbitrary Python.
+        Only this invocation's `--trust-remote-code` or `--set model.trust_remote_code=true`
+        turns it on; a YAML file or a run folder's config.yaml that sets it alone is refused.
     allow_pickle: accept pickle (.bin) weights when a model has no safetensors; they can run code.
     attn_implementation: `sdpa` is fast everywhere torch runs; `eager` is the reference.
     """
@@ -93,11 +95,12 @@ class QuantConfig:
 class LoraConfig:
     """The trainable low-rank adapters.
 
-    r: rank; higher = more capacity and memory. alpha: scale is alpha / r.
-        Chosen by a sweep of SmolLM2-135M on the Dolly sample (64 steps of 16 rows, held-out
-        answer loss, benchmarks/results/sweep_defaults.json): at lr 4e-4, scale 2 beat scale 1
-        (2.179 vs 2.205 at r 16, 2.163 vs 2.181 at r 32), and r 32 beat r 16 by 0.7 % (2.163 vs
-        2.179) for twice the adapter memory and optimizer state, so r stays 16 and alpha 32.
+    r: rank; higher = more capacity and memory. Chosen with `alpha` by a sweep of SmolLM2-135M
+        on the Dolly sample (64 steps of 16 rows, held-out answer loss,
+        benchmarks/results/sweep_defaults.json): at lr 4e-4, scale 2 beat scale 1 (2.179 vs
+        2.205 at r 16, 2.163 vs 2.181 at r 32), and r 32 beat r 16 by 0.7 % (2.163 vs 2.179) for
+        twice the adapter memory and optimizer state, so r stays 16 and alpha 32.
+    alpha: the adapters' update is scaled by alpha / r (2 by default; see the sweep under `r`).
     target_modules: `all-linear` = every linear projection except lm_head (QLoRA paper); or
         module names, comma-separated (`q_proj,v_proj`) or as a YAML list.
     weight_dtype: `float32` (default) keeps the trainable adapter weights, their gradients and
@@ -140,7 +143,19 @@ SCHEMA_FIELDS = {
 class DataConfig:
     """Where rows come from and how they become token sequences.
 
-    source: a hub dataset name or a local .jsonl/.json/.csv/.parquet file.
+    source: a hub dataset name, a local .jsonl/.json/.csv/.parquet file, or a dataset folder (data
+        files, with a README declaring configs or not, or one written by `save_to_disk`).
+    hub_config: the configuration (subset) of a hub dataset or dataset folder, as
+        `load_dataset(source, hub_config)` names it; empty = the dataset's only or default one.
+    split: the split of a hub dataset or dataset folder to train on.
+    eval_split: hold out this split (`test`, `validation`) of `eval_source`, or of `source` when
+        there is none, instead of `eval_fraction` of the training rows.
+    mix: draw rows from several sources by weight instead of from `source`: a YAML list of
+        `{source: a.jsonl, weight: 0.7}` mappings, each with its own optional `schema`,
+        `columns`, `hub_config` and `split`, or `a.jsonl=0.7,b.jsonl=0.3` (a weight defaults to
+        1). Each source gives each of its rows at most once, in a shuffle seeded with
+        `train.seed`: the total is the most rows the weights allow (capped by `max_rows`), and
+        summary.json records the rows drawn from each source.
     schema: `auto` detects it from the first row's keys: dolly (instruction/context/response),
         alpaca (instruction/input/output), chat (messages with role/content), sharegpt
         (conversations with from/value), prompt_completion (TRL's prompt/completion, as strings
@@ -154,12 +169,21 @@ class DataConfig:
         written, with no template (TRL does the same), unless `chat`/`plain` is asked for by name.
     train_on_prompt: also compute loss on prompt tokens (default: response tokens only).
     max_seq_len: longer rows are truncated or dropped (`overlength`), and the counts reported.
+    overlength: `truncate` cuts a longer row to max_seq_len tokens (the prompt's middle first,
+        the answer last); `drop` leaves it out. The counts are in summary.json under `data`.
     eval_source: a separate held-out file; otherwise `eval_fraction` of the rows is held out.
+    eval_fraction: the share of rows held out for evaluation when there is no `eval_source`
+        (chosen by a shuffle seeded with `train.seed`).
+    max_eval_rows: at most this many held-out rows are evaluated, from either source.
     max_rows: use only the first N rows (quick experiments); 0 = all.
     skip_bad_rows: skip malformed rows (and report the count) instead of stopping at the first.
     """
 
     source: str = DEFAULT_DATA
+    hub_config: str = ""
+    split: str = "train"
+    eval_split: str = ""
+    mix: str = ""
     schema: Literal["auto", "dolly", "alpaca", "chat", "sharegpt", "prompt_completion",
                     "text"] = "auto"
     columns: str = ""
@@ -183,6 +207,10 @@ class DataConfig:
         _require(self.max_eval_rows <= MAX_STEPS and self.max_rows <= MAX_STEPS,
                  "data.max_rows", self.max_rows, f"<= {MAX_STEPS}")
         self.column_map()  # raises on a malformed mapping
+        _require(bool(self.split.strip()), "data.split", self.split, "a split name (`train`)")
+        _require(not (self.mix and self.eval_split), "data.eval_split", self.eval_split,
+                 "empty with data.mix (hold out rows with data.eval_source or eval_fraction)")
+        self.mix_sources()  # raises on a malformed mix
 
     def column_map(self) -> dict[str, str]:
         """`columns` as {schema field: the file's column}."""
@@ -200,16 +228,80 @@ class DataConfig:
             mapping[target] = column
         return mapping
 
+    def mix_sources(self) -> list[tuple[DataConfig, float]]:
+        """`mix` as (this config with one source's settings, its weight); [] without a mix.
+
+        Each source's `schema`, `columns`, `hub_config` and `split` are its own (defaults when
+        not given), never the top-level ones, so sources of different layouts can be mixed.
+        """
+        text = self.mix.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            entries = parse_yaml_text(text, "config key data.mix")
+            _require(isinstance(entries, list) and bool(entries)
+                     and all(isinstance(e, dict) for e in entries), "data.mix", self.mix, MIX_FORMS)
+        else:
+            entries = []
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                source, sep, weight = part.rpartition("=")
+                entries.append({"source": source.strip(), "weight": weight.strip()} if sep
+                               else {"source": part})
+        out = []
+        for i, entry in enumerate(entries):
+            key = f"data.mix[{i}]"
+            unknown = sorted(map(str, set(entry) - MIX_KEYS))
+            allowed = ", ".join(sorted(MIX_KEYS))
+            _require(not unknown, key, entry,
+                     f"a mapping with keys among {allowed} (not {unknown[0] if unknown else ''!r})")
+            _require(isinstance(entry.get("source"), str) and bool(entry["source"].strip()), key,
+                     entry, "a mapping with a `source` (a file, folder or hub dataset name)")
+            check_path_text(entry["source"], f"config key {key}.source")
+            weight = entry.get("weight", 1.0)
+            try:
+                weight = float(weight) if not isinstance(weight, bool) else math.nan
+            except (TypeError, ValueError):
+                weight = math.nan
+            _require(math.isfinite(weight) and weight > 0, f"{key}.weight", entry.get("weight"),
+                     "a positive number (the source's share of the rows drawn)")
+            values = {"schema": "auto", "columns": "", "hub_config": "", "split": "train",
+                      **{k: v for k, v in entry.items() if k != "weight"}, "mix": ""}
+            try:
+                out.append((_section_from_dict(DataConfig, values, f"{key}.", self), weight))
+            except UserError as exc:  # DataConfig's own checks name `data.<field>`: say which
+                text = str(exc)
+                raise UserError(text if f" {key}." in text
+                                else text.replace(" data.", f" {key}.", 1)) from None
+        return out
+
+
+MIX_KEYS = frozenset({"source", "weight", "schema", "columns", "hub_config", "split"})
+MIX_FORMS = ("a list of {source, weight} mappings (each may add schema, columns, hub_config, "
+             "split), or source=weight pairs, comma-separated (a.jsonl=0.7,b.jsonl=0.3)")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and bookkeeping.
 
-    micro_batch_size x grad_accum_steps (x processes) = rows per optimizer step, with packing on
-        or off (the QLoRA demo's 16). One micro-batch of 16 rows instead of 4 x 4 accumulation is
+    output_dir: the run folder: config.yaml, adapter/, checkpoints/, metrics.jsonl, summary.json.
+    micro_batch_size: rows per forward pass (packed into bins or padded).
+    grad_accum_steps: micro-batches accumulated into one optimizer step.
+        micro_batch_size x grad_accum_steps (x processes) = rows per optimizer step, with packing
+        on or off (the QLoRA demo's 16). One micro-batch of 16 rows instead of 4 x 4 accumulation is
         the same step (the loss is averaged over the step's answer tokens either way) in fewer,
         larger forward passes; lower it and raise accumulation when memory is short.
     max_steps: optimizer steps; 0 = run `epochs` over the data instead.
+    epochs: passes over the training rows when max_steps is 0 (a fraction is allowed).
+    learning_rate: the peak learning rate. 4e-4 won the sweep described under LoraConfig.r:
+        held-out loss 2.179 at 4e-4 vs 2.217 at 2e-4 and 2.272 at 1e-4 (r 16, alpha 32).
+    lr_scheduler: the decay after warmup. In the sweep (r 32, lr 4e-4) constant with warmup gave
+        2.153, linear 2.162, cosine 2.163: 0.5 % in 64 steps, where a decaying schedule spends
+        most steps at a low rate. Cosine stays: long runs end better annealed.
+    warmup_ratio: the share of steps over which the rate rises linearly. 0, 3 and 10 % gave
+        2.162, 2.163 and 2.163 in the sweep; 3 % guards a long run's first steps against Adam's
+        untrained second moments.
+    weight_decay: AdamW's decoupled weight decay on the trainable (LoRA) weights.
     optimizer: `auto` = paged 8-bit AdamW on CUDA (optimizer state in 8 bits, paged to host RAM
         under pressure), torch AdamW on CPU (bitsandbytes' 8-bit optimizers need CUDA).
     max_grad_norm: 0.3 follows the QLoRA paper; 4-bit training is sensitive to spikes.
@@ -217,6 +309,8 @@ class TrainConfig:
     checkpoint_every: with checkpointing, checkpoint only every n-th decoder layer (selective
         checkpointing; the others keep their activations): less recomputation, more memory.
     save_steps / eval_steps / logging_steps: in optimizer steps.
+    save_total_limit: how many of the newest checkpoints are kept; older ones are deleted.
+    seed: seeds torch, numpy and Python's random, the held-out split and the data order.
     device: `auto` = CUDA when available, else CPU.
     tensorboard: TensorBoard logs in <output_dir>/tensorboard when the tensorboard package is
         installed (a warning says so when it is not; metrics.jsonl has the same numbers).
@@ -358,7 +452,7 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 # --- building a config from YAML and overrides -------------------------------------------------
 
 
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
+def check_type(key: str, value: Any, annotation: Any) -> Any:
     """Return `value` as `annotation` requires, or raise a one-line error quoting it."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
         # torch and numpy index with int64; larger never works (and str() may refuse it)
@@ -380,7 +474,7 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_type(key, value, inner[0])
+        return check_type(key, value, inner[0])
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -428,7 +522,10 @@ def _section_from_dict(cls: type, values: dict, prefix: str, base: Any) -> Any:
             value = ",".join(str(v) for v in value)  # [q_proj, v_proj] in YAML or --set
         if key == "columns" and isinstance(value, dict):
             value = ",".join(f"{k}={v}" for k, v in value.items())  # {instruction: question}
-        updates[key] = _check_type(prefix + key, value, hints[key])
+        if key == "mix" and isinstance(value, list):  # kept as YAML text: see mix_sources
+            value = yaml.safe_dump(value, default_flow_style=True, width=math.inf,
+                                   allow_unicode=True, sort_keys=False).strip()
+        updates[key] = check_type(prefix + key, value, hints[key])
     return replace(base, **updates)
 
 
@@ -523,20 +620,52 @@ def load_yaml(path: str | Path) -> dict:
     return parse_yaml_text(text, f"config file {path}") or {}
 
 
+def split_set_pair(pair: str, depth: int) -> tuple[list[str], Any]:
+    """One `--set KEY=VALUE`, the grammar `train`, `plan`, `bench` and `lab` share.
+
+    KEY is `depth` dotted names (`lora.r` for a run config, `seeds` for lab) and ends at the first
+    `=`. VALUE is read as YAML data (`8`, `true`, `2e-4`, `[q_proj, v_proj]`, `{a: b}`); text
+    that is not YAML stays the text as written. Raises ValueError for a malformed pair; the
+    value's type is checked later, against the field it sets.
+    """
+    key, sep, raw = pair.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != depth or not all(parts):
+        raise ValueError(pair)
+    try:
+        value = parse_yaml_text(raw, f"--set {_short(key)}") if raw.strip() else ""
+    except InvalidYaml:
+        value = raw  # not YAML: the text as written, then type-checked like any value
+    return parts, value
+
+
+def set_list(value: Any) -> list:
+    """A list-valued `--set` value as its items: a YAML list (`[0, 1]`) as it is, comma-separated
+    text (`0,1`, `nf4, 16bit`) split and each item read as YAML, one scalar as one item."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str):
+        items = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                items.append(parse_yaml_text(part, "--set item"))
+            except InvalidYaml:
+                items.append(part)
+        return items
+    return [value]
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """Turn `["train.max_steps=5", "lora.r=8"]` into a nested dict, YAML-typing each value."""
     nested: dict = {}
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
-            raise UserError(f"--set {_short(pair)} is malformed: use --set section.key=value "
-                            "(e.g. --set lora.r=8)")
         try:
-            value = parse_yaml_text(raw, f"--set {_short(key)}") if raw.strip() else ""
-        except InvalidYaml:
-            value = raw  # not YAML: the text as written, then type-checked like any value
-        nested.setdefault(parts[0], {})[parts[1]] = value
+            (section, key), value = split_set_pair(pair, depth=2)
+        except ValueError:
+            raise UserError(f"--set {_short(pair)} is malformed: use --set section.key=value "
+                            "(e.g. --set lora.r=8, --set lora.target_modules=[q_proj,v_proj])"
+                            ) from None
+        nested.setdefault(section, {})[key] = value
     return nested
 
 

@@ -1,7 +1,9 @@
 """Rows -> messages -> prompt text -> token ids with a loss mask -> padded batches.
 
-Sources: a local .jsonl/.json/.csv/.parquet file or a hub dataset name. Schemas (auto-detected;
-`data.columns` renames a file's columns to these fields first):
+Sources: a local .jsonl/.json/.csv/.parquet file, or a hub dataset or local dataset folder read by
+`datasets` (`data.hub_config` picks its config, `data.split` its split), or a weighted mix of
+several sources (`data.mix`, `_draw_mix`). Schemas (auto-detected per source; `data.columns`
+renames a file's columns to these fields first):
 - dolly:    instruction, context (optional), response
 - alpaca:   instruction, input (optional), output
 - chat:     messages = [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]
@@ -29,6 +31,11 @@ prompt/completion rows) are their texts end to end, as TRL trains them: the BOS 
 tokenizer adds one to plain text, then the prompt, then the answer and EOS.
 Training and `generate` share `render_prompt`, so the two can never drift apart.
 
+Answer masks. A chat template with `{% generation %}` blocks marks what the assistant says, and
+those marks are the mask (as in TRL's assistant-only loss). Otherwise each answer is what
+rendering it adds after its prompt (`render_segments`). Either way every assistant turn of a
+multi-turn row is trained, except the prompt side of TRL's conversational rows.
+
 A row over `data.max_seq_len` tokens loses the middle of its prompt first, then the end of its
 last answer's text, but never that answer's end-of-turn marker (`fit_to_length`). A text row has
 no end marker to keep: it loses its end, as in pre-training.
@@ -40,10 +47,12 @@ import csv
 import io
 import json
 import logging
+import math
 import random
+import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,53 +186,114 @@ def _iter_parquet(path: Path) -> Iterator[Row]:
         yield Row(f"{path}:row {i}", item)
 
 
-def _iter_hub(name: str) -> Iterator[Row]:
+def _iter_dataset(name: str, hub_config: str, split: str, split_key: str) -> Iterator[Row]:
+    """Rows of one split of a hub dataset or a local dataset folder (`datasets` reads both)."""
     import datasets
 
+    path = Path(name).expanduser()
     try:
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as exc:  # network, missing dataset, offline mode...
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"could not load dataset {name!r} ({msg}) — pass a local "
-                        ".jsonl/.json/.csv/.parquet file with --data, or check the name") from None
+        if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(path))  # written by save_to_disk: no configs
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise _not_a_split(name, split, list(ds), split_key)
+                ds = ds[split]
+            elif split != "train":
+                raise _not_a_split(name, split, ["train"], split_key)
+        else:
+            ds = datasets.load_dataset(name, hub_config or None, split=split)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — network, offline, no such dataset/config/split
+        raise _dataset_error(name, hub_config, split, split_key, exc) from None
+    label = name if (split, hub_config) == ("train", "") else f"{name}[{hub_config}:{split}]"
     for i, item in enumerate(ds):
-        yield Row(f"{name}:row {i}", item)
+        yield Row(f"{label}:row {i}", item)
 
 
-def read_rows(source: str) -> list[Row]:
-    """All rows of a source. A row whose `values` is a UserError failed to parse."""
+def _not_a_split(name: str, split: str, splits: list[str], split_key: str) -> UserError:
+    return UserError(f"{split_key} = {split!r} is not a split of {_shown(name)} (its splits: "
+                     f"{', '.join(splits)}) — set {split_key} to one of them")
+
+
+def _dataset_error(name: str, hub_config: str, split: str, split_key: str,
+                   exc: Exception) -> UserError:
+    """Why `load_dataset` failed, in one line: asked again through `datasets`' own listings of
+    configs and splits (its exceptions are all ValueError), else its first line."""
+    import datasets
+
+    def listed(function, *args) -> list[str]:
+        try:
+            return list(function(name, *args))
+        except Exception:  # noqa: BLE001 — offline, or no such dataset: no listing
+            return []
+
+    configs = listed(datasets.get_dataset_config_names)
+    if configs and hub_config and hub_config not in configs:
+        return UserError(f"data.hub_config = {hub_config!r} is not a config of {_shown(name)} "
+                         f"(its configs: {', '.join(configs[:20])}) — set data.hub_config to one")
+    if len(configs) > 1 and not hub_config:
+        return UserError(f"{_shown(name)} has several configs ({', '.join(configs[:20])}) — "
+                         "pick one with data.hub_config")
+    splits = listed(datasets.get_dataset_split_names, hub_config or None)
+    if splits and split not in splits:
+        return _not_a_split(name, split, splits, split_key)
+    return UserError(f"could not load dataset {_shown(name)!r} ({_first_line(exc)}) — pass a "
+                     "local .jsonl/.json/.csv/.parquet file or dataset folder with --data, or "
+                     "check the name")
+
+
+def read_rows(source: str, hub_config: str = "", split: str = "train",
+              split_key: str = "data.split") -> list[Row]:
+    """All rows of a source. A row whose `values` is a UserError failed to parse.
+
+    `hub_config` and `split` pick the part of a hub dataset or dataset folder to read; a file has
+    neither (`split_key` names the config key that chose `split`, for error messages).
+    """
     path = Path(source).expanduser()
-    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+    is_file_like = path.suffix.lower() in LOCAL_SUFFIXES
+    if path.is_dir() and not is_file_like:
+        rows = list(_iter_dataset(source, hub_config, split, split_key))
+    elif is_file_like or path.exists():
         if path.is_dir():
             raise UserError(f"data file {_shown(source)} is a directory — pass a "
                             ".jsonl/.json/.csv/.parquet file inside it")
         if not path.is_file():
             raise UserError(f"data file {_shown(source)} does not exist — pass an existing "
-                            ".jsonl/.json/.csv/.parquet file or a hub dataset name")
-        suffix = path.suffix.lower()
-        if suffix == ".parquet":
-            rows = list(_iter_parquet(path))
-        elif suffix not in LOCAL_SUFFIXES:
-            raise UserError(f"data file {_shown(source)} has an unsupported suffix {suffix!r} — use one "
-                            "of " + ", ".join(LOCAL_SUFFIXES))
-        else:
-            try:
-                raw = path.read_bytes()
-            except OSError as exc:
-                raise UserError(f"data file {_shown(source)} cannot be read ({exc.strerror})") from None
-            try:
-                text = raw.decode("utf-8-sig")
-            except UnicodeDecodeError as exc:
-                line = raw[: exc.start].count(b"\n") + 1
-                raise UserError(f"{path}:{line}: not valid UTF-8 (byte {exc.start}) — re-save "
-                                "the file as UTF-8") from None
-            reader = {".jsonl": _iter_jsonl, ".json": _iter_json, ".csv": _iter_csv}[suffix]
-            rows = list(reader(path, text))
+                            ".jsonl/.json/.csv/.parquet file, a dataset folder or a hub dataset "
+                            "name")
+        if hub_config or split != "train":
+            given = f"{split_key} = {split!r}" if split != "train" else ""
+            given = given or f"data.hub_config = {hub_config!r}"
+            raise UserError(f"{given} applies to hub datasets and dataset folders, but "
+                            f"{_shown(source)} is a file — leave it unset for files")
+        rows = _read_file(path, source)
     else:
-        rows = list(_iter_hub(source))
+        rows = list(_iter_dataset(source, hub_config, split, split_key))
     if not rows:
         raise UserError(f"data source {_shown(source)} has no rows — add rows or pick another file")
     return rows
+
+
+def _read_file(path: Path, source: str) -> list[Row]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return list(_iter_parquet(path))
+    if suffix not in LOCAL_SUFFIXES:
+        raise UserError(f"data file {_shown(source)} has an unsupported suffix {suffix!r} — use one "
+                        "of " + ", ".join(LOCAL_SUFFIXES))
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"data file {_shown(source)} cannot be read ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {exc.start}) — re-save "
+                        "the file as UTF-8") from None
+    reader = {".jsonl": _iter_jsonl, ".json": _iter_json, ".csv": _iter_csv}[suffix]
+    return list(reader(path, text))
 
 
 # --- schemas -------------------------------------------------------------------------------------
@@ -449,10 +519,15 @@ def render_prompt(messages: list[dict], tokenizer, template: str,
 def render_segments(messages: list[dict], tokenizer, template: str) -> list[tuple[str, bool]]:
     """Split a conversation into (text, is_answer) pieces; answers are what the loss trains on.
 
-    Each answer's text is what the template adds after the generation prompt, so the model learns
-    to emit the template's end-of-turn marker too and generation stops where training stopped.
-    Assistant messages marked `"trained": False` stay in the prompt.
+    A chat template with `{% generation %}` blocks marks the answers itself (`marked_segments`).
+    Otherwise each answer's text is what the template adds after the generation prompt, so the
+    model learns to emit the template's end-of-turn marker too and generation stops where
+    training stopped. Assistant messages marked `"trained": False` stay in the prompt.
     """
+    if template == "chat" and _has_generation_marks(tokenizer):
+        segments = marked_segments(messages, tokenizer)
+        if segments is not None:
+            return segments
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, msg in enumerate(messages):
@@ -467,6 +542,57 @@ def render_segments(messages: list[dict], tokenizer, template: str) -> list[tupl
         segments.append((prompt[len(done):], False))
         segments.append((full[len(prompt):], True))
         done = full
+    return segments
+
+
+GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects it
+
+
+def _has_generation_marks(tokenizer) -> bool:
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and bool(GENERATION_MARK.search(template))
+
+
+def _mask_method(tokenizer, template: str) -> str:
+    """How answers were told from prompts, for the data stats."""
+    if template == "chat" and _has_generation_marks(tokenizer):
+        return "generation marks"
+    return "prefixes" if template == "chat" else template
+
+
+def marked_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]] | None:
+    """(text, is_answer) pieces from the template's `{% generation %}` blocks, the answer mask
+    TRL's assistant-only loss reads (`apply_chat_template(return_assistant_tokens_mask=True)`).
+
+    The n-th block is the n-th assistant message, trained unless it is marked `"trained": False`;
+    the text after the last trained answer is left out (nothing after it is trained). None when
+    the blocks do not pair with the assistant messages, or the tokenizer gives no character
+    offsets (a slow tokenizer): then answers are found by rendering prefixes.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        offsets = out.encodings[0].offsets
+    except (ValueError, TypeError, AttributeError, IndexError):  # slow tokenizers have no offsets
+        return None
+    spans: list[list[int]] = []  # character spans of runs of marked tokens
+    previous = False
+    for marked, (start, end) in zip(out["assistant_masks"], offsets):
+        if marked and previous:
+            spans[-1][1] = end
+        elif marked:
+            spans.append([start, end])
+        previous = bool(marked)
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    if len(spans) != len(assistants):
+        return None
+    segments: list[tuple[str, bool]] = []
+    at = 0
+    for (start, end), msg in zip(spans, assistants):
+        if _is_answer(msg):
+            segments += [(text[at:start], False), (text[start:end], True)]
+            at = end
     return segments
 
 
@@ -664,42 +790,134 @@ def _first_object(rows: list[Row]) -> Row:
     return first
 
 
+@dataclass(frozen=True)
+class Source:
+    """One source's valid conversations and what its first row decided."""
+
+    name: str
+    schema: str
+    template: str
+    as_written: bool
+    conversations: list  # (where, messages)
+    rows_read: int
+
+
+def read_source(cfg: DataConfig, tokenizer, stats: dict, max_rows: int = 0) -> Source:
+    """`cfg.source` read, renamed (`cfg.columns`), detected and validated."""
+    rows = read_rows(cfg.source, cfg.hub_config, cfg.split)
+    if max_rows:
+        rows = rows[:max_rows]
+    rows = rename_columns(rows, cfg.column_map())
+    first = _first_object(rows)
+    schema = cfg.schema if cfg.schema != "auto" else detect_schema(first.values, first.where)
+    template = data_template(cfg, schema, first.values, tokenizer)
+    as_written = trained_as_written(schema, first.values)
+    return Source(cfg.source, schema, template, as_written,
+                  _valid_messages(rows, schema, as_written, cfg, stats), len(rows))
+
+
+def _hold_out(conversations: list, cfg: DataConfig, seed: int) -> tuple[list, list]:
+    """(train, held-out): `eval_fraction` of the conversations, chosen by a seeded shuffle."""
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(cfg.max_eval_rows, round(len(order) * cfg.eval_fraction))
+    if cfg.eval_fraction > 0 and len(order) >= 2:
+        n_eval = max(n_eval, 1)
+    return ([conversations[i] for i in order[n_eval:]],
+            [conversations[i] for i in order[:n_eval]])
+
+
+def mix_counts(available: list[int], weights: list[float], cap: int = 0) -> list[int]:
+    """Rows to draw from each source: as many in all as the sources give without drawing any
+    row twice (the scarcest source for its weight sets the total), at most `cap` (0 = no cap),
+    split in shares as close to the weights as whole rows allow (largest remainders round up)."""
+    shares = [w / sum(weights) for w in weights]
+    total = min(math.floor(n / share + 1e-9) for n, share in zip(available, shares))
+    total = min(total, cap) if cap else total
+    exact = [min(share * total, n) for share, n in zip(shares, available)]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _draw_mix(cfg: DataConfig, tokenizer, seed: int, stats: dict) -> tuple[list, list, str, str]:
+    """(train, held-out, schema, template) of `data.mix`; what was drawn goes in stats["mix"].
+
+    Each source is shuffled (seeded) and its first rows drawn, so no row is drawn twice and the
+    held-out rows, taken from the drawn ones, never reach training.
+    """
+    mix = cfg.mix_sources()
+    sources = [read_source(sub, tokenizer, stats) for sub, _ in mix]
+    for src in sources:
+        if not src.conversations:
+            raise UserError(f"data.mix source {_shown(src.name)} has no valid rows "
+                            f"({stats['bad_rows_skipped']} skipped so far) — fix it or drop it")
+        if src.template != sources[0].template:
+            raise UserError(f"data.mix: {_shown(src.name)} renders with template "
+                            f"{src.template!r} but {_shown(sources[0].name)} with "
+                            f"{sources[0].template!r} — mix sources of one kind (text rows and "
+                            "TRL's string prompt/completion rows are trained as written)")
+    counts = mix_counts([len(s.conversations) for s in sources], [w for _, w in mix],
+                        cfg.max_rows)
+    rng = random.Random(seed)
+    drawn = []  # (source index, conversation)
+    for i, (src, k) in enumerate(zip(sources, counts)):
+        order = list(range(len(src.conversations)))
+        rng.shuffle(order)
+        drawn += [(i, src.conversations[j]) for j in sorted(order[:k])]
+    template = sources[0].template
+    if cfg.eval_source:
+        held = read_source(replace(cfg, source=cfg.eval_source, hub_config="", split="train",
+                                   mix=""), tokenizer, stats)
+        if held.template != template:
+            raise UserError(f"data.eval_source {_shown(held.name)} renders with template "
+                            f"{held.template!r} but data.mix with {template!r} — hold out rows "
+                            "of the same kind")
+        train, held_out = drawn, [(None, c) for c in held.conversations]
+    else:
+        train, held_out = _hold_out(drawn, cfg, seed)
+    stats["mix"] = [{"source": src.name, "weight": weight, "schema": src.schema,
+                     "rows_valid": len(src.conversations), "rows_drawn": k,
+                     "share_drawn": round(k / max(1, sum(counts)), 4),
+                     "eval_rows": sum(1 for j, _ in held_out if j == i)}
+                    for i, (src, (_, weight), k) in enumerate(zip(sources, mix, counts))]
+    stats["rows_read"] = sum(s.rows_read for s in sources)
+    schema = "+".join(dict.fromkeys(s.schema for s in sources))  # "dolly+sharegpt"
+    return [c for _, c in train], [c for _, c in held_out], schema, template
+
+
 def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read, validate, split, render and tokenize. Counts of what was skipped go in `stats`."""
     stats = {"bad_rows_skipped": 0, "clipped_chars": 0, "truncated": 0,
              "truncated_prompt_tokens": 0, "truncated_answer_tokens": 0,
              "dropped_overlength": 0, "dropped_no_answer_tokens": 0}
-    columns = cfg.column_map()
-    rows = read_rows(cfg.source)
-    if cfg.max_rows:
-        rows = rows[: cfg.max_rows]
-    rows = rename_columns(rows, columns)
-    first = _first_object(rows)
-    schema = cfg.schema if cfg.schema != "auto" else detect_schema(first.values, first.where)
-    template = data_template(cfg, schema, first.values, tokenizer)
-    as_written = trained_as_written(schema, first.values)
-    conversations = _valid_messages(rows, schema, as_written, cfg, stats)
-    if cfg.eval_source:
-        eval_rows = rename_columns(read_rows(cfg.eval_source), columns)
-        eval_convs = _valid_messages(eval_rows, schema, as_written, cfg, stats)
-        train_convs = conversations
+    if cfg.mix:
+        train_convs, eval_convs, schema, template = _draw_mix(cfg, tokenizer, seed, stats)
     else:
-        order = list(range(len(conversations)))
-        random.Random(seed).shuffle(order)
-        n_eval = min(cfg.max_eval_rows, round(len(order) * cfg.eval_fraction))
-        if cfg.eval_fraction > 0 and len(order) >= 2:
-            n_eval = max(n_eval, 1)
-        eval_convs = [conversations[i] for i in order[:n_eval]]
-        train_convs = [conversations[i] for i in order[n_eval:]]
+        src = read_source(cfg, tokenizer, stats, cfg.max_rows)
+        schema, template = src.schema, src.template
+        stats["rows_read"] = src.rows_read
+        if cfg.eval_source or cfg.eval_split:
+            # A split of the same dataset, or another source with the same columns and schema.
+            where = ((cfg.eval_source, "", cfg.eval_split or "train") if cfg.eval_source
+                     else (cfg.source, cfg.hub_config, cfg.eval_split))
+            eval_rows = rename_columns(read_rows(*where, split_key="data.eval_split"),
+                                       cfg.column_map())
+            eval_convs = _valid_messages(eval_rows, schema, src.as_written, cfg, stats)
+            train_convs = src.conversations
+        else:
+            train_convs, eval_convs = _hold_out(src.conversations, cfg, seed)
     eval_convs = eval_convs[: cfg.max_eval_rows]
     train = _encode(train_convs, tokenizer, template, cfg, stats)
     evals = _encode(eval_convs, tokenizer, template, cfg, stats)
     if not train:
-        raise UserError(f"data source {cfg.source} left no trainable rows after filtering "
-                        f"({stats}) — raise data.max_seq_len or check the rows")
-    stats.update(rows_read=len(rows), train_rows=len(train), eval_rows=len(evals),
+        raise UserError(f"data source {_shown(cfg.mix or cfg.source)} left no trainable rows "
+                        f"after filtering ({stats}) — raise data.max_seq_len or check the rows")
+    stats.update(train_rows=len(train), eval_rows=len(evals),
                  train_tokens=sum(len(e["input_ids"]) for e in train), schema=schema,
-                 template=template)
+                 template=template, answer_masks=_mask_method(tokenizer, template))
     return PreparedData(train, evals, schema, template, stats)
 
 

@@ -32,12 +32,14 @@ from pathlib import Path
 import torch
 
 from qlora_lab import fsio
+from qlora_lab.config import DataConfig
 from qlora_lab.data import (
     IGNORE_INDEX,
     PadCollator,
     detect_schema,
     encode_conversation,
     read_rows,
+    rename_columns,
     render_prompt,
     row_to_messages,
 )
@@ -74,6 +76,8 @@ class EvalConfig:
     generate_batch_size: prompts answered per `generate` call (greedy, left-padded); 1 = one at
         a time, exactly like `qlora-lab generate`.
     skip_bad_rows: skip malformed rows (and report how many) instead of stopping at the first.
+    columns: rename the file's columns to a schema's fields first, as `data.columns` does for
+        `train` (`instruction=question,response=answer`).
     output_dir: where eval.json, eval.md and predictions.jsonl go; None = <run dir>/eval for an
         adapter, ./eval otherwise.
     device: `auto` = CUDA when available, else CPU.
@@ -93,6 +97,7 @@ class EvalConfig:
     loss_batch_size: int = 4
     generate_batch_size: int = 8
     skip_bad_rows: bool = False
+    columns: str = ""
     output_dir: str | None = None
     device: str = "auto"
 
@@ -112,6 +117,7 @@ class EvalConfig:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a "
                                 "positive integer")
+        DataConfig(columns=self.columns)  # a malformed mapping fails here, in one line
         if self.max_rows < 0:
             raise UserError(f"--max-rows {self.max_rows} must be >= 0 (0 = all rows)")
 
@@ -172,6 +178,7 @@ def load_eval_rows(cfg: EvalConfig) -> tuple[list[EvalRow], int]:
     rows = read_rows(cfg.data)
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
+    rows = rename_columns(rows, DataConfig(columns=cfg.columns).column_map())
     first = next((r for r in rows if isinstance(r.values, dict)), rows[0])
     if isinstance(first.values, UserError):
         raise first.values  # no row parsed: the first one's own error names file and line

@@ -1,7 +1,8 @@
 """`qlora-lab lab`: measure the three tradeoffs of memory-bound fine-tuning, as one report.
 
-Every number in the report comes from work this invocation did: planner predictions
-(memory.estimate_peak_memory), real `train` runs, real generation and real `eval`. Sections:
+Every number in the report comes from work this invocation did (or, continuing an interrupted
+one, the same command did: see below): planner predictions (memory.estimate_peak_memory), real
+`train` runs, real generation and real `eval`. Sections:
 
 1. feasibility   seq_len x micro-batch x rank x checkpointing x 4/16-bit under --budget, as the
                  planner predicts it; on CUDA, real train steps confirm a subset (each in its own
@@ -16,8 +17,12 @@ Every number in the report comes from work this invocation did: planner predicti
 
 Outputs in --output-dir: report.json (every number, the config, versions, hardware and the
 command), report.md, report.html (standalone: plots inlined as data URIs) and the PNGs; each
-run's scratch dir under runs/. Training runs, their records and generation timing live in
-lab_runs.py; rendering lives in lab_report.py.
+run's scratch dir under runs/. How a run is trained, recorded and timed lives in lab_runs.py;
+rendering lives in lab_report.py.
+
+Interrupted (Ctrl-C, SIGTERM), a lab keeps report.json ("complete": false) and every finished
+run's record. The same command again, into the same --output-dir, continues it: finished
+training runs are read back (marked "reused", listed in `reused_runs`), everything else runs.
 """
 
 from __future__ import annotations
@@ -31,17 +36,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qlora_lab import fsio, memory
-from qlora_lab.config import RunConfig
-from qlora_lab.errors import UserError
-from qlora_lab.lab_runs import (
-    Lab,
-    _apply_cap,
-    _free_memory,
-    base_run,
-    long_rows_file,
-    time_generation,
-)
+from qlora_lab import child, fsio, memory
+from qlora_lab.config import RunConfig, config_from_dict
+from qlora_lab.errors import TrainingInterrupted, UserError
+from qlora_lab.lab_runs import RunBook, free_memory, long_rows_file, time_generation
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +120,7 @@ class LabConfig:
 
 
 # --quick: the tiny random model everywhere, budgets small enough that the planner picks a
-# different micro-batch for it at each (4, 8 and 16 rows: ~92-106 MiB predicted reserved), a
-# few steps per run.
-# About a minute on 2 CPU cores.
+# different micro-batch for it at each (4, 8 and 16 rows), a few steps per run.
 QUICK = {"model": "tiny-random", "speed_model": "tiny-random",
          "seq_lens": (256, 512, 1024, 2048), "micro_batches": (1, 2, 4, 8, 16),
          "budgets_bytes": (95 * MIB, 103 * MIB, 117 * MIB), "throughput_seq_len": 256,
@@ -150,35 +146,40 @@ TUNABLE = ("seq_lens", "micro_batches", "ranks", "measure_configs", "measure_ste
 def parse_overrides(pairs: list[str]) -> dict:
     """`["seeds=0,1", "stability_steps=10"]` -> LabConfig values, each checked for its type.
 
-    Lists are comma-separated; numbers are read as the field's default is typed.
+    The grammar of `train --set` (config.split_set_pair), with one-word keys: lists are
+    comma-separated or YAML (`seeds=[0, 1]`), and each value is checked against its field's type
+    as a run config's are (a list item against the type of the field's default items).
     """
-    from qlora_lab.config import InvalidYaml, parse_yaml_text
+    import typing
+
+    from qlora_lab.config import check_type, set_list, split_set_pair
 
     defaults = {f.name: f.default for f in dataclasses.fields(LabConfig)}
+    hints = typing.get_type_hints(LabConfig)
     values = {}
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip()
-        if not sep or key not in TUNABLE:
+        try:
+            (key,), value = split_set_pair(pair, depth=1)
+        except ValueError:  # malformed: no '=', or a dotted key
+            key = None
+        if key not in TUNABLE:
             raise UserError(f"lab --set {pair[:80]!r}: use KEY=VALUE with KEY one of "
                             f"{', '.join(TUNABLE)}")
         default = defaults[key]
         try:
             if isinstance(default, tuple):
-                items = [parse_yaml_text(x, f"lab --set {key}") for x in raw.split(",")
-                         if x.strip()]
                 kind = type(default[0]) if default else str
-                value = tuple(float(x) if kind is float else kind(x) for x in items)
+                value = tuple(check_type(key, item, kind) for item in set_list(value))
                 if not value:
                     raise ValueError("empty list")
-            elif default is None or isinstance(default, float):
-                value = None if raw.strip().lower() in ("none", "") else float(raw)
-            elif isinstance(default, bool):
-                value = {"true": True, "false": False}[raw.strip().lower()]
+            elif default is None and value in ("", "none", "None", None):
+                value = None
             else:
-                value = type(default)(raw)
-        except (ValueError, KeyError, TypeError, InvalidYaml):
-            shown = "comma-separated values" if isinstance(default, tuple) else type(default).__name__
+                value = check_type(key, value, hints[key])
+        except (ValueError, UserError):
+            raw = pair.partition("=")[2]
+            shown = ("comma-separated values or a [list]" if isinstance(default, tuple)
+                     else type(default).__name__)
             raise UserError(f"lab --set {pair[:80]!r}: {raw[:80]!r} is not a valid value for {key} "
                             f"(expected {shown}, e.g. {key}={_example(default)})") from None
         values[key] = value
@@ -189,6 +190,31 @@ def _example(default) -> str:
     if isinstance(default, tuple):
         return ",".join(str(x) for x in default)
     return str(default)
+
+
+class Lab(RunBook):
+    """The run records, plus the settings every section reads."""
+
+    def __init__(self, cfg: LabConfig, out: Path, device: str, reuse: bool = False):
+        super().__init__(out, device, reuse)
+        self.cfg = cfg
+
+
+def base_run(cfg: LabConfig, run_dir: Path, model: str, steps: int, **sections) -> RunConfig:
+    """The lab's training recipe; `sections` override it ({"train": {...}, "quant": {...}})."""
+    values = {
+        "model": {"name": model},
+        "lora": {"dropout": 0.0},
+        "data": {"source": cfg.data, "eval_source": cfg.eval_data, "max_seq_len": cfg.seq_len,
+                 "max_eval_rows": cfg.eval_rows},
+        "train": {"output_dir": str(run_dir), "max_steps": steps, "micro_batch_size": 8,
+                  "grad_accum_steps": max(1, cfg.rows_per_step // 8),
+                  "learning_rate": cfg.learning_rate, "warmup_ratio": 0.1, "logging_steps": 1,
+                  "eval_steps": cfg.eval_steps, "save_steps": steps + 1, "tensorboard": False},
+    }
+    for section, kv in sections.items():
+        values[section] = {**values.get(section, {}), **kv}
+    return config_from_dict(values)
 
 
 # --- 1. feasibility -----------------------------------------------------------------------------
@@ -437,7 +463,7 @@ def indirection(lab: Lab, train_id: str) -> dict:
                           "batch_size": batch, **measured})
             points.append({"run_id": rid, "variant": name, "batch_size": batch, **measured})
         del loaded
-        _free_memory()
+        free_memory()
     return {"model": cfg.model, "merge": merge_report, "decode_tokens": cfg.decode_tokens,
             "repeats": cfg.repeats, "points": points}
 
@@ -445,20 +471,39 @@ def indirection(lab: Lab, train_id: str) -> dict:
 # --- the whole lab -------------------------------------------------------------------------------
 
 
-def _prepare_output_dir(out: Path) -> None:
+def _prepare_output_dir(out: Path, cfg: LabConfig) -> bool:
+    """Make `out` ready; True when it holds an interrupted run of this same lab to continue."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output dir {out} is a file — pass another --output-dir")
     if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
         raise UserError(f"output dir {out} holds files that no lab run wrote — pass an empty or "
                         "new --output-dir")
+    continuing = _interrupted_here(out, cfg)
     try:
-        shutil.rmtree(out / "runs", ignore_errors=True)  # scratch of an earlier lab run
-        (out / "runs").mkdir(parents=True)
+        if not continuing:
+            shutil.rmtree(out / "runs", ignore_errors=True)  # scratch of an earlier lab run
+        (out / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"output dir {out} cannot be written ({exc.strerror}) — pass another "
                         "--output-dir") from None
     # Scratch runs (adapters, merged weights) are never meant for version control.
     (out / "runs" / ".gitignore").write_text("*\n", encoding="utf-8")
+    return continuing
+
+
+def _interrupted_here(out: Path, cfg: LabConfig) -> bool:
+    """Whether out/report.json is an unfinished run of the same settings (the command aside)."""
+    try:
+        earlier = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    same = _settings(earlier.get("config", {})) == _settings(dataclasses.asdict(cfg))
+    return earlier.get("complete") is False and same
+
+
+def _settings(config: dict) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(config, default=str)).items()
+            if k != "command"}
 
 
 def _check_inputs(cfg: LabConfig) -> None:
@@ -473,29 +518,6 @@ def _check_inputs(cfg: LabConfig) -> None:
         resolve_model_path(name)
 
 
-def _environment() -> tuple[dict, dict]:
-    """Library versions and hardware, recorded so a reader knows what produced the numbers."""
-    import importlib.metadata as md
-    import os
-    import platform
-
-    import torch
-
-    versions = {"python": platform.python_version()}
-    for name in ("qlora-lab", "torch", "transformers", "peft", "bitsandbytes", "accelerate",
-                 "matplotlib"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    hardware = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
-    if hardware["cuda"]:
-        hardware["gpu"] = torch.cuda.get_device_name()
-        hardware["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-    return versions, hardware
-
-
 def run_lab(cfg: LabConfig) -> dict:
     """Run every section, then write report.json, report.md, report.html and the plots."""
     from qlora_lab import lab_report
@@ -504,28 +526,50 @@ def run_lab(cfg: LabConfig) -> dict:
     started = time.perf_counter()
     _check_inputs(cfg)
     out = Path(cfg.output_dir)
-    _prepare_output_dir(out)
+    continuing = _prepare_output_dir(out, cfg)
     device = resolve_device("auto")
-    lab = Lab(cfg, out, device)
-    versions, hardware = _environment()
+    lab = Lab(cfg, out, device, reuse=continuing)
+    versions, hardware = child.versions(("matplotlib",)), child.hardware()
     report = {"command": cfg.command, "complete": False, "device": device,
               "config": dataclasses.asdict(cfg), "versions": versions, "hardware": hardware,
               "stage_seconds": {}, "runs": lab.runs}
-    stages = [("feasibility", lambda: feasibility(lab)),
-              ("throughput", lambda: throughput(lab))]
-    for name, stage in stages:
-        report[name] = _stage(report, name, stage)
-    # Sections 3-5 run in this process: on CUDA it plays the emulated card.
-    _apply_cap(cfg.budget_bytes if device == "cuda" else None)
-    report["stability"] = _stage(report, "stability", lambda: stability(lab))
-    train_id = _stage(report, "fine-tune", lambda: quality_run(lab))
-    report["indirection"] = _stage(report, "indirection", lambda: indirection(lab, train_id))
-    report["quality"] = _stage(report, "quality", lambda: quality(lab, train_id))
+    _write_partial(report)  # from now on, a rerun of the same command can continue this one
+    try:
+        _run_sections(report, lab)
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:
+        # An inner run's own message would advise `train --resume` for its scratch dir, which
+        # does not continue the lab.
+        raise TrainingInterrupted(_interrupted_message(report, out),
+                                  getattr(exc, "exit_code", 130)) from None
     report["wall_seconds"] = time.perf_counter() - started
+    report["reused_runs"] = sorted(rid for rid, r in lab.runs.items() if r.get("reused"))
     report["complete"] = True
     lab_report.write_report(report, out)
     report["output_dir"] = str(out)
     return report
+
+
+def _run_sections(report: dict, lab: Lab) -> None:
+    report["feasibility"] = _stage(report, "feasibility", lambda: feasibility(lab))
+    report["throughput"] = _stage(report, "throughput", lambda: throughput(lab))
+    # Sections 3-5 run in this process: on CUDA it plays the emulated card.
+    child.apply_memory_cap(lab.cfg.budget_bytes if lab.device == "cuda" else None)
+    report["stability"] = _stage(report, "stability", lambda: stability(lab))
+    train_id = _stage(report, "fine-tune", lambda: quality_run(lab))
+    report["indirection"] = _stage(report, "indirection", lambda: indirection(lab, train_id))
+    report["quality"] = _stage(report, "quality", lambda: quality(lab, train_id))
+
+
+STAGES = ("feasibility", "throughput", "stability", "fine-tune", "indirection", "quality")
+
+
+def _interrupted_message(report: dict, out: Path) -> str:
+    done = [s for s in STAGES if s in report["stage_seconds"]]
+    stopped_in = STAGES[len(done)] if len(done) < len(STAGES) else "the report"
+    kept = (f"the sections finished so far ({', '.join(done)}) are in {out}/report.json "
+            '("complete": false)' if done else "no section had finished")
+    return (f"lab stopped by a signal during {stopped_in}; {kept} — run the same command again "
+            "to continue: the runs that finished are reused, the rest run")
 
 
 def _stage(report: dict, name: str, fn):
@@ -535,7 +579,10 @@ def _stage(report: dict, name: str, fn):
     report["stage_seconds"][name] = round(time.perf_counter() - start, 1)
     log.info("lab: %s done in %.1f s", name, report["stage_seconds"][name])
     # The numbers so far survive a later stage's failure or a killed run ("complete": false).
-    partial = {**report, name: result} if isinstance(result, dict) else report
-    fsio.write_text(Path(report["config"]["output_dir"]) / "report.json",
-                    json.dumps(partial, indent=2, default=str) + "\n")
+    _write_partial({**report, name: result} if isinstance(result, dict) else report)
     return result
+
+
+def _write_partial(report: dict) -> None:
+    fsio.write_text(Path(report["config"]["output_dir"]) / "report.json",
+                    json.dumps(report, indent=2, default=str) + "\n")

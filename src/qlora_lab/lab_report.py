@@ -310,6 +310,14 @@ def _quality_blocks(q: dict, runs: dict) -> list:
             {"table": (header, rows)}]
 
 
+def _made_by(report: dict) -> str:
+    reused = len(report.get("reused_runs", ()))
+    if not reused:
+        return "all made by this invocation"
+    return (f"{reused} of them finished by an interrupted invocation of the same command and "
+            "reused, the rest made by this one")
+
+
 def build_document(report: dict) -> tuple[str, list[dict]]:
     cfg, hw, versions = report["config"], report["hardware"], report["versions"]
     runs = report["runs"]
@@ -319,7 +327,7 @@ def build_document(report: dict) -> tuple[str, list[dict]]:
                   + ", ".join(f"{k} {v}" for k, v in versions.items() if v)
                   + f". Wall time {report['wall_seconds']:.0f} s; "
                   + ", ".join(f"{k} {v:.0f} s" for k, v in report["stage_seconds"].items())
-                  + f". {len(runs)} runs, all made by this invocation; report.json holds every "
+                  + f". {len(runs)} runs, {_made_by(report)}; report.json holds every "
                   "number and each run's record."}]
     if cfg["quick"]:
         head.append({"p": "`--quick`: the tiny random model and a few steps per run, so the "

@@ -1,11 +1,11 @@
 """The lab's run machinery: how `qlora-lab lab` trains, records and times.
 
-base_run is the lab's training recipe. train_and_measure trains one config in this process and
-returns the record every report number is read from; run_isolated trains one in a fresh process
-(`python -m qlora_lab.lab_runs SPEC RESULT`, the _worker below) under an emulated card, so CUDA
-peaks are per run. Lab holds the records. long_rows_file writes the full-length rows measured
-feasibility runs train on; time_generation times greedy generation for section 4. The sections
-that use them live in lab.py.
+train_and_measure trains one config in this process and returns the record every report number
+is read from; run_isolated trains one in a fresh process (child.run_child) under an emulated
+card, so CUDA peaks are per run. RunBook holds the records and keeps them on disk, so that an
+interrupted lab can continue. long_rows_file writes the full-length rows measured feasibility
+runs train on; time_generation times greedy generation for section 4. The lab's recipe and its
+sections live in lab.py, which uses this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -16,39 +16,17 @@ import json
 import logging
 import random
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from qlora_lab import child, fsio
 from qlora_lab.config import RunConfig, config_from_dict, to_dict
-from qlora_lab.errors import UserError
-
-if TYPE_CHECKING:
-    from qlora_lab.lab import LabConfig
+from qlora_lab.errors import TrainingInterrupted, UserError
 
 log = logging.getLogger(__name__)
 
 
 # --- training runs -------------------------------------------------------------------------------
-
-
-def base_run(cfg: LabConfig, run_dir: Path, model: str, steps: int, **sections) -> RunConfig:
-    """The lab's training recipe; `sections` override it ({"train": {...}, "quant": {...}})."""
-    values = {
-        "model": {"name": model},
-        "lora": {"dropout": 0.0},
-        "data": {"source": cfg.data, "eval_source": cfg.eval_data, "max_seq_len": cfg.seq_len,
-                 "max_eval_rows": cfg.eval_rows},
-        "train": {"output_dir": str(run_dir), "max_steps": steps, "micro_batch_size": 8,
-                  "grad_accum_steps": max(1, cfg.rows_per_step // 8),
-                  "learning_rate": cfg.learning_rate, "warmup_ratio": 0.1, "logging_steps": 1,
-                  "eval_steps": cfg.eval_steps, "save_steps": steps + 1, "tensorboard": False},
-    }
-    for section, kv in sections.items():
-        values[section] = {**values.get(section, {}), **kv}
-    return config_from_dict(values)
 
 
 RECORD_KEYS = ("steps", "eval_loss_before", "eval_loss", "tokens_seen", "tokens_per_s",
@@ -62,11 +40,17 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
+# Outcomes a lab run may have and still count (a point on the stability or feasibility map),
+# by the status they are recorded as; any other failure is the lab's own.
+COUNTED = {child.Outcome.NON_FINITE: "nan", child.Outcome.OOM: "oom"}
+FINISHED = ("ok", *COUNTED.values())
+
+
 def train_and_measure(run: RunConfig) -> dict:
     """Train one config in this process; the record every report number is read from.
 
-    A NaN/inf loss stops `train` with a UserError (faults.NonFiniteLoss) and a CUDA OOM becomes
-    one too: both are outcomes to count here, not failures of the lab.
+    A NaN/inf loss and a CUDA OOM stop `train` with a UserError; both are outcomes to count
+    here (status "nan", "oom"), not failures of the lab. Other errors propagate.
     """
     import torch
 
@@ -76,13 +60,10 @@ def train_and_measure(run: RunConfig) -> dict:
     try:
         summary = run_train(run, overwrite=True)
     except UserError as exc:
-        error = str(exc)
-        if "training loss became" in error:
-            status = "nan"
-        elif "out of memory" in error:
-            status = "oom"
-        else:
+        status = COUNTED.get(child.classify(exc))
+        if status is None:
             raise
+        error = str(exc)
     metrics = _read_jsonl(Path(run.train.output_dir) / "metrics.jsonl")
     evals = [r for r in metrics if "eval_loss" in r]
     t0 = evals[0]["time"] if evals else None
@@ -100,44 +81,32 @@ def train_and_measure(run: RunConfig) -> dict:
     return record
 
 
-def _apply_cap(cap_bytes: int | None) -> None:
-    import torch
-
-    if cap_bytes and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total))
+def run_spec(given: dict) -> dict:
+    """A run's process (child.run_child's target)."""
+    return train_and_measure(config_from_dict(given["run"]))
 
 
 def run_isolated(run: RunConfig, cap_bytes: int | None) -> dict:
-    """Train in a fresh process under an emulated card of `cap_bytes` (CUDA)."""
+    """Train in a fresh process under an emulated card of `cap_bytes` (CUDA).
+
+    One broken config must not cost the other runs: a failure becomes the run's record (status
+    "error", or the counted status its outcome has), except a stop signal, which stops the lab.
+    """
     out = Path(run.train.output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    spec, result = out.with_name(out.name + ".spec.json"), out.with_name(out.name + ".result.json")
-    spec.write_text(json.dumps({"run": to_dict(run), "cap_bytes": cap_bytes}), encoding="utf-8")
-    result.unlink(missing_ok=True)
-    # The child's stdout (Trainer prints dicts) goes to our stderr: stdout is the report path.
-    proc = subprocess.run([sys.executable, "-m", "qlora_lab.lab_runs", str(spec), str(result)],
-                          check=False, stdout=sys.stderr)
-    if not result.is_file():
-        raise RuntimeError(f"lab run {out} exited {proc.returncode} without a result")
-    return json.loads(result.read_text(encoding="utf-8"))
+    result = child.run_child("qlora_lab.lab_runs:run_spec", {"run": to_dict(run)}, out,
+                             cap_bytes)
+    if result.outcome is child.Outcome.OK:
+        return result.value
+    if result.outcome is child.Outcome.INTERRUPTED:
+        raise TrainingInterrupted(f"run {out.name} stopped: {result.error}", 130)
+    record = {"status": COUNTED.get(result.outcome, "error"), "error": result.error,
+              "run_dir": str(out), "train_losses": [], "evals": []}
+    record.update(dict.fromkeys(RECORD_KEYS))
+    return record
 
 
-def _worker(spec_path: str, result_path: str) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    _apply_cap(spec["cap_bytes"])
-    try:
-        record = train_and_measure(config_from_dict(spec["run"]))
-    except Exception as exc:  # noqa: BLE001 -- one broken config must not cost the other runs
-        record = {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                  "run_dir": spec["run"]["train"]["output_dir"], "train_losses": [], "evals": []}
-        record.update(dict.fromkeys(RECORD_KEYS))
-    Path(result_path).write_text(json.dumps(record), encoding="utf-8")
-    return 0
-
-
-def _free_memory() -> None:
+def free_memory() -> None:
     import torch
 
     gc.collect()
@@ -145,17 +114,25 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class Lab:
-    """Holds the run records; each section adds its runs and returns its numbers."""
+class RunBook:
+    """The lab's run records, by run id; each section adds its runs and reads them back.
 
-    def __init__(self, cfg: LabConfig, out: Path, device: str):
-        self.cfg, self.out, self.device = cfg, out, device
+    Every training record is also written beside its run dir (RUN_DIR.record.json). With
+    `reuse`, a run whose record says it finished is read back instead of trained again: how an
+    interrupted lab continues.
+    """
+
+    def __init__(self, out: Path, device: str, reuse: bool = False):
+        self.out, self.device, self.reuse = out, device, reuse
         self.runs: dict[str, dict] = {}
 
     def train(self, run_id: str, run: RunConfig, describe: dict) -> dict:
+        """Train in this process (its memory cap, if any, is this process's)."""
+        if self._reused(run_id):
+            return self.runs[run_id]
         log.info("lab: training %s", run_id)
         record = train_and_measure(run)
-        _free_memory()
+        free_memory()
         return self.add(run_id, {"kind": "train", **describe, **record})
 
     def train_many(self, jobs: list[tuple[str, RunConfig, dict]], cap_bytes: int | None,
@@ -163,20 +140,43 @@ class Lab:
         """Runs in their own processes, `workers` at a time (CUDA: peaks are per process)."""
         from tqdm.auto import tqdm
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(run_isolated, run, cap_bytes): (rid, describe)
-                       for rid, run, describe in jobs}
+        jobs = [job for job in jobs if not self._reused(job[0])]
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+        futures = {pool.submit(run_isolated, run, cap_bytes): (rid, describe)
+                   for rid, run, describe in jobs}
+        try:
             for fut in tqdm(concurrent.futures.as_completed(futures), total=len(futures),
                             desc="lab runs", unit="run"):
                 rid, describe = futures[fut]
                 self.add(rid, {"kind": "train", **describe, **fut.result()})
+        finally:
+            # On a stop signal (or a failure), queued runs must not start; running ones have
+            # received the same signal and stop at their next step.
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def add(self, run_id: str, record: dict) -> dict:
         self.runs[run_id] = {"id": run_id, **record}
+        if record.get("kind") == "train":
+            fsio.write_text(self._record_path(run_id), json.dumps(self.runs[run_id]) + "\n")
         return self.runs[run_id]
 
     def run_dir(self, run_id: str) -> Path:
         return self.out / "runs" / run_id.replace("/", "__")
+
+    def _record_path(self, run_id: str) -> Path:
+        return self.run_dir(run_id).with_name(self.run_dir(run_id).name + ".record.json")
+
+    def _reused(self, run_id: str) -> bool:
+        """Read back a finished run's record (reuse only); False if it has to train."""
+        path = self._record_path(run_id)
+        if not (self.reuse and path.is_file()):
+            return False
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("status") not in FINISHED:
+            return False  # a failed run trains again: the failure may have been the machine's
+        log.info("lab: reusing %s (finished by an earlier run of this lab)", run_id)
+        self.runs[run_id] = {**record, "reused": True}
+        return True
 
 
 # --- inputs and timing ---------------------------------------------------------------------------
@@ -249,6 +249,3 @@ def time_generation(loaded, prompts: list, new_tokens: int, repeats: int) -> dic
             "weight_bytes": weights,
             "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
-
-if __name__ == "__main__":
-    sys.exit(_worker(*sys.argv[1:3]))

@@ -98,6 +98,21 @@ def _dequantized_base(ref: adapters.AdapterRef, base_path: str, device: str,
     return base
 
 
+def merge_adapter(ref: adapters.AdapterRef, base_path: str, device: str,
+                  load_dtype: str = "auto", dtype: torch.dtype | None = None):
+    """The adapter folded into the base as training saw it, in `dtype` (None: `load_dtype`), in
+    eval mode. Shared by `merge` (which saves it) and `export` (which writes it as GGUF)."""
+    from peft import PeftModel
+
+    dense = _dequantized_base(ref, base_path, device, load_dtype)
+    if dtype is not None:
+        dense = dense.to(_merge_dtype(dense.dtype, dtype))
+    merged = PeftModel.from_pretrained(dense, str(ref.adapter_dir)).merge_and_unload()
+    if dtype is not None:
+        merged = merged.to(dtype)
+    return merged.eval()
+
+
 def _check_output_dir(out: Path) -> None:
     """A new or empty dir whose parent can be written; checked before any model is loaded.
 
@@ -119,8 +134,6 @@ def _check_output_dir(out: Path) -> None:
 
 
 def run_merge(cfg: MergeConfig) -> dict:
-    from peft import PeftModel
-
     out = Path(cfg.output_dir)
     _check_output_dir(out)
     device = models.resolve_device(cfg.device)
@@ -141,13 +154,7 @@ def run_merge(cfg: MergeConfig) -> dict:
     reference = _probe_logits(unmerged, probe_ids)
     del unmerged  # free it before the dense copy is built
 
-    dense = _dequantized_base(ref, base_path, device, load_dtype)
-    if dtype is not None:
-        dense = dense.to(_merge_dtype(dense.dtype, dtype))
-    merged = PeftModel.from_pretrained(dense, str(ref.adapter_dir)).merge_and_unload()
-    if dtype is not None:
-        merged = merged.to(dtype)
-    merged.eval()
+    merged = merge_adapter(ref, base_path, device, load_dtype, dtype)
     max_diff = (reference - _probe_logits(merged, probe_ids)).abs().max().item()
 
     # Built in a temp dir beside the target, fsynced and renamed: a crash never leaves half a
