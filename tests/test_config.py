@@ -76,3 +76,10 @@ def test_lab_and_config_share_one_set_grammar():
     for bad in ("stability_steps=7.5", "seeds=[0, x]", "learning_rate=.nan"):
         with pytest.raises(UserError, match="lab --set"):
             lab_overrides([bad])
+
+
+@pytest.mark.parametrize("mix", [",,,", " , ", "[]"])
+def test_a_mix_that_names_no_source_is_refused_in_one_line(mix):
+    with pytest.raises(UserError, match=r"config key data\.mix .*is invalid") as info:
+        config_from_dict({"data": {"mix": mix}})
+    assert "\n" not in str(info.value)

@@ -96,22 +96,19 @@ class LoraConfig:
     """The trainable low-rank adapters.
 
     r: rank; higher = more capacity and memory. Chosen with `alpha` by a sweep of SmolLM2-135M
-        on the Dolly sample (64 steps of 16 rows, held-out answer loss,
-        benchmarks/results/sweep_defaults.json): at lr 4e-4, scale 2 beat scale 1 (2.179 vs
-        2.205 at r 16, 2.163 vs 2.181 at r 32), and r 32 beat r 16 by 0.7 % (2.163 vs 2.179) for
-        twice the adapter memory and optimizer state, so r stays 16 and alpha 32.
+        on the Dolly sample (held-out answer loss, benchmarks/results/sweep_defaults.json):
+        scale 2 beat scale 1, and r 32 beat r 16 by little for twice the adapter memory and
+        optimizer state, so r stays 16 and alpha 32.
     alpha: the adapters' update is scaled by alpha / r (2 by default; see the sweep under `r`).
     target_modules: `all-linear` = every linear projection except lm_head (QLoRA paper); or
         module names, comma-separated (`q_proj,v_proj`) or as a YAML list.
     weight_dtype: `float32` (default) keeps the trainable adapter weights, their gradients and
         the optimizer's update in fp32 under bf16/fp16 autocast, as peft does by default: in
         bf16 an update smaller than 1/256 of a weight rounds away, and at the learning rates of
-        a cosine schedule's tail most do (64 % of elements unchanged at lr 2e-5 in one AdamW
-        step). `compute` stores them in the compute dtype: faster, but those updates are lost.
+        a cosine schedule's tail most do. `compute` stores them in the compute dtype: faster, but those updates are lost.
     dropout: 0 by default, as unsloth and torchtune ship it. peft then skips the dropout kernel
-        on every adapter's input: +28 % real tokens/s on an H200 (4 x 1024-token bins, 8.5k ->
-        10.9k, benchmarks/results/fastpath_sweep_h200_run1.json). The QLoRA paper's 0.05 for
-        small models is a `--set lora.dropout=0.05` away.
+        on every adapter's input, which is faster (benchmarks/results/fastpath_sweep_h200_run1.json).
+        The QLoRA paper's 0.05 for small models is a `--set lora.dropout=0.05` away.
     """
 
     r: int = 16
@@ -247,6 +244,7 @@ class DataConfig:
                 source, sep, weight = part.rpartition("=")
                 entries.append({"source": source.strip(), "weight": weight.strip()} if sep
                                else {"source": part})
+            _require(bool(entries), "data.mix", self.mix, MIX_FORMS)  # e.g. ",,," names none
         out = []
         for i, entry in enumerate(entries):
             key = f"data.mix[{i}]"
@@ -293,19 +291,19 @@ class TrainConfig:
         larger forward passes; lower it and raise accumulation when memory is short.
     max_steps: optimizer steps; 0 = run `epochs` over the data instead.
     epochs: passes over the training rows when max_steps is 0 (a fraction is allowed).
-    learning_rate: the peak learning rate. 4e-4 won the sweep described under LoraConfig.r:
-        held-out loss 2.179 at 4e-4 vs 2.217 at 2e-4 and 2.272 at 1e-4 (r 16, alpha 32).
-    lr_scheduler: the decay after warmup. In the sweep (r 32, lr 4e-4) constant with warmup gave
-        2.153, linear 2.162, cosine 2.163: 0.5 % in 64 steps, where a decaying schedule spends
-        most steps at a low rate. Cosine stays: long runs end better annealed.
-    warmup_ratio: the share of steps over which the rate rises linearly. 0, 3 and 10 % gave
-        2.162, 2.163 and 2.163 in the sweep; 3 % guards a long run's first steps against Adam's
-        untrained second moments.
+    learning_rate: the peak learning rate. 4e-4 won the sweep described under LoraConfig.r
+        against 2e-4 and 1e-4 (benchmarks/results/sweep_defaults.json).
+    lr_scheduler: the decay after warmup. In the sweep, constant with warmup ended a little
+        below linear and cosine in its short runs, where a decaying schedule spends most steps
+        at a low rate. Cosine stays: long runs end better annealed.
+    warmup_ratio: the share of steps over which the rate rises linearly. 0, 3 and 10 % ended
+        alike in the sweep; 3 % guards a long run's first steps against Adam's untrained second
+        moments.
     weight_decay: AdamW's decoupled weight decay on the trainable (LoRA) weights.
     optimizer: `auto` = paged 8-bit AdamW on CUDA (optimizer state in 8 bits, paged to host RAM
         under pressure), torch AdamW on CPU (bitsandbytes' 8-bit optimizers need CUDA).
     max_grad_norm: 0.3 follows the QLoRA paper; 4-bit training is sensitive to spikes.
-    gradient_checkpointing: recompute activations in backward; ~30 % slower, far less memory.
+    gradient_checkpointing: recompute activations in backward; slower, far less memory.
     checkpoint_every: with checkpointing, checkpoint only every n-th decoder layer (selective
         checkpointing; the others keep their activations): less recomputation, more memory.
     save_steps / eval_steps / logging_steps: in optimizer steps.
@@ -328,10 +326,10 @@ class TrainConfig:
         CUDA when liger-kernel is installed; applied to this model's modules only.
     activation_offload: keep checkpointed activations in pinned host memory (long contexts).
     compile: torch.compile each decoder layer (one region per layer, so packed-row masks and the
-        loss stay outside compiled code). On an H200 (TinyLlama, 8 GiB cap) it took 16
-        1,024-token bins from 35.5k to 39.7k real tok/s, and 32 bins from 28.4k to 43.7k
-        (benchmarks/results/fastpath_sweep_h200_run3.json). Off by default: it costs 25-30 s of
-        compilation at start (a short run loses), and it is measured on that one GPU only.
+        loss stay outside compiled code). On an H200 (TinyLlama, 8 GiB cap) it sped up 16- and
+        32-bin steps (benchmarks/results/fastpath_sweep_h200_run3.json). Off by default: it costs
+        tens of seconds of compilation at start (a short run loses), and it was measured on that
+        one GPU only.
     """
 
     output_dir: str = "runs/qlora"
