@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import resource
 import signal
@@ -393,6 +394,15 @@ def test_output_path_problems(tmp_path, tiny_dir, capsys):
     assert existing.read_bytes()[:4] == b"GGUF"
 
 
+def test_export_logs_no_gguf_chatter(tmp_path, tiny_dir, caplog):
+    """gguf's writer logs INFO lines on every file; the CLI keeps its warnings only."""
+    caplog.set_level(logging.INFO)
+    assert main(["export", "--model-dir", str(tiny_dir), "--gguf", str(tmp_path / "m.gguf")]) == 0
+    chatter = [r.getMessage() for r in caplog.records
+               if r.name.split(".")[0] == "gguf" and r.levelno < logging.WARNING]
+    assert not chatter, chatter
+
+
 def test_a_failed_write_leaves_no_partial_file(tmp_path, tiny_dir):
     """A real failure mid-file: the process may write at most 64 KiB to any file (RLIMIT_FSIZE,
     as a full disk would stop it), and the tiny f16 model is ~240 KB. The old file survives and
@@ -425,3 +435,14 @@ def test_rope_rows_interleave_and_transformers_undoes_it():
     assert ours[:4, 0].tolist() == [0, 12, 3, 15]  # head 0: rows 0, 4, 1, 5...
     undone = LlamaTensorProcessor()._reverse_permute_weights(ours, 2, 2)
     assert np.array_equal(undone, weight)
+
+
+def test_model_dir_named_like_a_preset_is_the_folder(tiny_run, tmp_path, monkeypatch):
+    """`--model-dir tinyllama` is the folder in the working directory, never the preset (which
+    would reach for the hub)."""
+    from qlora_lab.merge import MergeConfig, run_merge
+
+    monkeypatch.chdir(tmp_path)
+    run_merge(MergeConfig(adapter=str(tiny_run), output_dir="tinyllama"))
+    run_export(ExportConfig(gguf="out.gguf", model_dir="tinyllama", type="f16"))
+    assert (tmp_path / "out.gguf").stat().st_size > 0

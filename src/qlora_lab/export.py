@@ -159,7 +159,8 @@ def _load_dense(cfg: ExportConfig):
             problem = "does not exist" if not given.exists() else "has no config.json"
             raise UserError(f"model dir {name} {problem} — pass a folder written by "
                             "`qlora-lab merge` or save_pretrained, or a run with --adapter")
-        path = models.resolve_model_path(name)
+        # --model-dir is a folder even where its name is also a preset's (`tinyllama`).
+        path = str(given) if cfg.model_dir else models.resolve_model_path(name)
         safety.require_safetensors(Path(path), "model dir", cfg.allow_pickle)
         with adapters.explain_load_errors(f"model {name}", "pass a folder written by "
                                           "`qlora-lab merge` or save_pretrained"):
