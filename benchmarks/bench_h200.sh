@@ -2,8 +2,11 @@
 # The H200 benchmark of issue #5, as run for benchmarks/results/bench_h200_8gib.json:
 #   bash benchmarks/bench_h200.sh [sweep|final|small|profile|context|all]   (all = sweep, final, small)
 # VARIANTS=4,6,7 picks rows of the sweep's ladder (default: all of them).
-# One device call allows 10 minutes: run `sweep` in one call and `final` + `small` in the next
+# CONTEXT_RECIPES=qlora_lab LENGTHS=65536,98304,131072 runs the context search for ours alone.
+# One device call allows 10 minutes: run `sweep`, `final` and `small` in calls of their own
 # (the sweep's result stays in /tmp on a warm machine; BEST="--set k=v ..." overrides it).
+# `final` runs the plain recipe 3 times (bench's median, min and max) beside qlora_lab, unsloth
+# (padded) and unsloth_packed, hence its 540 s limit.
 # Needs (offline host): .peer/peer-site.tgz from ../shared/device/peer-site.sh (unsloth,
 # bitsandbytes, liger-kernel) and the Dolly sample at .benchdata/dolly_dev.jsonl.
 # Model: the TinyLlama-1.1B architecture with random weights (speed and memory do not depend on
@@ -19,9 +22,7 @@ fi
 export PYTHONPATH=/tmp/peer:${PYTHONPATH:+$PYTHONPATH:}$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 \
        TOKENIZERS_PARALLELISM=false QLORA_LAB_CACHE=/tmp/qlora-cache
 DATA=.benchdata/dolly_dev.jsonl MODEL=/tmp/tinyllama-random
-[ -f $MODEL/config.json ] || python3 -c "
-import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
-from gpu_train import build_base; build_base(Path('$DATA'), Path('$MODEL'))"
+python3 benchmarks/fixtures.py tinyllama --out $MODEL --data $DATA  # kept if it exists
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 COMMON=(--model $MODEL --data $DATA --memory-cap 8GiB --set train.grad_accum_steps=1
         --set data.max_seq_len=1024)
@@ -34,8 +35,8 @@ fi
 if [[ $phase == final || $phase == all ]]; then
   best=${BEST:-$(python3 -c "import json; b=json.load(open('/tmp/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)}
   echo "final bench with: $best"
-  timeout ${FINAL_TIMEOUT:-290} python3 -m qlora_lab bench "${COMMON[@]}" $best --steps 12 \
-    --recipes plain,qlora_lab,unsloth --output-dir /tmp/bench-final 2>&1 | grep -v "it/s\]" | tail -30
+  timeout ${FINAL_TIMEOUT:-540} python3 -m qlora_lab bench "${COMMON[@]}" $best --steps 12 \
+    --recipes plain,qlora_lab,unsloth,unsloth_packed --output-dir /tmp/bench-final 2>&1 | grep -v "it/s\]" | tail -30
   cp /tmp/bench-final/bench.json "$OUT/bench_h200_8gib.json"; cp /tmp/bench-final/bench.md "$OUT/bench_h200_8gib.md"
 fi
 if [[ $phase == small || $phase == all ]]; then
@@ -59,7 +60,8 @@ if [[ $phase == profile ]]; then
 fi
 if [[ $phase == context ]]; then
   timeout 400 python3 -m qlora_lab bench "${COMMON[@]}" --set lora.dropout=0.0 --steps 3 \
-    --recipes qlora_lab,unsloth --context-lengths ${LENGTHS:-32768,49152,65536,98304,131072} \
+    --recipes ${CONTEXT_RECIPES:-qlora_lab,unsloth} \
+    --context-lengths ${LENGTHS:-32768,49152,65536,98304,131072} \
     --output-dir /tmp/bench-context 2>&1 | grep -v "it/s\]" | tail -30
   cp /tmp/bench-context/bench.json "$OUT/bench_context_h200_8gib.json"
 fi

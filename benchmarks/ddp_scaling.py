@@ -4,7 +4,7 @@
         --out benchmarks/results/ddp_scaling.json
 
 Runs the unchanged CLI twice on the TinyLlama-1.1B architecture (random weights, BPE tokenizer
-trained on the data; see gpu_train.py): `python -m qlora_lab train` on one GPU, then
+trained on the data; fixtures.tinyllama_random): `python -m qlora_lab train` on one GPU, then
 `torchrun --nproc-per-node 2 -m qlora_lab train`. Weak scaling: each GPU keeps micro-batch x
 accumulation, so two GPUs process twice the rows per optimizer step. `scaling` is real (non-pad)
 tokens/s on two GPUs over one. Memory per GPU is compared with `qlora-lab plan` at the longest
@@ -20,10 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from gpu_train import build_base
+from fixtures import hardware_label, tinyllama_random
 
 
 def train(cmd_prefix: list[str], base: Path, data: str, out: Path, steps: int,
@@ -46,7 +43,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/qlora-ddp")
     args = parser.parse_args()
     work = Path(args.work)
-    base = build_base(Path(args.data), work / "tinyllama-random")
+    base = tinyllama_random(work / "tinyllama-random", Path(args.data))
     one = train([sys.executable], base, args.data, work / "one", args.steps,
                 env={"CUDA_VISIBLE_DEVICES": "0"})
     two = train([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"],
@@ -59,7 +56,7 @@ def main() -> None:
     plan = estimate_peak_memory(model_shape(str(base)), step_shape(config_from_dict({})))
     report = {
         "command": "python " + " ".join(sys.argv),
-        "hardware": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}",
+        "hardware": hardware_label(),
         "model": "TinyLlama-1.1B architecture, random weights, NF4; defaults of `train`",
         "scaling": two["tokens_per_s"] / one["tokens_per_s"],
         "one_gpu": one, "two_gpus": two,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
 import json
 import os
 import platform
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from fixtures import versions
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Why is the sky blue? Answer in two sentences."
@@ -42,18 +42,6 @@ NEW_TOKENS = 24
 LLAMA_CPP_MISSING = ("llama_cpp is not importable: PyPI serves llama-cpp-python 0.3.36 only as a "
                      "76 MB sdist that builds llama.cpp from source with CMake (no prebuilt "
                      "wheel), too long a compile for the 2 shared CPU cores this ran on")
-
-
-def versions() -> dict:
-    names = ("torch", "transformers", "peft", "bitsandbytes", "gguf", "tokenizers",
-             "llama-cpp-python")
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return {"python": platform.python_version(), **found}
 
 
 def train_tiny_run(root: Path, steps: int) -> Path:
@@ -112,7 +100,7 @@ def measure(args, root: Path) -> int:
 
     started = time.time()
     result = {"command": shlex.join(["python", "benchmarks/export_gguf.py", *sys.argv[1:]]),
-              "versions": versions(), "cpu": platform.processor() or platform.machine(),
+              "versions": versions("gguf", "tokenizers", "llama-cpp-python"), "cpu": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "model": "smollm2-135m", "prompt": PROMPT,
               "train_steps": args.train_steps}
     if args.train_steps > 0:

@@ -20,22 +20,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import platform
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-GIB = 2**30
+from fixtures import (
+    GIB,
+    ROOT,
+    apply_memory_cap,
+    bpe_tokenizer,
+    default_data,
+    hardware_label,
+    random_model,
+    versions,
+)
+
 # Llama-2-13B (meta-llama/Llama-2-13b-hf config.json).
-LLAMA2_13B = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32000,
-                  hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                  num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096,
-                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                  hidden_act="silu", initializer_range=0.02, torch_dtype="bfloat16")
+LLAMA2_13B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 5120,
+              "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
+              "num_key_value_heads": 40, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+              "initializer_range": 0.02}
 SHARD_BYTES = 4 * GIB
 
 
@@ -46,94 +55,21 @@ def log(msg: str) -> None:
 # --- phase 1: the model ---------------------------------------------------------------------------
 
 
-def train_tokenizer(data: Path, vocab_size: int = 16000):
-    """A byte-level BPE trained on the data: Dolly rows get realistic token counts offline."""
-    from gpu_train import train_bpe_tokenizer  # benchmarks/ is this script's sys.path[0]
-
-    return train_bpe_tokenizer(data, vocab_size)
-
-
-def llama_tensor_shapes(arch: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """Every weight of a LlamaForCausalLM checkpoint, in file order, with its shape."""
-    h, i, v = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"]
-    head_dim = h // arch["num_attention_heads"]
-    kv = arch["num_key_value_heads"] * head_dim
-    shapes = [("model.embed_tokens.weight", (v, h))]
-    for n in range(arch["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        shapes += [(p + "input_layernorm.weight", (h,)),
-                   (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                   (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                   (p + "post_attention_layernorm.weight", (h,)),
-                   (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                   (p + "mlp.down_proj.weight", (h, i))]
-    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-    return shapes
-
-
-def build_random_llama(target: Path, arch: dict, data: Path, device: str) -> Path:
-    """Write a random bf16 Llama as safetensors shards + index + config + tokenizer.
-
-    Tensors are drawn one at a time on `device` (normal, std = initializer_range; norms = 1)
-    and written in ~4 GiB shards, so host memory holds one shard, not the model.
-    """
-    import torch
-    from safetensors.torch import save_file
-
+def build_model(target: Path, arch: dict, data: Path, device: str) -> Path:
+    """The random bf16 model, written tensor by tensor in ~4 GiB shards (never a 13B
+    nn.Module), with a BPE tokenizer trained on the data."""
     if (target / "config.json").is_file():
         log(f"build: reusing {target}")
         return target
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(data)
-    arch = {**arch, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
-    gen = torch.Generator(device=device).manual_seed(0)
-    shapes = llama_tensor_shapes(arch)
-    weight_map, shard, shard_bytes, names, total = {}, {}, 0, [], 0
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        name = f"model-{len(names) + 1:05d}.safetensors"
-        save_file(shard, str(tmp / name), metadata={"format": "pt"})
-        names.append(name)
-        weight_map.update({k: name for k in shard})
-        log(f"build: wrote {name} ({shard_bytes / GIB:.1f} GiB)")
-        shard, shard_bytes = {}, 0
-
-    for key, shape in shapes:
-        if len(shape) == 1:
-            value = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            value = torch.empty(shape, dtype=torch.bfloat16, device=device)
-            value.normal_(0.0, arch["initializer_range"], generator=gen)
-            value = value.cpu()
-        shard[key] = value
-        shard_bytes += value.numel() * 2
-        total += value.numel() * 2
-        if shard_bytes >= SHARD_BYTES:
-            flush()
-    if shard:
-        flush()
-    # Final names carry the shard count, as transformers writes them.
-    renamed = {n: n.replace(".safetensors", f"-of-{len(names):05d}.safetensors") for n in names}
-    for old, new in renamed.items():
-        (tmp / old).rename(tmp / new)
-    index = {"metadata": {"total_size": total},
-             "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    (tmp / "config.json").write_text(json.dumps(arch, indent=1))
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
-    return target
+    return random_model(target, arch, bpe_tokenizer(data), device, shard_bytes=SHARD_BYTES)
 
 
 # --- phase 2: the plan ----------------------------------------------------------------------------
 
 
 def qlora_lab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qlora_lab", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run([sys.executable, "-m", "qlora_lab", *args], check=False,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
 
 
 def plan(config: str, base: Path, gpus: int, budget: str | None) -> dict:
@@ -166,8 +102,7 @@ def worker(cap_gib: float, peak_dir: Path, train_args: list[str]) -> int:
 
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(rank)  # before anything touches CUDA: one context, on our GPU
-    total = torch.cuda.get_device_properties(rank).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), rank)
+    apply_memory_cap(int(cap_gib * GIB))  # on the current device, the one just set
     code, error = 1, None
     try:
         code = cli_main(train_args)
@@ -199,7 +134,7 @@ def launch_training(args, base: Path, work: Path, gpus: int) -> dict:
            "--peak-dir", str(work / "peaks"), "--", *train_args]
     log("train: " + " ".join(cmd))
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    proc = subprocess.run(cmd, check=False, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                           timeout=args.train_timeout)
     result = {"command": " ".join(cmd), "exit_code": proc.returncode,
               "wall_seconds": time.perf_counter() - start,
@@ -233,24 +168,32 @@ def summarize(report: dict) -> dict:
         k = max(1, len(losses) // 4)
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
         head.update(loss_first=losses[0], loss_last=losses[-1],
-                    loss_all_finite=all(x == x and abs(x) != float("inf") for x in losses),
+                    loss_all_finite=all(math.isfinite(x) for x in losses),
                     loss_decreased=last < first)
     return head
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_arguments(description: str, layers: int, layers_of: str, steps: int,
+                     work: str) -> argparse.ArgumentParser:
+    """The options this script and fsdp_resume.py share (same names, same defaults)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="JSON report path")
     parser.add_argument("--data", default=None,
                         help="Dolly-style JSONL (default: .benchdata/dolly_dev.jsonl, else the "
                              "bundled demo data)")
     parser.add_argument("--config", default=str(ROOT / "configs/fsdp_qlora.yaml"))
-    parser.add_argument("--layers", type=int, default=40, help="decoder layers (13B: 40)")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=layers,
+                        help=f"decoder layers ({layers_of}: {layers})")
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--cap-gib", type=float, default=8.0)
     parser.add_argument("--gpus", type=int, default=2)
-    parser.add_argument("--work", default="/tmp/qlora-fsdp")
+    parser.add_argument("--work", default=work)
+    return parser
+
+
+def main() -> int:
+    parser = common_arguments(__doc__.splitlines()[0], 40, "13B", 6, "/tmp/qlora-fsdp")
     parser.add_argument("--build-only", action="store_true",
                         help="phase 1 only (CPU-testable: builds on CPU when CUDA is absent)")
     parser.add_argument("--train-timeout", type=int, default=330)
@@ -268,9 +211,7 @@ def main() -> int:
         return worker(w.cap_gib, Path(w.peak_dir), rest[cut + 1:])
     args = parser.parse_args()
     args.extra = [x for s in args.extra_sets for x in ("--set", s)]
-    if args.data is None:
-        bench = ROOT / ".benchdata/dolly_dev.jsonl"
-        args.data = str(bench if bench.is_file() else ROOT / "src/qlora_lab/demo_data/train.jsonl")
+    args.data = args.data or default_data()
     out, work = Path(args.out), Path(args.work)
     out.parent.mkdir(parents=True, exist_ok=True)
     arch = {**LLAMA2_13B, "num_hidden_layers": args.layers}
@@ -289,15 +230,14 @@ def main() -> int:
     try:
         import torch
 
-        report["versions"] = _versions()
-        report["hardware"] = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-                              if torch.cuda.is_available() else platform.processor() or "cpu")
+        report["versions"] = versions()
+        report["hardware"] = hardware_label()
         phase = "build"
         log(f"build: {args.layers}-layer Llama-2-13B shape in {work}")
         start = time.perf_counter()
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        base = build_random_llama(work / f"llama2-13b-shape-{args.layers}l", arch,
-                                  Path(args.data), device)
+        base = build_model(work / f"llama2-13b-shape-{args.layers}l", arch, Path(args.data),
+                           device)
         report["phases"]["build_seconds"] = time.perf_counter() - start
         write()
         if args.build_only:
@@ -315,26 +255,13 @@ def main() -> int:
         report["train"] = launch_training(args, base, work, args.gpus)
         if report["train"]["exit_code"] != 0:
             report["error"] = f"train exited with {report['train']['exit_code']} (see log above)"
-    except BaseException as exc:  # partial results are still worth keeping
+    except BaseException as exc:  # noqa: BLE001 - partial results are still worth keeping
         report["error"] = f"{phase}: {type(exc).__name__}: {exc}"
         report["traceback"] = traceback.format_exc()[-4000:]
         log(report["error"])
     write()
     log(f"wrote {out}: {json.dumps(report['headline'])}")
     return 0 if "error" not in report else 1
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    found = {}
-    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = None
-    found["python"] = platform.python_version()
-    return found
 
 
 if __name__ == "__main__":

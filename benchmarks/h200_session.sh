@@ -47,9 +47,7 @@ for phase in "$@"; do
       timeout 560 python3 benchmarks/parity_trl.py ${PARITY_ARGS:-} \
         --out "$OUT/parity_trl_h200.json" 2>&1 | quiet 30 ;;
     fp32)
-      [ -f $TINYLLAMA/config.json ] || python3 -c "
-import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
-from gpu_train import build_base; build_base(Path('$DATA'), Path('$TINYLLAMA'))"
+      python3 benchmarks/fixtures.py tinyllama --out $TINYLLAMA --data $DATA  # kept if it exists
       for dtype in float32 compute; do
         timeout 200 python3 -m qlora_lab bench --model $TINYLLAMA --data $DATA --memory-cap 8GiB \
           --steps 12 --recipes qlora_lab --set lora.weight_dtype=$dtype \

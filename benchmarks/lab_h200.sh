@@ -40,26 +40,7 @@ fi
 
 # A random-weight TinyLlama-1.1B (the preset's architecture) with qlora-lab's byte tokenizer, so
 # nothing is downloaded. Built on the GPU in bf16 in a few seconds.
-python3 - "$work/tinyllama-random" <<'PY'
-import sys
-from pathlib import Path
-
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from qlora_lab.models import PRESETS, build_byte_tokenizer
-
-target = Path(sys.argv[1])
-if not (target / "config.json").is_file():
-    tok = build_byte_tokenizer()
-    arch = dict(PRESETS["tinyllama"].arch, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**arch)).to(torch.bfloat16)
-    model.save_pretrained(target)
-    tok.save_pretrained(target)
-PY
+python3 benchmarks/fixtures.py tinyllama --out "$work/tinyllama-random" >/dev/null
 
 # The lab writes report.json after every stage, so a run cut short still leaves its numbers.
 status=0

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-GIB = 2**30
+from fixtures import GIB, apply_memory_cap, hardware_label, random_model, versions
+
 LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
          "max_position_embeddings": 16384}
 # Byte tokenizer ids (models.build_byte_tokenizer): every family's vocabulary is larger.
@@ -234,25 +234,9 @@ STRATEGIES = {"ckpt": {"train.gradient_checkpointing": True},
 
 def build_base(name: str, arch: dict, root: Path, device: str) -> Path:
     """A random-weight model of `arch` with the byte tokenizer, saved once under root/name."""
-    target = root / name
-    if (target / "config.json").is_file():
-        return target
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from qlora_lab.models import build_byte_tokenizer
 
-    values = {**SPECIAL, **arch}
-    config = AutoConfig.for_model(values.pop("model_type"), **values)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    tmp = Path(tempfile.mkdtemp(prefix=name + ".tmp-", dir=root))
-    model.save_pretrained(tmp)
-    build_byte_tokenizer().save_pretrained(tmp)
-    os.replace(tmp, target)
-    return target
+    return random_model(root / name, arch, build_byte_tokenizer(), device)
 
 
 def rows_file(root: Path, base: Path, rows: int, seq_len: int, rows_per_bin: int) -> Path:
@@ -306,8 +290,7 @@ def run_config(spec: dict) -> dict:
     row = {"model": spec["family"], "split": spec["split"], "config": spec["config"],
            **_predict(spec)}
     if spec.get("cap_bytes") and device == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(spec["cap_bytes"] / total)
+        apply_memory_cap(spec["cap_bytes"])
     try:
         session = setup_training(cfg)
         row["row_tokens"] = sorted({len(r["input_ids"]) for r in session.data.train})
@@ -568,21 +551,6 @@ def summarize(rows: list[dict]) -> dict:
                                           if r["split"] == split)}
         for split in splits}
     return summary
-
-
-def environment() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    versions = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"hardware": gpu or f"cpu ({os.cpu_count()} cores)", "versions": versions}
 
 
 # Fields a run measured; re-predicting a result file never touches them.
@@ -924,7 +892,8 @@ def main() -> None:
              if name in needed and (not only or name in only)}
     if device == "cuda":
         torch.cuda.empty_cache()
-    report = {"command": "python " + " ".join(sys.argv), **environment(),
+    report = {"command": "python " + " ".join(sys.argv), "hardware": hardware_label(),
+              "versions": versions("liger-kernel"),
               "families": {n: {"split": s, "config": a} for n, (s, a) in families.items()}}
     if args.anatomy:
         specs = [_anatomy_spec(text, families, bases, work, args.steps) for text in args.anatomy]

@@ -41,6 +41,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from fixtures import versions
+
 ROOT = Path(__file__).resolve().parents[1]
 # The Dolly sample: ../shared/data beside the checkout, or .benchdata/ where it was carried.
 DOLLY = next((p for p in (ROOT.parent / "shared" / "data" / "dolly_dev.jsonl",
@@ -85,7 +87,8 @@ def split_heldout(src: Path, work: Path) -> tuple[Path, Path, int, int]:
 
 def conversations(path: Path) -> list[list[dict]]:
     """Each row as chat messages, exactly as qlora-lab reads it (schema detection included)."""
-    from qlora_lab.data import detect_schema, read_rows, row_to_messages
+    from qlora_lab.data import detect_schema, row_to_messages
+    from qlora_lab.sources import read_rows
 
     rows = read_rows(str(path))
     schema = detect_schema(rows[0].values, rows[0].where)
@@ -326,17 +329,6 @@ def adapter_configs(paths: dict) -> dict:
 # --- report --------------------------------------------------------------------------------------
 
 
-def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "trl", "qlora-lab",
-                 "accelerate", "datasets"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def hardware() -> dict:
     import torch
 
@@ -430,7 +422,7 @@ def report(args, hp: dict, split: dict, ours: dict, trl: dict, scores: dict,
                 "tokens_seen_non_padding": s_trl["tokens_seen_non_padding"],
                 "tokenization_vs_qlora_lab": s_trl["tokenization_vs_qlora_lab"]},
         "command": shlex.join([".venv/bin/python", "benchmarks/parity_trl.py", *sys.argv[1:]]),
-        "versions": versions(),
+        "versions": versions("trl", "datasets"),
         "hardware": hardware(),
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from fixtures import GIB, apply_memory_cap, versions
 from transformers import TrainerCallback
 
 from qlora_lab.config import config_from_dict, parse_overrides
@@ -65,8 +66,7 @@ def main() -> int:
     args = parser.parse_args()
     cuda = torch.cuda.is_available()  # on CPU it runs too (a smoke test of the script)
     if cuda:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 1024**3 / total))
+        apply_memory_cap(int(args.memory_cap_gib * GIB))
 
     wait, warmup, active = 1, 1, 2
     base = {"model": {"name": args.model},
@@ -111,7 +111,7 @@ def main() -> int:
                          "share": round(us / total_us, 4), "calls_per_step": c / active}
                         for n, us, c in device_us[:args.top]],
         "gpu": torch.cuda.get_device_name() if cuda else "cpu",
-        "versions": {"torch": torch.__version__},
+        "versions": versions(),
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("step_seconds", "gpu_busy_seconds_per_step",

@@ -26,6 +26,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from fixtures import versions
+
 REPO = Path(__file__).resolve().parents[1]
 # The Dolly sample: ../shared/data beside the checkout, or .benchdata/ where it was carried.
 DOLLY = next((p for p in (REPO.parent / "shared" / "data" / "dolly_dev.jsonl",
@@ -141,7 +143,6 @@ def main() -> None:
 
 def report(args, results: list[dict]) -> dict:
     import torch
-    import transformers
 
     best = min(results, key=lambda r: r["eval_loss"])
     return {"command": "python benchmarks/sweep_defaults.py " + " ".join(sys.argv[1:]),
@@ -150,7 +151,7 @@ def report(args, results: list[dict]) -> dict:
             "steps": args.steps, "max_seq_len": args.max_seq_len,
             "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
                         "cores" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "versions": versions(),
             "best": best["name"], "results": results}
 
 

@@ -1,20 +1,27 @@
-"""Shared fixtures: a tiny random Llama, tiny datasets, and one short trained run.
+"""Shared fixtures: a tiny random Llama, tiny datasets, one short trained run, and the hostile-input
+invariant (`check_outcome`).
 
 Everything is local: HF_HUB_OFFLINE=1 makes any accidental hub access fail loudly.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
+from qlora_lab.errors import UserError
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly_dev.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DOLLY = REPO.parent / "shared" / "data" / "dolly_dev.jsonl"
 
 DOLLY_ROWS = [
     {"instruction": f"What is {a} plus {b}?", "context": "" if a % 2 else f"Numbers: {a}, {b}.",
@@ -22,6 +29,22 @@ DOLLY_ROWS = [
     for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3),
                  (9, 9), (1, 7), (3, 3), (5, 2)]
 ]
+
+
+def committed_result(name: str) -> dict:
+    """A result file committed under benchmarks/results/: tests read results, never run the
+    scripts that wrote them."""
+    return json.loads((REPO / "benchmarks" / "results" / name).read_text())
+
+
+def benchmark_module(name: str):
+    """A benchmarks/ script imported as a module, for its constants and pure functions (the
+    result schema it wrote), never to run it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -66,3 +89,32 @@ def trained_run(tmp_path_factory) -> Path:
     data = write_jsonl(root / "dolly.jsonl", DOLLY_ROWS)
     run_train(tiny_config(root / "run", data))
     return root / "run"
+
+
+# --- the invariant for hostile input --------------------------------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def check_outcome(action, root: Path, fragments=(), may_succeed=False) -> None:
+    """Run `action`: a UserError (one line, holding every fragment) or, if allowed, success.
+
+    Any other exception propagates and fails the test with its traceback. Files that existed
+    under `root` before must be unchanged afterwards (new files are allowed).
+    """
+    before = snapshot(root)
+    try:
+        action()
+    except UserError as exc:
+        message = str(exc)
+        assert message and "\n" not in message, message
+        for fragment in fragments:
+            assert fragment in message, (fragment, message)
+    else:
+        assert may_succeed, f"expected a UserError containing {fragments}"
+    after = snapshot(root)
+    changed = {name for name, digest in before.items() if after.get(name) != digest}
+    assert not changed, f"pre-existing files changed or deleted: {sorted(changed)}"

@@ -145,6 +145,39 @@ def test_bad_data_path_exits_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+class PreCheckPassed(Exception):
+    """Raised in place of the first recipe: the data pre-check let the run through."""
+
+
+def test_a_local_mix_passes_the_data_pre_check(tmp_path, monkeypatch):
+    """bench reads data as train does: a data.mix (with no --data) is read source by source."""
+    from qlora_lab import bench
+
+    def first_recipe(*args, **kwargs):
+        raise PreCheckPassed
+
+    monkeypatch.setattr(bench, "run_ours", first_recipe)
+    a = write_jsonl(tmp_path / "a.jsonl", DOLLY_ROWS)
+    b = write_jsonl(tmp_path / "b.jsonl", [{"talk": r["instruction"], "answer": r["response"]}
+                                           for r in DOLLY_ROWS])
+    mix = (f"[{{source: '{a}', weight: 0.7}}, {{source: '{b}', weight: 0.3, "
+           "columns: 'instruction=talk,response=answer'}]")
+    with pytest.raises(PreCheckPassed):
+        main(["bench", "--model", "tiny-random", "--recipes", "qlora_lab", "--steps", "3",
+              "--output-dir", str(tmp_path / "out"), "--set", f"data.mix={mix}"])
+
+
+def test_a_missing_mix_source_fails_the_pre_check_in_one_line(tmp_path, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", DOLLY_ROWS)
+    code = main(["bench", "--model", "tiny-random", "--steps", "3",
+                 "--output-dir", str(tmp_path / "out"),
+                 "--set", f"data.mix={a}=0.7,{tmp_path / 'gone.jsonl'}=0.3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "gone.jsonl" in err and "does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_steps_must_exceed_warmup(tmp_path, dolly_file, capsys):
     code = main(["bench", "--model", "tiny-random", "--data", str(dolly_file), "--steps", "2",
                  "--output-dir", str(tmp_path / "out")])

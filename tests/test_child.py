@@ -20,7 +20,7 @@ from conftest import tiny_config
 from qlora_lab import child, faults, lab_runs
 from qlora_lab.child import Outcome
 from qlora_lab.config import to_dict
-from qlora_lab.errors import TrainingInterrupted, UserError
+from qlora_lab.errors import LossNotFinite, OutOfMemory, TrainingInterrupted, UserError
 
 TESTS = Path(__file__).parent
 
@@ -33,11 +33,11 @@ def echo(spec: dict) -> dict:
 
 
 def oom_inside_train(spec: dict) -> dict:
-    """An OOM as `train` reports it: a one-line UserError raised `from None`."""
+    """An OOM as `train` reports it: a one-line OutOfMemory (a UserError) raised `from None`."""
     try:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     except torch.cuda.OutOfMemoryError:
-        raise UserError("CUDA out of memory (Tried to allocate 2.00 GiB) — try less") from None
+        raise OutOfMemory("CUDA out of memory (Tried to allocate 2.00 GiB) — try less") from None
 
 
 def crash(spec: dict) -> dict:
@@ -119,13 +119,15 @@ def test_outcomes_are_read_from_types_not_message_text():
         try:
             raise faults.NonFiniteLoss(float("nan"), 3)
         except faults.NonFiniteLoss:
-            raise UserError("training loss became nan at step 3 — lower the lr") from None
+            raise LossNotFinite("training loss became nan at step 3 — lower the lr") from None
 
     def user_error_mentioning_oom():
         raise UserError("out of memory? training loss became nan? neither: a bad path")
 
     assert child.classify(raised(lambda: oom_inside_train({}))) is Outcome.OOM
     assert child.classify(raised(nan_as_train_reports_it)) is Outcome.NON_FINITE
+    assert child.classify(OutOfMemory("no context needed")) is Outcome.OOM
+    assert child.classify(LossNotFinite("no context needed")) is Outcome.NON_FINITE
     assert child.classify(raised(user_error_mentioning_oom)) is Outcome.USER_ERROR
     assert child.classify(TrainingInterrupted("stopped", 130)) is Outcome.INTERRUPTED
     assert child.classify(raised(lambda: crash({}))) is Outcome.CRASH

@@ -2,15 +2,24 @@ import csv
 import json
 
 import pytest
+from conftest import DOLLY_ROWS, SHARED_DOLLY, write_jsonl
 
 from qlora_lab.config import DataConfig
-from qlora_lab.data import (CLIP_CHARS_PER_TOKEN, IGNORE_INDEX, PadCollator, detect_schema,
-                            encode_conversation, prepare_data, read_rows, render_prompt,
-                            render_segments, row_to_messages, tokenize_segments)
+from qlora_lab.data import (
+    CLIP_CHARS_PER_TOKEN,
+    IGNORE_INDEX,
+    PadCollator,
+    detect_schema,
+    encode_conversation,
+    prepare_data,
+    render_prompt,
+    render_segments,
+    row_to_messages,
+    tokenize_segments,
+)
 from qlora_lab.errors import UserError
 from qlora_lab.models import build_byte_tokenizer
-
-from conftest import DOLLY_ROWS, SHARED_DOLLY, write_jsonl
+from qlora_lab.sources import read_rows
 
 CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
           "{% if add_generation_prompt %}<|assistant|>{% endif %}")

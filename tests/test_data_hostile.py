@@ -7,15 +7,22 @@ import json
 import random
 
 import pytest
+from conftest import DOLLY_ROWS, write_jsonl
 
 from qlora_lab.config import DataConfig
-from qlora_lab.data import (CLIP_CHARS_PER_TOKEN, IGNORE_INDEX, PROMPT_MIN_FRACTION,
-                            clip_messages, encode_conversation, prepare_data, read_rows,
-                            render_segments, tokenize_segments)
+from qlora_lab.data import (
+    CLIP_CHARS_PER_TOKEN,
+    IGNORE_INDEX,
+    PROMPT_MIN_FRACTION,
+    clip_messages,
+    encode_conversation,
+    prepare_data,
+    render_segments,
+    tokenize_segments,
+)
 from qlora_lab.errors import UserError
 from qlora_lab.models import build_byte_tokenizer
-
-from conftest import DOLLY_ROWS, write_jsonl
+from qlora_lab.sources import read_rows
 
 CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
           "{% if add_generation_prompt %}<|assistant|>{% endif %}")

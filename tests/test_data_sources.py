@@ -11,9 +11,10 @@ import pytest
 from conftest import DOLLY_ROWS, write_jsonl
 
 from qlora_lab.config import config_from_dict, parse_overrides
-from qlora_lab.data import mix_counts, prepare_data, read_rows
+from qlora_lab.data import prepare_data
 from qlora_lab.errors import UserError
 from qlora_lab.models import build_byte_tokenizer
+from qlora_lab.sources import mix_counts, read_rows
 
 # A dataset folder with two configs, as a hub repository declares them in its README card.
 CARD = """---
@@ -290,3 +291,42 @@ def test_a_mixed_run_records_the_draw_in_its_summary(tmp_path):
     assert saved["data"]["mix"] == summary["data"]["mix"]
     assert load_run_config(tmp_path / "run/config.yaml").data.mix_sources() == (
         cfg.data.mix_sources())
+
+
+# --- a dataset folder cannot reach outside itself ------------------------------------------------
+
+
+@pytest.mark.parametrize("data_files", ["../secret.jsonl", "/etc/passwd",
+                                        "[{split: train, path: ../secret.jsonl}]"])
+def test_a_folder_card_naming_files_outside_the_folder_is_refused(tmp_path, tok, data_files):
+    write_jsonl(tmp_path / "secret.jsonl", DOLLY_ROWS[:2])
+    folder = tmp_path / "handed"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", DOLLY_ROWS[:4])
+    (folder / "README.md").write_text(
+        f"---\nconfigs:\n- config_name: x\n  data_files: {data_files}\n---\n# card\n")
+    with pytest.raises(UserError, match=r"README.md: config 'x' reads .* outside the folder") \
+            as info:
+        _prepare(tok, source=str(folder), hub_config="x", eval_fraction=0.0)
+    assert "\n" not in str(info.value)
+
+
+def test_a_folder_linking_to_a_file_outside_it_is_refused(tmp_path, tok):
+    write_jsonl(tmp_path / "secret.jsonl", DOLLY_ROWS[:2])
+    folder = tmp_path / "handed"
+    folder.mkdir()
+    (folder / "train.jsonl").symlink_to(tmp_path / "secret.jsonl")
+    with pytest.raises(UserError, match=r"train.jsonl links outside its dataset folder"):
+        _prepare(tok, source=str(folder), eval_fraction=0.0)
+
+
+def test_a_hub_cache_snapshot_folder_may_link_to_its_blobs(tmp_path, tok):
+    """The hub's cache stores files in blobs/ and links them from snapshots/<rev>/."""
+    repo = tmp_path / "datasets--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    blob = write_jsonl(repo / "blobs" / "abc123", DOLLY_ROWS[:4])
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "train.jsonl").symlink_to(blob)
+    data = _prepare(tok, source=str(snapshot), eval_fraction=0.0)
+    assert len(data.train) == 4

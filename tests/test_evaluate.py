@@ -156,7 +156,8 @@ def test_files_written(compare_report):
 
 def _independent_loss(loaded, rows) -> float:
     """Token-weighted mean of transformers' own causal-LM loss, one row at a time."""
-    from qlora_lab.data import Row, render_segments, row_to_messages, tokenize_segments
+    from qlora_lab.data import render_segments, row_to_messages, tokenize_segments
+    from qlora_lab.sources import Row
 
     total, count = 0.0, 0
     for i, values in enumerate(rows):

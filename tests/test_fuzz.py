@@ -12,7 +12,6 @@ flipped, inserted, deleted, cut) may also load fine, but must never raise anythi
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import random
@@ -22,12 +21,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import DOLLY_ROWS, tiny_config, write_jsonl
+from conftest import DOLLY_ROWS, check_outcome, snapshot, tiny_config, write_jsonl
 
 from qlora_lab import adapters
 from qlora_lab.config import DataConfig, config_from_dict, load_yaml, parse_overrides
 from qlora_lab.data import prepare_data
-from qlora_lab.errors import UserError
 from qlora_lab.generate import GenerateConfig, load_for_inference, read_prompt
 from qlora_lab.merge import MergeConfig, run_merge
 from qlora_lab.models import build_byte_tokenizer
@@ -41,33 +39,7 @@ CHATML = ("{% for m in messages %}{% if m['role'] == 'system' %}"
           "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-# --- the invariant -----------------------------------------------------------------------------
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
-
-
-def check_outcome(action, root: Path, fragments=(), may_succeed=False) -> None:
-    """Run `action`: a UserError (one line, holding every fragment) or, if allowed, success.
-
-    Any other exception propagates and fails the test with its traceback. Files that existed
-    under `root` before must be unchanged afterwards (new files are allowed).
-    """
-    before = snapshot(root)
-    try:
-        action()
-    except UserError as exc:
-        message = str(exc)
-        assert message and "\n" not in message, message
-        for fragment in fragments:
-            assert fragment in message, (fragment, message)
-    else:
-        assert may_succeed, f"expected a UserError containing {fragments}"
-    after = snapshot(root)
-    changed = {name for name, digest in before.items() if after.get(name) != digest}
-    assert not changed, f"pre-existing files changed or deleted: {sorted(changed)}"
+# --- the invariant: conftest.check_outcome (one line, pre-existing files untouched) --------
 
 
 @pytest.fixture(scope="module")
@@ -726,20 +698,6 @@ def test_adapters_that_do_not_fit_their_base(tmp_path, trained_run, case, fragme
         save_file({k: torch.zeros(3, 5) for k in tensors}, adapter / "adapter_model.safetensors")
     check_outcome(lambda: load_for_inference(GenerateConfig(adapter=str(adapter))), tmp_path,
                   [fragment])
-
-
-def test_pickle_adapters_load_only_when_allowed(tmp_path, trained_run):
-    import torch
-    from safetensors.torch import load_file
-
-    adapter = tmp_path / "adapter"
-    shutil.copytree(trained_run / "adapter", adapter)
-    weights = load_file(adapter / "adapter_model.safetensors")
-    torch.save(weights, adapter / "adapter_model.bin")
-    (adapter / "adapter_model.safetensors").unlink()
-    check_outcome(lambda: adapters.resolve_adapter(str(adapter)), tmp_path, ["--allow-pickle"])
-    ref = adapters.resolve_adapter(str(adapter), allow_pickle=True)
-    assert ref.allow_pickle
 
 
 # --- generate and merge arguments ----------------------------------------------------------------

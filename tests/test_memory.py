@@ -1,17 +1,17 @@
-"""The planner: hand-checked weight bytes, monotonic estimates, stable JSON, offline presets."""
+"""memory.py, one step's arithmetic: hand-checked weight bytes, monotonic estimates, each
+term's rule, and the committed H200 peaks re-predicted by this planner."""
 
 import itertools
 import json
 from dataclasses import replace
 
 import pytest
+from conftest import REPO, benchmark_module, committed_result
 
 from qlora_lab import memory
 from qlora_lab import plan as plan_module
-from qlora_lab.cli import main
 from qlora_lab.memory import ModelShape, StepShape, estimate_peak_memory, parse_bytes
 from qlora_lab.models import PRESETS
-from qlora_lab.plan import fit_to_budget
 
 TINYLLAMA = ModelShape.from_config(PRESETS["tinyllama"].arch)
 STEP = StepShape(micro_batch_size=4, seq_len=1024)
@@ -72,50 +72,10 @@ def test_checkpointing_and_4bit_save_memory():
     assert estimate_peak_memory(TINYLLAMA, replace(STEP, bits=16)).peak_allocated_bytes > base
 
 
-def test_budget_fit_picks_a_feasible_fastest_candidate():
-    best, cands = fit_to_budget(TINYLLAMA, STEP, parse_bytes("8GiB"))
-    assert best is not None and best.fits
-    feasible = [c for c in cands if c.fits]
-    assert best.predicted_tokens_per_s == max(c.predicted_tokens_per_s for c in feasible)
-    plan = estimate_peak_memory(TINYLLAMA, replace(
-        STEP, micro_batch_size=best.micro_batch_size,
-        gradient_checkpointing=best.gradient_checkpointing))
-    assert plan.peak_reserved_bytes <= parse_bytes("8GiB")
-    none, _ = fit_to_budget(TINYLLAMA, STEP, parse_bytes("256MiB"))
-    assert none is None
-
-
 @pytest.mark.parametrize("text, expected", [("8GiB", 8 * 2**30), ("8g", 8 * 2**30),
                                             ("7.5GB", int(7.5 * 2**30)), ("512MiB", 2**29)])
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
-
-
-PLAN_KEYS = {"model", "step", "terms", "peak_allocated_bytes", "peak_reserved_bytes", "excluded"}
-
-
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_plan_json_schema_offline_for_every_preset(preset, capsys, tmp_path):
-    # smollm2-135m and tinyllama plan from the preset's architecture: no download, no wheel.
-    out = tmp_path / "fit.yaml"
-    assert main(["plan", "--model", preset, "--budget", "80GiB", "--json",
-                 "--output", str(out)]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert PLAN_KEYS | {"budget_bytes", "chosen", "candidates", "config_path"} <= set(result)
-    assert isinstance(result["peak_allocated_bytes"], int)
-    assert {"name", "bytes", "derivation"} == set(result["terms"][0])
-    # The fitted config is one that train accepts.
-    from qlora_lab.config import load_run_config
-    cfg = load_run_config(out)
-    assert cfg.train.micro_batch_size == result["chosen"]["micro_batch_size"]
-
-
-def test_plan_errors_are_one_line(capsys):
-    assert main(["plan", "--model", "tinyllama", "--budget", "lots"]) == 2
-    assert "--budget: cannot read 'lots'" in capsys.readouterr().err
-    assert main(["plan", "--model", "tinyllama", "--budget", "64MiB"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "fits" in err and "\n" not in err
 
 
 def test_per_gpu_memory_under_ddp_and_fsdp():
@@ -135,20 +95,6 @@ def test_per_gpu_memory_under_ddp_and_fsdp():
     assert (_term(fsdp[0], "embeddings_lm_head_norms")
             == _term(one, "embeddings_lm_head_norms") * 3 // 2)
     assert fsdp[0].peak_allocated_bytes < one.peak_allocated_bytes
-
-
-def test_oom_advice_names_the_nearest_fitting_config():
-    from qlora_lab.config import config_from_dict
-    from qlora_lab.plan import nearest_fit_advice
-
-    cfg = config_from_dict({"model": {"name": "tinyllama"},
-                            "train": {"micro_batch_size": 64, "grad_accum_steps": 1}})
-    advice = nearest_fit_advice(cfg, parse_bytes("8GiB"))
-    # With the fast path (the default) 32 packed x 1024 fits; measured on an H200 at 8 GiB:
-    # 5.20 GiB allocated, 5.72 GiB reserved (benchmarks/results/fastpath_sweep_h200_run3.json).
-    assert "--set train.micro_batch_size=32" in advice and "grad_accum_steps=2" in advice
-    tiny = nearest_fit_advice(cfg, parse_bytes("100MiB"))
-    assert "no micro-batch/checkpointing choice fits" in tiny
 
 
 def _tinyllama_shape():
@@ -183,17 +129,6 @@ def test_fast_path_terms_shrink_the_loss_and_offload_the_checkpoints():
     assert peaks == sorted(peaks)
 
 
-def test_step_shape_follows_the_fast_path_switches():
-    from qlora_lab.config import config_from_dict
-    from qlora_lab.plan import step_shape
-
-    cfg = config_from_dict({"train": {"activation_offload": True}})
-    assert step_shape(cfg).fused_loss and step_shape(cfg).activation_offload
-    assert not step_shape(cfg, gpus=2, strategy="fsdp").fused_loss
-    off = config_from_dict({"train": {"fused_loss": False}})
-    assert not step_shape(off).fused_loss
-
-
 def test_selective_checkpointing_sits_between_full_and_none():
     model = _tinyllama_shape()
     peak = {every: memory.estimate_peak_memory(model, memory.StepShape(
@@ -207,34 +142,17 @@ def test_selective_checkpointing_sits_between_full_and_none():
     assert fast > slow  # less recomputation
 
 
-def test_offload_is_chosen_only_when_nothing_else_fits():
-    model = _tinyllama_shape()
-    # The measured 65,536-token row (8 GiB; bench_context_ours_h200_8gib.json): 16-bit
-    # adapters (lora.weight_dtype compute) then.
-    base = memory.StepShape(1, 65536, fused_loss=True, liger=True, packed=True,
-                            lora_dropout=False, lora_bytes=2)
-    best, cands = plan_module.fit_to_budget(model, base, parse_bytes("8GiB"))
-    assert best is not None and best.activation_offload and best.micro_batch_size == 1
-    assert not any(c.fits for c in cands if not c.activation_offload)
-    short, cands = plan_module.fit_to_budget(model, memory.StepShape(4, 1024, fused_loss=True,
-                                                                liger=True),
-                                        parse_bytes("8GiB"))
-    assert not short.activation_offload and not any(c.activation_offload for c in cands)
-
-
 def test_packed_reserve_ratio_covers_every_measured_fast_path_run():
-    """Reserved/allocated of the 47 packed CUDA runs in the committed H200 lab report stays
-    within the ratio the budget search assumes for packed runs."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "benchmarks/reserved_ratio_fastpath.py")],
-                         capture_output=True, text=True, check=True).stdout
-    result = json.loads(out)
-    assert result["runs"] >= 40
+    """Reserved/allocated of the 47 packed CUDA runs in the committed H200 lab report
+    (benchmarks/results/reserved_ratio_fastpath.json) stays within the ratio the budget search
+    assumes for packed runs."""
+    result = committed_result("reserved_ratio_fastpath.json")
+    assert result["runs"] >= 40 and len(result["points"]) == result["runs"]
+    report = json.loads((REPO / result["source"]).read_text())  # still the report it was read from
+    for point in result["points"]:
+        run = report["runs"][point["run"]]
+        assert (run["peak_allocated_bytes"], run["peak_reserved_bytes"]) == (
+            point["peak_allocated_bytes"], point["peak_reserved_bytes"])
     assert 1.0 <= result["min_ratio"] <= result["max_ratio"] <= memory.RESERVED_OVER_ALLOCATED_PACKED
 
 
@@ -294,11 +212,7 @@ def test_fp32_adapters_cost_their_weights_grads_and_casts():
 def test_liger_path_tracks_the_measured_tinyllama_peaks():
     """TinyLlama on an H200 with Liger, LoRA dropout 0, packed Dolly bins (several rows per bin,
     so a block-diagonal mask): fastpath_sweep_h200_run3.json. bf16 adapters then."""
-    import json
-    from pathlib import Path
-
-    rows = json.loads((Path(__file__).resolve().parents[1]
-                       / "benchmarks/results/fastpath_sweep_h200_run3.json").read_text())["rows"]
+    rows = committed_result("fastpath_sweep_h200_run3.json")["rows"]
     for row in rows:
         sets = dict(s.split("=", 1) for s in row["set"])
         step = StepShape(int(sets.get("train.micro_batch_size", 4)), 1024, lora_bytes=2,
@@ -317,17 +231,8 @@ def test_liger_path_tracks_the_measured_tinyllama_peaks():
 def _validation():
     """benchmarks/results/memory_validation_v2.json, every row re-predicted by this planner
     (on the CPU, from each row's config; the measured peaks are the file's)."""
-    import json
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    report = json.loads((root / "benchmarks/results/memory_validation_v2.json").read_text())
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import memory_validation_v2 as harness
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
+    report = committed_result("memory_validation_v2.json")
+    harness = benchmark_module("memory_validation_v2")
     return report, harness.repredict(report), harness.strategy
 
 
@@ -468,39 +373,3 @@ def test_sliding_window_rows_get_a_mask_from_the_window_on():
     assert _term(long, "attention_mask") == 4 * 4096 * 4096 * 3
 
 
-def test_committed_budget_fit_uses_the_card_and_is_this_planners_choice():
-    """benchmarks/results/budget_fit_8gib.json (issue #14): on four models under an emulated
-    8 GiB card, `train --budget 8GiB`'s choice never ran out of memory and reached >= 90 % of
-    the fastest fitting micro-batch x strategy; and today's planner still makes that choice."""
-    import json
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    from transformers import AutoConfig
-
-    from qlora_lab.config import config_from_dict
-    from qlora_lab.plan import fit_config
-
-    root = Path(__file__).resolve().parents[1]
-    report = json.loads((root / "benchmarks/results/budget_fit_8gib.json").read_text())
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import memory_validation_v2 as harness
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
-    assert len(report["budget_fits"]) >= 4
-    for entry in report["budget_fits"]:
-        assert not entry["chosen_oom"], entry["model"]
-        assert entry["chosen_share_of_fastest"] >= 0.9, entry["model"]
-        values = {**harness.SPECIAL, **harness.FAMILIES[entry["model"]][1]}
-        with tempfile.TemporaryDirectory() as base:
-            AutoConfig.for_model(values.pop("model_type"), **values).save_pretrained(base)
-            want = config_from_dict({
-                "model": {"name": base}, "data": {"max_seq_len": entry["seq_len"]},
-                "train": {"micro_batch_size": entry["rows_per_step"], "grad_accum_steps": 1,
-                          "liger": "on"}})  # as on the GPU host, where liger-kernel is installed
-            _, best, _ = fit_config(want, entry["budget_bytes"])
-        chosen = entry["chosen"]
-        assert (best.micro_batch_size, harness._strategy_name(best)) == (
-            chosen["micro_batch_size"], chosen["activations"]), entry["model"]

@@ -115,9 +115,9 @@ class BenchConfig:
 
 def run_bench(cfg: BenchConfig) -> dict:
     """Run every recipe in its own process; write bench.json and bench.md; return the report."""
-    from qlora_lab.data import read_rows
+    from qlora_lab.sources import check_sources
 
-    read_rows(cfg.run.data.source)  # a wrong --data fails here, before any process starts
+    check_sources(cfg.run.data)  # a wrong --data or data.mix fails here, before any process starts
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

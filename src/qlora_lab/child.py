@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_lab import fsio
-from qlora_lab.errors import TrainingInterrupted, UserError
+from qlora_lab.errors import LossNotFinite, OutOfMemory, TrainingInterrupted, UserError
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ class Outcome(enum.Enum):
     """How a child's work ended."""
 
     OK = "ok"
-    OOM = "oom"  # a CUDA out-of-memory error, anywhere in the exception's chain
-    NON_FINITE = "non_finite"  # training stopped on a NaN/inf loss (faults.NonFiniteLoss)
+    OOM = "oom"  # errors.OutOfMemory, or torch's OutOfMemoryError in the exception's chain
+    NON_FINITE = "non_finite"  # a NaN/inf loss: errors.LossNotFinite (or faults.NonFiniteLoss)
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM: TrainingInterrupted, or killed by the signal
     USER_ERROR = "user_error"  # a UserError: the config or the data is wrong
     CRASH = "crash"  # any other exception (a bug), or the process died without a result
@@ -139,11 +139,17 @@ def _death(returncode: int) -> Outcome:
 
 
 def classify(exc: BaseException) -> Outcome:
-    """The outcome an exception stands for, read from its type and the exceptions it came from.
+    """The outcome an exception stands for, read from its type, never from its message.
 
-    `train` turns a CUDA OOM and a NaN loss into one-line UserErrors (`raise ... from None`);
-    Python still keeps the original as `__context__`, which is what is read here.
+    `train` raises errors.OutOfMemory and errors.LossNotFinite (one-line UserErrors). Code that
+    trains without `train` (bench's plain recipe, the unsloth peer) lets torch's
+    OutOfMemoryError and faults.NonFiniteLoss through as they are, and a library may wrap them
+    (`raise ... from`), so those two are also looked for in the exception's chain.
     """
+    if isinstance(exc, OutOfMemory):
+        return Outcome.OOM
+    if isinstance(exc, LossNotFinite):
+        return Outcome.NON_FINITE
     chain = _chain(exc)
     torch = sys.modules.get("torch")  # not imported: nothing can have run out of CUDA memory
     if torch is not None and any(isinstance(e, torch.cuda.OutOfMemoryError) for e in chain):

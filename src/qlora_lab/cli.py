@@ -349,14 +349,13 @@ def _command(args) -> int:
     elif args.command == "bench":
         from qlora_lab.bench import BenchConfig, run_bench
 
-        given = {"run": train_config_from_args(args), "steps": args.steps,
-                 "output_dir": args.output_dir, "peer_micro_batch_size": args.peer_micro_batch,
-                 "plain_runs": args.plain_runs,
-                 "recipes": _csv(args.recipes, str, "--recipes"),
-                 "context_lengths": _csv(args.context_lengths, int, "--context-lengths"),
-                 "command": shlex.join(["qlora-lab", *args.argv])}
-        # Unset flags keep BenchConfig's defaults; `--memory-cap none` is a value (no cap).
-        given = {k: v for k, v in given.items() if v is not None}
+        # --peer-micro-batch keeps its short name; lists arrive comma-separated.
+        given = given_fields(args, BenchConfig, run=train_config_from_args(args),
+                             peer_micro_batch_size=args.peer_micro_batch,
+                             recipes=_csv(args.recipes, str, "--recipes"),
+                             context_lengths=_csv(args.context_lengths, int, "--context-lengths"),
+                             command=shlex.join(["qlora-lab", *args.argv]))
+        # `--memory-cap none` is a value (no cap), not an unset flag.
         if args.memory_cap is not None:
             given["memory_cap_bytes"] = _parse_cap(args.memory_cap)
         report = run_bench(BenchConfig(**given))
@@ -391,11 +390,7 @@ def _command(args) -> int:
     elif args.command == "export":
         from qlora_lab.export import ExportConfig, run_export
 
-        given = {"gguf": args.gguf, "adapter": args.adapter, "model_dir": args.model_dir,
-                 "model": args.model, "type": args.type, "overwrite": args.overwrite,
-                 "allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
-        # Unset flags keep ExportConfig's defaults, the one place they live.
-        report = run_export(ExportConfig(**{k: v for k, v in given.items() if v is not None}))
+        report = run_export(ExportConfig(**given_fields(args, ExportConfig)))
         print(json.dumps(report, indent=2))
     return 0
 
@@ -415,7 +410,9 @@ def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     # Library chatter drowns our own messages; keep their warnings, drop their info.
-    for name in ("transformers", "accelerate", "peft", "bitsandbytes", "datasets", "httpx"):
+    # gguf's writer logs INFO lines (byte order, the files it writes) on every `export`.
+    for name in ("transformers", "accelerate", "peft", "bitsandbytes", "datasets", "httpx",
+                 "gguf"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # bitsandbytes warns on every CPU load that an optional kernel package is missing; the
     # built-in CPU path it falls back to is the one we test with.

@@ -105,10 +105,12 @@ class LoraConfig:
     weight_dtype: `float32` (default) keeps the trainable adapter weights, their gradients and
         the optimizer's update in fp32 under bf16/fp16 autocast, as peft does by default: in
         bf16 an update smaller than 1/256 of a weight rounds away, and at the learning rates of
-        a cosine schedule's tail most do. `compute` stores them in the compute dtype: faster, but those updates are lost.
+        a cosine schedule's tail most do. `compute` stores them in the compute dtype: faster,
+        but those updates are lost.
     dropout: 0 by default, as unsloth and torchtune ship it. peft then skips the dropout kernel
-        on every adapter's input, which is faster (benchmarks/results/fastpath_sweep_h200_run1.json).
-        The QLoRA paper's 0.05 for small models is a `--set lora.dropout=0.05` away.
+        on every adapter's input, which is faster
+        (benchmarks/results/fastpath_sweep_h200_run1.json). The QLoRA paper's 0.05 for small
+        models is a `--set lora.dropout=0.05` away.
     """
 
     r: int = 16

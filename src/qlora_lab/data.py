@@ -1,9 +1,8 @@
 """Rows -> messages -> prompt text -> token ids with a loss mask -> padded batches.
 
-Sources: a local .jsonl/.json/.csv/.parquet file, or a hub dataset or local dataset folder read by
-`datasets` (`data.hub_config` picks its config, `data.split` its split), or a weighted mix of
-several sources (`data.mix`, `_draw_mix`). Schemas (auto-detected per source; `data.columns`
-renames a file's columns to these fields first):
+Rows come from sources.py: a file, a dataset folder or hub dataset, or a weighted mix of several
+(`data.mix`, `_draw_mix`). Schemas (auto-detected per source; `data.columns` renames a file's
+columns to these fields first):
 - dolly:    instruction, context (optional), response
 - alpaca:   instruction, input (optional), output
 - chat:     messages = [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]
@@ -43,28 +42,22 @@ no end marker to keep: it loses its end, as in pre-training.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
-import math
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from qlora_lab.config import DataConfig
 from qlora_lab.errors import UserError
+from qlora_lab.sources import Row, bad_row, draw_mix, first_line, read_rows, short_path, source_rows
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips (PyTorch's default ignore_index)
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 PLAIN_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n",
                  "assistant": "### Response:\n", "tool": "### Tool:\n"}
 RAW = "raw"  # the template of rows trained as written: text rows, TRL's string prompt/completion
@@ -82,14 +75,6 @@ CLIP_CHARS_PER_TOKEN = 64
 PROMPT_MIN_FRACTION = 0.25
 
 
-@dataclass(frozen=True)
-class Row:
-    """One raw record and where it came from (`file:line`), for error messages."""
-
-    where: str
-    values: Any
-
-
 @dataclass
 class PreparedData:
     train: list[dict]
@@ -97,203 +82,6 @@ class PreparedData:
     schema: str
     template: str
     stats: dict = field(default_factory=dict)
-
-
-# --- reading -------------------------------------------------------------------------------------
-
-
-def _shown(path: str, limit: int = 160) -> str:
-    """A path as an error message quotes it: whole, or its two ends around '...'."""
-    return path if len(path) <= limit else f"{path[: limit // 2]}...{path[-limit // 2:]}"
-
-
-def _bad(where: str, problem: str) -> UserError:
-    return UserError(f"{where}: {problem} — fix the row, or pass --skip-bad-rows to skip such rows")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def _iter_jsonl(path: Path, text: str) -> Iterator[Row]:
-    # Split on "\n" alone, as JSON Lines does (a "\r" before it is allowed): str.splitlines()
-    # also splits on U+2028, U+2029, U+0085, \x1c-\x1e, \v and \f, and JSON strings may hold
-    # the first three raw, so it broke valid rows apart and shifted every later line number.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            yield Row(where, json.loads(line))
-        except json.JSONDecodeError as exc:
-            yield Row(where, _bad(where, f"invalid JSON ({exc.msg} at column {exc.colno})"))
-        except (ValueError, RecursionError) as exc:  # a 5000-digit number, nesting 1000 deep
-            yield Row(where, _bad(where, f"invalid JSON ({_first_line(exc)})"))
-
-
-def _iter_json(path: Path, text: str) -> Iterator[Row]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.lineno > 1 and text.lstrip().startswith("{"):
-            yield from _iter_jsonl(path, text)  # JSON Lines saved with a .json suffix
-            return
-        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}) — the file must hold a "
-                        "list of objects, or one object per line") from None
-    except (ValueError, RecursionError) as exc:
-        raise UserError(f"{path}: invalid JSON ({_first_line(exc)}) — the file must hold a "
-                        "list of objects, or one object per line") from None
-    if isinstance(data, dict):
-        # Accept {"train": [...]} / {"data": [...]}-style wrappers with a single list inside.
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            yield Row(f"{path}:1", data)
-            return
-        data = lists[0]
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a list of row objects, got {type(data).__name__}")
-    for i, item in enumerate(data):
-        yield Row(f"{path}:item {i}", item)
-
-
-def _iter_csv(path: Path, text: str) -> Iterator[Row]:
-    # StringIO, not splitlines(): a quoted field may hold newlines (multi-line answers).
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        for record in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in record:
-                yield Row(where, _bad(where, "more fields than the header names"))
-            else:
-                yield Row(where, dict(record))
-    except csv.Error as exc:  # a NUL byte, a field over the csv module's 128 KiB limit...
-        # The reader cannot resync after this, so the rest of the file is unreadable.
-        raise UserError(f"{path}:{reader.line_num + 1}: unreadable CSV ({exc}) — fix the file, "
-                        "or convert it to .jsonl (which has no field size limit)") from None
-
-
-def _iter_parquet(path: Path) -> Iterator[Row]:
-    import pyarrow.parquet as pq
-
-    try:
-        items = pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise UserError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
-                        f"{_first_line(exc)})") from None
-    for i, item in enumerate(items):
-        yield Row(f"{path}:row {i}", item)
-
-
-def _iter_dataset(name: str, hub_config: str, split: str, split_key: str) -> Iterator[Row]:
-    """Rows of one split of a hub dataset or a local dataset folder (`datasets` reads both)."""
-    import datasets
-
-    path = Path(name).expanduser()
-    try:
-        if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
-            ds = datasets.load_from_disk(str(path))  # written by save_to_disk: no configs
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise _not_a_split(name, split, list(ds), split_key)
-                ds = ds[split]
-            elif split != "train":
-                raise _not_a_split(name, split, ["train"], split_key)
-        else:
-            ds = datasets.load_dataset(name, hub_config or None, split=split)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 — network, offline, no such dataset/config/split
-        raise _dataset_error(name, hub_config, split, split_key, exc) from None
-    label = name if (split, hub_config) == ("train", "") else f"{name}[{hub_config}:{split}]"
-    for i, item in enumerate(ds):
-        yield Row(f"{label}:row {i}", item)
-
-
-def _not_a_split(name: str, split: str, splits: list[str], split_key: str) -> UserError:
-    return UserError(f"{split_key} = {split!r} is not a split of {_shown(name)} (its splits: "
-                     f"{', '.join(splits)}) — set {split_key} to one of them")
-
-
-def _dataset_error(name: str, hub_config: str, split: str, split_key: str,
-                   exc: Exception) -> UserError:
-    """Why `load_dataset` failed, in one line: asked again through `datasets`' own listings of
-    configs and splits (its exceptions are all ValueError), else its first line."""
-    import datasets
-
-    def listed(function, *args) -> list[str]:
-        try:
-            return list(function(name, *args))
-        except Exception:  # noqa: BLE001 — offline, or no such dataset: no listing
-            return []
-
-    configs = listed(datasets.get_dataset_config_names)
-    if configs and hub_config and hub_config not in configs:
-        return UserError(f"data.hub_config = {hub_config!r} is not a config of {_shown(name)} "
-                         f"(its configs: {', '.join(configs[:20])}) — set data.hub_config to one")
-    if len(configs) > 1 and not hub_config:
-        return UserError(f"{_shown(name)} has several configs ({', '.join(configs[:20])}) — "
-                         "pick one with data.hub_config")
-    splits = listed(datasets.get_dataset_split_names, hub_config or None)
-    if splits and split not in splits:
-        return _not_a_split(name, split, splits, split_key)
-    return UserError(f"could not load dataset {_shown(name)!r} ({_first_line(exc)}) — pass a "
-                     "local .jsonl/.json/.csv/.parquet file or dataset folder with --data, or "
-                     "check the name")
-
-
-def read_rows(source: str, hub_config: str = "", split: str = "train",
-              split_key: str = "data.split") -> list[Row]:
-    """All rows of a source. A row whose `values` is a UserError failed to parse.
-
-    `hub_config` and `split` pick the part of a hub dataset or dataset folder to read; a file has
-    neither (`split_key` names the config key that chose `split`, for error messages).
-    """
-    path = Path(source).expanduser()
-    is_file_like = path.suffix.lower() in LOCAL_SUFFIXES
-    if path.is_dir() and not is_file_like:
-        rows = list(_iter_dataset(source, hub_config, split, split_key))
-    elif is_file_like or path.exists():
-        if path.is_dir():
-            raise UserError(f"data file {_shown(source)} is a directory — pass a "
-                            ".jsonl/.json/.csv/.parquet file inside it")
-        if not path.is_file():
-            raise UserError(f"data file {_shown(source)} does not exist — pass an existing "
-                            ".jsonl/.json/.csv/.parquet file, a dataset folder or a hub dataset "
-                            "name")
-        if hub_config or split != "train":
-            given = f"{split_key} = {split!r}" if split != "train" else ""
-            given = given or f"data.hub_config = {hub_config!r}"
-            raise UserError(f"{given} applies to hub datasets and dataset folders, but "
-                            f"{_shown(source)} is a file — leave it unset for files")
-        rows = _read_file(path, source)
-    else:
-        rows = list(_iter_dataset(source, hub_config, split, split_key))
-    if not rows:
-        raise UserError(f"data source {_shown(source)} has no rows — add rows or pick another file")
-    return rows
-
-
-def _read_file(path: Path, source: str) -> list[Row]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return list(_iter_parquet(path))
-    if suffix not in LOCAL_SUFFIXES:
-        raise UserError(f"data file {_shown(source)} has an unsupported suffix {suffix!r} — use one "
-                        "of " + ", ".join(LOCAL_SUFFIXES))
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"data file {_shown(source)} cannot be read ({exc.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {exc.start}) — re-save "
-                        "the file as UTF-8") from None
-    reader = {".jsonl": _iter_jsonl, ".json": _iter_json, ".csv": _iter_csv}[suffix]
-    return list(reader(path, text))
 
 
 # --- schemas -------------------------------------------------------------------------------------
@@ -316,7 +104,7 @@ def rename_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
                        if c not in values and f not in OPTIONAL_FIELDS]
             if missing:
                 field_name, column = missing[0]
-                values = _bad(row.where, f"no column {column!r}, which data.columns maps to "
+                values = bad_row(row.where, f"no column {column!r}, which data.columns maps to "
                               f"{field_name!r} (columns here: {sorted(map(str, values))[:8]})")
             else:
                 renamed = {k: v for k, v in values.items() if k not in sources}
@@ -360,10 +148,10 @@ def _text_field(values: dict, key: str, where: str, required: bool) -> str:
     value = values.get(key)
     if value is None:
         if required:
-            raise _bad(where, f"missing field {key!r}")
+            raise bad_row(where, f"missing field {key!r}")
         return ""
     if not isinstance(value, str):
-        raise _bad(where, f"field {key!r} must be a string, got {type(value).__name__}")
+        raise bad_row(where, f"field {key!r} must be a string, got {type(value).__name__}")
     _require_encodable(value, where, f"field {key!r}")
     return value
 
@@ -373,7 +161,7 @@ def _require_encodable(text: str, where: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise _bad(where, f"{what} holds invalid Unicode ({exc.reason} at character "
+        raise bad_row(where, f"{what} holds invalid Unicode ({exc.reason} at character "
                    f"{exc.start})") from None
 
 
@@ -383,14 +171,15 @@ def _message_list(values: dict, key: str, where: str, role_key: str = "role",
     roles = roles or {r: r for r in PLAIN_HEADERS}
     messages = values.get(key)
     if not isinstance(messages, list) or not messages:
-        raise _bad(where, f"field {key!r} must be a non-empty list of {{{role_key}, {text_key}}}")
+        raise bad_row(where,
+                      f"field {key!r} must be a non-empty list of {{{role_key}, {text_key}}}")
     out = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get(text_key), str):
-            raise _bad(where, f"{key}[{i}] must be an object with a string {text_key!r}")
+            raise bad_row(where, f"{key}[{i}] must be an object with a string {text_key!r}")
         role = msg.get(role_key)
         if not isinstance(role, str) or role not in roles:
-            raise _bad(where, f"{key}[{i}] has {role_key} {role!r}; allowed: "
+            raise bad_row(where, f"{key}[{i}] has {role_key} {role!r}; allowed: "
                        + ", ".join(roles))
         _require_encodable(msg[text_key], where, f"{key}[{i}].{text_key}")
         out.append({"role": roles[role], "content": msg[text_key]})
@@ -399,19 +188,19 @@ def _message_list(values: dict, key: str, where: str, role_key: str = "role",
 
 def _require_answer(messages: list[dict], where: str, field_name: str = "") -> None:
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise _bad(where, f"no non-empty assistant message to learn from{field_name}")
+        raise bad_row(where, f"no non-empty assistant message to learn from{field_name}")
 
 
 def _prompt_completion(values: dict, where: str) -> list[dict]:
     prompt, completion = values.get("prompt"), values.get("completion")
     for key, value in (("prompt", prompt), ("completion", completion)):
         if value is None:
-            raise _bad(where, f"missing field {key!r}")
+            raise bad_row(where, f"missing field {key!r}")
     if isinstance(prompt, str) and isinstance(completion, str):  # TRL's standard form
         _require_encodable(prompt, where, "field 'prompt'")
         _require_encodable(completion, where, "field 'completion'")
         if not completion.strip():
-            raise _bad(where, "empty 'completion'")
+            raise bad_row(where, "empty 'completion'")
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     if isinstance(prompt, list) and isinstance(completion, list):  # its conversational form
         # TRL trains on the completion only: assistant turns of the prompt are context.
@@ -420,7 +209,7 @@ def _prompt_completion(values: dict, where: str) -> list[dict]:
         answer = _message_list(values, "completion", where)
         _require_answer(answer, where, " in 'completion'")
         return context + answer
-    raise _bad(where, "'prompt' and 'completion' must both be strings (TRL's standard form) or "
+    raise bad_row(where, "'prompt' and 'completion' must both be strings (TRL's standard form) or "
                "both lists of {role, content} (its conversational form), got "
                f"{type(prompt).__name__} and {type(completion).__name__}")
 
@@ -435,22 +224,22 @@ def row_to_messages(row: Row, schema: str) -> list[dict]:
     if isinstance(values, UserError):
         raise values
     if not isinstance(values, dict):
-        raise _bad(where, f"expected an object, got {type(values).__name__}")
+        raise bad_row(where, f"expected an object, got {type(values).__name__}")
     if schema in ("dolly", "alpaca"):
         answer_key, extra_key = ("response", "context") if schema == "dolly" else ("output", "input")
         instruction = _text_field(values, "instruction", where, required=True)
         extra = _text_field(values, extra_key, where, required=False)
         answer = _text_field(values, answer_key, where, required=True)
         if not instruction.strip():
-            raise _bad(where, "empty 'instruction'")
+            raise bad_row(where, "empty 'instruction'")
         if not answer.strip():
-            raise _bad(where, f"empty {answer_key!r}")
+            raise bad_row(where, f"empty {answer_key!r}")
         user = instruction.strip() + (f"\n\nContext: {extra.strip()}" if extra.strip() else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": answer.strip()}]
     if schema == "text":
         text = _text_field(values, "text", where, required=True)
         if not text.strip():
-            raise _bad(where, "empty 'text'")
+            raise bad_row(where, "empty 'text'")
         return [{"role": "assistant", "content": text}]
     if schema == "prompt_completion":
         return _prompt_completion(values, where)
@@ -689,7 +478,7 @@ def _render(where: str, messages: list[dict], tokenizer, template: str):
     try:
         segments = render_segments(messages, tokenizer, template)
     except TemplateError as exc:  # e.g. a template that demands alternating user/assistant
-        raise _bad(where, f"the chat template rejects this conversation ({_first_line(exc)})"
+        raise bad_row(where, f"the chat template rejects this conversation ({first_line(exc)})"
                    ) from None
     if template == "chat":
         # Many templates render only the roles they know and skip the rest without a word
@@ -699,7 +488,7 @@ def _render(where: str, messages: list[dict], tokenizer, template: str):
         last = max((i for i, m in enumerate(messages) if _is_answer(m)), default=0)
         for i, msg in enumerate(messages[:last]):
             if msg["role"] == "tool" and msg["content"].strip() not in rendered:
-                raise _bad(where, f"the chat template drops message {i} (role 'tool') — use a "
+                raise bad_row(where, f"the chat template drops message {i} (role 'tool') — use a "
                            "model whose template renders tool turns, or data.template = 'plain'")
     return segments
 
@@ -749,7 +538,7 @@ def _valid_messages(rows: list[Row], schema: str, as_written: bool, cfg: DataCon
             messages = row_to_messages(row, schema)
             if trained_as_written(schema, row.values) != as_written:
                 form = {True: "a string", False: "a message list"}
-                raise _bad(row.where, f"'prompt' is {form[not as_written]} here but "
+                raise bad_row(row.where, f"'prompt' is {form[not as_written]} here but "
                            f"{form[as_written]} in the first row — use one form in a file")
             out.append((row.where, messages))
         except UserError:
@@ -786,7 +575,7 @@ def _first_object(rows: list[Row]) -> Row:
     if isinstance(first.values, UserError):
         raise first.values  # no row parsed: the first one's own error names file and line
     if not isinstance(first.values, dict):
-        raise _bad(first.where, f"expected an object, got {type(first.values).__name__}")
+        raise bad_row(first.where, f"expected an object, got {type(first.values).__name__}")
     return first
 
 
@@ -804,7 +593,7 @@ class Source:
 
 def read_source(cfg: DataConfig, tokenizer, stats: dict, max_rows: int = 0) -> Source:
     """`cfg.source` read, renamed (`cfg.columns`), detected and validated."""
-    rows = read_rows(cfg.source, cfg.hub_config, cfg.split)
+    rows = source_rows(cfg)
     if max_rows:
         rows = rows[:max_rows]
     rows = rename_columns(rows, cfg.column_map())
@@ -827,52 +616,34 @@ def _hold_out(conversations: list, cfg: DataConfig, seed: int) -> tuple[list, li
             [conversations[i] for i in order[:n_eval]])
 
 
-def mix_counts(available: list[int], weights: list[float], cap: int = 0) -> list[int]:
-    """Rows to draw from each source: as many in all as the sources give without drawing any
-    row twice (the scarcest source for its weight sets the total), at most `cap` (0 = no cap),
-    split in shares as close to the weights as whole rows allow (largest remainders round up)."""
-    shares = [w / sum(weights) for w in weights]
-    total = min(math.floor(n / share + 1e-9) for n, share in zip(available, shares))
-    total = min(total, cap) if cap else total
-    exact = [min(share * total, n) for share, n in zip(shares, available)]
-    counts = [math.floor(x) for x in exact]
-    by_remainder = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
-    for i in by_remainder[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
 def _draw_mix(cfg: DataConfig, tokenizer, seed: int, stats: dict) -> tuple[list, list, str, str]:
     """(train, held-out, schema, template) of `data.mix`; what was drawn goes in stats["mix"].
 
-    Each source is shuffled (seeded) and its first rows drawn, so no row is drawn twice and the
+    Each source's rows are drawn by `sources.draw_mix`, so no row is drawn twice, and the
     held-out rows, taken from the drawn ones, never reach training.
     """
     mix = cfg.mix_sources()
     sources = [read_source(sub, tokenizer, stats) for sub, _ in mix]
     for src in sources:
         if not src.conversations:
-            raise UserError(f"data.mix source {_shown(src.name)} has no valid rows "
+            raise UserError(f"data.mix source {short_path(src.name)} has no valid rows "
                             f"({stats['bad_rows_skipped']} skipped so far) — fix it or drop it")
         if src.template != sources[0].template:
-            raise UserError(f"data.mix: {_shown(src.name)} renders with template "
-                            f"{src.template!r} but {_shown(sources[0].name)} with "
+            raise UserError(f"data.mix: {short_path(src.name)} renders with template "
+                            f"{src.template!r} but {short_path(sources[0].name)} with "
                             f"{sources[0].template!r} — mix sources of one kind (text rows and "
                             "TRL's string prompt/completion rows are trained as written)")
-    counts = mix_counts([len(s.conversations) for s in sources], [w for _, w in mix],
-                        cfg.max_rows)
-    rng = random.Random(seed)
-    drawn = []  # (source index, conversation)
-    for i, (src, k) in enumerate(zip(sources, counts)):
-        order = list(range(len(src.conversations)))
-        rng.shuffle(order)
-        drawn += [(i, src.conversations[j]) for j in sorted(order[:k])]
+    picks = draw_mix([len(s.conversations) for s in sources], [w for _, w in mix],
+                     cfg.max_rows, seed)
+    counts = [len(p) for p in picks]
+    drawn = [(i, src.conversations[j])  # (source index, conversation)
+             for i, (src, indices) in enumerate(zip(sources, picks)) for j in indices]
     template = sources[0].template
     if cfg.eval_source:
         held = read_source(replace(cfg, source=cfg.eval_source, hub_config="", split="train",
                                    mix=""), tokenizer, stats)
         if held.template != template:
-            raise UserError(f"data.eval_source {_shown(held.name)} renders with template "
+            raise UserError(f"data.eval_source {short_path(held.name)} renders with template "
                             f"{held.template!r} but data.mix with {template!r} — hold out rows "
                             "of the same kind")
         train, held_out = drawn, [(None, c) for c in held.conversations]
@@ -913,7 +684,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     train = _encode(train_convs, tokenizer, template, cfg, stats)
     evals = _encode(eval_convs, tokenizer, template, cfg, stats)
     if not train:
-        raise UserError(f"data source {_shown(cfg.mix or cfg.source)} left no trainable rows "
+        raise UserError(f"data source {short_path(cfg.mix or cfg.source)} left no trainable rows "
                         f"after filtering ({stats}) — raise data.max_seq_len or check the rows")
     stats.update(train_rows=len(train), eval_rows=len(evals),
                  train_tokens=sum(len(e["input_ids"]) for e in train), schema=schema,

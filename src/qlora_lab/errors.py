@@ -26,3 +26,21 @@ class TrainingInterrupted(UserError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class OutOfMemory(UserError):
+    """Training ran out of CUDA memory; the message names the config and what to lower.
+
+    Raised by `train` in place of torch's OutOfMemoryError, so that callers (`lab`, `bench`'s
+    child processes) can count an OOM as an outcome by its type.
+    """
+
+
+class LossNotFinite(UserError):
+    """Training stopped on a NaN/inf loss before applying it; the message names the step, the
+    last good checkpoint and what to change. Raised by `train` in place of
+    faults.NonFiniteLoss (the trainer's internal signal)."""
+
+
+class NothingFits(UserError):
+    """No micro-batch/checkpointing choice fits the memory budget (the planner's budget search)."""

@@ -1,7 +1,8 @@
 """`qlora-lab eval`: held-out loss, perplexity and answer quality of an adapter or a model.
 
-Every row of `--data` is read and validated by `qlora_lab.data` (the same schemas, the same
-one-line errors as `train`) and rendered by the same functions training used, so:
+Every row of `--data` is read by `qlora_lab.sources` and validated by `qlora_lab.data` (the
+same schemas, the same one-line errors as `train`) and rendered by the same functions training
+used, so:
 
 - the loss is over answer tokens only, masked exactly as in training (`render_segments` +
   `tokenize_segments`, cut as training cuts by `encode_conversation`), averaged over tokens
@@ -38,12 +39,12 @@ from qlora_lab.data import (
     PadCollator,
     detect_schema,
     encode_conversation,
-    read_rows,
     rename_columns,
     render_prompt,
     row_to_messages,
 )
 from qlora_lab.errors import UserError
+from qlora_lab.sources import read_rows
 
 log = logging.getLogger(__name__)
 

@@ -59,7 +59,8 @@ class FinalHiddenStates:
 
     A forward hook on this model's own norm module. Asking the model for
     `output_hidden_states` instead would keep every layer's output on the GPU, which undoes
-    activation offload (measured: out of memory at 49k tokens under 8 GiB with it).
+    activation offload (it ran out of memory with it: the qlora_lab rows of
+    benchmarks/results/bench_context_h200_8gib_run1.json).
     """
 
     def __init__(self, model: nn.Module):
@@ -311,8 +312,8 @@ def enable_offloaded_checkpointing(model: nn.Module, every_n_layers: int = 1) ->
 
     transformers >= 5.17 offers the same strategy as `gradient_checkpointing_enable(offload=True)`
     (torch's save_on_cpu around each checkpoint). This one is what the 98,304-token measurement
-    under 8 GiB used (benchmarks/results/bench_context_ours_h200_8gib.json); it stays until a
-    side-by-side run shows the library's is as good. `_set_gradient_checkpointing`
+    under 8 GiB used (benchmarks/results/archive/bench_context_ours_h200_8gib.json); it stays
+    until a side-by-side run shows the library's is as good. `_set_gradient_checkpointing`
     (PreTrainedModel, stable since 4.35) is the hook `gradient_checkpointing_enable` itself uses
     to install a checkpoint function.
     """

@@ -507,8 +507,8 @@ def _settings(config: dict) -> dict:
 
 
 def _check_inputs(cfg: LabConfig) -> None:
-    from qlora_lab.data import read_rows
     from qlora_lab.models import resolve_model_path
+    from qlora_lab.sources import read_rows
 
     for path in (cfg.data, cfg.eval_data):
         read_rows(path)  # a wrong path or format fails now, not after minutes of runs

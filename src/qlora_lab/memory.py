@@ -47,7 +47,7 @@ RESERVED_OVER_ALLOCATED_PACKED = 1.3
 UNNAMED_BYTES = 67 * 2**20
 # The plain path's loss (transformers' ForCausalLMLoss on full logits): at the start of backward
 # the fp32 logits, the log-softmax kept for backward and its fp32 gradient coexist; measured
-# 11.9-12.1 B per N x V (benchmarks/results/memory_validation.json).
+# 11.9-12.1 B per N x V (benchmarks/results/archive/memory_validation.json).
 LOSS_BYTES_PER_V = 12.0
 # How the decoder's norms run, per token and per norm, in bytes per hidden unit (a = 2):
 # Liger's RMSNorm keeps its input and output (a + a); transformers' RMSNorm keeps an fp32 copy
@@ -319,8 +319,8 @@ def _optimizer_state(m: ModelShape, s: StepShape) -> tuple[int, str]:
     elements) keep two fp32 states; larger ones two uint8 states plus an fp32 absmax per
     256-element block each. A paged optimizer pages only tensors of >= 1e5 elements
     (get_state_buffer); smaller states and every absmax stay in the allocator. Each tensor is
-    its own allocation, rounded up to 512 B. Measured: 24.4 MiB for TinyLlama at r=16, the sum
-    of these (benchmarks/results/memory_anatomy_h200.json).
+    its own allocation, rounded up to 512 B. A TinyLlama step's allocations at its peak add up
+    to these (benchmarks/results/memory_anatomy_h200.json).
     """
     if s.optimizer == "adamw_torch":
         # torch AdamW keeps exp_avg and exp_avg_sq in the parameter dtype.
@@ -560,8 +560,8 @@ def offload_forward_bytes_per_token(m: ModelShape, s: StepShape) -> float:
     It runs under no_grad, where fastpath.FusedSwiGLU does not tile: the whole MLP is alive at
     once. At the up projection: the attention's residual sum and the MLP's input (2 x a x H),
     the gate output, and the up projection's base output, its clone (peft's 4-bit Linear
-    clones it) and the LoRA branch being added (4 x a x I in all). Measured at 65,536 and
-    98,304 tokens (bench_context_ours_h200_8gib.json): this, not backward, is the peak there.
+    clones it) and the LoRA branch being added (4 x a x I in all). This, not backward, is the
+    peak for long rows (benchmarks/results/archive/bench_context_ours_h200_8gib.json).
     """
     a = s.compute_bytes
     return 2 * a * m.hidden_size + 4 * a * m.intermediate_size
@@ -771,8 +771,7 @@ def _distributed_terms(m: ModelShape, s: StepShape, static: list[MemoryTerm]
     """Per-GPU changes under data parallelism (micro-batch and activations are per GPU).
 
     DDP keeps a full replica and adds flat gradient buckets the size of the trainable (LoRA)
-    gradients: measured on 2 H200s, +0.02 GiB per GPU over one GPU for TinyLlama r=16
-    (benchmarks/results/ddp_scaling.json), the size of its LoRA gradients.
+    gradients: what two GPUs added per GPU over one (benchmarks/results/ddp_scaling.json).
     FSDP is modelled as `train` runs it (configs/accelerate_fsdp.yaml): FSDP1, FULL_SHARD, flat
     parameters, one unit per decoder layer plus one per LoRA linear (peft's wrap policy), a root
     unit holding embeddings, lm_head and the final norm.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from qlora_lab.config import RunConfig
+from qlora_lab.config import DataConfig, RunConfig
 from qlora_lab.presets import preset_for
 
 CARD_FILE = "README.md"
@@ -44,6 +44,19 @@ def _dataset_id(source: str) -> str | None:
     return source if source.count("/") == 1 and not Path(source).expanduser().exists() else None
 
 
+def _sources(data: DataConfig) -> list[tuple[DataConfig, float]]:
+    """What a run trained on: each `data.mix` source with its own settings and weight, or the
+    one `data.source`."""
+    return data.mix_sources() or [(data, 1.0)]
+
+
+def _located(data: DataConfig) -> str:
+    """A source as the card names it: `name`, with its hub config and split where set."""
+    where = [f"config `{data.hub_config}`"] * bool(data.hub_config)
+    where += [f"split `{data.split}`"] * (data.split != "train")
+    return f"`{data.source}`" + (f" ({', '.join(where)})" if where else "")
+
+
 def _number(value, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
@@ -55,8 +68,10 @@ def render_model_card(base_model: str, run: RunConfig | None = None, template: s
     front: dict = {"library_name": "peft", "pipeline_tag": "text-generation", "tags": TAGS}
     if base_id:
         front = {"base_model": base_id, **front}
-    if run is not None and _dataset_id(run.data.source):
-        front["datasets"] = [run.data.source]
+    datasets = [] if run is None else [d.source for d, _ in _sources(run.data)
+                                       if _dataset_id(d.source)]
+    if datasets:
+        front["datasets"] = list(dict.fromkeys(datasets))
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# LoRA adapter for {base_id or base_model}", ""]
     lines.append("Trained with qlora-lab: LoRA adapters on a frozen base (4-bit NF4 for QLoRA). "
@@ -101,18 +116,40 @@ def _data_section(run: RunConfig, template: str, summary: dict | None) -> list[s
     data = run.data
     stats = (summary or {}).get("data") or {}
     schema = stats.get("schema") or data.schema  # the detected one, when the summary has it
-    held_out = f", held out: `{data.eval_source}`" if data.eval_source else ""
-    columns = f", columns {data.columns}" if data.columns else ""
+    held_out = f"`{data.eval_source}`" if data.eval_source else ""
+    if data.eval_split:
+        held_out = f"{held_out} split `{data.eval_split}`".strip()
+    held_out = f", held out: {held_out}" if held_out else ""
+    columns = f", columns {data.columns}" if data.columns and not data.mix else ""
     shown_template = f"; prompt template: {template}" if template else ""
     trained = "every token" if data.train_on_prompt else "answer tokens only"
-    lines = ["## Data", "", f"- Source: `{data.source}`{held_out}",
-             f"- Schema: {schema}{columns}{shown_template}"]
+    lines = ["## Data", ""]
+    if data.mix:
+        lines.append(f"- Mix of {len(_sources(data))} sources, drawn by weight (no row twice)"
+                     f"{held_out}:")
+        lines += _mix_lines(data, stats.get("mix") or [])
+    else:
+        lines.append(f"- Source: {_located(data)}{held_out}")
+    lines.append(f"- Schema: {schema}{columns}{shown_template}")
     lines.append(f"- Loss on {trained}; rows of at most {data.max_seq_len} tokens "
                  f"({data.overlength} longer ones)")
     if stats:
         lines.append(f"- Rows: {stats.get('train_rows')} trained, {stats.get('eval_rows')} "
                      f"held out, {stats.get('train_tokens')} training tokens")
     return [*lines, ""]
+
+
+def _mix_lines(data: DataConfig, drawn: list[dict]) -> list[str]:
+    """One sub-item per mix source: where it is, its weight, and (from summary.json's
+    `data.mix`, in the same order) its detected schema and the rows drawn from it."""
+    lines = []
+    for i, (source, weight) in enumerate(_sources(data)):
+        record = drawn[i] if i < len(drawn) and isinstance(drawn[i], dict) else {}
+        schema = record.get("schema") or source.schema
+        columns = f", columns {source.columns}" if source.columns else ""
+        rows = f", {record['rows_drawn']} rows drawn" if "rows_drawn" in record else ""
+        lines.append(f"  - {_located(source)}: weight {weight:g}, schema {schema}{columns}{rows}")
+    return lines
 
 
 def _hyperparameter_section(run: RunConfig, summary: dict | None) -> list[str]:

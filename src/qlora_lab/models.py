@@ -272,9 +272,9 @@ def prepare_for_training(model, gradient_checkpointing: bool, every_n_layers: in
     """Freeze the base and set up checkpointing, WITHOUT peft's fp32 upcast.
 
     peft's `prepare_model_for_kbit_training` casts every non-quantized weight (embeddings, norms,
-    lm_head) to fp32. On TinyLlama that costs 1.5-2.9 GiB and ~25 % of speed (measured on an
-    H200 at 4 x 1024: 4.60 GiB / 8.9k tok/s with the upcast, 3.02 GiB / 11.9k tok/s without), for
-    no stability gain we could measure: those weights are frozen, so nothing accumulates in them.
+    lm_head) to fp32. On TinyLlama that cost GiBs of memory and much of the speed (an H200 run
+    of the first version, not kept as a result file), for no stability gain we could measure:
+    those weights are frozen, so nothing accumulates in them.
     """
     for param in model.parameters():
         param.requires_grad_(False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_lab import memory
 from qlora_lab.config import RunConfig, resolve_optimizer, save_config
-from qlora_lab.errors import UserError
+from qlora_lab.errors import NothingFits, UserError
 from qlora_lab.memory import ModelShape, StepShape, estimate_peak_memory
 from qlora_lab.shapes import model_shape
 
@@ -80,25 +80,14 @@ class Candidate:
     checkpoint_every: int = 1
     activation_offload: bool = False
 
-    @property
-    def activation_strategy(self) -> str:
-        if not self.gradient_checkpointing:
-            return "none"
-        if self.activation_offload:
-            return "checkpointing, inputs offloaded to host"
-        if self.checkpoint_every > 1:
-            return f"checkpointing every {self.checkpoint_every} layers"
-        return "checkpointing"
-
 
 def predicted_throughput(model: ModelShape, step: StepShape, flops_per_s: float = 200e12,
                          step_overhead_s: float = 0.35) -> float:
     """A simple, documented cost model for ranking configs (not a benchmark).
 
-    Time per micro-batch = fixed overhead (kernel launches of ~150 quantized LoRA layers, which
-    dominate at small batches: measured ~0.35-0.6 s per micro-batch on an H200 with the plain
-    stack) + 6 x active params x tokens / achievable FLOP/s, x 4/3 when checkpointing recomputes
-    the forward.
+    Time per micro-batch = fixed overhead (kernel launches of the quantized LoRA layers, which
+    dominate at small batches; the default is a rough H200 figure for the plain stack) + 6 x
+    active params x tokens / achievable FLOP/s, x 4/3 when checkpointing recomputes the forward.
     """
     compute = 6 * model.active_params() * step.tokens / flops_per_s
     if step.gradient_checkpointing:
@@ -192,9 +181,10 @@ def fit_config(cfg: RunConfig, budget_bytes: int, gpus: int = 1, strategy: str =
         fallback = shorter_seq_fallback(shape, base, budget_bytes)
         hint = (f"; data.max_seq_len = {fallback.seq_len} with micro-batch "
                 f"{fallback.micro_batch_size} would fit") if fallback else ""
-        raise UserError(f"no micro-batch/checkpointing choice fits {cfg.model.name} at "
-                        f"data.max_seq_len = {base.seq_len} in {budget_bytes / memory.GIB:.2f} "
-                        f"GiB{hint} — lower data.max_seq_len or quant.bits, or raise the budget")
+        raise NothingFits(f"no micro-batch/checkpointing choice fits {cfg.model.name} at "
+                          f"data.max_seq_len = {base.seq_len} in "
+                          f"{budget_bytes / memory.GIB:.2f} GiB{hint} — lower data.max_seq_len "
+                          "or quant.bits, or raise the budget")
     return apply_candidate(cfg, best), best, cands
 
 
@@ -270,8 +260,10 @@ def nearest_fit_advice(cfg: RunConfig, budget_bytes: int) -> str | None:
         shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
         failed = memory.estimate_peak_memory(shape, step_shape(cfg))
         fitted, _, _ = fit_config(cfg, budget_bytes)
-    except UserError as exc:
-        return str(exc) if "fits" in str(exc) else None
+    except NothingFits as exc:
+        return str(exc)
+    except UserError:
+        return None
     t = fitted.train
     return (f"the planner predicts {failed.peak_reserved_bytes / memory.GIB:.2f} GiB for this "
             f"config and {budget_bytes / memory.GIB:.2f} GiB is available; nearest fit: "

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from qlora_lab import adapters, checkpoints, fastpath, faults, fsio, models, rundir, safety
-from qlora_lab.rundir import check_output_dir, find_checkpoint  # noqa: F401 - re-exported
+from qlora_lab.checkpoints import fsdp_adapter_tensors, save_adapter  # noqa: F401 - re-exported
 from qlora_lab.config import RunConfig, save_config
 from qlora_lab.data import (
     PackedCollator,
@@ -42,7 +42,8 @@ from qlora_lab.data import (
     batch_geometry,
     prepare_data,
 )
-from qlora_lab.errors import TrainingInterrupted, UserError
+from qlora_lab.errors import LossNotFinite, OutOfMemory, TrainingInterrupted, UserError
+from qlora_lab.rundir import check_output_dir, find_checkpoint  # noqa: F401 - re-exported
 from qlora_lab.trainer import (
     CHECKPOINTS,
     build_training_args,
@@ -340,9 +341,9 @@ def run_train(cfg: RunConfig, resume: str | bool | None = None, overwrite: bool 
             return finished
         return train_session(setup_training(cfg, resume, overwrite, claim))
     except torch.cuda.OutOfMemoryError as exc:
-        raise UserError(f"CUDA out of memory ({_oom_detail(exc)}) with micro_batch_size "
-                        f"{cfg.train.micro_batch_size} x max_seq_len {cfg.data.max_seq_len} — "
-                        f"{oom_advice(cfg)}") from None
+        raise OutOfMemory(f"CUDA out of memory ({_oom_detail(exc)}) with micro_batch_size "
+                          f"{cfg.train.micro_batch_size} x max_seq_len {cfg.data.max_seq_len} — "
+                          f"{oom_advice(cfg)}") from None
     except OSError as exc:
         if exc.errno not in WRITE_FAILURES:
             raise
@@ -383,7 +384,7 @@ def train_session(session: TrainingSession) -> dict:
         with stopper.installed():
             result = trainer.train(resume_from_checkpoint=session.checkpoint)
     except faults.NonFiniteLoss as exc:
-        raise UserError(_non_finite_message(exc, session)) from None
+        raise LossNotFinite(_non_finite_message(exc, session)) from None
     if stopper.stopped_at_step is not None and trainer.state.global_step < trainer.state.max_steps:
         signum = getattr(signal, stopper.signal_name)
         raise TrainingInterrupted(_interrupted_message(session, stopper), 128 + signum)
@@ -415,7 +416,7 @@ def train_session(session: TrainingSession) -> dict:
                   if trainer.is_fsdp_enabled else None)
     if trainer.is_world_process_zero():
         with fsio.staged_dir(out / "adapter") as adapter_dir:
-            session.model.save_pretrained(adapter_dir, state_dict=full_state)
+            save_adapter(session.model, adapter_dir, full_state)
             adapters.write_base_info(adapter_dir, cfg.model, cfg.quant, session.data.template,
                                      session.model.base_model.config, run=cfg, summary=summary,
                                      compute_dtype=summary["compute_dtype"])
