@@ -17,7 +17,6 @@ loss stops before it reaches the weights or a checkpoint (faults.py).
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -46,6 +45,7 @@ from qlora_lab.errors import LossNotFinite, OutOfMemory, TrainingInterrupted, Us
 from qlora_lab.rundir import check_output_dir, find_checkpoint  # noqa: F401 - re-exported
 from qlora_lab.trainer import (
     CHECKPOINTS,
+    WRITE_FAILURE_ERRNOS,
     build_training_args,
     make_callbacks,
     optimizer_name,
@@ -345,16 +345,12 @@ def run_train(cfg: RunConfig, resume: str | bool | None = None, overwrite: bool 
                           f"{cfg.train.micro_batch_size} x max_seq_len {cfg.data.max_seq_len} — "
                           f"{oom_advice(cfg)}") from None
     except OSError as exc:
-        if exc.errno not in WRITE_FAILURES:
+        if exc.errno not in WRITE_FAILURE_ERRNOS:  # a full disk, quota, size limit, ro mount
             raise
         raise UserError(_write_failure_message(exc, claim.out)) from None
     finally:
         if claim.lock is not None:
             claim.lock.release()
-
-
-# A full disk, a quota, a file-size limit or a read-only remount: the user's to fix.
-WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
 def _write_failure_message(exc: OSError, out: Path) -> str:

@@ -7,6 +7,7 @@ fast path's loss at supervised positions (fastpath.py) and a token-weighted eval
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -158,6 +159,20 @@ def make_callbacks(out: Path):
     return MetricsJsonl(), Throughput(), faults.StopOnSignal(), StderrProgress()
 
 
+# How a full disk, a quota, a file-size limit or a read-only mount reads once torch's zip
+# writer or safetensors has wrapped the OSError (their messages carry the OS's words).
+WRITE_FAILURE_TEXT = ("file write failed", "no space left", "file too large", "quota exceeded",
+                      "read-only file system", "unexpected pos", "input/output error")
+WRITE_FAILURE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in WRITE_FAILURE_ERRNOS
+    text = str(exc).lower()
+    return any(words in text for words in WRITE_FAILURE_TEXT)
+
+
 def _checkpoint_write_failed(root: Path, step: int, exc: BaseException) -> UserError:
     reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:120]
     try:
@@ -273,6 +288,8 @@ def trainer_class():
                 super()._save_checkpoint(model, trial)
             except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as either
                 shutil.rmtree(self._staging_dir, ignore_errors=True)
+                if not _is_write_failure(exc):
+                    raise  # not the disk: a bug, whose traceback is the useful part
                 raise _checkpoint_write_failed(root, step, exc) from None
             finally:
                 self._staging_dir = None
