@@ -667,9 +667,9 @@ def budget_fit(work: Path, bases: dict, steps: int, timeout: int, only: set,
        no slower (full rows, fewer steps of fixed overhead); the first model checks it by timing
        every fitting micro-batch of its fastest strategy.
     """
-    from qlora_lab import plan
     from qlora_lab.config import config_from_dict
     from qlora_lab.errors import UserError
+    from qlora_lab.train import fit_to_card
 
     cap = 8 * GIB
     models = [(f, seq) for f, seq in BUDGET_MODELS if not only or f in only]
@@ -683,15 +683,16 @@ def budget_fit(work: Path, bases: dict, steps: int, timeout: int, only: set,
 
     entries = {}
     for family, seq in models:
-        want = config_from_dict({"model": {"name": str(bases[family])},
-                                 "data": {"max_seq_len": seq,
-                                          **({"source": str(data)} if data else {})},
-                                 "train": {"micro_batch_size": BUDGET_ROWS_PER_STEP,
-                                           "grad_accum_steps": 1}})
+        # The run `train --budget` is handed: these rows, 16 per step, its defaults otherwise.
+        run = spec(family, seq, BUDGET_ROWS_PER_STEP, "ckpt", steps)["run"]
+        run["train"] = {k: v for k, v in run["train"].items()
+                        if k not in ("gradient_checkpointing", "checkpoint_every")}
+        want = config_from_dict(run)
         entry = {"model": family, "seq_len": seq, "budget_bytes": cap,
                  "rows_per_step": BUDGET_ROWS_PER_STEP}
         try:
-            _, best, _ = plan.fit_config(want, cap)
+            _, best, short = fit_to_card(want, cap)  # what `train --budget` calls
+            entry["rows_share_bins"] = short
             entry["chosen"] = {"micro_batch_size": best.micro_batch_size,
                                "activations": _strategy_name(best),
                                "predicted_bytes": best.peak_allocated_bytes}

@@ -152,7 +152,54 @@ def test_committed_budget_fit_uses_the_card_and_is_this_planners_choice():
                 "model": {"name": base}, "data": {"max_seq_len": entry["seq_len"]},
                 "train": {"micro_batch_size": entry["rows_per_step"], "grad_accum_steps": 1,
                           "liger": "on"}})  # as on the GPU host, where liger-kernel is installed
-            _, best, _ = fit_config(want, entry["budget_bytes"])
+            _, best, _ = fit_config(want, entry["budget_bytes"],
+                                    short_rows=entry["rows_share_bins"])
         chosen = entry["chosen"]
         assert (best.micro_batch_size, harness._strategy_name(best)) == (
             chosen["micro_batch_size"], chosen["activations"]), entry["model"]
+    # Rows that fill their bins (long documents): the choice, told so, was measured to fit and
+    # is the fastest of the search on those rows.
+    for entry in report["synthetic_full_rows"]["with_row_lengths"]["entries"]:
+        assert entry["chosen_measured_fits"] and entry["chosen_share_of_fastest"] >= 0.9
+
+
+def test_rows_share_bins_decides_whether_attention_needs_a_mask():
+    from qlora_lab.data import rows_share_bins
+
+    rows = lambda *lengths: [{"input_ids": [0] * n} for n in lengths]  # noqa: E731
+    assert rows_share_bins(rows(300, 500, 1024), 1024, packing=True)  # 300 + 500 share a bin
+    assert not rows_share_bins(rows(600, 700, 1024), 1024, packing=True)  # one row per bin
+    assert not rows_share_bins(rows(1024, 1024), 1024, packing=False)  # all full: no padding
+    assert rows_share_bins(rows(1000, 1024), 1024, packing=False)  # padded
+
+
+def test_train_budget_reads_the_rows_before_choosing(tmp_path):
+    """`train --budget` (train.fit_to_card) on rows that fill their bins may keep activations a
+    masked run could not afford: a Qwen2.5-0.5B shape at 2,048 tokens in 8 GiB picks selective
+    checkpointing on full rows and full checkpointing on short, packed ones."""
+    import json as _json
+
+    from transformers import AutoConfig
+
+    from qlora_lab.config import config_from_dict
+    from qlora_lab.models import build_byte_tokenizer
+    from qlora_lab.train import fit_to_card
+
+    harness = benchmark_module("memory_validation_v2")
+    values = {**harness.SPECIAL, **harness.FAMILIES["qwen2.5-0.5b"][1]}
+    base = tmp_path / "qwen-shape"  # config and tokenizer only: planning never loads weights
+    AutoConfig.for_model(values.pop("model_type"), **values).save_pretrained(base)
+    build_byte_tokenizer().save_pretrained(base)
+    chosen = {}
+    for name, chars in (("full", 5000), ("short", 300)):
+        rows = tmp_path / f"{name}.jsonl"
+        rows.write_text("".join(_json.dumps({"instruction": f"row {i}", "response": "x" * chars})
+                                + "\n" for i in range(24)))
+        cfg = config_from_dict({"model": {"name": str(base)},
+                                "data": {"source": str(rows), "max_seq_len": 2048},
+                                "train": {"micro_batch_size": 16, "grad_accum_steps": 1,
+                                          "liger": "on"}})
+        fitted, _, short = fit_to_card(cfg, 8 * 2**30)
+        chosen[name] = (short, fitted.train.micro_batch_size, fitted.train.checkpoint_every)
+    assert chosen["full"] == (False, 16, 2)
+    assert chosen["short"] == (True, 16, 1)

@@ -311,22 +311,23 @@ def _check_paths(args) -> None:
 def _command(args) -> int:
     _check_paths(args)
     if args.command == "train":
-        from qlora_lab.train import run_train
+        from qlora_lab.train import fit_to_card, run_train
 
         cfg = train_config_from_args(args)
         if args.budget:
             from qlora_lab.memory import GIB, parse_bytes
-            from qlora_lab.plan import fit_config
 
             try:
                 budget = parse_bytes(args.budget)
             except ValueError as exc:
                 raise UserError(f"--budget: {exc}") from None
-            cfg, best, _ = fit_config(cfg, budget)
+            cfg, best, short = fit_to_card(cfg, budget)
             logging.getLogger("qlora_lab").info(
-                "planner: micro-batch %d x %d, checkpointing %s, predicted peak %.2f GiB of %.2f",
-                best.micro_batch_size, best.seq_len, best.gradient_checkpointing,
-                best.peak_allocated_bytes / GIB, budget / GIB)
+                "planner: micro-batch %d x %d, checkpointing %s (every %d), predicted peak %.2f "
+                "GiB of %.2f (%s)", best.micro_batch_size, best.seq_len,
+                best.gradient_checkpointing, best.checkpoint_every,
+                best.peak_allocated_bytes / GIB, budget / GIB,
+                "rows share bins: masked attention" if short else "every row fills its bin")
         summary = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
         if int(os.environ.get("RANK", "0")) == 0:  # one summary, not one per process
             print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))

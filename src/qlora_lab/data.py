@@ -768,6 +768,20 @@ def pack_stats(packs: list[dict], bin_tokens: int) -> dict:
     return {"packs": len(packs), "pack_fill": round(tokens / max(1, len(packs) * bin_tokens), 4)}
 
 
+def rows_share_bins(examples: list[dict], max_seq_len: int, packing: bool) -> bool:
+    """Whether a micro-batch of these rows needs an attention mask (what the planner calls
+    short rows): packed, two rows can share a bin (the shortest two fit in one), so positions
+    restart inside it; padded, some row is shorter than the rest and is padded. False when
+    every row fills its bin (long documents cut at max_seq_len): then attention is plain causal.
+    """
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    if not lengths:
+        return True
+    if packing:
+        return len(lengths) > 1 and lengths[0] + lengths[1] <= max_seq_len
+    return lengths[0] < lengths[-1]
+
+
 def batch_geometry(examples: list[dict], micro_batch_size: int, grad_accum_steps: int,
                    processes: int = 1) -> dict:
     """Rows, tokens and optimizer steps per epoch: the same with packing on or off.

@@ -168,10 +168,13 @@ def apply_candidate(cfg: RunConfig, cand: Candidate) -> RunConfig:
     return replace(cfg, train=train, data=replace(cfg.data, max_seq_len=cand.seq_len))
 
 
-def fit_config(cfg: RunConfig, budget_bytes: int, gpus: int = 1, strategy: str = "ddp"
-               ) -> tuple[RunConfig, Candidate, list]:
+def fit_config(cfg: RunConfig, budget_bytes: int, gpus: int = 1, strategy: str = "ddp",
+               short_rows: bool = True) -> tuple[RunConfig, Candidate, list]:
+    """The fastest config predicted to fit. short_rows: whether micro-batches need an attention
+    mask (data.rows_share_bins); unknown (`plan` reads no data), assume they do, which costs
+    more memory with selective checkpointing."""
     shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
-    base = step_shape(cfg, gpus=gpus, strategy=strategy)
+    base = replace(step_shape(cfg, gpus=gpus, strategy=strategy), short_rows=short_rows)
     # Only micro-batches that divide the rows per optimizer step: the search trades micro-batch
     # for accumulation and must not change the effective batch (which changes the optimization).
     rows = cfg.train.micro_batch_size * cfg.train.grad_accum_steps

@@ -329,6 +329,24 @@ def _interrupted_message(session: TrainingSession, stopper: faults.StopOnSignal)
             f"{shlex.quote(str(out))} --resume")
 
 
+def fit_to_card(cfg: RunConfig, budget_bytes: int):
+    """`train --budget`: the planner's fastest config for this card, told whether this run's
+    rows need attention masks (they decide what selective checkpointing keeps). Reads and
+    tokenizes the data as setup does; the model itself is never loaded here."""
+    from qlora_lab.data import rows_share_bins
+    from qlora_lab.plan import fit_config
+
+    model_path = models.resolve_model_path(cfg.model.name)
+    with adapters.explain_load_errors(f"base model {cfg.model.name}",
+                                      "check the folder (config.json, *.safetensors), or pick "
+                                      "another --model"):
+        tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
+    data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
+    short = rows_share_bins(data.train, cfg.data.max_seq_len, cfg.train.packing)
+    fitted, best, _ = fit_config(cfg, budget_bytes, short_rows=short)
+    return fitted, best, short
+
+
 def run_train(cfg: RunConfig, resume: str | bool | None = None, overwrite: bool = False) -> dict:
     """Fine-tune `cfg.model` on `cfg.data`; returns the summary also written to summary.json."""
     claim = claim_output_dir(cfg, resume, overwrite)
