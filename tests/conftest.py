@@ -59,6 +59,29 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+# A ChatML-like template for the byte tokenizer (the data tests' chat rows).
+CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The byte tokenizer: one token per byte, no chat template."""
+    from qlora_lab.models import build_byte_tokenizer
+
+    return build_byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    """The byte tokenizer with CHATML as its chat template."""
+    from qlora_lab.models import build_byte_tokenizer
+
+    t = build_byte_tokenizer()
+    t.chat_template = CHATML
+    return t
+
+
 @pytest.fixture
 def dolly_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "dolly.jsonl", DOLLY_ROWS)

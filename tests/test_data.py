@@ -18,23 +18,7 @@ from qlora_lab.data import (
     tokenize_segments,
 )
 from qlora_lab.errors import UserError
-from qlora_lab.models import build_byte_tokenizer
 from qlora_lab.sources import read_rows
-
-CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat_tok():
-    t = build_byte_tokenizer()
-    t.chat_template = CHATML
-    return t
 
 
 def _prepare(path, tok, **kw):

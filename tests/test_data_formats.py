@@ -8,7 +8,7 @@ import importlib.util
 import json
 
 import pytest
-from conftest import DOLLY_ROWS, write_jsonl
+from conftest import CHATML, DOLLY_ROWS, write_jsonl
 
 from qlora_lab.config import DataConfig, config_from_dict, parse_overrides
 from qlora_lab.data import (
@@ -22,8 +22,6 @@ from qlora_lab.data import (
 from qlora_lab.errors import UserError
 from qlora_lab.models import build_byte_tokenizer
 
-CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 # Like TinyLlama's (Zephyr) template: roles it does not know are skipped without a word.
 ZEPHYR_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}</s>"
                "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}</s>{% endif %}"
@@ -45,18 +43,6 @@ SPEAKER = {"system": "system", "user": "human", "assistant": "gpt", "tool": "too
 def sharegpt(row: dict) -> dict:
     return {"conversations": [{"from": SPEAKER[m["role"]], "value": m["content"]}
                               for m in row["messages"]]}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat_tok():
-    t = build_byte_tokenizer()
-    t.chat_template = CHATML
-    return t
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import random
 
 import pytest
-from conftest import DOLLY_ROWS, write_jsonl
+from conftest import CHATML, DOLLY_ROWS, write_jsonl
 
 from qlora_lab.config import DataConfig
 from qlora_lab.data import (
@@ -24,8 +24,6 @@ from qlora_lab.errors import UserError
 from qlora_lab.models import build_byte_tokenizer
 from qlora_lab.sources import read_rows
 
-CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 # An end-of-turn marker of many tokens (the byte tokenizer has no <|im_end|>), as in ChatML.
 IM_END = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -34,11 +32,6 @@ SHOUTING = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] | upper }}<
             "{% if add_generation_prompt %}[assistant]{% endif %}")
 STATS = ("clipped_chars", "truncated", "truncated_prompt_tokens", "truncated_answer_tokens",
          "dropped_overlength")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_byte_tokenizer()
 
 
 def _templated(template):

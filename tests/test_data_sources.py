@@ -13,7 +13,6 @@ from conftest import DOLLY_ROWS, write_jsonl
 from qlora_lab.config import config_from_dict, parse_overrides
 from qlora_lab.data import prepare_data
 from qlora_lab.errors import UserError
-from qlora_lab.models import build_byte_tokenizer
 from qlora_lab.sources import mix_counts, read_rows
 
 # A dataset folder with two configs, as a hub repository declares them in its README card.
@@ -34,11 +33,6 @@ configs:
 CHAT_ROWS = [{"conversations": [{"from": "human", "value": f"Say {w}."},
                                 {"from": "gpt", "value": f"{w}!"}]}
              for w in ("hello", "goodbye", "yes", "no", "maybe", "never", "always", "soon")]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_byte_tokenizer()
 
 
 @pytest.fixture(autouse=True)
