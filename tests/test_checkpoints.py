@@ -9,7 +9,7 @@ import pytest
 
 from qlora_lab import checkpoints, fsio
 from qlora_lab.errors import UserError
-from qlora_lab.train import find_checkpoint
+from qlora_lab.rundir import find_checkpoint
 
 
 def test_an_unpublished_checkpoint_is_invisible_and_cleaned_up(tmp_path):

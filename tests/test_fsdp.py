@@ -132,7 +132,7 @@ def test_checkpointing_is_reentrant_under_fsdp(monkeypatch):
 # --- the final adapter of an FSDP run: two CPU processes (gloo) -----------------------------------
 #
 # accelerate turns FSDP on only over GPUs (on CPU it stays MULTI_CPU), so `train` itself cannot run
-# FSDP here. These processes do what Trainer and accelerate do around train.save_adapter, with
+# FSDP here. These processes do what Trainer and accelerate do around checkpoints.save_adapter, with
 # torch's real FSDP1: peft's auto-wrap policy (transformers' update_fsdp_plugin_peft), FULL_SHARD,
 # flat parameters, one optimizer step, then accelerate's get_state_dict gather (FULL_STATE_DICT to
 # rank 0; without offload_to_cpu, which torch's FSDP1 cannot do for CPU tensors).
@@ -152,8 +152,8 @@ def _fsdp_save_worker(out: Path, base: str) -> None:
     from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    from qlora_lab.checkpoints import save_adapter
     from qlora_lab.config import LoraConfig
-    from qlora_lab.train import save_adapter
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -267,8 +267,8 @@ def test_fsdp_checkpoint_without_adapter_weights_is_not_resumed(fsdp_saved, tmp_
 
 def test_fsdp_save_refuses_a_gathered_state_without_the_adapter():
     """If the gathered keys ever stop matching the adapter's layers, no empty file is written."""
+    from qlora_lab.checkpoints import fsdp_adapter_tensors
     from qlora_lab.config import LoraConfig
-    from qlora_lab.train import fsdp_adapter_tensors
 
     base = models.resolve_model_path("tiny-random")
     model = models.attach_lora(models.load_base_model(base, ModelConfig(name="tiny-random"),

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from qlora_lab import checkpoints, fsio
 from qlora_lab.config import load_run_config, save_config
 from qlora_lab.errors import LossNotFinite, OutOfMemory, TrainingInterrupted, UserError
-from qlora_lab.train import find_checkpoint, oom_advice, run_train
+from qlora_lab.rundir import find_checkpoint
+from qlora_lab.train import oom_advice, run_train
 
 ADAPTER = "adapter/adapter_model.safetensors"
 

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 from qlora_lab import adapters, checkpoints, fastpath, faults, fsio, models, rundir, safety
-from qlora_lab.checkpoints import fsdp_adapter_tensors, save_adapter  # noqa: F401 - re-exported
 from qlora_lab.config import RunConfig, save_config
 from qlora_lab.data import (
     PackedCollator,
@@ -42,7 +41,6 @@ from qlora_lab.data import (
     prepare_data,
 )
 from qlora_lab.errors import LossNotFinite, OutOfMemory, TrainingInterrupted, UserError
-from qlora_lab.rundir import check_output_dir, find_checkpoint  # noqa: F401 - re-exported
 from qlora_lab.trainer import (
     CHECKPOINTS,
     WRITE_FAILURE_ERRNOS,
@@ -430,7 +428,7 @@ def train_session(session: TrainingSession) -> dict:
                   if trainer.is_fsdp_enabled else None)
     if trainer.is_world_process_zero():
         with fsio.staged_dir(out / "adapter") as adapter_dir:
-            save_adapter(session.model, adapter_dir, full_state)
+            checkpoints.save_adapter(session.model, adapter_dir, full_state)
             adapters.write_base_info(adapter_dir, cfg.model, cfg.quant, session.data.template,
                                      session.model.base_model.config, run=cfg, summary=summary,
                                      compute_dtype=summary["compute_dtype"])
