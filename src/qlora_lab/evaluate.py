@@ -19,7 +19,6 @@ exact quantized weights, tokenizer and prompt template, and differ only by the a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_lab import fsio
+from qlora_lab import child, fsio
 from qlora_lab.config import DataConfig
 from qlora_lab.data import (
     IGNORE_INDEX,
@@ -462,7 +461,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "exact_match_categories": list(EXACT_MATCH_CATEGORIES),
         "models": models,
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "versions": _versions(),
+        "versions": child.versions(("rouge-score",)),
         "config": dataclasses.asdict(cfg),
     }
     lines = [json.dumps({"where": row.where, "category": row.category,
@@ -477,13 +476,3 @@ def run_eval(cfg: EvalConfig) -> dict:
     report["table"] = table
     report["output_dir"] = str(out)
     return report
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for name in ("qlora-lab", "torch", "transformers", "peft", "bitsandbytes", "rouge-score"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            versions[name] = md.version(name)
-    return versions
