@@ -34,6 +34,16 @@ LADDER = [
      ["train.micro_batch_size=16", "train.compile=true"]),
     ("32 bins + torch.compile per decoder layer",
      ["train.micro_batch_size=32", "train.compile=true"]),
+    # Attention over packed rows without a dense mask (issue #15's second lever).
+    ("32 compiled bins + varlen attention (torch FlashAttention, row bounds)",
+     ["train.micro_batch_size=32", "train.compile=true", "model.attn_implementation=varlen"]),
+    ("32 compiled bins + FlexAttention (block mask of the rows)",
+     ["train.micro_batch_size=32", "train.compile=true",
+      "model.attn_implementation=flex_attention"]),
+    ("48 compiled bins + varlen attention",
+     ["train.micro_batch_size=48", "train.compile=true", "model.attn_implementation=varlen"]),
+    ("32 bins + varlen attention, not compiled",
+     ["train.micro_batch_size=32", "model.attn_implementation=varlen"]),
 ]
 
 

@@ -6,7 +6,9 @@
 Builds the run exactly as `qlora-lab train` does (train.setup_training), profiles two steps after
 two warm-up steps, and writes the kernels with the most CUDA time plus a breakdown by kind
 (4-bit dequantize, matmuls, attention, Liger kernels, elementwise/copies) and the step's wall
-time, so a perf change can aim at what dominates. The same settings as `bench` (no eval, no
+time, so a perf change can aim at what dominates. Each top kernel also lists the operator chains
+that launched it (innermost op, its parents; with input shapes), so a kernel like a fill or a
+copy can be traced to the code that asked for it. The same settings as `bench` (no eval, no
 saves, grad_accum 1 unless --set says otherwise, the emulated 8 GiB cap).
 """
 
@@ -55,6 +57,27 @@ class _Stepper(TrainerCallback):
         self.prof.step()
 
 
+def _launchers(prof, names: set[str], per_kernel: int = 4) -> dict[str, list[dict]]:
+    """For each kernel name: the op chains (innermost first, 4 deep) that launched it, by time."""
+    chains: dict[str, dict[tuple, list]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
+    for event in prof.events():
+        for kernel in getattr(event, "kernels", []) or []:
+            if kernel.name not in names:
+                continue
+            chain, op = [], event
+            while op is not None and len(chain) < 4:
+                shapes = str(getattr(op, "input_shapes", "") or "")[:80]
+                chain.append(f"{op.name} {shapes}".strip())
+                op = op.cpu_parent
+            slot = chains[kernel.name][tuple(chain)]
+            slot[0] += kernel.duration
+            slot[1] += 1
+    return {name: [{"chain": list(chain), "us": round(us), "calls": calls}
+                   for chain, (us, calls) in sorted(found.items(), key=lambda kv: -kv[1][0])
+                   [:per_kernel]]
+            for name, found in chains.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -79,7 +102,7 @@ def main() -> int:
                                          repeat=1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA],
-                                schedule=schedule) as prof:
+                                schedule=schedule, record_shapes=True) as prof:
         stepper = _Stepper(prof)
         session.trainer.add_callback(stepper)
         session.trainer.train()
@@ -98,6 +121,7 @@ def main() -> int:
     for name, us, _ in device_us:
         by_kind[kind_of(name)] += us
     launches = sum(c for _, _, c in device_us)
+    launchers = _launchers(prof, {n for n, _, _ in device_us[:args.top]}) if cuda else {}
     report = {
         "command": " ".join(sys.argv),
         "settings": args.set,
@@ -108,7 +132,8 @@ def main() -> int:
         "by_kind_share": {k: round(v / total_us, 4) for k, v in
                           sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": n[:160], "kind": kind_of(n), "ms_per_step": us / 1e3 / active,
-                         "share": round(us / total_us, 4), "calls_per_step": c / active}
+                         "share": round(us / total_us, 4), "calls_per_step": c / active,
+                         "launched_by": launchers.get(n, [])}
                         for n, us, c in device_us[:args.top]],
         "gpu": torch.cuda.get_device_name() if cuda else "cpu",
         "versions": versions(),
@@ -120,6 +145,8 @@ def main() -> int:
     for k in report["top_kernels"][:15]:
         print(f"{k['ms_per_step']:8.2f} ms {k['calls_per_step']:6.0f}x {k['kind']:22s} "
               f"{k['name'][:90]}")
+        for who in k["launched_by"][:2]:
+            print(f"{'':12s}<- {who['us'] / 1e3 / active:7.2f} ms {' <- '.join(who['chain'])[:200]}")
     return 0
 
 

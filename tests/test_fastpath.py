@@ -285,3 +285,58 @@ def test_fused_head_loss_applies_the_models_own_logit_transform(model_type, extr
                                                use_liger=False)(states.take(), labels)
     torch.testing.assert_close(total / count, reference, rtol=1e-5, atol=1e-5)
     assert abs(float(plain / count) - float(reference)) > 1e-3
+
+
+# --- varlen attention ---------------------------------------------------------------------------
+
+
+def test_row_bounds_mark_every_row_and_each_bins_padding_tail():
+    from qlora_lab.attention import row_bounds
+
+    rows = [{"input_ids": [5] * n, "labels": [7] * n} for n in (6, 3, 5, 2)]
+    batch = PackedCollator(0, 10, pad_to_multiple_of=10, row_bounds=True)(rows)
+    bounds = batch["cu_seq_lens_q"]
+    assert bounds.dtype == torch.int32 and batch["input_ids"].shape == (2, 10)
+    assert bounds.tolist() == row_bounds(batch["position_ids"]).tolist()
+    lengths = [b - a for a, b in zip(bounds.tolist(), bounds.tolist()[1:])]
+    # Bins 6+3 (+1 padding) and 5+2 (+3): each row is a segment, each padding tail one more,
+    # and no segment crosses from one bin into the next.
+    assert sorted(lengths) == sorted([6, 3, 5, 2, 1, 3])
+    assert bounds[0] == 0 and bounds[-1] == 20
+    assert all(a // 10 == (b - 1) // 10 for a, b in zip(bounds.tolist(), bounds.tolist()[1:]))
+
+
+def test_varlen_attention_gives_the_masked_sdpa_loss_and_gradients(tmp_path, dolly_file):
+    sdpa = _session(tmp_path / "sdpa", dolly_file)
+    cfg = tiny_config(tmp_path / "varlen", dolly_file)
+    cfg = replace(cfg, model=replace(cfg.model, attn_implementation="varlen"),
+                  lora=replace(cfg.lora, dropout=0.0), data=replace(cfg.data, eval_fraction=0.0))
+    varlen = setup_training(cfg)
+    assert varlen.trainer.data_collator.row_bounds
+    assert varlen.model.config._attn_implementation == "qlora_varlen"
+    rows = sdpa.data.train[:5]
+    bin_tokens = max(len(r["input_ids"]) for r in rows) + 8  # several bins, several rows each
+    batch = PackedCollator(0, bin_tokens, row_bounds=True)(rows)
+    assert batch["input_ids"].shape[0] > 1
+    loss_v, grads_v = _loss_and_grads(varlen, batch)
+    plain = {k: v for k, v in batch.items() if k != "cu_seq_lens_q"}
+    loss_s, grads_s = _loss_and_grads(sdpa, plain)
+    assert loss_v == pytest.approx(loss_s, rel=1e-5)
+    assert grads_v.keys() == grads_s.keys() and grads_v
+    for name in grads_v:
+        torch.testing.assert_close(grads_v[name], grads_s[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_varlen_attention_refuses_what_it_cannot_compute(tmp_path, dolly_file):
+    from transformers import LlamaConfig
+
+    from qlora_lab.attention import unsupported_by
+    from qlora_lab.errors import UserError
+
+    assert unsupported_by(LlamaConfig(), 1024) is None
+    assert "sliding window" in unsupported_by(LlamaConfig(sliding_window=512), 1024)
+    assert "dropout" in unsupported_by(LlamaConfig(attention_dropout=0.1), 1024)
+    cfg = tiny_config(tmp_path / "run", dolly_file, packing=False)
+    cfg = replace(cfg, model=replace(cfg.model, attn_implementation="varlen"))
+    with pytest.raises(UserError, match="needs packed rows"):
+        setup_training(cfg)

@@ -61,12 +61,17 @@ class ModelConfig:
         turns it on; a YAML file or a run folder's config.yaml that sets it alone is refused.
     allow_pickle: accept pickle (.bin) weights when a model has no safetensors; they can run code.
     attn_implementation: `sdpa` is fast everywhere torch runs; `eager` is the reference.
+        `varlen` (training with packing only): each packed row attends only to itself through
+        torch's FlashAttention variable-length kernel (CUDA, torch >= 2.10), with no mask;
+        elsewhere it computes the same with SDPA. `flex_attention`: transformers' FlexAttention
+        with a block mask of the packed rows. See docs/performance.md for measurements.
     """
 
     name: str = DEFAULT_MODEL
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention",
+                                 "varlen"] = "sdpa"
 
 
 @dataclass(frozen=True)

@@ -813,12 +813,16 @@ class PackedCollator:
     other at larger batch sizes (transformers' DataCollatorWithFlattening flattens for the same
     reason). SDPA and eager build a block-diagonal mask from the restarts at any batch size, and
     for them bins keep the masked attention square small.
+
+    `row_bounds` adds `cu_seq_lens_q`, where each row (and each bin's padding tail) starts in the
+    flattened bins, for varlen attention (attention.py), which then needs no mask.
     """
 
     pad_token_id: int
     bin_tokens: int
     pad_to_multiple_of: int = 1
     flatten: bool = False
+    row_bounds: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         bins = pack_examples(features, self.bin_tokens)
@@ -833,5 +837,10 @@ class PackedCollator:
             positions[i, :n] = torch.tensor(b["position_ids"])
             positions[i, n:] = torch.arange(longest - n)
             real += n
-        return {"input_ids": ids, "labels": labels, "position_ids": positions,
-                "num_real_tokens": torch.tensor(real)}
+        batch = {"input_ids": ids, "labels": labels, "position_ids": positions,
+                 "num_real_tokens": torch.tensor(real)}
+        if self.row_bounds:
+            from qlora_lab.attention import row_bounds
+
+            batch["cu_seq_lens_q"] = row_bounds(positions)
+        return batch

@@ -399,8 +399,8 @@ def _masked(m: ModelShape, s: StepShape) -> bool:
     """SDPA/eager get an explicit mask: several rows per micro-batch, shorter than their bins
     (packed bins restart positions, padded rows have padding), or rows as long as a sliding
     window (transformers' _ignore_causal_mask_sdpa then cannot fall back to is_causal)."""
-    if s.attn_implementation == "flash_attention_2":
-        return False
+    if s.attn_implementation in ("flash_attention_2", "varlen", "flex_attention"):
+        return False  # row bounds or a block mask: no dense mask, GQA reads K/V in place
     return ((s.short_rows and s.micro_batch_size > 1)
             or 0 < m.sliding_window <= s.seq_len)
 

@@ -254,7 +254,9 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
                   trust_remote_code=model_cfg.trust_remote_code,
                   # Hub and local bases load from safetensors only, unless pickles are allowed.
                   use_safetensors=None if model_cfg.allow_pickle else True,
-                  attn_implementation=model_cfg.attn_implementation)
+                  # varlen needs packed rows' bounds: train switches to it after loading.
+                  attn_implementation=("sdpa" if model_cfg.attn_implementation == "varlen"
+                                       else model_cfg.attn_implementation))
     if quantize and quant.bits == 4:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,

@@ -31,7 +31,17 @@ from pathlib import Path
 
 import torch
 
-from qlora_lab import adapters, checkpoints, fastpath, faults, fsio, models, rundir, safety
+from qlora_lab import (
+    adapters,
+    attention,
+    checkpoints,
+    fastpath,
+    faults,
+    fsio,
+    models,
+    rundir,
+    safety,
+)
 from qlora_lab.config import RunConfig, save_config
 from qlora_lab.data import (
     PackedCollator,
@@ -187,6 +197,8 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     set_seed(cfg.train.seed)
     with adapters.explain_load_errors(*base_problem):
         model = models.load_base_model(model_path, cfg.model, cfg.quant, device)
+    if cfg.model.attn_implementation == "varlen":
+        attention.use_varlen(model, cfg.data.max_seq_len, cfg.train.packing)
     use_liger = fastpath.resolve_liger(cfg.train.liger, device)
     fastpath.apply_fast_modules(model, use_liger)  # before LoRA: same module names either way
     models.prepare_for_training(model, cfg.train.gradient_checkpointing,
@@ -256,7 +268,8 @@ def collator_for(cfg: RunConfig, pad_token_id: int):
     multiple = bin_tokens if cfg.train.compile else 1
     # FlashAttention-2 sees row boundaries only in a batch of one row (PackedCollator.flatten).
     flatten = cfg.model.attn_implementation == "flash_attention_2"
-    return PackedCollator(pad_token_id, bin_tokens, pad_to_multiple_of=multiple, flatten=flatten)
+    return PackedCollator(pad_token_id, bin_tokens, pad_to_multiple_of=multiple, flatten=flatten,
+                          row_bounds=cfg.model.attn_implementation == "varlen")
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:

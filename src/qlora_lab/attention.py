@@ -1,0 +1,172 @@
+"""Packed rows without a mask: variable-length attention over each bin's row boundaries.
+
+With SDPA, a bin of packed rows needs a (bins x 1 x T x T) block-diagonal mask. transformers
+builds it from the restarting position_ids, and a masked SDPA can use neither the FlashAttention
+kernel nor `enable_gqa`: it computes every T x T score of the bin (rows attend only to
+themselves, so on Dolly rows most of them are masked out) and materializes grouped K/V heads
+(`repeat_kv`) and their gradient sums.
+
+`varlen` attention instead hands the kernel each row's start (`cu_seq_lens`, built by the
+collator on the CPU from the same position_ids, no host sync on the GPU): torch's own
+FlashAttention variable-length kernel (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10)
+computes only the scores inside rows, reads grouped K/V heads in place, and needs no mask, so
+transformers builds none (a registered attention name without a mask function gets no mask).
+
+It is registered through transformers' public `AttentionInterface`, under its own name; no
+library function is replaced. Where the kernel is absent (CPU, older torch) the same function
+computes the same attention with SDPA and a block-diagonal mask built from the row starts, so
+results never depend on which path ran.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from qlora_lab.errors import UserError
+
+VARLEN = "qlora_varlen"  # the name registered with transformers' AttentionInterface
+CHOICE = "varlen"  # what users write in model.attn_implementation
+
+
+def kernel_available() -> bool:
+    """torch's FlashAttention varlen kernel: CUDA with torch >= 2.10."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unsupported_by(config, bin_tokens: int) -> str | None:
+    """Why varlen attention would not compute this model's attention exactly, or None.
+
+    The kernel call below is plain causal attention with a scale. Sliding windows shorter than
+    a bin, attention-logit softcapping (Gemma 2), attention dropout, and per-layer attention
+    patterns (Gemma 3's local layers) need more than that.
+    """
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < bin_tokens:
+        return f"its sliding window ({window} tokens) is shorter than a bin ({bin_tokens})"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "it softcaps attention logits"
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0.0:
+        return "it uses attention dropout"
+    if getattr(config, "layer_types", None) and any(
+            t != "full_attention" for t in config.layer_types):
+        return "some of its layers use local attention"
+    if getattr(config, "is_encoder_decoder", False):
+        return "it is an encoder-decoder"
+    return None
+
+
+def register() -> str:
+    """Register `varlen_attention` with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    return VARLEN
+
+
+def row_bounds(position_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative row starts over the flattened bins, then the token count (int32).
+
+    A row starts where position_ids do not continue from the previous token (as transformers'
+    find_packed_sequence_indices reads packs) and at each bin's first token. Runs on the CPU
+    in the collator, once per micro-batch.
+    """
+    length = position_ids.shape[1]
+    flat = position_ids.reshape(-1)
+    starts = torch.ones(flat.shape, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1] + 1
+    starts[::length] = True
+    at = starts.nonzero().squeeze(-1)
+    return torch.cat([at, torch.tensor([flat.numel()])]).to(torch.int32)
+
+
+def _kernel():
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, "window_size" in params, "enable_gqa" in params
+
+
+def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask, scaling: float | None = None, dropout: float = 0.0,
+                     cu_seq_lens_q: torch.Tensor | None = None, sliding_window: int | None = None,
+                     softcap: float | None = None, s_aux=None, **kwargs):
+    """Causal attention inside each packed row; transformers' attention-function contract.
+
+    query (bins, heads, T, dim), key/value (bins, kv_heads, T, dim) -> ((bins, T, heads, dim),
+    None). `cu_seq_lens_q` comes from the collator through the model's forward kwargs (the
+    name transformers' flash-attention path uses).
+    """
+    if cu_seq_lens_q is None:
+        raise UserError("varlen attention needs packed batches with row bounds (the packed "
+                        "collator adds them) — set model.attn_implementation to sdpa for this "
+                        "model or command")
+    if sliding_window is not None or softcap is not None or s_aux is not None or dropout:
+        # unsupported_by() keeps such models off this path; a new model type could still ask.
+        raise UserError(f"varlen attention cannot compute {type(module).__name__}'s attention "
+                        "(sliding window, softcap, sinks or dropout) — set "
+                        "model.attn_implementation to sdpa")
+    bins, heads, length, dim = query.shape
+    bounds = cu_seq_lens_q.to(query.device)
+    if not (query.is_cuda and kernel_available()):
+        return _masked_sdpa(query, key, value, bounds, scaling), None
+    kv_heads = key.shape[1]
+    q = query.transpose(1, 2).reshape(bins * length, heads, dim)
+    k = key.transpose(1, 2).reshape(bins * length, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(bins * length, kv_heads, dim)
+    # The bin length bounds every row and stays one number for all batches (the kernel uses
+    # it only to size its grid), so compiled layers see no new constant per batch.
+    out = _varlen_kernel(q, k, v, bounds, length, scaling)
+    return out.view(bins, length, heads, dim), None
+
+
+def _varlen_kernel(q, k, v, bounds, longest: int, scaling):
+    varlen_attn, windowed, gqa = _kernel()
+    if k.shape[1] != q.shape[1] and not gqa:
+        # torch 2.10's signature has no enable_gqa: give each query head its K/V head.
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    kwargs = {"scale": scaling} if "scale" in inspect.signature(varlen_attn).parameters else {}
+    if windowed:
+        kwargs.update(window_size=(-1, 0), enable_gqa=gqa and k.shape[1] != q.shape[1])
+    else:
+        kwargs["is_causal"] = True
+    return varlen_attn(q, k, v, bounds, bounds, longest, longest, **kwargs)
+
+
+def _masked_sdpa(query, key, value, bounds, scaling):
+    """The same attention with SDPA and a block-diagonal causal mask per bin (rows never cross
+    bins), for machines without the kernel; returns (bins, T, heads, dim)."""
+    bins, _, length, _ = query.shape
+    lengths = (bounds[1:] - bounds[:-1]).long()
+    row = torch.repeat_interleave(torch.arange(lengths.numel(), device=query.device), lengths)
+    row = row.view(bins, length)
+    pos = torch.arange(length, device=query.device)
+    mask = (row[:, :, None] == row[:, None, :]) & (pos[:, None] >= pos[None, :])
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None],
+                                         scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2)
+
+
+def use_varlen(model, bin_tokens: int, packing: bool) -> None:
+    """Switch a loaded model's attention to `varlen_attention` for training, or say why not.
+
+    Loading uses SDPA (what every other command runs); only training's packed batches carry
+    row bounds, so only `train` switches.
+    """
+    if not packing:
+        raise UserError("model.attn_implementation = 'varlen' needs packed rows — set "
+                        "train.packing to true, or model.attn_implementation to sdpa")
+    why = unsupported_by(model.config, bin_tokens)
+    if why:
+        raise UserError(f"model.attn_implementation = 'varlen' cannot run this model: {why} — "
+                        "set model.attn_implementation to sdpa")
+    model.set_attn_implementation(register())
