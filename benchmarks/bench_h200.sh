@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The H200 benchmark of issue #5, as run for benchmarks/results/bench_h200_8gib.json:
-#   bash benchmarks/bench_h200.sh [sweep|final|small|profile|context|all]   (all = sweep, final, small)
+#   bash benchmarks/bench_h200.sh [sweep|final|small|profile|context|fullrows|gputest|all]
+#   (all = sweep, final, small)
+# fullrows: ours against unsloth on rows that fill every 1024-token bin (fixtures.py full-rows),
+#   FULL="--set k=v ..." for our flags; gputest: the CUDA-only tests (pytest -m gpu).
 # VARIANTS=4,6,7 picks rows of the sweep's ladder (default: all of them).
 # CONTEXT_RECIPES=qlora_lab LENGTHS=65536,98304,131072 runs the context search for ours alone.
 # One device call allows 10 minutes: run `sweep`, `final` and `small` in calls of their own
@@ -51,6 +54,23 @@ if [[ $phase == small || $phase == all ]]; then
     --set train.micro_batch_size=1 --set train.activation_offload=true \
     --output-dir /tmp/bench-small-offload 2>&1 | grep -v "it/s\]" | tail -8
   cp /tmp/bench-small-offload/bench.json "$OUT/bench_1x2048_offload_h200_8gib.json"
+fi
+if [[ $phase == fullrows ]]; then
+  # Same work for both: every row is 1024 tokens, so packing packs nothing and padding pads
+  # nothing; 32 rows per micro-batch each (issue #15's full-rows goal).
+  FULLDATA=/tmp/dolly_full_rows.jsonl
+  python3 benchmarks/fixtures.py full-rows --data $DATA --out $FULLDATA
+  timeout ${FULL_TIMEOUT:-300} python3 -m qlora_lab bench --model $MODEL --data $FULLDATA \
+    --memory-cap 8GiB --set train.grad_accum_steps=1 --set data.max_seq_len=1024 \
+    --set train.micro_batch_size=32 --peer-micro-batch 32 ${FULL:-} --steps ${FULL_STEPS:-8} \
+    --recipes qlora_lab,unsloth --output-dir /tmp/bench-full 2>&1 | grep -v "it/s\]" | tail -12
+  cp /tmp/bench-full/bench.json "$OUT/bench_full_rows_h200_8gib.json"
+  cp /tmp/bench-full/bench.md "$OUT/bench_full_rows_h200_8gib.md"
+fi
+if [[ $phase == gputest ]]; then
+  python3 -m pytest --version >/dev/null 2>&1 && \
+    timeout 120 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -8 \
+    || echo "gputest: no pytest on this host"
 fi
 if [[ $phase == profile ]]; then
   # Where a step of the best config spends GPU time (PROFILE="--set k=v ..." overrides it).

@@ -23,8 +23,8 @@ from qlora_lab.child import apply_memory_cap
 from qlora_lab.child import versions as _child_versions
 from qlora_lab.presets import PRESETS
 
-__all__ = ["GIB", "ROOT", "apply_memory_cap", "bpe_tokenizer", "default_data", "hardware_label",
-           "random_model", "tinyllama_random", "versions"]
+__all__ = ["GIB", "ROOT", "apply_memory_cap", "bpe_tokenizer", "default_data", "full_rows",
+           "hardware_label", "random_model", "tinyllama_random", "versions"]
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -59,6 +59,31 @@ def bpe_tokenizer(data: Path, vocab_size: int = 16000):
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
+
+
+def full_rows(data: Path, out: Path, min_chars: int = 6000) -> Path:
+    """Rows long enough to fill every bin: each joins consecutive Dolly rows' text into one
+    answer of at least `min_chars` characters (~1,400 BPE tokens), so at max_seq_len 1024 every
+    row is truncated to exactly 1024 tokens. Packing then has nothing to pack and padding has
+    nothing to pad: ours and a peer do the same work per row (issue #15's full-rows goal).
+    Deterministic (file order), written once."""
+    if out.is_file():
+        return out
+    rows, answer, first = [], [], None
+    for line in Path(data).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        first = first or row["instruction"]
+        answer += [row.get("context", ""), row.get("response", "")]
+        if sum(len(a) for a in answer) >= min_chars:
+            rows.append({"instruction": first, "context": "",
+                         "response": "\n".join(a for a in answer if a)})
+            answer, first = [], None
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -186,7 +211,13 @@ def main() -> None:
     tiny.add_argument("--out", required=True, help="the model folder (kept if it exists)")
     tiny.add_argument("--data", help="JSONL rows to train a BPE tokenizer on (default: the byte "
                       "tokenizer)")
+    rows = sub.add_parser("full-rows", help=full_rows.__doc__.splitlines()[0])
+    rows.add_argument("--data", required=True, help="Dolly JSONL rows to join")
+    rows.add_argument("--out", required=True, help="the JSONL file to write (kept if it exists)")
     args = parser.parse_args()
+    if args.model == "full-rows":
+        print(full_rows(Path(args.data), Path(args.out)))
+        return
     print(tinyllama_random(Path(args.out), Path(args.data) if args.data else None))
 
 

@@ -340,3 +340,103 @@ def test_varlen_attention_refuses_what_it_cannot_compute(tmp_path, dolly_file):
     cfg = replace(cfg, model=replace(cfg.model, attn_implementation="varlen"))
     with pytest.raises(UserError, match="needs packed rows"):
         setup_training(cfg)
+
+
+# --- fused LoRA projections -----------------------------------------------------------------------
+
+
+def _project_both_ways(layer, x):
+    """(peft's output and grads, the fused function's) for one LoRA-over-4-bit layer."""
+    from qlora_lab.fusedlora import lora_linear
+
+    results = []
+    for run in (lambda v: layer(v), lambda v: lora_linear(layer, v)):
+        layer.zero_grad(set_to_none=True)
+        xi = x.detach().clone().requires_grad_(True)
+        out = run(xi)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+        results.append((out.detach(), xi.grad.clone(), grads))
+    return results
+
+
+def test_fused_lora_projection_equals_peft_output_and_gradients(tmp_path, dolly_file):
+    from qlora_lab.fusedlora import fusable
+
+    session = _session(tmp_path, dolly_file)
+    layer = session.model.get_decoder().layers[0].mlp.up_proj
+    assert fusable(layer)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    x = torch.randn(3, 7, layer.in_features)
+    (out_p, dx_p, g_p), (out_f, dx_f, g_f) = _project_both_ways(layer, x)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_f, dx_p, rtol=1e-5, atol=1e-5)
+    assert g_f.keys() == g_p.keys() == {"lora_A.default.weight", "lora_B.default.weight"}
+    for name in g_p:
+        torch.testing.assert_close(g_f[name], g_p[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_lora_leaves_layers_it_cannot_compute_to_peft(tmp_path, dolly_file):
+    from qlora_lab.fusedlora import fusable
+
+    dropout = _session(tmp_path / "d", dolly_file)
+    cfg = tiny_config(tmp_path / "drop", dolly_file)
+    cfg = replace(cfg, lora=replace(cfg.lora, dropout=0.1),
+                  data=replace(cfg.data, eval_fraction=0.0))
+    with_dropout = setup_training(cfg)
+    assert not fusable(with_dropout.model.get_decoder().layers[0].mlp.up_proj)
+    layer = dropout.model.get_decoder().layers[0].mlp.up_proj
+    with layer.disable_adapters_context() if hasattr(layer, "disable_adapters_context") \
+            else dropout.model.disable_adapter():
+        assert not fusable(layer)
+    assert fusable(layer)
+    assert not fusable(dropout.model.get_decoder().layers[0].mlp)  # not a LoRA layer at all
+
+
+def test_fused_lora_training_step_equals_the_peft_step(tmp_path, dolly_file):
+    fused = _session(tmp_path / "fused", dolly_file)
+    peft_path = _session(tmp_path / "peft", dolly_file, fused_lora=False)
+    rows = fused.data.train[:5]
+    batch = PackedCollator(fused.tokenizer.pad_token_id, 256)(rows)
+    loss_f, grads_f = _loss_and_grads(fused, batch)
+    loss_p, grads_p = _loss_and_grads(peft_path, batch)
+    assert loss_f == pytest.approx(loss_p, rel=1e-6)
+    assert grads_f.keys() == grads_p.keys() and any(".mlp." in n for n in grads_f)
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["gqa", "mqa"])
+def test_varlen_kernel_equals_masked_sdpa_on_the_gpu(kv_heads):
+    from qlora_lab import attention
+
+    if not attention.kernel_available():
+        pytest.skip("torch has no varlen attention kernel")
+    torch.manual_seed(0)
+    bins, heads, length, dim = 3, 8, 256, 64
+    positions = torch.cat([torch.arange(n) for n in (100, 60, 96, 256, 200, 56)]).view(bins, -1)
+    bounds = attention.row_bounds(positions).cuda()
+    q = torch.randn(bins, heads, length, dim, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    k = torch.randn(bins, kv_heads, length, dim, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    runs = []
+    for path in ("kernel", "reference"):
+        for t in (q, k, v):
+            t.grad = None
+        if path == "kernel":
+            out, _ = attention.varlen_attention(None, q, k, v, None, scaling=dim ** -0.5,
+                                                cu_seq_lens_q=bounds)
+        else:
+            out = attention._masked_sdpa(q, k, v, bounds, dim ** -0.5)
+        out.float().pow(2).sum().backward()
+        runs.append([out.detach().float()] + [t.grad.float() for t in (q, k, v)])
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -91,8 +91,7 @@ def row_bounds(position_ids: torch.Tensor) -> torch.Tensor:
 def _kernel():
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    return varlen_attn, "window_size" in params, "enable_gqa" in params
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
 
 
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -129,17 +128,44 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
 
 
 def _varlen_kernel(q, k, v, bounds, longest: int, scaling):
-    varlen_attn, windowed, gqa = _kernel()
-    if k.shape[1] != q.shape[1] and not gqa:
-        # torch 2.10's signature has no enable_gqa: give each query head its K/V head.
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    kwargs = {"scale": scaling} if "scale" in inspect.signature(varlen_attn).parameters else {}
-    if windowed:
-        kwargs.update(window_size=(-1, 0), enable_gqa=gqa and k.shape[1] != q.shape[1])
+    varlen_attn, params = _kernel()
+    kwargs = {"scale": scaling} if "scale" in params else {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)  # causal
     else:
         kwargs["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        elif not _reads_grouped_heads(varlen_attn, kwargs):
+            # Give each query head its own copy of its K/V head, as repeat_kv does.
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return varlen_attn(q, k, v, bounds, bounds, longest, longest, **kwargs)
+
+
+_GROUPED: dict[str, bool] = {}
+
+
+def _reads_grouped_heads(varlen_attn, kwargs) -> bool:
+    """Whether this torch's varlen_attn (no `enable_gqa` argument: torch 2.10/2.11) computes
+    grouped-query attention from fewer K/V heads correctly. FlashAttention's kernel does; the
+    wrapper may not pass them through. Checked once per process on a tiny input against the
+    repeated-heads call, so a wrong answer can never reach training."""
+    if "answer" not in _GROUPED:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(16, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(16, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(16, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        bounds = torch.tensor([0, 9, 16], device="cuda", dtype=torch.int32)
+        try:
+            grouped = varlen_attn(q, k, v, bounds, bounds, 9, 9, **kwargs)
+            full = varlen_attn(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1),
+                               bounds, bounds, 9, 9, **kwargs)
+            _GROUPED["answer"] = bool(torch.allclose(grouped, full, atol=1e-2, rtol=0))
+        except (RuntimeError, ValueError):
+            _GROUPED["answer"] = False
+    return _GROUPED["answer"]
 
 
 def _masked_sdpa(query, key, value, bounds, scaling):

@@ -331,6 +331,11 @@ class TrainConfig:
         cross-entropy on CUDA when liger-kernel is installed and `liger` allows it.
     liger: `auto` = Liger's Triton kernels (RMSNorm, SwiGLU, fused linear cross-entropy) on
         CUDA when liger-kernel is installed; applied to this model's modules only.
+    fused_lora: compute each MLP projection's 4-bit base and LoRA adapter as one autograd
+        function (fusedlora.py): the adapter's matmuls accumulate into the base's output and
+        input gradient, so no (tokens x features) tensor is scaled, cloned or summed on its own.
+        Same modules and adapter files as peft's; layers with dropout, DoRA or several adapters
+        run through peft as before.
     activation_offload: keep checkpointed activations in pinned host memory (long contexts).
     compile: torch.compile each decoder layer (one region per layer, so packed-row masks and the
         loss stay outside compiled code). On an H200 (TinyLlama, 8 GiB cap) it sped up 16- and
@@ -367,6 +372,7 @@ class TrainConfig:
     packing: bool = True
     fused_loss: bool = True
     liger: Literal["auto", "on", "off"] = "auto"
+    fused_lora: bool = True
     activation_offload: bool = False
     compile: bool = False
     checkpoint_every: int = 1

@@ -200,7 +200,8 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     if cfg.model.attn_implementation == "varlen":
         attention.use_varlen(model, cfg.data.max_seq_len, cfg.train.packing)
     use_liger = fastpath.resolve_liger(cfg.train.liger, device)
-    fastpath.apply_fast_modules(model, use_liger)  # before LoRA: same module names either way
+    # Before LoRA: same module names either way.
+    fastpath.apply_fast_modules(model, use_liger, fused_lora=cfg.train.fused_lora)
     models.prepare_for_training(model, cfg.train.gradient_checkpointing,
                                 cfg.train.checkpoint_every)
     if cfg.train.activation_offload:

@@ -1,0 +1,112 @@
+"""A LoRA projection over a 4-bit base as one autograd function (the fast path's MLP uses it).
+
+peft computes a LoRA layer as modules in a row: the 4-bit base (bitsandbytes' MatMul4Bit), a
+defensive clone of its output, lora_A, lora_B, a multiply by the scale and an add. Each is a
+pass over the (tokens x out) output in forward, and backward adds a scaled copy of the incoming
+gradient and one more (tokens x in) sum. At a large micro-batch those passes, not the matmuls,
+are what the GPU waits on.
+
+`LoraLinear4bit` computes the same y = x W^T + s (x A^T) B^T with one matmul into the output
+and one accumulate-matmul (addmm) into it, the scale folded into B (r x out, not tokens x out);
+backward is dx = dy W + (dy sB) A, again one matmul and one addmm, and the adapter gradients
+from the saved input and the small (tokens x r) product. The base weight is dequantized in
+forward and again in backward, as bitsandbytes does, so nothing weight-sized is kept.
+
+The technique is unsloth's fast LoRA (dequantize, then fold the adapter's matmuls into the
+base's), written here from the math above; no code is copied. The modules stay peft's: this
+function only reads their parameters, so adapter files, merging and every peft API are
+unchanged, and a layer peft would compute differently (dropout, DoRA, several adapters,
+merged, disabled, a bias on lora_B) goes through peft as before (`fusable`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def fusable(module: nn.Module) -> bool:
+    """Whether `module` is a peft LoRA layer over a bitsandbytes 4-bit Linear that this
+    function computes exactly: one active adapter, enabled, unmerged, no dropout, plain LoRA."""
+    base = getattr(module, "base_layer", None)
+    weight = getattr(base, "weight", None)
+    if getattr(weight, "quant_state", None) is None or not hasattr(module, "lora_A"):
+        return False
+    if module.disable_adapters or module.merged or len(module.active_adapters) != 1:
+        return False
+    name = module.active_adapters[0]
+    if name not in module.lora_A or module.lora_B[name].bias is not None:
+        return False
+    if getattr(module, "lora_variant", {}).get(name) is not None:  # DoRA and other variants
+        return False
+    if module.use_dora.get(name, False):
+        return False
+    return isinstance(module.lora_dropout[name], nn.Identity)
+
+
+def lora_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, through LoraLinear4bit when `fusable(module)`, else through peft."""
+    if not fusable(module):
+        return module(x)
+    name = module.active_adapters[0]
+    base = module.base_layer
+    return LoraLinear4bit.apply(x, base.weight, base.bias, module.lora_A[name].weight,
+                                module.lora_B[name].weight, float(module.scaling[name]))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """What peft + autocast compute in: the autocast dtype where autocast is on, else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype)
+
+
+class LoraLinear4bit(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T with W 4-bit; gradients for x, A and B (never W)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        dtype = _compute_dtype(x)
+        kind = x.device.type
+        with torch.autocast(kind, enabled=False):
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            a = lora_a.to(dtype)
+            b_scaled = (lora_b * scale).to(dtype)  # scale folded into B: r x out, not N x out
+            w = _dequantize(weight, dtype)
+            xa = flat @ a.t()
+            if bias is None:
+                out = flat @ w.t()
+            else:
+                out = torch.addmm(bias.to(dtype), flat, w.t())
+            out.addmm_(xa, b_scaled.t())
+        ctx.save_for_backward(flat, xa, weight, lora_a, lora_b)
+        ctx.scale, ctx.dtype, ctx.kind = scale, dtype, kind
+        ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        flat, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        dtype, scale = ctx.dtype, ctx.scale
+        with torch.autocast(ctx.kind, enabled=False):
+            dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+            a = lora_a.to(dtype)
+            b_scaled = (lora_b * scale).to(dtype)
+            dxa = dy @ b_scaled  # N x r: the gradient reaching A's output
+            grad_x = grad_a = grad_b = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_x = dy @ _dequantize(weight, dtype)
+                grad_x.addmm_(dxa, a)
+                grad_x = grad_x.view(*grad_out.shape[:-1], flat.shape[-1]).to(ctx.x_dtype)
+            if ctx.needs_input_grad[3]:
+                grad_a = (dxa.t() @ flat).to(lora_a.dtype)
+            if ctx.needs_input_grad[4]:
+                grad_b = (dy.t() @ (xa * scale)).to(lora_b.dtype)  # N x r scaled, not N x out
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = dy.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b, None
