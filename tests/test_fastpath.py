@@ -440,3 +440,14 @@ def test_varlen_kernel_equals_masked_sdpa_on_the_gpu(kv_heads):
         runs.append([out.detach().float()] + [t.grad.float() for t in (q, k, v)])
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_bench_loss_check_runs_its_padded_reference_with_sdpa_under_varlen(tmp_path, dolly_file):
+    from qlora_lab.bench import loss_check
+
+    cfg = tiny_config(tmp_path / "run", dolly_file)
+    cfg = replace(cfg, model=replace(cfg.model, attn_implementation="varlen"))
+    session = setup_training(cfg)
+    check = loss_check(session.trainer)
+    assert check["abs_diff"] < 1e-4 and check["rows"] > 1
+    assert session.model.config._attn_implementation == "qlora_varlen"  # restored

@@ -196,3 +196,21 @@ def use_varlen(model, bin_tokens: int, packing: bool) -> None:
         raise UserError(f"model.attn_implementation = 'varlen' cannot run this model: {why} — "
                         "set model.attn_implementation to sdpa")
     model.set_attn_implementation(register())
+
+
+class sdpa_instead:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Within the block the model runs SDPA (padded batches carry no row bounds); then varlen
+    again. For reference computations on padded rows (bench's loss check)."""
+
+    def __init__(self, model):
+        self.model, self.was = model, model.config._attn_implementation
+
+    def __enter__(self):
+        if self.was == VARLEN:
+            self.model.set_attn_implementation("sdpa")
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.was == VARLEN:
+            self.model.set_attn_implementation(VARLEN)
+        return False

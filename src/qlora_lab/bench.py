@@ -238,6 +238,7 @@ def context_run(run: RunConfig, out: Path) -> RunConfig:
 
 
 def context_collator():
+    from qlora_lab.attention import sdpa_instead
     from qlora_lab.data import PadCollator
 
     return PadCollator(pad_token_id=0)  # one row per batch: nothing is ever padded
@@ -441,6 +442,7 @@ def loss_check(trainer, rows: int = 8) -> dict:
     padded: the two must agree within the compute dtype's noise (run before training)."""
     import torch
 
+    from qlora_lab.attention import sdpa_instead
     from qlora_lab.data import PadCollator
 
     first = [trainer.train_dataset[i] for i in range(min(rows, len(trainer.train_dataset)))]
@@ -452,7 +454,8 @@ def loss_check(trainer, rows: int = 8) -> dict:
         packed = trainer.data_collator(first)  # the collator training uses
         fast = trainer.compute_loss(model, {k: v.to(device) for k, v in packed.items()})
         padded = {k: v.to(device) for k, v in PadCollator(pad)(first).items()}
-        plain = model(**padded).loss
+        with sdpa_instead(model):  # padded rows have no row bounds for varlen attention
+            plain = model(**padded).loss
     model.train()
     return {"rows": len(first), "fast_path_loss": float(fast), "plain_loss": float(plain),
             "abs_diff": abs(float(fast) - float(plain))}

@@ -198,7 +198,12 @@ class FusedSwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[:-1].numel()
-        if not (self.training and torch.is_grad_enabled()) or tokens <= 2 * self.tile_tokens:
+        # Not in compiled layers: a micro-batch's last tile has a new length every batch, and
+        # each new length recompiled the layer (160 rows per micro-batch ran 5 s a step:
+        # benchmarks/results/fastpath_sweep_h200_run4.json). The planner counts compiled
+        # layers untiled (memory._mlp_tiled).
+        if (not (self.training and torch.is_grad_enabled()) or tokens <= 2 * self.tile_tokens
+                or torch.compiler.is_compiling()):
             return self._mlp(x)
         # Long rows: the MLP holds 3 x intermediate (5.5x hidden for TinyLlama) activations per
         # token, the largest share of a layer. Tiles along the sequence, each recomputed in
