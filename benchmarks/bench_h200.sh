@@ -38,7 +38,7 @@ fi
 if [[ $phase == final || $phase == all ]]; then
   best=${BEST:-$(python3 -c "import json; b=json.load(open('/tmp/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)}
   echo "final bench with: $best"
-  timeout ${FINAL_TIMEOUT:-540} python3 -m qlora_lab bench "${COMMON[@]}" $best --steps 12 \
+  timeout ${FINAL_TIMEOUT:-540} python3 -m qlora_lab bench "${COMMON[@]}" $best --steps ${FINAL_STEPS:-12} \
     --recipes plain,qlora_lab,unsloth,unsloth_packed --output-dir /tmp/bench-final 2>&1 | grep -v "it/s\]" | tail -30
   cp /tmp/bench-final/bench.json "$OUT/bench_h200_8gib.json"; cp /tmp/bench-final/bench.md "$OUT/bench_h200_8gib.md"
 fi

@@ -32,6 +32,10 @@ def echo(spec: dict) -> dict:
     return {"got": spec, "pid": os.getpid()}
 
 
+def environment(spec: dict) -> dict:
+    return {k: os.environ.get(k) for k in spec["keys"]}
+
+
 def oom_inside_train(spec: dict) -> dict:
     """An OOM as `train` reports it: a one-line OutOfMemory (a UserError) raised `from None`."""
     try:
@@ -84,6 +88,18 @@ def test_value_round_trips_through_a_fresh_process(tmp_path, on_path):
     assert result.versions["pytest"] == pytest.__version__ and result.wall_seconds > 0
     task = json.loads((tmp_path / "echo.task.json").read_text())
     assert task["target"] == "test_child:echo" and task["memory_cap_bytes"] is None
+
+
+def test_the_task_sets_environment_defaults_the_users_own_values_win(tmp_path, on_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("QLORA_LAB_TEST_MINE", "user")
+    monkeypatch.delenv("QLORA_LAB_TEST_NEW", raising=False)
+    result = child.run_child("test_child:environment",
+                             {"keys": ["QLORA_LAB_TEST_MINE", "QLORA_LAB_TEST_NEW"]},
+                             tmp_path / "env", env={"QLORA_LAB_TEST_MINE": "default",
+                                                    "QLORA_LAB_TEST_NEW": "default"})
+    assert result.unwrap() == {"QLORA_LAB_TEST_MINE": "user", "QLORA_LAB_TEST_NEW": "default"}
+    assert "QLORA_LAB_TEST_NEW" not in os.environ  # the parent's environment is untouched
 
 
 @pytest.mark.parametrize("target, outcome, exit_code, says", [

@@ -182,8 +182,11 @@ def run_ours(cfg: BenchConfig, out: Path, recipe: str, mode: str = "throughput",
              label: str = "") -> dict:
     """One of our recipes in its own process; its failure fails the bench."""
     name = f"{recipe}-{mode}{label}"
+    # qlora_lab runs with train's allocator settings (child.CUDA_ALLOCATOR_ENV), as `train`
+    # does; plain runs as a typical train.py would, without them.
+    env = child.CUDA_ALLOCATOR_ENV if recipe == "qlora_lab" else None
     result = child.run_child("qlora_lab.bench:measure", spec(cfg, recipe=recipe, mode=mode),
-                             out / f".{name}", cfg.memory_cap_bytes)
+                             out / f".{name}", cfg.memory_cap_bytes, env=env)
     if result.outcome in (child.Outcome.USER_ERROR, child.Outcome.OOM):
         hint = (" — lower the micro-batch or max_seq_len, or raise --memory-cap"
                 if result.outcome is child.Outcome.OOM else "")
@@ -238,7 +241,6 @@ def context_run(run: RunConfig, out: Path) -> RunConfig:
 
 
 def context_collator():
-    from qlora_lab.attention import sdpa_instead
     from qlora_lab.data import PadCollator
 
     return PadCollator(pad_token_id=0)  # one row per batch: nothing is ever padded

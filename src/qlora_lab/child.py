@@ -95,17 +95,28 @@ class ChildFailed(RuntimeError):
 # --- the parent side ----------------------------------------------------------------------------
 
 
+# CUDA's caching allocator with expandable segments, for training processes: micro-batches of
+# packed bins change shape every step, and with fixed segments freed blocks stop fitting the
+# next step's tensors; near the card's limit the allocator then frees its cache and retries,
+# synchronizing, every step. unsloth sets the same default. It is read once, when CUDA's
+# allocator starts: `train` sets it before loading (train.allocator_defaults), bench's qlora_lab
+# child gets it through its task, before the memory cap starts CUDA.
+CUDA_ALLOCATOR_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
 def run_child(target: str, spec: dict, stem: Path, memory_cap_bytes: int | None = None,
-              timeout_s: float | None = None, packages: tuple[str, ...] = ()) -> ChildResult:
+              timeout_s: float | None = None, packages: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> ChildResult:
     """Run `target` ("module:function", called with `spec`) in a fresh Python process.
 
     stem: path prefix of the task and result files (its folder must exist).
     memory_cap_bytes: on CUDA, the emulated card (set_per_process_memory_fraction); None = all.
     packages: versions to record besides BASE_PACKAGES.
+    env: environment defaults the child sets before CUDA starts (the user's own values win).
     """
     task_path, result_path = Path(f"{stem}.task.json"), Path(f"{stem}.result.json")
     task = {"target": target, "spec": spec, "memory_cap_bytes": memory_cap_bytes,
-            "packages": list(packages)}
+            "packages": list(packages), "env": dict(env or {})}
     fsio.write_text(task_path, json.dumps(task) + "\n")
     result_path.unlink(missing_ok=True)
     name = stem.name.lstrip(".")
@@ -220,6 +231,8 @@ def serve(task_path: str, result_path: str) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     task = json.loads(Path(task_path).read_text(encoding="utf-8"))
     started = time.perf_counter()
+    for key, value in (task.get("env") or {}).items():
+        os.environ.setdefault(key, value)  # before the memory cap starts CUDA's allocator
     try:
         apply_memory_cap(task["memory_cap_bytes"])
         module, _, function = task["target"].partition(":")

@@ -311,8 +311,9 @@ def _check_paths(args) -> None:
 def _command(args) -> int:
     _check_paths(args)
     if args.command == "train":
-        from qlora_lab.train import fit_to_card, run_train
+        from qlora_lab.train import allocator_defaults, fit_to_card, run_train
 
+        allocator_defaults()  # before anything (the budget fit's card query) starts CUDA
         cfg = train_config_from_args(args)
         if args.budget:
             from qlora_lab.memory import GIB, parse_bytes

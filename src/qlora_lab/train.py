@@ -35,6 +35,7 @@ from qlora_lab import (
     adapters,
     attention,
     checkpoints,
+    child,
     fastpath,
     faults,
     fsio,
@@ -61,6 +62,13 @@ from qlora_lab.trainer import (
 )
 
 log = logging.getLogger(__name__)
+
+def allocator_defaults() -> None:
+    """Set child.CUDA_ALLOCATOR_ENV where the user has not set it and CUDA has not started."""
+    if not torch.cuda.is_initialized():
+        for key, value in child.CUDA_ALLOCATOR_ENV.items():
+            os.environ.setdefault(key, value)
+
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
@@ -177,6 +185,7 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     from transformers import set_seed
 
     started = time.perf_counter()
+    allocator_defaults()
     out, checkpoint = claim.out, claim.checkpoint
     device = models.resolve_device(cfg.train.device)
     dtype = models.resolve_compute_dtype(cfg.quant, device)
