@@ -261,15 +261,14 @@ def compile_decoder_layers(model: nn.Module) -> int:
     Per layer, not the whole model: the packed-sequence mask is built from data-dependent
     control flow in transformers' masking code, and the loss gathers supervised positions;
     both would break a whole-model graph, neither runs inside a layer. All layers share one
-    shape, so one compilation serves them all. `dynamic=True`: the number of bins in a
-    micro-batch follows the rows' lengths, so it changes from step to step; symbolic shapes
-    compile once instead of once per count.
+    shape, so one compilation serves them all. (`dynamic=True`, to compile once for every
+    number of bins, failed on the H200 with an assertion inside dynamo: not used.)
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile()
     return len(layers)
 
 
