@@ -31,7 +31,8 @@ COMMON=(--model $MODEL --data $DATA --memory-cap 8GiB --set train.grad_accum_ste
         --set data.max_seq_len=1024)
 if [[ $phase == sweep || $phase == all ]]; then
   timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/fastpath_sweep.py --model $MODEL --data $DATA \
-    --out "$OUT/fastpath_sweep.json" --steps 8 ${VARIANTS:+--variants $VARIANTS} 2>&1 \
+    --out "$OUT/fastpath_sweep.json" --steps ${SWEEP_STEPS:-8} \
+    --warmup-steps ${WARMUP:-2} ${VARIANTS:+--variants $VARIANTS} 2>&1 \
     | grep -v "it/s\]" | tail -40
   cp "$OUT/fastpath_sweep.json" /tmp/fastpath_sweep.json
 fi
@@ -39,6 +40,7 @@ if [[ $phase == final || $phase == all ]]; then
   best=${BEST:-$(python3 -c "import json; b=json.load(open('/tmp/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)}
   echo "final bench with: $best"
   timeout ${FINAL_TIMEOUT:-540} python3 -m qlora_lab bench "${COMMON[@]}" $best --steps ${FINAL_STEPS:-12} \
+    --warmup-steps ${WARMUP:-2} \
     --recipes plain,qlora_lab,unsloth,unsloth_packed --output-dir /tmp/bench-final 2>&1 | grep -v "it/s\]" | tail -30
   cp /tmp/bench-final/bench.json "$OUT/bench_h200_8gib.json"; cp /tmp/bench-final/bench.md "$OUT/bench_h200_8gib.md"
 fi

@@ -66,6 +66,8 @@ def main() -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup-steps", type=int, default=2,
+                        help="untimed steps first (compiled rows recompile per new shape)")
     parser.add_argument("--memory-cap", default="8GiB")
     parser.add_argument("--work", default="/tmp/fastpath-sweep")
     parser.add_argument("--variants", help="comma-separated ladder indices (default: all)")
@@ -78,6 +80,7 @@ def main() -> int:
             continue
         cmd = [sys.executable, "-m", "qlora_lab", "bench", "--recipes", "qlora_lab",
                "--model", args.model, "--data", args.data, "--steps", str(args.steps),
+               "--warmup-steps", str(args.warmup_steps),
                "--memory-cap", args.memory_cap, "--output-dir", f"{args.work}/{i}",
                "--set", "train.grad_accum_steps=1", "--set", "data.max_seq_len=1024"]
         for s in sets:
@@ -89,9 +92,10 @@ def main() -> int:
         result = Path(f"{args.work}/{i}/bench.json")
         if proc.returncode == 0 and result.is_file():
             r = json.loads(result.read_text())["recipes"]["qlora_lab"]
-            row.update({k: r[k] for k in ("real_tokens_per_s", "mean_step_seconds",
-                                          "peak_allocated_bytes", "peak_reserved_bytes",
-                                          "micro_batch_size", "mfu")})
+            row.update({k: r.get(k) for k in ("real_tokens_per_s", "mean_step_seconds",
+                                              "peak_allocated_bytes", "peak_reserved_bytes",
+                                              "micro_batch_size", "mfu", "step_seconds",
+                                              "loss_check")})
         rows.append(row)
         print(json.dumps(row), flush=True)
         # Rewritten after every variant: a sweep cut short by a time limit still has a best.

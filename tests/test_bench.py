@@ -54,6 +54,11 @@ def test_bench_json_schema(bench_report):
                     "peak_host_rss_bytes", "param_count", "steps", "real_tokens_total"):
             assert key in r, (name, key)
         assert r["real_tokens_per_s"] > 0
+        # Each step's wall time and real tokens: the timed ones add up to the headline.
+        assert len(r["step_seconds"]) == len(r["step_real_tokens"]) == r["steps"]
+        timed = r["steps"] - r["timed_steps"]
+        assert sum(r["step_seconds"][timed:]) == pytest.approx(r["timed_seconds"], abs=1e-3)
+        assert sum(r["step_real_tokens"][timed:]) == r["real_tokens_timed"]
         assert r["peak_allocated_bytes"] is None and r["mfu"] is None  # CPU: no CUDA peak, no MFU
         assert r["peak_memory_kind"] == "host_rss" and r["peak_host_rss_bytes"] > 0
     for peer in ("unsloth", "unsloth_packed"):  # not installed here: skipped, and says why
@@ -182,6 +187,9 @@ def test_steps_must_exceed_warmup(tmp_path, dolly_file, capsys):
     code = main(["bench", "--model", "tiny-random", "--data", str(dolly_file), "--steps", "2",
                  "--output-dir", str(tmp_path / "out")])
     assert code == 2 and "--steps 2" in capsys.readouterr().err
+    code = main(["bench", "--model", "tiny-random", "--data", str(dolly_file), "--steps", "5",
+                 "--warmup-steps", "5", "--output-dir", str(tmp_path / "out")])
+    assert code == 2 and "--steps 5" in capsys.readouterr().err
 
 
 # --- the unsloth_packed recipe's spec, without unsloth (it runs on the GPU host only) ----------

@@ -3,6 +3,7 @@
 All on the real stack (tiny 4-bit Llama through bitsandbytes and peft on CPU).
 """
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -451,3 +452,16 @@ def test_bench_loss_check_runs_its_padded_reference_with_sdpa_under_varlen(tmp_p
     check = loss_check(session.trainer)
     assert check["abs_diff"] < 1e-4 and check["rows"] > 1
     assert session.model.config._attn_implementation == "qlora_varlen"  # restored
+
+
+def test_train_asks_for_expandable_segments_unless_the_user_chose(monkeypatch):
+    from qlora_lab.child import CUDA_ALLOCATOR_ENV
+    from qlora_lab.train import allocator_defaults
+
+    (key, value), = CUDA_ALLOCATOR_ENV.items()
+    monkeypatch.delenv(key, raising=False)
+    allocator_defaults()
+    assert os.environ[key] == value == "expandable_segments:True"
+    monkeypatch.setenv(key, "max_split_size_mb:64")
+    allocator_defaults()
+    assert os.environ[key] == "max_split_size_mb:64"

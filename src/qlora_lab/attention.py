@@ -21,6 +21,7 @@ results never depend on which path ran.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -198,19 +199,15 @@ def use_varlen(model, bin_tokens: int, packing: bool) -> None:
     model.set_attn_implementation(register())
 
 
-class sdpa_instead:  # noqa: N801 - used as a context manager, like torch.no_grad
+@contextmanager
+def sdpa_instead(model):
     """Within the block the model runs SDPA (padded batches carry no row bounds); then varlen
     again. For reference computations on padded rows (bench's loss check)."""
-
-    def __init__(self, model):
-        self.model, self.was = model, model.config._attn_implementation
-
-    def __enter__(self):
-        if self.was == VARLEN:
-            self.model.set_attn_implementation("sdpa")
-        return self.model
-
-    def __exit__(self, *exc):
-        if self.was == VARLEN:
-            self.model.set_attn_implementation(VARLEN)
-        return False
+    varlen = model.config._attn_implementation == VARLEN
+    if varlen:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield model
+    finally:
+        if varlen:
+            model.set_attn_implementation(VARLEN)

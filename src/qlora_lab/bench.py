@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 import logging
 import resource
@@ -65,7 +66,9 @@ class BenchConfig:
         `qlora_lab` recipe uses them unchanged (evaluation and checkpoints are switched off).
     output_dir: where bench.json, bench.md and each recipe's scratch run dir go.
     steps: optimizer steps per recipe (each is micro-batch x grad_accum_steps rows).
-    warmup_steps: steps run before the clock starts (allocator growth, kernel selection).
+    warmup_steps: steps run before the clock starts (allocator growth, kernel selection, and
+        with train.compile the compilations: one per new micro-batch shape until dynamo makes
+        the shape dynamic, so compiled runs need more than the default).
     memory_cap_bytes: emulated card size on CUDA via `set_per_process_memory_fraction`
         (None = the whole card); ignored on CPU.
     plain_micro_batch_size: the plain recipe's micro-batch (the original demo used 4).
@@ -490,6 +493,10 @@ def measurement(cfg: BenchConfig, recipe: str, marks: list, model, device: str,
         "timed_seconds": seconds,
         "real_tokens_per_s": tokens_per_s,
         "mean_step_seconds": seconds / timed_steps,
+        # Every step's wall time and real tokens, warm-up included: a step that compiled (or
+        # recompiled for a new shape) stands out here, where the mean hides it.
+        "step_seconds": [round(b[0] - a[0], 4) for a, b in itertools.pairwise(marks)],
+        "step_real_tokens": [b[1] - a[1] for a, b in itertools.pairwise(marks)],
         "param_count": n_params,
         "mfu": mfu,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",

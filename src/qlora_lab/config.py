@@ -338,10 +338,11 @@ class TrainConfig:
         run through peft as before.
     activation_offload: keep checkpointed activations in pinned host memory (long contexts).
     compile: torch.compile each decoder layer (one region per layer, so packed-row masks and the
-        loss stay outside compiled code). On an H200 (TinyLlama, 8 GiB cap) it sped up 16- and
-        32-bin steps (benchmarks/results/fastpath_sweep_h200_run3.json). Off by default: it costs
-        tens of seconds of compilation at start (a short run loses), and it was measured on that
-        one GPU only.
+        loss stay outside compiled code). On an H200 (TinyLlama, 8 GiB cap) it sped up
+        micro-batches of a fixed 16 or 32 bins (benchmarks/results/fastpath_sweep_h200_run3.json).
+        Now that a micro-batch is rows, its number of bins changes from step to step and each
+        new count compiles again (fastpath_sweep_h200_run4.json). Off by default: tens of seconds
+        of compilation at start, measured on that one GPU only.
     """
 
     output_dir: str = "runs/qlora"
