@@ -465,3 +465,75 @@ def test_train_asks_for_expandable_segments_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv(key, "max_split_size_mb:64")
     allocator_defaults()
     assert os.environ[key] == "max_split_size_mb:64"
+
+
+def _saved_bytes(module, x) -> int:
+    """Activation bytes autograd keeps for backward in one forward (each storage once; the
+    module's own weights are not activations, however a function holds on to them)."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_lora_keeps_no_more_for_backward_than_peft(tmp_path, dolly_file, autocast):
+    """The planner's activation terms were measured on peft's LoRA layers; the fused function
+    must not keep more (it keeps the input and the r-wide product; under autocast peft also
+    keeps 16-bit casts of the fp32 adapter weights)."""
+    dtype = torch.bfloat16 if autocast else torch.float32
+    mlps = []
+    for fused in (True, False):
+        cfg = tiny_config(tmp_path / str(fused), dolly_file, fused_lora=fused)
+        cfg = replace(cfg, quant=replace(cfg.quant, compute_dtype=str(dtype).split(".")[1]),
+                      data=replace(cfg.data, eval_fraction=0.0))
+        mlps.append(setup_training(cfg).model.get_decoder().layers[0].mlp)
+    assert mlps[0].fused_lora and not mlps[1].fused_lora
+    x = torch.randn(4, 64, mlps[0].gate_proj.in_features, dtype=dtype, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        kept_fused, kept_peft = _saved_bytes(mlps[0], x), _saved_bytes(mlps[1], x)
+    assert 0 < kept_fused <= kept_peft
+    if autocast:
+        assert kept_fused < kept_peft
+
+
+def test_fused_lora_under_bf16_autocast_matches_peft_within_bf16_rounding(tmp_path, dolly_file):
+    """As on a GPU: bf16 inputs and compute dtype, bf16 autocast around fp32 adapters. Output
+    and input gradient in bf16, the adapters' gradients in fp32, within bf16 rounding."""
+    cfg = tiny_config(tmp_path / "run", dolly_file)
+    cfg = replace(cfg, quant=replace(cfg.quant, compute_dtype="bfloat16"),
+                  data=replace(cfg.data, eval_fraction=0.0))
+    layer = setup_training(cfg).model.get_decoder().layers[0].mlp.down_proj
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    x = torch.randn(2, 9, layer.in_features, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (out_p, dx_p, g_p), (out_f, dx_f, g_f) = _project_both_ways(layer, x)
+    assert out_f.dtype == out_p.dtype == torch.bfloat16
+    torch.testing.assert_close(out_f, out_p, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dx_f.float(), dx_p.float(), rtol=2e-2, atol=2e-2)
+    for name in g_p:
+        assert g_f[name].dtype == g_p[name].dtype == torch.float32
+        torch.testing.assert_close(g_f[name], g_p[name], rtol=3e-2, atol=3e-2, msg=name)
+
+
+def test_fused_lora_leaves_mixed_dtypes_to_peft(tmp_path, dolly_file):
+    """fp32 base compute under bf16 autocast: peft adds an fp32 base to a bf16 adapter; the
+    fused function would do both in one dtype, so it hands the layer to peft unchanged."""
+    from qlora_lab.fusedlora import lora_linear
+
+    layer = _session(tmp_path, dolly_file).model.get_decoder().layers[0].mlp.up_proj
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(lora_linear(layer, x), layer(x))

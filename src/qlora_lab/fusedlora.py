@@ -45,8 +45,16 @@ def fusable(module: nn.Module) -> bool:
 
 
 def lora_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, through LoraLinear4bit when `fusable(module)`, else through peft."""
-    if not fusable(module):
+    """`module(x)`, through LoraLinear4bit when `fusable(module)` and one dtype serves all of
+    it, else through peft.
+
+    peft computes the base in bitsandbytes' compute dtype and the adapter in autocast's (or
+    the adapter weights') dtype, then adds them; the fused function computes both in one. They
+    agree when x, the base's compute dtype and autocast's dtype (if on) are the same: training
+    on a GPU (all bf16) and on CPU (all fp32). Mixed setups keep peft's arithmetic.
+    """
+    if not fusable(module) or _compute_dtype(x) != x.dtype or getattr(
+            module.base_layer, "compute_dtype", None) not in (None, x.dtype):
         return module(x)
     name = module.active_adapters[0]
     base = module.base_layer
