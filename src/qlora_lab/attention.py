@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,10 +91,39 @@ def row_bounds(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([at, torch.tensor([flat.numel()])]).to(torch.int32)
 
 
-def _kernel():
-    from torch.nn.attention.varlen import varlen_attn
+@dataclass(frozen=True)
+class KernelCall:
+    """How this process calls torch's varlen kernel, decided once before training (`plan_kernel`)
+    so that compiled layers trace only tensor work: signature inspection and the grouped-heads
+    probe would each break the layer's graph. None of it depends on the batch."""
 
-    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+    kernel: Callable  # torch.nn.attention.varlen.varlen_attn
+    options: tuple[tuple[str, object], ...]  # keyword arguments besides the scale
+    takes_scale: bool
+    repeat_kv: bool  # give each query head its own K/V copy (this torch cannot group heads)
+
+
+_PLAN: dict[str, KernelCall] = {}
+
+
+def plan_kernel(grouped: bool) -> KernelCall | None:
+    """Decide (once per process) how to call the kernel; None where there is none (CPU)."""
+    if not kernel_available():
+        return None
+    if "call" not in _PLAN:
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = set(inspect.signature(varlen_attn).parameters)
+        options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        repeat = False
+        if grouped:
+            if "enable_gqa" in params:
+                options["enable_gqa"] = True
+            else:
+                repeat = not _reads_grouped_heads(varlen_attn, options)
+        _PLAN["call"] = KernelCall(varlen_attn, tuple(options.items()), "scale" in params,
+                                   repeat)
+    return _PLAN["call"]
 
 
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -116,7 +147,8 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
                         "model.attn_implementation to sdpa")
     bins, heads, length, dim = query.shape
     bounds = cu_seq_lens_q.to(query.device)
-    if not (query.is_cuda and kernel_available()):
+    call = _PLAN.get("call")
+    if call is None or not query.is_cuda:
         return _masked_sdpa(query, key, value, bounds, scaling), None
     kv_heads = key.shape[1]
     q = query.transpose(1, 2).reshape(bins * length, heads, dim)
@@ -124,58 +156,47 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     v = value.transpose(1, 2).reshape(bins * length, kv_heads, dim)
     # The bin length bounds every row and stays one number for all batches (the kernel uses
     # it only to size its grid), so compiled layers see no new constant per batch.
-    out = _varlen_kernel(q, k, v, bounds, length, scaling)
+    out = _varlen_kernel(q, k, v, bounds, length, scaling, call)
     return out.view(bins, length, heads, dim), None
 
 
-def _varlen_kernel(q, k, v, bounds, longest: int, scaling):
-    varlen_attn, params = _kernel()
-    kwargs = {"scale": scaling} if "scale" in params else {}
-    if "window_size" in params:
-        kwargs["window_size"] = (-1, 0)  # causal
-    else:
-        kwargs["is_causal"] = True
-    if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        elif not _reads_grouped_heads(varlen_attn, kwargs):
-            # Give each query head its own copy of its K/V head, as repeat_kv does.
-            group = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return varlen_attn(q, k, v, bounds, bounds, longest, longest, **kwargs)
-
-
-_GROUPED: dict[str, bool] = {}
+def _varlen_kernel(q, k, v, bounds, longest: int, scaling, call: KernelCall):
+    kwargs = dict(call.options)
+    if call.takes_scale:
+        kwargs["scale"] = scaling
+    if call.repeat_kv and k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return call.kernel(q, k, v, bounds, bounds, longest, longest, **kwargs)
 
 
 def _reads_grouped_heads(varlen_attn, kwargs) -> bool:
     """Whether this torch's varlen_attn (no `enable_gqa` argument: torch 2.10/2.11) computes
     grouped-query attention from fewer K/V heads correctly. FlashAttention's kernel does; the
-    wrapper may not pass them through. Checked once per process on a tiny input against the
-    repeated-heads call, so a wrong answer can never reach training."""
-    if "answer" not in _GROUPED:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(16, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(16, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(16, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-        bounds = torch.tensor([0, 9, 16], device="cuda", dtype=torch.int32)
-        try:
-            grouped = varlen_attn(q, k, v, bounds, bounds, 9, 9, **kwargs)
-            full = varlen_attn(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1),
-                               bounds, bounds, 9, 9, **kwargs)
-            _GROUPED["answer"] = bool(torch.allclose(grouped, full, atol=1e-2, rtol=0))
-        except (RuntimeError, ValueError):
-            _GROUPED["answer"] = False
-    return _GROUPED["answer"]
+    wrapper may not pass them through. Checked on a tiny input against the repeated-heads call,
+    so a wrong answer can never reach training."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(16, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(16, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(16, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    bounds = torch.tensor([0, 9, 16], device="cuda", dtype=torch.int32)
+    try:
+        grouped = varlen_attn(q, k, v, bounds, bounds, 9, 9, **kwargs)
+        full = varlen_attn(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1),
+                           bounds, bounds, 9, 9, **kwargs)
+    except (RuntimeError, ValueError):
+        return False
+    return bool(torch.allclose(grouped, full, atol=1e-2, rtol=0))
 
 
 def _masked_sdpa(query, key, value, bounds, scaling):
     """The same attention with SDPA and a block-diagonal causal mask per bin (rows never cross
     bins), for machines without the kernel; returns (bins, T, heads, dim)."""
     bins, _, length, _ = query.shape
-    lengths = (bounds[1:] - bounds[:-1]).long()
-    row = torch.repeat_interleave(torch.arange(lengths.numel(), device=query.device), lengths)
-    row = row.view(bins, length)
+    # Each token's row: how many row starts lie at or before it (no data-dependent shapes, so
+    # compiled layers trace it whole).
+    tokens = torch.arange(bins * length, device=query.device)
+    row = (torch.searchsorted(bounds[1:].contiguous(), tokens, right=True)).view(bins, length)
     pos = torch.arange(length, device=query.device)
     mask = (row[:, :, None] == row[:, None, :]) & (pos[:, None] >= pos[None, :])
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None],
@@ -196,6 +217,9 @@ def use_varlen(model, bin_tokens: int, packing: bool) -> None:
     if why:
         raise UserError(f"model.attn_implementation = 'varlen' cannot run this model: {why} — "
                         "set model.attn_implementation to sdpa")
+    if next(model.parameters()).is_cuda:
+        heads = model.config.num_attention_heads
+        plan_kernel(grouped=getattr(model.config, "num_key_value_heads", heads) != heads)
     model.set_attn_implementation(register())
 
 
