@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The H200 benchmark of issue #5, as run for benchmarks/results/bench_h200_8gib.json:
-#   bash benchmarks/bench_h200.sh [sweep|final|small|profile|context|fullrows|gputest|all]
+#   bash benchmarks/bench_h200.sh [sweep|final|small|profile|context|fullrows|gputest|levers|all]
 #   (all = sweep, final, small)
 # fullrows: ours against unsloth on rows that fill every 1024-token bin (fixtures.py full-rows),
 #   FULL="--set k=v ..." for our flags; gputest: the CUDA-only tests (pytest -m gpu).
+# levers: issue #15's lever rows at 160 rows per micro-batch (fused LoRA, varlen, Flex), 12
+#   steps with 5 untimed (compiled layers compile again for a new bin count), then a profile of
+#   the varlen row; one device call.
 # VARIANTS=4,6,7 picks rows of the sweep's ladder (default: all of them).
 # CONTEXT_RECIPES=qlora_lab LENGTHS=65536,98304,131072 runs the context search for ours alone.
 # One device call allows 10 minutes: run `sweep`, `final` and `small` in calls of their own
@@ -56,6 +59,16 @@ if [[ $phase == small || $phase == all ]]; then
     --set train.micro_batch_size=1 --set train.activation_offload=true \
     --output-dir /tmp/bench-small-offload 2>&1 | grep -v "it/s\]" | tail -8
   cp /tmp/bench-small-offload/bench.json "$OUT/bench_1x2048_offload_h200_8gib.json"
+fi
+if [[ $phase == levers ]]; then
+  timeout ${SWEEP_TIMEOUT:-400} python3 benchmarks/fastpath_sweep.py --model $MODEL --data $DATA \
+    --out "$OUT/fastpath_sweep_levers.json" --steps ${SWEEP_STEPS:-12} --warmup-steps ${WARMUP:-5} \
+    --variants ${VARIANTS:-13,14,15} 2>&1 | grep -v "it/s\]" | tail -12
+  timeout 150 python3 benchmarks/profile_step.py --model $MODEL --data $DATA \
+    --set train.micro_batch_size=160 --set train.compile=true \
+    --set model.attn_implementation=varlen --skip-steps 4 \
+    --out "$OUT/profile_step_h200_160rows.json" 2>&1 \
+    | grep -v "it/s\]" | tail -30
 fi
 if [[ $phase == fullrows ]]; then
   # Same work for both: every row is 1024 tokens, so packing packs nothing and padding pads

@@ -97,12 +97,15 @@ def main() -> int:
     parser.add_argument("--memory-cap-gib", type=float, default=8.0)
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--skip-steps", type=int, default=1,
+                        help="steps before the profiler's warm-up step (compiled layers compile "
+                             "again for each new bin count: skip more)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()  # on CPU it runs too (a smoke test of the script)
     if cuda:
         apply_memory_cap(int(args.memory_cap_gib * GIB))
 
-    wait, warmup, active = 1, 1, 2
+    wait, warmup, active = args.skip_steps, 1, 2
     base = {"model": {"name": args.model},
             "data": {"source": args.data, "eval_fraction": 0.0, "max_seq_len": 1024},
             "train": {"output_dir": "/tmp/profile-step", "max_steps": wait + warmup + active + 1,
