@@ -21,8 +21,8 @@ results never depend on which path ran.
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from qlora_lab.errors import UserError
 
 VARLEN = "qlora_varlen"  # the name registered with transformers' AttentionInterface
-CHOICE = "varlen"  # what users write in model.attn_implementation
 
 
 def kernel_available() -> bool:
@@ -103,14 +102,14 @@ class KernelCall:
     repeat_kv: bool  # give each query head its own K/V copy (this torch cannot group heads)
 
 
-_PLAN: dict[str, KernelCall] = {}
+_PLAN: dict[bool, KernelCall] = {}  # by whether K/V heads are grouped
 
 
 def plan_kernel(grouped: bool) -> KernelCall | None:
     """Decide (once per process) how to call the kernel; None where there is none (CPU)."""
     if not kernel_available():
         return None
-    if "call" not in _PLAN:
+    if grouped not in _PLAN:
         from torch.nn.attention.varlen import varlen_attn
 
         params = set(inspect.signature(varlen_attn).parameters)
@@ -121,9 +120,9 @@ def plan_kernel(grouped: bool) -> KernelCall | None:
                 options["enable_gqa"] = True
             else:
                 repeat = not _reads_grouped_heads(varlen_attn, options)
-        _PLAN["call"] = KernelCall(varlen_attn, tuple(options.items()), "scale" in params,
-                                   repeat)
-    return _PLAN["call"]
+        _PLAN[grouped] = KernelCall(varlen_attn, tuple(options.items()), "scale" in params,
+                                    repeat)
+    return _PLAN[grouped]
 
 
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -147,7 +146,7 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
                         "model.attn_implementation to sdpa")
     bins, heads, length, dim = query.shape
     bounds = cu_seq_lens_q.to(query.device)
-    call = _PLAN.get("call")
+    call = _PLAN.get(key.shape[1] != query.shape[1])
     if call is None or not query.is_cuda:
         return _masked_sdpa(query, key, value, bounds, scaling), None
     kv_heads = key.shape[1]
@@ -164,7 +163,7 @@ def _varlen_kernel(q, k, v, bounds, longest: int, scaling, call: KernelCall):
     kwargs = dict(call.options)
     if call.takes_scale:
         kwargs["scale"] = scaling
-    if call.repeat_kv and k.shape[1] != q.shape[1]:
+    if call.repeat_kv:
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return call.kernel(q, k, v, bounds, bounds, longest, longest, **kwargs)
