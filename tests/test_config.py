@@ -83,3 +83,22 @@ def test_a_mix_that_names_no_source_is_refused_in_one_line(mix):
     with pytest.raises(UserError, match=r"config key data\.mix .*is invalid") as info:
         config_from_dict({"data": {"mix": mix}})
     assert "\n" not in str(info.value)
+
+
+def test_deep_yaml_is_refused_whatever_the_recursion_limit():
+    """torch.compile raises the interpreter's recursion limit; the depth bound must not move."""
+    import sys
+
+    from qlora_lab.config import MAX_YAML_DEPTH, parse_yaml_text
+
+    def nested(levels: int) -> str:
+        return "".join("  " * i + "k:\n" for i in range(levels)) + "  " * levels + "v"
+
+    original = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        with pytest.raises(UserError, match="nested too deeply"):
+            parse_yaml_text(nested(700), "config.yaml")
+        assert parse_yaml_text(nested(MAX_YAML_DEPTH - 1), "config.yaml") is not None
+    finally:
+        sys.setrecursionlimit(original)

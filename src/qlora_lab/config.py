@@ -569,6 +569,12 @@ def config_from_dict(values: dict, base: RunConfig | None = None) -> RunConfig:
 # counted once per reference.
 MAX_YAML_BYTES = 1024 * 1024
 MAX_YAML_NODES = 100_000
+# A config is a few levels deep (section, key, a list of mix entries, their fields). Checked on
+# the parser's events, which PyYAML produces without recursion, before the recursive composer
+# runs: catching its RecursionError alone depended on the interpreter's recursion limit, which
+# libraries raise (torch.compile does), and a deep enough file then got through to a
+# confusing error, or could exhaust the C stack.
+MAX_YAML_DEPTH = 64
 
 
 class InvalidYaml(UserError):
@@ -589,6 +595,19 @@ def _expanded_size(node, memo: dict) -> int:
     return memo[key]
 
 
+def _deeper_than(text: str, limit: int) -> bool:
+    """Whether collections nest more than `limit` deep, from the parser's event stream."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > limit:
+                return True
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+    return False
+
+
 def parse_yaml_text(text: str, where: str) -> Any:
     """Parse YAML data (never code: safe tags only) within size and alias-expansion bounds."""
     if len(text) > MAX_YAML_BYTES:
@@ -596,6 +615,8 @@ def parse_yaml_text(text: str, where: str) -> Any:
                         f"{MAX_YAML_BYTES} — check that this is the right file")
     loader = yaml.SafeLoader(text)
     try:
+        if _deeper_than(text, MAX_YAML_DEPTH):
+            raise RecursionError  # reported below, as the composer's own would be
         node = loader.get_single_node()
         if node is None:
             return None
