@@ -104,6 +104,12 @@ class ChildFailed(RuntimeError):
 CUDA_ALLOCATOR_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
+def env_defaults(env: dict[str, str]) -> None:
+    """Set each variable of `env` this process's environment does not already have."""
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+
+
 def run_child(target: str, spec: dict, stem: Path, memory_cap_bytes: int | None = None,
               timeout_s: float | None = None, packages: tuple[str, ...] = (),
               env: dict[str, str] | None = None) -> ChildResult:
@@ -231,8 +237,7 @@ def serve(task_path: str, result_path: str) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     task = json.loads(Path(task_path).read_text(encoding="utf-8"))
     started = time.perf_counter()
-    for key, value in (task.get("env") or {}).items():
-        os.environ.setdefault(key, value)  # before the memory cap starts CUDA's allocator
+    env_defaults(task.get("env") or {})  # before the memory cap starts CUDA's allocator
     try:
         apply_memory_cap(task["memory_cap_bytes"])
         module, _, function = task["target"].partition(":")

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from qlora_lab.attention import row_bounds
 from qlora_lab.config import DataConfig
 from qlora_lab.errors import UserError
 from qlora_lab.sources import Row, bad_row, draw_mix, first_line, read_rows, short_path, source_rows
@@ -840,7 +841,5 @@ class PackedCollator:
         batch = {"input_ids": ids, "labels": labels, "position_ids": positions,
                  "num_real_tokens": torch.tensor(real)}
         if self.row_bounds:
-            from qlora_lab.attention import row_bounds
-
             batch["cu_seq_lens_q"] = row_bounds(positions)
         return batch

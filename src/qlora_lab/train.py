@@ -63,11 +63,11 @@ from qlora_lab.trainer import (
 
 log = logging.getLogger(__name__)
 
+
 def allocator_defaults() -> None:
     """Set child.CUDA_ALLOCATOR_ENV where the user has not set it and CUDA has not started."""
     if not torch.cuda.is_initialized():
-        for key, value in child.CUDA_ALLOCATOR_ENV.items():
-            os.environ.setdefault(key, value)
+        child.env_defaults(child.CUDA_ALLOCATOR_ENV)
 
 
 def _is_main_process() -> bool:
