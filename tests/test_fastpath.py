@@ -558,3 +558,31 @@ def test_compiled_layers_trace_whole_with_fused_lora_and_varlen(tmp_path, dolly_
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
     assert not breaks, breaks
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_compiled_layers_compile_once_per_grad_mode(tmp_path, dolly_file, checkpointing):
+    """Each compilation of a decoder layer costs tens of seconds on a GPU, inside the first
+    steps. With the bin count changing from batch to batch, training should compile twice (the
+    first shape, then one graph with a dynamic bin count) and evaluation once more (no grad),
+    whatever layer a call comes from. The first layer's input once differed from the rest in
+    requires_grad (peft marks it under no_grad too; nothing marks it without checkpointing),
+    which doubled every count."""
+    import torch._dynamo
+
+    session = _session(tmp_path, dolly_file, compile=True,
+                       gradient_checkpointing=checkpointing)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    rows = session.data.train
+    # 4, 3 and 2 bins (dynamo specializes a dimension of 1: one bin would be a graph of its own)
+    batches = [session.trainer.data_collator(rows[:n]) for n in (12, 8, 5)]
+    assert len({b["input_ids"].shape[0] for b in batches}) == 3, "bin counts must differ"
+    for batch in batches:
+        _loss_and_grads(session, batch)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    session.model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            session.model(**{k: v for k, v in batch.items() if k != "num_real_tokens"})
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3

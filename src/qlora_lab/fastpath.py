@@ -269,7 +269,21 @@ def compile_decoder_layers(model: nn.Module) -> int:
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
         layer.compile()
+    # Dynamo guards on whether a layer's input requires grad, and every layer's input but the
+    # first (the frozen embeddings' output) follows the grad mode. peft's hook (with gradient
+    # checkpointing) marks that output as requiring grad even under no_grad, and without
+    # checkpointing nothing marks it: either way the first layer needed a graph of its own for
+    # each shape (eval or train), each compile tens of seconds on a GPU. This hook runs after
+    # peft's and makes the first layer's input like the others'; in training that costs one
+    # more input gradient, for one layer.
+    model.get_input_embeddings().register_forward_hook(_input_follows_grad_mode)
     return len(layers)
+
+
+def _input_follows_grad_mode(module, args, output):
+    wanted = torch.is_grad_enabled()
+    if output.requires_grad != wanted and output.grad_fn is None:  # never on a trained output
+        output.requires_grad_(wanted)
 
 
 # --- activation offload ------------------------------------------------------------------------
