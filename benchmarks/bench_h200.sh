@@ -61,10 +61,12 @@ if [[ $phase == small || $phase == all ]]; then
   cp /tmp/bench-small-offload/bench.json "$OUT/bench_1x2048_offload_h200_8gib.json"
 fi
 if [[ $phase == levers ]]; then
-  timeout ${SWEEP_TIMEOUT:-400} python3 benchmarks/fastpath_sweep.py --model $MODEL --data $DATA \
-    --out "$OUT/fastpath_sweep_levers.json" --steps ${SWEEP_STEPS:-12} --warmup-steps ${WARMUP:-5} \
-    --variants ${VARIANTS:-13,14,15} 2>&1 | grep -v "it/s\]" | tail -12
-  timeout 150 python3 benchmarks/profile_step.py --model $MODEL --data $DATA \
+  # Each compilation's cause (dynamo's recompile log) goes to levers.log with the rest.
+  TORCH_LOGS=recompiles timeout ${SWEEP_TIMEOUT:-400} python3 benchmarks/fastpath_sweep.py \
+    --model $MODEL --data $DATA --out "$OUT/fastpath_sweep_levers.json" --steps ${SWEEP_STEPS:-12} \
+    --warmup-steps ${WARMUP:-5} --variants ${VARIANTS:-13,14,15} 2>&1 | grep -v "it/s\]" \
+    > "$OUT/levers.log"; grep -c "Recompiling function" "$OUT/levers.log"; tail -12 "$OUT/levers.log"
+  timeout ${PROFILE_TIMEOUT:-200} python3 benchmarks/profile_step.py --model $MODEL --data $DATA \
     --set train.micro_batch_size=160 --set train.compile=true \
     --set model.attn_implementation=varlen --skip-steps 4 \
     --out "$OUT/profile_step_h200_160rows.json" 2>&1 \

@@ -4,7 +4,7 @@
         [--set train.micro_batch_size=16 ...]
 
 Builds the run exactly as `qlora-lab train` does (train.setup_training), profiles two steps after
-two warm-up steps, and writes the kernels with the most CUDA time plus a breakdown by kind
+two warm-up steps (then three more under Python's profiler alone: host time by function), and writes the kernels with the most CUDA time plus a breakdown by kind
 (4-bit dequantize, matmuls, attention, Liger kernels, elementwise/copies) and the step's wall
 time, so a perf change can aim at what dominates. Each top kernel also lists the operator chains
 that launched it (innermost op, its parents; with input shapes), so a kernel like a fill or a
@@ -15,18 +15,23 @@ saves, grad_accum 1 unless --set says otherwise, the emulated 8 GiB cap).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch._dynamo  # its counters: how many graphs the compiled layers made
 from fixtures import GIB, apply_memory_cap, versions
 from transformers import TrainerCallback
 
 from qlora_lab.config import config_from_dict, parse_overrides
 from qlora_lab.train import setup_training
+
+HOST_STEPS = 3  # after the GPU profile: Python's profiler alone (torch.profiler slows Python)
 
 # Substrings of kernel names, first match wins; anything else is "other".
 KINDS = [
@@ -47,14 +52,34 @@ def kind_of(name: str) -> str:
 
 
 class _Stepper(TrainerCallback):
-    def __init__(self, prof):
-        self.prof, self.marks = prof, []
+    """Steps the profiler, times each step, and runs Python's own profiler over the steps after
+    `host_from` (the GPU idled most of a 32-row step: host work decides, and torch.profiler
+    shows only operators, not the Python between them)."""
+
+    def __init__(self, prof, host_from: int):
+        self.prof, self.marks, self.host_from = prof, [], host_from
+        self.host = cProfile.Profile()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= self.host_from:
+            self.host.enable()
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        self.host.disable()
         self.marks.append(time.perf_counter())
         self.prof.step()
+
+
+def _host_top(host: cProfile.Profile, steps: int, top: int) -> list[dict]:
+    """Python functions by their own time per step (tottime), with cumulative time."""
+    stats = pstats.Stats(host).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{Path(file).name}:{line}({name})", "self_ms_per_step":
+             round(tt * 1e3 / steps, 2), "cum_ms_per_step": round(ct * 1e3 / steps, 2),
+             "calls_per_step": round(nc / steps, 1)}
+            for (file, line, name), (_, nc, tt, ct, _) in rows]
 
 
 def _annotation(event) -> bool:
@@ -108,7 +133,8 @@ def main() -> int:
     wait, warmup, active = args.skip_steps, 1, 2
     base = {"model": {"name": args.model},
             "data": {"source": args.data, "eval_fraction": 0.0, "max_seq_len": 1024},
-            "train": {"output_dir": "/tmp/profile-step", "max_steps": wait + warmup + active + 1,
+            "train": {"output_dir": "/tmp/profile-step",
+                      "max_steps": wait + warmup + active + 1 + HOST_STEPS,
                       "save_steps": 1000, "grad_accum_steps": 1, "tensorboard": False}}
     cfg = config_from_dict(parse_overrides(args.set), config_from_dict(base))
     session = setup_training(cfg, overwrite=True)
@@ -117,7 +143,7 @@ def main() -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA],
                                 schedule=schedule, record_shapes=True) as prof:
-        stepper = _Stepper(prof)
+        stepper = _Stepper(prof, host_from=wait + warmup + active)
         session.trainer.add_callback(stepper)
         session.trainer.train()
     # Wall time of every step after the first (the profiled ones are slowed by the profiler).
@@ -147,6 +173,9 @@ def main() -> int:
                          "share": round(us / total_us, 4), "calls_per_step": c / active,
                          "launched_by": launchers.get(n, [])}
                         for n, us, c in device_us[:args.top]],
+        "host_profiled_steps": HOST_STEPS,
+        "host_top_self_time": _host_top(stepper.host, HOST_STEPS, args.top),
+        "compiled_graphs": dict(torch._dynamo.utils.counters["stats"]),
         "gpu": torch.cuda.get_device_name() if cuda else "cpu",
         "versions": versions(),
     }
@@ -154,6 +183,9 @@ def main() -> int:
     print(json.dumps({k: report[k] for k in ("step_seconds", "gpu_busy_seconds_per_step",
                                              "kernel_launches_per_step", "by_kind_share")},
                      indent=1))
+    for h in report["host_top_self_time"][:12]:
+        print(f"host {h['self_ms_per_step']:8.2f} ms self {h['cum_ms_per_step']:8.2f} ms cum "
+              f"{h['calls_per_step']:8.0f}x {h['function']}")
     for k in report["top_kernels"][:15]:
         print(f"{k['ms_per_step']:8.2f} ms {k['calls_per_step']:6.0f}x {k['kind']:22s} "
               f"{k['name'][:90]}")
