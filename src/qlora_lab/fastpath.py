@@ -201,9 +201,11 @@ class FusedSwiGLU(nn.Module):
         # Not in compiled layers: a micro-batch's last tile has a new length every batch, and
         # each new length recompiled the layer (160 rows per micro-batch ran 5 s a step:
         # benchmarks/results/fastpath_sweep_h200_run4.json). The planner counts compiled
-        # layers untiled (memory._mlp_tiled).
-        if (not (self.training and torch.is_grad_enabled()) or tokens <= 2 * self.tile_tokens
-                or torch.compiler.is_compiling()):
+        # layers untiled (memory._mlp_tiled). is_compiling() comes first: comparing the token
+        # count inside a trace leaves a guard on it, and a batch on the other side of the
+        # threshold compiled every layer again (13 s at step 8 of the H200's 160-row runs).
+        if (torch.compiler.is_compiling() or not (self.training and torch.is_grad_enabled())
+                or tokens <= 2 * self.tile_tokens):
             return self._mlp(x)
         # Long rows: the MLP holds 3 x intermediate (5.5x hidden for TinyLlama) activations per
         # token, the largest share of a layer. Tiles along the sequence, each recomputed in
