@@ -79,7 +79,7 @@ if [[ $phase == fullrows ]]; then
   python3 benchmarks/fixtures.py full-rows --data $DATA --out $FULLDATA
   timeout ${FULL_TIMEOUT:-300} python3 -m qlora_lab bench --model $MODEL --data $FULLDATA \
     --memory-cap 8GiB --set train.grad_accum_steps=1 --set data.max_seq_len=1024 \
-    --set train.micro_batch_size=32 --peer-micro-batch 32 ${FULL:-} --steps ${FULL_STEPS:-8} \
+    --set train.micro_batch_size=32 --peer-micro-batch 32 ${FULL:-} --steps ${FULL_STEPS:-8} --warmup-steps ${WARMUP:-2} \
     --recipes qlora_lab,unsloth --output-dir /tmp/bench-full 2>&1 | grep -v "it/s\]" | tail -12
   cp /tmp/bench-full/bench.json "$OUT/bench_full_rows_h200_8gib.json"
   cp /tmp/bench-full/bench.md "$OUT/bench_full_rows_h200_8gib.md"
