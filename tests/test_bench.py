@@ -123,6 +123,47 @@ def test_plain_is_the_median_of_its_runs(bench_report):
     assert "median of 3 runs" in (bench_report / "bench.md").read_text()
 
 
+def test_complete_bench_says_so(bench_report):
+    report = json.loads((bench_report / "bench.json").read_text())
+    assert report["complete"] is True and report["pending"] == []
+    assert list(report["recipes"]) == ["plain", "qlora_lab", "unsloth", "unsloth_packed"]
+
+
+def test_a_stopped_bench_keeps_the_recipes_it_finished(tmp_path, dolly_file):
+    """A time limit that stops a bench mid-way (the H200's 10-minute calls did, inside the
+    last peer) leaves bench.json with every recipe that finished, marked incomplete."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qlora_lab", "bench", "--model", "tiny-random", "--data",
+         str(dolly_file), "--steps", "2", "--warmup-steps", "1", "--recipes", "qlora_lab,plain",
+         "--plain-runs", "3", "--output-dir", str(out), "--set", "lora.r=8"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "bench.json").exists():
+                report = json.loads((out / "bench.json").read_text())
+                if report["recipes"].get("plain", {}).get("runs") == 1:
+                    break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the bench and its recipe's process
+        proc.wait()
+    report = json.loads((out / "bench.json").read_text())
+    assert report["complete"] is False
+    assert report["pending"] == ["plain-1", "plain-2"]
+    assert report["recipes"]["qlora_lab"]["real_tokens_per_s"] > 0
+    assert report["recipes"]["plain"]["runs"] == 1 and len(report["plain_runs"]) == 1
+    assert report["speedup"] == pytest.approx(report["recipes"]["qlora_lab"]["real_tokens_per_s"]
+                                              / report["plain_runs"][0])
+
+
 def test_max_context_search_trains_each_length_in_turn(tmp_path, dolly_file):
     code = main(["bench", "--model", "tiny-random", "--data", str(dolly_file), "--steps", "3",
                  "--recipes", "qlora_lab", "--context-lengths", "600,300",

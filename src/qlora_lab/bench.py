@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_lab import child
+from qlora_lab import child, fsio
 from qlora_lab.config import RunConfig, config_from_dict, to_dict
 from qlora_lab.errors import UserError
 
@@ -117,7 +117,13 @@ class BenchConfig:
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    """Run every recipe in its own process; write bench.json and bench.md; return the report."""
+    """Run every recipe in its own process; write bench.json and bench.md; return the report.
+
+    bench.json is rewritten (atomically) after each recipe's process ends, with `complete`
+    false and the recipes still to run under `pending`, so a bench stopped by a time limit
+    keeps what it measured. Ours runs first (a user error or OOM fails there, before the
+    long plain runs), then the peers, then the plain recipe.
+    """
     from qlora_lab.sources import check_sources
 
     check_sources(cfg.run.data)  # a wrong --data or data.mix fails here, before any process starts
@@ -127,26 +133,56 @@ def run_bench(cfg: BenchConfig) -> dict:
     except OSError as exc:
         raise UserError(f"output dir {out} cannot be created ({exc.strerror}) — pick another "
                         "--output-dir") from None
-    recipes, plain_runs = {}, []
-    if "plain" in cfg.recipes:
-        recipes["plain"], plain_runs = run_plain(cfg, out)
+    recipes: dict[str, dict] = {}
+    plain: list[dict] = []
+    contexts: dict[str, dict] = {}
+    searches = [r for r in ("qlora_lab", "unsloth") if cfg.context_lengths and r in cfg.recipes]
+    pending = [r for r in ("qlora_lab", *PEER_RECIPES) if r in cfg.recipes]
+    pending += [f"plain-{i}" for i in range(cfg.plain_runs) if "plain" in cfg.recipes]
+    pending += [f"max_context:{r}" for r in searches]
+
+    def publish(done: str) -> dict:
+        pending.remove(done)
+        report = _report(cfg, recipes, plain, contexts, pending)
+        fsio.write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
+        return report
+
     if "qlora_lab" in cfg.recipes:
         recipes["qlora_lab"] = run_ours(cfg, out, "qlora_lab")
+        publish("qlora_lab")
     for name in PEER_RECIPES:
         if name in cfg.recipes:
             recipes[name] = run_peer(cfg, out, name)
-    contexts = {}
-    if cfg.context_lengths:
-        if "qlora_lab" in cfg.recipes:
-            contexts["qlora_lab"] = run_ours(cfg, out, "qlora_lab", mode="max_context")
-        if "unsloth" in cfg.recipes and "skipped" not in recipes["unsloth"]:
-            contexts["unsloth"] = run_peer(cfg, out, "unsloth", mode="max_context")
-    report = {
+            publish(name)
+    for i in range(cfg.plain_runs if "plain" in cfg.recipes else 0):
+        plain.append(run_ours(cfg, out, "plain", label=f"-{i}"))
+        recipes["plain"] = plain_entry(plain)
+        publish(f"plain-{i}")
+    for name in searches:
+        if name == "qlora_lab":
+            contexts[name] = run_ours(cfg, out, name, mode="max_context")
+        elif "skipped" not in recipes["unsloth"]:
+            contexts[name] = run_peer(cfg, out, name, mode="max_context")
+        publish(f"max_context:{name}")
+    report = _report(cfg, recipes, plain, contexts, pending)
+    fsio.write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
+    report["table"] = format_table(report)
+    fsio.write_text(out / "bench.md", report["table"])
+    report["output_dir"] = str(out)
+    return report
+
+
+def _report(cfg: BenchConfig, recipes: dict, plain: list[dict], contexts: dict,
+            pending: list[str]) -> dict:
+    """bench.json's content so far; recipes in display order (plain, ours, the peers)."""
+    return {
+        "complete": not pending,
+        "pending": list(pending),
         "speedup": _ratio(recipes, "qlora_lab", "plain"),
         "speedup_vs_unsloth": _ratio(recipes, "qlora_lab", "unsloth"),
         "speedup_vs_unsloth_packed": _ratio(recipes, "qlora_lab", "unsloth_packed"),
-        "recipes": recipes,
-        "plain_runs": plain_runs,
+        "recipes": {name: recipes[name] for name in RECIPES if name in recipes},
+        "plain_runs": [r["real_tokens_per_s"] for r in plain],
         "max_context": contexts,
         "command": cfg.command,
         "steps": cfg.steps,
@@ -157,11 +193,6 @@ def run_bench(cfg: BenchConfig) -> dict:
         "versions": child.versions(),
         "hardware": child.hardware(),
     }
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    report["table"] = format_table(report)
-    (out / "bench.md").write_text(report["table"], encoding="utf-8")
-    report["output_dir"] = str(out)
-    return report
 
 
 def _ratio(recipes: dict, top: str, bottom: str) -> float | None:
@@ -197,19 +228,14 @@ def run_ours(cfg: BenchConfig, out: Path, recipe: str, mode: str = "throughput",
     return result.unwrap()
 
 
-def run_plain(cfg: BenchConfig, out: Path) -> tuple[dict, list[float]]:
-    """The plain recipe `plain_runs` times; its entry is the median run, with min and max.
-
-    Returns (entry, each run's real tokens/s in run order). The entry's other fields are the
-    median run's (for an even count, the lower of the two middle runs).
-    """
-    runs = [run_ours(cfg, out, "plain", label=f"-{i}") for i in range(cfg.plain_runs)]
+def plain_entry(runs: list[dict]) -> dict:
+    """The plain recipe's entry from its runs so far: the median run's fields, with the median,
+    min and max real tokens/s (for an even count, the lower of the two middle runs' fields)."""
     ordered = sorted(runs, key=lambda r: r["real_tokens_per_s"] or 0.0)
     rates = [r["real_tokens_per_s"] or 0.0 for r in ordered]
-    entry = {**ordered[(len(runs) - 1) // 2], "runs": len(runs),
-             "real_tokens_per_s": statistics.median(rates),
-             "real_tokens_per_s_min": rates[0], "real_tokens_per_s_max": rates[-1]}
-    return entry, [r["real_tokens_per_s"] for r in runs]
+    return {**ordered[(len(runs) - 1) // 2], "runs": len(runs),
+            "real_tokens_per_s": statistics.median(rates),
+            "real_tokens_per_s_min": rates[0], "real_tokens_per_s_max": rates[-1]}
 
 
 def run_peer(cfg: BenchConfig, out: Path, recipe: str, mode: str = "throughput") -> dict:
