@@ -5,7 +5,7 @@
 # fullrows: ours against unsloth on rows that fill every 1024-token bin (fixtures.py full-rows),
 #   FULL="--set k=v ..." for our flags; gputest: the CUDA-only tests (pytest -m gpu).
 # levers: issue #15's lever rows at 160 rows per micro-batch (fused LoRA, varlen, Flex), 12
-#   steps with 5 untimed (compiled layers compile again for a new bin count), then a profile of
+#   steps with 5 untimed (compiled layers compile for the first shapes), then a profile of
 #   the varlen row; one device call.
 # VARIANTS=4,6,7 picks rows of the sweep's ladder (default: all of them).
 # CONTEXT_RECIPES=qlora_lab LENGTHS=65536,98304,131072 runs the context search for ours alone.

@@ -124,7 +124,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--skip-steps", type=int, default=1,
                         help="steps before the profiler's warm-up step (compiled layers compile "
-                             "again for each new bin count: skip more)")
+                             "for the first shape, then with a dynamic bin count: skip 2 or more)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()  # on CPU it runs too (a smoke test of the script)
     if cuda:

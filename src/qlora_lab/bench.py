@@ -67,8 +67,9 @@ class BenchConfig:
     output_dir: where bench.json, bench.md and each recipe's scratch run dir go.
     steps: optimizer steps per recipe (each is micro-batch x grad_accum_steps rows).
     warmup_steps: steps run before the clock starts (allocator growth, kernel selection, and
-        with train.compile the compilations: one per new micro-batch shape until dynamo makes
-        the shape dynamic, so compiled runs need more than the default).
+        with train.compile the compilation: the loss check compiles the layers for two shapes
+        without grad, which makes the bin count dynamic, and step 1 compiles them for training;
+        the H200 runs were steady from step 2).
     memory_cap_bytes: emulated card size on CUDA via `set_per_process_memory_fraction`
         (None = the whole card); ignored on CPU.
     plain_micro_batch_size: the plain recipe's micro-batch (the original demo used 4).

@@ -165,8 +165,8 @@ def _add_bench(sub) -> None:
                    "the whole card; ignored on CPU)")
     p.add_argument("--steps", type=int, help="optimizer steps per recipe (default 20)")
     p.add_argument("--warmup-steps", type=int, help="steps run before the clock starts "
-                   "(default 2; compiled layers compile again for each new micro-batch shape, "
-                   "so give them more)")
+                   "(default 2; with train.compile the first step compiles, and a dimension "
+                   "of 1 or an evaluation compiles again)")
     p.add_argument("--output-dir", help="where bench.json and bench.md go (default ./bench)")
     p.add_argument("--recipes", help="comma-separated subset of plain,qlora_lab,unsloth,"
                    "unsloth_packed (default all; unsloth's run only where it is installed)")

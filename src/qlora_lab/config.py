@@ -338,11 +338,12 @@ class TrainConfig:
         run through peft as before.
     activation_offload: keep checkpointed activations in pinned host memory (long contexts).
     compile: torch.compile each decoder layer (one region per layer, so packed-row masks and the
-        loss stay outside compiled code). On an H200 (TinyLlama, 8 GiB cap) it sped up
-        micro-batches of a fixed 16 or 32 bins (benchmarks/results/fastpath_sweep_h200_run3.json).
-        Now that a micro-batch is rows, its number of bins changes from step to step and each
-        new count compiles again (fastpath_sweep_h200_run4.json). Off by default: tens of seconds
-        of compilation at start, measured on that one GPU only.
+        loss stay outside compiled code). The number of bins in a micro-batch changes from step
+        to step: a layer compiles for the first shape, then once with the bin count dynamic,
+        and once more for evaluation (no grad). On an H200 (TinyLlama, 8 GiB cap, 160 rows per
+        micro-batch, varlen attention) the run reached 46.3k real tok/s
+        (benchmarks/results/bench_h200_8gib.json). Off by default: 10-30 s of compilation at
+        start, measured on that one GPU only; turn it on for long runs.
     """
 
     output_dir: str = "runs/qlora"
