@@ -95,7 +95,9 @@ def main() -> int:
             row.update({k: r.get(k) for k in ("real_tokens_per_s", "mean_step_seconds",
                                               "peak_allocated_bytes", "peak_reserved_bytes",
                                               "micro_batch_size", "mfu", "step_seconds",
-                                              "loss_check")})
+                                              # each step's tokens too: run 5's steady rates
+                                              # had to assume a recompiled step's tokens
+                                              "step_real_tokens", "loss_check")})
         rows.append(row)
         print(json.dumps(row), flush=True)
         # Rewritten after every variant: a sweep cut short by a time limit still has a best.
