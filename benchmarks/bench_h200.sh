@@ -12,7 +12,8 @@
 # One device call allows 10 minutes: run `sweep`, `final` and `small` in calls of their own
 # (the sweep's result stays in /tmp on a warm machine; BEST="--set k=v ..." overrides it).
 # `final` runs the plain recipe 3 times (bench's median, min and max) beside qlora_lab, unsloth
-# (padded) and unsloth_packed, hence its 540 s limit.
+# (padded) and unsloth_packed, hence its 540 s limit; PLAIN_STEPS=N gives the plain runs fewer
+# steps (at 160 rows per step each is 40 micro-batches, 17 s), so the others can run more.
 # Needs (offline host): .peer/peer-site.tgz from ../shared/device/peer-site.sh (unsloth,
 # bitsandbytes, liger-kernel) and the Dolly sample at .benchdata/dolly_dev.jsonl.
 # Model: the TinyLlama-1.1B architecture with random weights (speed and memory do not depend on
@@ -43,7 +44,7 @@ if [[ $phase == final || $phase == all ]]; then
   best=${BEST:-$(python3 -c "import json; b=json.load(open('/tmp/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)}
   echo "final bench with: $best"
   timeout ${FINAL_TIMEOUT:-540} python3 -m qlora_lab bench "${COMMON[@]}" $best --steps ${FINAL_STEPS:-12} \
-    --warmup-steps ${WARMUP:-2} \
+    --warmup-steps ${WARMUP:-2} ${PLAIN_STEPS:+--plain-steps $PLAIN_STEPS} \
     --recipes plain,qlora_lab,unsloth,unsloth_packed --output-dir /tmp/bench-final 2>&1 | grep -v "it/s\]" | tail -30
   cp /tmp/bench-final/bench.json "$OUT/bench_h200_8gib.json"; cp /tmp/bench-final/bench.md "$OUT/bench_h200_8gib.md"
 fi

@@ -131,7 +131,8 @@ def test_complete_bench_says_so(bench_report):
 
 def test_a_stopped_bench_keeps_the_recipes_it_finished(tmp_path, dolly_file):
     """A time limit that stops a bench mid-way (the H200's 10-minute calls did, inside the
-    last peer) leaves bench.json with every recipe that finished, marked incomplete."""
+    last peer) leaves bench.json with every recipe that finished, marked incomplete. Also: the
+    plain recipe runs its own number of steps (--plain-steps)."""
     import os
     import signal
     import subprocess
@@ -142,7 +143,8 @@ def test_a_stopped_bench_keeps_the_recipes_it_finished(tmp_path, dolly_file):
     proc = subprocess.Popen(
         [sys.executable, "-m", "qlora_lab", "bench", "--model", "tiny-random", "--data",
          str(dolly_file), "--steps", "2", "--warmup-steps", "1", "--recipes", "qlora_lab,plain",
-         "--plain-runs", "3", "--output-dir", str(out), "--set", "lora.r=8"],
+         "--plain-runs", "3", "--plain-steps", "3", "--output-dir", str(out),
+         "--set", "lora.r=8"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -160,6 +162,8 @@ def test_a_stopped_bench_keeps_the_recipes_it_finished(tmp_path, dolly_file):
     assert report["pending"] == ["plain-1", "plain-2"]
     assert report["recipes"]["qlora_lab"]["real_tokens_per_s"] > 0
     assert report["recipes"]["plain"]["runs"] == 1 and len(report["plain_runs"]) == 1
+    assert report["recipes"]["qlora_lab"]["steps"] == report["steps"] == 2
+    assert report["recipes"]["plain"]["steps"] == report["plain_steps"] == 3
     assert report["speedup"] == pytest.approx(report["recipes"]["qlora_lab"]["real_tokens_per_s"]
                                               / report["plain_runs"][0])
 
@@ -231,6 +235,9 @@ def test_steps_must_exceed_warmup(tmp_path, dolly_file, capsys):
     code = main(["bench", "--model", "tiny-random", "--data", str(dolly_file), "--steps", "5",
                  "--warmup-steps", "5", "--output-dir", str(tmp_path / "out")])
     assert code == 2 and "--steps 5" in capsys.readouterr().err
+    code = main(["bench", "--model", "tiny-random", "--data", str(dolly_file), "--steps", "5",
+                 "--plain-steps", "2", "--output-dir", str(tmp_path / "out")])
+    assert code == 2 and "--plain-steps 2" in capsys.readouterr().err
 
 
 # --- the unsloth_packed recipe's spec, without unsloth (it runs on the GPU host only) ----------

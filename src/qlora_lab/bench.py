@@ -75,6 +75,10 @@ class BenchConfig:
     plain_micro_batch_size: the plain recipe's micro-batch (the original demo used 4).
     plain_runs: how many times the plain recipe runs (each in its own process); it reports the
         median real tokens/s, with min and max. More runs, a steadier baseline, more time.
+    plain_steps: the plain recipe's optimizer steps (None = `steps`). It compiles nothing and
+        each of its steps is many micro-batches (4 rows each), so a few steps measure it; at 160
+        rows per step on the H200 its 3 runs took most of a 10-minute call at 4 steps, which
+        left ours and the peers 2 timed steps.
     peer_micro_batch_size: unsloth's micro-batch: rows padded (`unsloth`), or bins of
         max_seq_len tokens (`unsloth_packed`). Pick the largest that fits the cap (bigger =
         faster until it runs out of memory).
@@ -93,6 +97,7 @@ class BenchConfig:
     memory_cap_bytes: int | None = 8 * GIB
     plain_micro_batch_size: int = 4
     plain_runs: int = 3
+    plain_steps: int | None = None
     peer_micro_batch_size: int = 32
     recipes: tuple[str, ...] = RECIPES
     context_lengths: tuple[int, ...] = ()
@@ -105,6 +110,10 @@ class BenchConfig:
                             f"steps — pass --steps {self.warmup_steps + 1} or more")
         if self.memory_cap_bytes is not None and self.memory_cap_bytes <= 0:
             raise UserError(f"--memory-cap {self.memory_cap_bytes} must be positive")
+        if self.plain_steps is not None and self.plain_steps <= self.warmup_steps:
+            raise UserError(f"--plain-steps {self.plain_steps} must exceed the "
+                            f"{self.warmup_steps} warmup steps — pass --plain-steps "
+                            f"{self.warmup_steps + 1} or more")
         if self.plain_runs < 1:
             raise UserError(f"--plain-runs {self.plain_runs} must be at least 1 (3 or more for a "
                             "median that one slow run cannot move)")
@@ -187,6 +196,7 @@ def _report(cfg: BenchConfig, recipes: dict, plain: list[dict], contexts: dict,
         "max_context": contexts,
         "command": cfg.command,
         "steps": cfg.steps,
+        "plain_steps": cfg.plain_steps or cfg.steps,
         "warmup_steps": cfg.warmup_steps,
         "memory_cap_bytes": cfg.memory_cap_bytes,
         "peak_flops": cfg.peak_flops,
@@ -427,8 +437,9 @@ def bench_run_config(cfg: BenchConfig, recipe: str) -> RunConfig:
     """The run every recipe trains: every row trains (no held-out split), no eval, no saves."""
     out = Path(cfg.output_dir) / "runs" / recipe
     data = dataclasses.replace(cfg.run.data, eval_fraction=0.0, eval_source=None)
-    train = dataclasses.replace(cfg.run.train, output_dir=str(out), max_steps=cfg.steps,
-                                save_steps=cfg.steps + 1, tensorboard=False)
+    steps = cfg.plain_steps if recipe == "plain" and cfg.plain_steps else cfg.steps
+    train = dataclasses.replace(cfg.run.train, output_dir=str(out), max_steps=steps,
+                                save_steps=steps + 1, tensorboard=False)
     return dataclasses.replace(cfg.run, data=data, train=train)
 
 

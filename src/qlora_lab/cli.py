@@ -172,6 +172,8 @@ def _add_bench(sub) -> None:
                    "unsloth_packed (default all; unsloth's run only where it is installed)")
     p.add_argument("--plain-runs", type=int, help="runs of the plain recipe; bench.json "
                    "reports their median, min and max (default 3)")
+    p.add_argument("--plain-steps", type=int, help="the plain recipe's optimizer steps "
+                   "(default: --steps; it compiles nothing, so fewer serve)")
     p.add_argument("--peer-micro-batch", type=int, help="unsloth's micro-batch: rows padded, "
                    "bins packed (default 32)")
     p.add_argument("--context-lengths", help="also find the longest trainable row at "
