@@ -1,10 +1,12 @@
 """`qlora-lab bench`: the plain HF QLoRA recipe and qlora-lab's own, side by side.
 
-One invocation trains each recipe for the same number of optimizer steps on the same rows with
-the same seed, each in its own Python process (peak-memory counters, CUDA caching allocator state
-and any library patching cannot leak from one recipe into the next), and writes:
+One invocation trains each recipe for the same number of optimizer steps (the plain recipe may
+be given fewer: `plain_steps`) on the same rows with the same seed, each in its own Python
+process (peak-memory counters, CUDA caching allocator state and any library patching cannot leak
+from one recipe into the next), and writes:
 
-    bench.json   top-level `speedup` (qlora_lab / plain real tokens/s, the plain recipe's median)
+    bench.json   `complete` and `pending` (rewritten after each recipe, so a stopped bench keeps
+                 what it measured), `speedup` (qlora_lab / plain real tokens/s, the plain recipe's median)
                  and, under `recipes`, one entry per recipe (`plain`, `qlora_lab`, `unsloth`,
                  `unsloth_packed`) with `real_tokens_per_s`, `peak_allocated_bytes` (null on
                  CPU), step time, MFU, ...; `plain_runs`, each plain run's real tokens/s; plus
