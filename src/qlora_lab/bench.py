@@ -153,9 +153,17 @@ def run_bench(cfg: BenchConfig) -> dict:
     pending += [f"plain-{i}" for i in range(cfg.plain_runs) if "plain" in cfg.recipes]
     pending += [f"max_context:{r}" for r in searches]
 
-    def publish(done: str) -> dict:
-        pending.remove(done)
-        report = _report(cfg, recipes, plain, contexts, pending)
+    versions = child.versions()
+
+    def publish(done: str | None) -> dict:
+        """Write bench.json after `done` ran; None = all ran (the final report)."""
+        if done is not None:
+            pending.remove(done)
+        report = _report(cfg, recipes, plain, contexts, pending, versions,
+                         # Asking for the GPU's name starts CUDA in this process, whose context
+                         # would then hold GPU memory while the next recipes measure: only once
+                         # every recipe ran (each recipe's entry names its `device` meanwhile).
+                         hardware=child.hardware() if done is None else None)
         fsio.write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
         return report
 
@@ -176,8 +184,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         elif "skipped" not in recipes["unsloth"]:
             contexts[name] = run_peer(cfg, out, name, mode="max_context")
         publish(f"max_context:{name}")
-    report = _report(cfg, recipes, plain, contexts, pending)
-    fsio.write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
+    report = publish(None)
     report["table"] = format_table(report)
     fsio.write_text(out / "bench.md", report["table"])
     report["output_dir"] = str(out)
@@ -185,7 +192,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def _report(cfg: BenchConfig, recipes: dict, plain: list[dict], contexts: dict,
-            pending: list[str]) -> dict:
+            pending: list[str], versions: dict, hardware: dict | None) -> dict:
     """bench.json's content so far; recipes in display order (plain, ours, the peers)."""
     return {
         "complete": not pending,
@@ -203,8 +210,8 @@ def _report(cfg: BenchConfig, recipes: dict, plain: list[dict], contexts: dict,
         "memory_cap_bytes": cfg.memory_cap_bytes,
         "peak_flops": cfg.peak_flops,
         "config": to_dict(cfg.run),
-        "versions": child.versions(),
-        "hardware": child.hardware(),
+        "versions": versions,
+        "hardware": hardware,
     }
 
 
