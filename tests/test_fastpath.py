@@ -348,10 +348,11 @@ def test_varlen_attention_refuses_what_it_cannot_compute(tmp_path, dolly_file):
 
 def _project_both_ways(layer, x):
     """(peft's output and grads, the fused function's) for one LoRA-over-4-bit layer."""
-    from qlora_lab.fusedlora import lora_linear
+    from peft.tuners.lora.bnb import Linear4bit
 
     results = []
-    for run in (lambda v: layer(v), lambda v: lora_linear(layer, v)):
+    # peft's own forward (the base class's), then the layer's: fused where it applies.
+    for run in (lambda v: Linear4bit.forward(layer, v), lambda v: layer(v)):
         layer.zero_grad(set_to_none=True)
         xi = x.detach().clone().requires_grad_(True)
         out = run(xi)
@@ -399,16 +400,76 @@ def test_fused_lora_leaves_layers_it_cannot_compute_to_peft(tmp_path, dolly_file
 
 
 def test_fused_lora_training_step_equals_the_peft_step(tmp_path, dolly_file):
+    from qlora_lab.fusedlora import fused_layer_class
+
     fused = _session(tmp_path / "fused", dolly_file)
     peft_path = _session(tmp_path / "peft", dolly_file, fused_lora=False)
     rows = fused.data.train[:5]
     batch = PackedCollator(fused.tokenizer.pad_token_id, 256)(rows)
+    fused_class = fused_layer_class()
+    attn_f, attn_p = (s.model.get_decoder().layers[0].self_attn for s in (fused, peft_path))
+    # Attention's projections too, not only the MLP's: peft builds them as the fused class.
+    assert all(isinstance(getattr(attn_f, n), fused_class) for n in ("q_proj", "k_proj", "o_proj"))
+    assert not isinstance(attn_p.q_proj, fused_class)
     loss_f, grads_f = _loss_and_grads(fused, batch)
     loss_p, grads_p = _loss_and_grads(peft_path, batch)
     assert loss_f == pytest.approx(loss_p, rel=1e-6)
-    assert grads_f.keys() == grads_p.keys() and any(".mlp." in n for n in grads_f)
+    assert grads_f.keys() == grads_p.keys()
+    assert any(".mlp." in n for n in grads_f) and any(".self_attn." in n for n in grads_f)
     for name in grads_f:
         torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_fused_lora_accumulates_in_place(tmp_path, dolly_file, monkeypatch):
+    """Compiled, the adapter's product is added into the base's output (and the input
+    gradient) in place: inductor made addmm_ out of place, copying the whole output first."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    layer = _session(tmp_path, dolly_file).model.get_decoder().layers[0].mlp.up_proj
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.05)  # else the adapter adds zeros
+    x = torch.randn(2, 8, layer.in_features, requires_grad=True)
+    compiled = torch.compile(layer)
+    _, code = run_and_get_code(lambda: compiled(x).sum().backward())
+    assert len(code) == 2  # forward and backward
+    for source in code:
+        assert "qlora_lab.accumulate_mm" in source and "extern_kernels.addmm(" not in source
+    from peft.tuners.lora.bnb import Linear4bit
+
+    eager = x.detach().clone().requires_grad_(True)
+    Linear4bit.forward(layer, eager).sum().backward()  # peft's own forward, uncompiled
+    torch.testing.assert_close(x.grad, eager.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_lora_layers_save_as_plain_peft_layers(tmp_path, dolly_file):
+    """The fused layers are peft's own for everything but forward: the same adapter keys, an
+    adapter_config.json that names nothing of ours, and weights that give a plain peft model
+    the same outputs."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    fused = _session(tmp_path / "fused", dolly_file)
+    plain = _session(tmp_path / "peft", dolly_file, fused_lora=False)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in fused.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    state = get_peft_model_state_dict(fused.model)
+    assert state.keys() == get_peft_model_state_dict(plain.model).keys()
+    fused.model.save_pretrained(tmp_path / "adapter")
+    saved = (tmp_path / "adapter" / "adapter_config.json").read_text()
+    assert "Fused" not in saved and "custom" not in saved.lower()
+    set_peft_model_state_dict(plain.model, state)
+    batch = PackedCollator(fused.tokenizer.pad_token_id, 256)(fused.data.train[:3])
+    outputs = []
+    for session in (fused, plain):
+        session.model.eval()
+        with torch.no_grad():
+            outputs.append(session.model(input_ids=batch["input_ids"],
+                                         position_ids=batch["position_ids"]).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -489,6 +550,8 @@ def test_fused_lora_keeps_no_more_for_backward_than_peft(tmp_path, dolly_file, a
     """The planner's activation terms were measured on peft's LoRA layers; the fused function
     must not keep more (it keeps the input and the r-wide product; under autocast peft also
     keeps 16-bit casts of the fp32 adapter weights)."""
+    from qlora_lab.fusedlora import fused_layer_class
+
     dtype = torch.bfloat16 if autocast else torch.float32
     mlps = []
     for fused in (True, False):
@@ -496,7 +559,8 @@ def test_fused_lora_keeps_no_more_for_backward_than_peft(tmp_path, dolly_file, a
         cfg = replace(cfg, quant=replace(cfg.quant, compute_dtype=str(dtype).split(".")[1]),
                       data=replace(cfg.data, eval_fraction=0.0))
         mlps.append(setup_training(cfg).model.get_decoder().layers[0].mlp)
-    assert mlps[0].fused_lora and not mlps[1].fused_lora
+    fused_class = fused_layer_class()
+    assert isinstance(mlps[0].up_proj, fused_class) and not isinstance(mlps[1].up_proj, fused_class)
     x = torch.randn(4, 64, mlps[0].gate_proj.in_features, dtype=dtype, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         kept_fused, kept_peft = _saved_bytes(mlps[0], x), _saved_bytes(mlps[1], x)
@@ -531,12 +595,15 @@ def test_fused_lora_under_bf16_autocast_matches_peft_within_bf16_rounding(tmp_pa
 def test_fused_lora_leaves_mixed_dtypes_to_peft(tmp_path, dolly_file):
     """fp32 base compute under bf16 autocast: peft adds an fp32 base to a bf16 adapter; the
     fused function would do both in one dtype, so it hands the layer to peft unchanged."""
-    from qlora_lab.fusedlora import lora_linear
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from qlora_lab.fusedlora import applies
 
     layer = _session(tmp_path, dolly_file).model.get_decoder().layers[0].mlp.up_proj
     x = torch.randn(2, 5, layer.in_features)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(lora_linear(layer, x), layer(x))
+        assert not applies(layer, x)
+        assert torch.equal(layer(x), Linear4bit.forward(layer, x))
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "varlen"])

@@ -331,11 +331,11 @@ class TrainConfig:
         cross-entropy on CUDA when liger-kernel is installed and `liger` allows it.
     liger: `auto` = Liger's Triton kernels (RMSNorm, SwiGLU, fused linear cross-entropy) on
         CUDA when liger-kernel is installed; applied to this model's modules only.
-    fused_lora: compute each MLP projection's 4-bit base and LoRA adapter as one autograd
-        function (fusedlora.py): the adapter's matmuls accumulate into the base's output and
-        input gradient, so no (tokens x features) tensor is scaled, cloned or summed on its own.
-        Same modules and adapter files as peft's; layers with dropout, DoRA or several adapters
-        run through peft as before.
+    fused_lora: compute each LoRA projection's 4-bit base and adapter (attention and MLP) as
+        one autograd function (fusedlora.py): the adapter's matmuls accumulate into the base's
+        output and input gradient, so no (tokens x features) tensor is scaled, cloned or summed
+        on its own. peft builds the layers (a subclass of its own), so adapter files and peft's
+        APIs are unchanged; layers with dropout, DoRA or several adapters run as peft runs them.
     activation_offload: keep checkpointed activations in pinned host memory (long contexts).
     compile: torch.compile each decoder layer (one region per layer, so packed-row masks and the
         loss stay outside compiled code). The number of bins in a micro-batch changes from step

@@ -30,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora_lab.data import IGNORE_INDEX
 from qlora_lab.errors import UserError
-from qlora_lab.fusedlora import lora_linear
 from qlora_lab.memory import head_loss_chunk_tokens
 
 log = logging.getLogger(__name__)
@@ -174,27 +173,21 @@ class FusedSwiGLU(nn.Module):
     original names, so adapter files are identical to the plain path's.
     """
 
-    def __init__(self, mlp: nn.Module, use_liger: bool, tile_tokens: int,
-                 fused_lora: bool = False):
+    def __init__(self, mlp: nn.Module, use_liger: bool, tile_tokens: int):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn = mlp.act_fn
         self.use_liger = use_liger
         self.tile_tokens = tile_tokens
-        self.fused_lora = fused_lora
-
-    def _project(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # With fused_lora, a LoRA-over-4-bit projection is one autograd function
-        # (fusedlora.py); anything else (no LoRA yet, dropout, DoRA, ...) runs as peft runs it.
-        return lora_linear(module, x) if self.fused_lora else module(x)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self._project(self.gate_proj, x), self._project(self.up_proj, x)
+        # With train.fused_lora the projections are fusedlora's layers (models.attach_lora).
+        gate, up = self.gate_proj(x), self.up_proj(x)
         if self.use_liger:
             from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
-            return self._project(self.down_proj, LigerSiLUMulFunction.apply(gate, up))
-        return self._project(self.down_proj, self.act_fn(gate) * up)
+            return self.down_proj(LigerSiLUMulFunction.apply(gate, up))
+        return self.down_proj(self.act_fn(gate) * up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[:-1].numel()
@@ -226,8 +219,7 @@ def _is_rms_norm(module: nn.Module) -> bool:
             and getattr(module, "weight", None) is not None)
 
 
-def apply_fast_modules(model: nn.Module, use_liger: bool, tile_tokens: int = 8192,
-                       fused_lora: bool = False) -> dict:
+def apply_fast_modules(model: nn.Module, use_liger: bool, tile_tokens: int = 8192) -> dict:
     """Swap this model's MLPs (and, with Liger, its RMSNorms) in place; returns counts.
 
     Call before attaching LoRA: peft then finds the same projections under the same names.
@@ -237,7 +229,7 @@ def apply_fast_modules(model: nn.Module, use_liger: bool, tile_tokens: int = 819
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if _is_swiglu_mlp(child) and act in ("silu", "swish"):
-                setattr(parent, name, FusedSwiGLU(child, use_liger, tile_tokens, fused_lora))
+                setattr(parent, name, FusedSwiGLU(child, use_liger, tile_tokens))
                 swapped["mlp"] += 1
             elif use_liger and _is_rms_norm(child):
                 setattr(parent, name, _liger_rms_norm(child))

@@ -1,4 +1,4 @@
-"""A LoRA projection over a 4-bit base as one autograd function (the fast path's MLP uses it).
+"""A LoRA projection over a 4-bit base as one autograd function, for every targeted projection.
 
 peft computes a LoRA layer as modules in a row: the 4-bit base (bitsandbytes' MatMul4Bit), a
 defensive clone of its output, lora_A, lora_B, a multiply by the scale and an add. Each is a
@@ -13,13 +13,16 @@ from the saved input and the small (tokens x r) product. The base weight is dequ
 forward and again in backward, as bitsandbytes does, so nothing weight-sized is kept.
 
 The technique is unsloth's fast LoRA (dequantize, then fold the adapter's matmuls into the
-base's), written here from the math above; no code is copied. The modules stay peft's: this
-function only reads their parameters, so adapter files, merging and every peft API are
-unchanged, and a layer peft would compute differently (dropout, DoRA, several adapters,
-merged, disabled, a bias on lora_B) goes through peft as before (`fusable`).
+base's), written here from the math above; no code is copied. The layers stay peft's: peft
+builds them as `fused_layer_class()`, a subclass of its 4-bit LoRA layer whose forward calls
+this function, so adapter files, merging and every peft API are unchanged, and a layer peft
+would compute differently (dropout, DoRA, several adapters, merged, disabled, a bias on
+lora_B) goes through peft's own forward (`fusable`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -44,22 +47,73 @@ def fusable(module: nn.Module) -> bool:
     return isinstance(module.lora_dropout[name], nn.Identity)
 
 
-def lora_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, through LoraLinear4bit when `fusable(module)` and one dtype serves all of
-    it, else through peft.
+def applies(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module(x)` may go through LoraLinear4bit: `fusable(module)`, and one dtype
+    serves all of it.
 
     peft computes the base in bitsandbytes' compute dtype and the adapter in autocast's (or
     the adapter weights') dtype, then adds them; the fused function computes both in one. They
     agree when x, the base's compute dtype and autocast's dtype (if on) are the same: training
     on a GPU (all bf16) and on CPU (all fp32). Mixed setups keep peft's arithmetic.
     """
-    if not fusable(module) or _compute_dtype(x) != x.dtype or getattr(
-            module.base_layer, "compute_dtype", None) not in (None, x.dtype):
-        return module(x)
+    return (fusable(module) and _compute_dtype(x) == x.dtype
+            and getattr(module.base_layer, "compute_dtype", None) in (None, x.dtype))
+
+
+def lora_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, through LoraLinear4bit where `applies(module, x)`, else as the module runs."""
+    return _fused(module, x) if applies(module, x) else module(x)
+
+
+def _fused(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     name = module.active_adapters[0]
     base = module.base_layer
     return LoraLinear4bit.apply(x, base.weight, base.bias, module.lora_A[name].weight,
                                 module.lora_B[name].weight, float(module.scaling[name]))
+
+
+@functools.cache
+def fused_layer_class() -> type[nn.Module] | None:
+    """peft's LoRA layer over a 4-bit Linear, computing its forward with LoraLinear4bit.
+
+    A subclass, so it is that layer for peft: the same parameters under the same names (adapter
+    files load with plain peft into plain peft layers), and merging, unloading, disabling and
+    switching adapters work as they do there. Only `forward` differs, and only where
+    `applies`; any other call (extra arguments such as peft's per-row `adapter_names`, dropout,
+    DoRA, mixed dtypes) is peft's own forward. Because attention modules call their projections
+    directly, this reaches q/k/v/o as well as the MLP. None where peft has no 4-bit LoRA layer
+    (bitsandbytes missing).
+    """
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return None
+
+    class FusedLoraLinear4bit(Linear4bit):
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if args or kwargs or not applies(self, x):
+                return super().forward(x, *args, **kwargs)
+            return _fused(self, x)
+
+    return FusedLoraLinear4bit
+
+
+def use_fused_layers(peft_config) -> bool:
+    """Make `get_peft_model(model, peft_config)` build `fused_layer_class()` layers over
+    bitsandbytes 4-bit Linears; returns whether it will.
+
+    Through peft's LoraConfig._register_custom_module, its API for custom LoRA layer types
+    (experimental upstream, hence the check): peft builds the layers itself, nothing of peft's
+    is replaced. The mapping is not part of the saved adapter_config.json.
+    """
+    cls = fused_layer_class()
+    register = getattr(peft_config, "_register_custom_module", None)
+    if cls is None or register is None:
+        return False
+    import bitsandbytes as bnb
+
+    register({bnb.nn.Linear4bit: cls})
+    return True
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -72,6 +126,31 @@ def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype)
+
+
+@torch.library.custom_op("qlora_lab::accumulate_mm", mutates_args=("out",))
+def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    out.addmm_(a, b)
+
+
+@_accumulate_mm.register_fake
+def _(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    return None
+
+
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, in place.
+
+    Eagerly that is addmm_. A compiled graph is functional: inductor turns addmm_ into an
+    out-of-place addmm, which cuBLAS computes by first copying `out` into a new buffer (the
+    H200 profile's largest copy, ~20 ms a step at 160 rows: benchmarks/results/
+    profile_step_h200_160rows.json). As a custom op that declares the mutation, inductor
+    keeps it in place (it re-inplaces a mutated input nothing else reads), and no copy is made.
+    """
+    if torch.compiler.is_compiling():
+        torch.ops.qlora_lab.accumulate_mm(out, a, b)
+    else:
+        out.addmm_(a, b)
 
 
 class LoraLinear4bit(torch.autograd.Function):
@@ -91,7 +170,7 @@ class LoraLinear4bit(torch.autograd.Function):
                 out = flat @ w.t()
             else:
                 out = torch.addmm(bias.to(dtype), flat, w.t())
-            out.addmm_(xa, b_scaled.t())
+            _accumulate(out, xa, b_scaled.t())
         ctx.save_for_backward(flat, xa, weight, lora_a, lora_b)
         ctx.scale, ctx.dtype, ctx.kind = scale, dtype, kind
         ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
@@ -109,7 +188,7 @@ class LoraLinear4bit(torch.autograd.Function):
             grad_x = grad_a = grad_b = grad_bias = None
             if ctx.needs_input_grad[0]:
                 grad_x = dy @ _dequantize(weight, dtype)
-                grad_x.addmm_(dxa, a)
+                _accumulate(grad_x, dxa, a)
                 grad_x = grad_x.view(*grad_out.shape[:-1], flat.shape[-1]).to(ctx.x_dtype)
             if ctx.needs_input_grad[3]:
                 grad_a = (dxa.t() @ flat).to(lora_a.dtype)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_lab import fusedlora
 from qlora_lab.config import LoraConfig, ModelConfig, QuantConfig
 from qlora_lab.errors import UserError
 
@@ -314,7 +315,9 @@ def keep_cpu_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(model, lora: LoraConfig):
+def attach_lora(model, lora: LoraConfig, fused: bool = False):
+    """Wrap the model's target projections in peft LoRA layers. `fused` (train.fused_lora):
+    those over 4-bit Linears compute through fusedlora.LoraLinear4bit where they can."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -326,6 +329,9 @@ def attach_lora(model, lora: LoraConfig):
                         f"{', '.join(sorted(_linear_names(model)))[:300]}")
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    if fused and not fusedlora.use_fused_layers(peft_cfg):
+        log.info("train.fused_lora: no custom LoRA layers with this peft or without "
+                 "bitsandbytes; peft's own layers compute every projection")
     # autocast_adapter_dtype=True keeps adapter weights in fp32 over a 16-bit base.
     return get_peft_model(model, peft_cfg,
                           autocast_adapter_dtype=(lora.weight_dtype == "float32"))

@@ -210,7 +210,7 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
         attention.use_varlen(model, cfg.data.max_seq_len, cfg.train.packing)
     use_liger = fastpath.resolve_liger(cfg.train.liger, device)
     # Before LoRA: same module names either way.
-    fastpath.apply_fast_modules(model, use_liger, fused_lora=cfg.train.fused_lora)
+    fastpath.apply_fast_modules(model, use_liger)
     models.prepare_for_training(model, cfg.train.gradient_checkpointing,
                                 cfg.train.checkpoint_every)
     if cfg.train.activation_offload:
@@ -221,7 +221,7 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
         head_loss = (fastpath.SupervisedHeadLoss(model.get_output_embeddings(), use_liger,
                                                  logits=fastpath.logit_transform(model.config)),
                      fastpath.FinalHiddenStates(model))
-    model = models.attach_lora(model, cfg.lora)
+    model = models.attach_lora(model, cfg.lora, fused=cfg.train.fused_lora)
     if cfg.train.compile:
         log.info("compiling %d decoder layers", fastpath.compile_decoder_layers(model))
     train_rows, eval_rows, collator = _batching(cfg, data, tokenizer)
