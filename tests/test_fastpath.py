@@ -205,6 +205,17 @@ def test_packed_training_counts_only_real_tokens(tmp_path):
     assert sum(rows[:6]) <= seen <= sum(rows[-6:])
 
 
+def test_floating_point_ops_are_trainers_count(tmp_path, dolly_file):
+    """The trainer keeps the parameter count instead of walking the model every micro-batch;
+    the FLOPs it reports are still Trainer's 6 x tokens x non-embedding parameters."""
+    session = _session(tmp_path, dolly_file)
+    params = session.model.num_parameters(exclude_embeddings=True)
+    for rows in (2, 5):
+        batch = PackedCollator(session.tokenizer.pad_token_id, 256)(session.data.train[:rows])
+        expected = 6 * batch["input_ids"].numel() * params
+        assert session.trainer.floating_point_ops(batch) == expected > 0
+
+
 def test_compiled_layers_give_the_same_loss_and_gradients(tmp_path, dolly_file):
     compiled = _session(tmp_path / "c", dolly_file, compile=True)
     eager = _session(tmp_path / "e", dolly_file)

@@ -29,8 +29,8 @@ With `context_lengths`, each recipe that supports it (ours, unsloth) also search
 single row (micro-batch 1) that trains two optimizer steps under the cap, shortest first.
 
 "Real" tokens are non-padding tokens (the attention mask's sum, counted by Trainer; every token
-of a padding-free batch), timed over the steps after `warmup_steps`, with CUDA synchronized
-before each clock read. Every process is started through child.run_child.
+of a padding-free batch), timed over the steps after `warmup_steps`: on CUDA, between events recorded on
+the GPU's stream at each step's end (step_timer). Every process is started through child.run_child.
 """
 
 from __future__ import annotations
@@ -364,21 +364,41 @@ def our_max_context(cfg: BenchConfig) -> dict:
 
 
 def step_timer(device: str):
-    """A callback that reads the clock and Trainer's real-token count after every step."""
+    """A callback that marks the end of every step and Trainer's real-token count there.
+
+    On CUDA a mark is an event recorded on the GPU's stream, not a clock read after a
+    synchronize: a sync at each step's end left the GPU idle while the host started the next
+    step (Trainer's bookkeeping, the next batch, the first launches), a stall `train` does not
+    have, and it charged that stall to every recipe. `marks` (read after training, one
+    synchronize) gives (seconds since the start, real tokens seen) per mark.
+    """
     import torch
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.marks: list[tuple[float, int]] = []  # (clock, real tokens seen) per step end
+            self._ends: list[tuple] = []  # (event or clock, real tokens seen) per step end
+
+        def _now(self):
+            if device != "cuda":
+                return time.perf_counter()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.marks = [(time.perf_counter(), state.num_input_tokens_seen)]
+            self._ends = [(self._now(), int(state.num_input_tokens_seen))]
 
         def on_step_end(self, args, state, control, **kwargs):
-            if device == "cuda":
-                torch.cuda.synchronize()  # kernels run async; the step is done only now
-            self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen)))
+            self._ends.append((self._now(), int(state.num_input_tokens_seen)))
+
+        @property
+        def marks(self) -> list[tuple[float, int]]:
+            if device != "cuda":
+                return [(clock - self._ends[0][0], tokens) for clock, tokens in self._ends]
+            torch.cuda.synchronize()
+            start = self._ends[0][0]
+            return [(start.elapsed_time(event) / 1000.0, tokens) for event, tokens in self._ends]
 
     return StepTimer()
 
