@@ -203,3 +203,24 @@ def test_train_budget_reads_the_rows_before_choosing(tmp_path):
         chosen[name] = (short, fitted.train.micro_batch_size, fitted.train.checkpoint_every)
     assert chosen["full"] == (False, 16, 2)
     assert chosen["short"] == (True, 16, 1)
+
+
+def test_planner_bounds_the_h200_fast_path_peaks_given_the_bins():
+    """The committed re-scoring of the 2026-12-01 H200 runs (compiled, fused LoRA, varlen) is
+    what today's planner predicts from those runs' configs, and, given the sequences a
+    micro-batch held, it bounds each measured peak from above by at most 10 %."""
+    from pathlib import Path
+
+    report = committed_result("plan_vs_bench_h200.json")
+    harness = benchmark_module("plan_vs_bench")
+    repo = Path(__file__).resolve().parents[1]
+    assert len(report["entries"]) == 2
+    for entry in report["entries"]:
+        again = harness.rescore(repo / entry["file"])
+        for name, committed in entry["predictions"].items():
+            assert again["predictions"][name]["peak_allocated_gib"] == pytest.approx(
+                committed["peak_allocated_gib"]), (entry["file"], name)
+        exact = [p for n, p in entry["predictions"].items()
+                 if n != "as_planned" or entry["fewest_bins_of_largest_step"]
+                 >= entry["micro_batch_rows"]]
+        assert exact and all(0 <= p["allocated_error"] <= 0.10 for p in exact), entry["file"]
