@@ -454,6 +454,47 @@ def test_compiled_fused_lora_accumulates_in_place(tmp_path, dolly_file, monkeypa
     torch.testing.assert_close(x.grad, eager.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type,extra", [
+    ("qwen2", {}),  # biases on q/k/v: the fused function adds them
+    ("phi3", {"pad_token_id": 258}),  # fused qkv_proj and gate_up_proj: no FusedSwiGLU there
+    ("mistral", {"head_dim": 16}),  # head_dim x heads != hidden: q/o projections not square
+])
+def test_fused_lora_step_equals_peft_on_other_shapes(tmp_path, dolly_file, model_type, extra):
+    """Other decoders' projections (biases, fused qkv, non-square attention) go through the
+    fused layers too, and a training step gives peft's loss and gradients."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_lab.fusedlora import fused_layer_class
+    from qlora_lab.models import build_byte_tokenizer
+
+    base = tmp_path / model_type
+    config = AutoConfig.for_model(model_type, vocab_size=272, hidden_size=64,
+                                  intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, **extra)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    build_byte_tokenizer().save_pretrained(base)
+    sessions = []
+    for fused in (True, False):
+        cfg = tiny_config(tmp_path / f"run-{fused}", dolly_file, fused_lora=fused)
+        cfg = replace(cfg, model=replace(cfg.model, name=str(base)),
+                      lora=replace(cfg.lora, dropout=0.0),
+                      data=replace(cfg.data, eval_fraction=0.0))
+        sessions.append(setup_training(cfg))
+    fused_class = fused_layer_class()
+    fused_layers = [m for m in sessions[0].model.modules() if isinstance(m, fused_class)]
+    assert len(fused_layers) >= 4 * 2  # every targeted projection of both layers
+    assert not any(isinstance(m, fused_class) for m in sessions[1].model.modules())
+    batch = PackedCollator(sessions[0].tokenizer.pad_token_id, 256)(sessions[0].data.train[:4])
+    loss_f, grads_f = _loss_and_grads(sessions[0], batch)
+    loss_p, grads_p = _loss_and_grads(sessions[1], batch)
+    assert loss_f == pytest.approx(loss_p, rel=1e-5)
+    assert grads_f.keys() == grads_p.keys() and any("self_attn" in n for n in grads_f)
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_fused_lora_layers_save_as_plain_peft_layers(tmp_path, dolly_file):
     """The fused layers are peft's own for everything but forward: the same adapter keys, an
     adapter_config.json that names nothing of ours, and weights that give a plain peft model

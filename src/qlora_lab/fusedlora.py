@@ -60,11 +60,6 @@ def applies(module: nn.Module, x: torch.Tensor) -> bool:
             and getattr(module.base_layer, "compute_dtype", None) in (None, x.dtype))
 
 
-def lora_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, through LoraLinear4bit where `applies(module, x)`, else as the module runs."""
-    return _fused(module, x) if applies(module, x) else module(x)
-
-
 def _fused(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     name = module.active_adapters[0]
     base = module.base_layer
