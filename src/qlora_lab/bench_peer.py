@@ -150,8 +150,16 @@ def throughput(cfg, micro_batch: int, packed: bool) -> dict:
 
     recipe = "unsloth_packed" if packed else "unsloth"
     run = bench.bench_run_config(cfg, recipe)
+    # Padded, an optimizer step holds the rows of ours (accumulating micro-batches), as the plain
+    # recipe's does: Trainer's per-step work (optimizer, its sync) is then spread over the same
+    # rows. Packed, TRL packs the whole dataset into bins first and a micro-batch is
+    # `micro_batch` bins (on the Dolly sample, 32 bins hold about the rows of our 160-row
+    # step), so it steps once per micro-batch.
+    rows_per_step = run.train.micro_batch_size * run.train.grad_accum_steps
+    accum = 1 if packed else max(1, rows_per_step // micro_batch)
     run = dataclasses.replace(run, train=dataclasses.replace(
-        run.train, micro_batch_size=micro_batch, packing=False, fused_loss=False, liger="off"))
+        run.train, micro_batch_size=micro_batch, grad_accum_steps=accum, packing=False,
+        fused_loss=False, liger="off"))
     model, tokenizer = _load(run, run.data.max_seq_len)
     data = prepare_data(run.data, tokenizer, run.train.seed)
     out = Path(run.train.output_dir)
