@@ -21,8 +21,9 @@ Recipes:
 - `qlora_lab`: exactly `qlora-lab train` (train.setup_training), no eval, no checkpoints.
 - `unsloth` and `unsloth_packed`: only when the package is importable and CUDA is there, in
   bench_peer.py, with unsloth's own recommended settings: padded batches of
-  `peer_micro_batch_size` rows, and its own sample packing (TRL's packing, padding-free) with
-  `peer_micro_batch_size` bins per micro-batch. Where the packed path lacks the variable-length
+  `peer_micro_batch_size` rows, accumulated to the rows of ours per optimizer step, and its own
+  sample packing (TRL's packing, padding-free) with `peer_micro_batch_size` bins per
+  micro-batch and step. Where the packed path lacks the variable-length
   attention kernels it is fastest with, its entry says so (`host_lacks`).
 
 With `context_lengths`, each recipe that supports it (ours, unsloth) also searches the longest

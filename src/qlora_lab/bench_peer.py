@@ -6,7 +6,8 @@ unsloth's own recommended ones: its FastLanguageModel loader (4-bit), LoRA on al
 with dropout 0 and bias "none", its "unsloth" gradient checkpointing (activations offloaded to
 host memory), and the same optimizer, rows, steps, seed and memory cap as ours.
 
-- `unsloth`: padded batches of `peer_micro_batch_size` rows (transformers' Trainer).
+- `unsloth`: padded batches of `peer_micro_batch_size` rows (transformers' Trainer),
+  accumulated to the rows of qlora-lab's optimizer step.
 - `unsloth_packed`: unsloth's own sample packing, as its docs recommend: TRL's SFTTrainer with
   `SFTConfig(packing=True, padding_free=True)`, `peer_micro_batch_size` bins of max_seq_len
   tokens per micro-batch, flattened into one row with sequence boundaries. Its attention keeps
