@@ -6,7 +6,10 @@
 Builds the run exactly as `qlora-lab train` does (train.setup_training), profiles two steps after
 two warm-up steps (then three more under Python's profiler alone: host time by function), and writes the kernels with the most CUDA time plus a breakdown by kind
 (4-bit dequantize, matmuls, attention, Liger kernels, elementwise/copies) and the step's wall
-time, so a perf change can aim at what dominates. Each top kernel also lists the operator chains
+time, so a perf change can aim at what dominates. `gpu_idle` (CUDA only) reads the profiled
+steps' timeline: how long the GPU ran nothing between kernels, and which host operators ran
+during the longest gaps (the step's host work the GPU waits for; new since 2026-12-01 and not
+yet run on a GPU). Each top kernel also lists the operator chains
 that launched it (innermost op, its parents; with input shapes), so a kernel like a fill or a
 copy can be traced to the code that asked for it. The same settings as `bench` (no eval, no
 saves, grad_accum 1 unless --set says otherwise, the emulated 8 GiB cap).
@@ -16,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import pstats
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import torch._dynamo  # its counters: how many graphs the compiled layers made
 from fixtures import GIB, apply_memory_cap, versions
 from transformers import TrainerCallback
 
+from qlora_lab.bench import step_timer
 from qlora_lab.config import config_from_dict, parse_overrides
 from qlora_lab.train import setup_training
 
@@ -52,12 +56,13 @@ def kind_of(name: str) -> str:
 
 
 class _Stepper(TrainerCallback):
-    """Steps the profiler, times each step, and runs Python's own profiler over the steps after
-    `host_from` (the GPU idled most of a 32-row step: host work decides, and torch.profiler
-    shows only operators, not the Python between them)."""
+    """Steps the profiler and runs Python's own profiler over the steps after `host_from` (the
+    GPU idled most of a 32-row step: host work decides, and torch.profiler shows only
+    operators, not the Python between them). Steps are timed by bench's step_timer (CUDA
+    events, no synchronize: a sync per step would put a stall into the steps profiled)."""
 
     def __init__(self, prof, host_from: int):
-        self.prof, self.marks, self.host_from = prof, [], host_from
+        self.prof, self.host_from = prof, host_from
         self.host = cProfile.Profile()
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -65,11 +70,59 @@ class _Stepper(TrainerCallback):
             self.host.enable()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         self.host.disable()
-        self.marks.append(time.perf_counter())
         self.prof.step()
+
+
+def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[tuple[float, float, str]],
+              min_gap_us: float = 200.0, top: int = 12) -> dict:
+    """When the GPU ran nothing, and what the host was doing then.
+
+    kernels: (start, end) of every kernel, in microseconds; host_ops: (start, end, name) of the
+    host's top-level operators on the same clock (the profiler aligns them). A gap is time
+    between the end of all kernels so far and the next kernel's start, at least `min_gap_us`
+    long; for the `top` longest, the host operators that overlap it, longest overlap first.
+    """
+    if not kernels:
+        return {"window_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": 0, "longest": []}
+    spans = sorted(kernels)
+    busy, gaps = 0.0, []
+    start, end = spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy += end - start
+            if s - end >= min_gap_us:
+                gaps.append((end, s))
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    window = end - spans[0][0]
+    longest = []
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        overlap = defaultdict(float)
+        for s, e, name in host_ops:
+            if s < b and e > a:
+                overlap[name] += min(b, e) - max(a, s)
+        longest.append({"us": round(b - a, 1), "host_ops": [
+            {"name": n[:120], "us": round(us, 1)}
+            for n, us in sorted(overlap.items(), key=lambda kv: -kv[1])[:5]]})
+    return {"window_us": round(window, 1), "busy_us": round(busy, 1),
+            "idle_us": round(window - busy, 1), "gaps": len(gaps),
+            "idle_in_gaps_us": round(sum(b - a for a, b in gaps), 1), "longest": longest}
+
+
+def _timeline(prof) -> tuple[list, list]:
+    """Kernel spans and top-level host operator spans of the profiled steps."""
+    kernels, host = [], []
+    for e in prof.events():
+        if _annotation(e):
+            continue
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append((e.time_range.start, e.time_range.end))
+        elif e.cpu_parent is None:
+            host.append((e.time_range.start, e.time_range.end, e.name))
+    return kernels, host
 
 
 def _host_top(host: cProfile.Profile, steps: int, top: int) -> list[dict]:
@@ -140,14 +193,19 @@ def main() -> int:
     session = setup_training(cfg, overwrite=True)
     schedule = torch.profiler.schedule(wait=wait, warmup=warmup, active=active,
                                          repeat=1)
+    timer = step_timer("cuda" if cuda else "cpu")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA],
                                 schedule=schedule, record_shapes=True) as prof:
         stepper = _Stepper(prof, host_from=wait + warmup + active)
+        session.trainer.add_callback(timer)
         session.trainer.add_callback(stepper)
         session.trainer.train()
-    # Wall time of every step after the first (the profiled ones are slowed by the profiler).
-    steps_s = [round(b - a, 4) for a, b in zip(stepper.marks, stepper.marks[1:])]
+    # Every step's time (the profiled ones are slowed by the profiler, the last three by
+    # Python's), and its real tokens.
+    marks = timer.marks
+    steps_s = [round(b[0] - a[0], 4) for a, b in itertools.pairwise(marks)]
+    steps_tokens = [b[1] - a[1] for a, b in itertools.pairwise(marks)]
 
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     events = [e for e in prof.key_averages() if e.device_type == kind and not _annotation(e)]
@@ -165,7 +223,11 @@ def main() -> int:
         "settings": args.set,
         "profiled_steps": active,
         "step_seconds": steps_s,
+        "step_real_tokens": steps_tokens,
         "gpu_busy_seconds_per_step": total_us / 1e6 / active,
+        # Over the profiled steps: kernel time on the GPU's timeline against the window they
+        # span, the gaps between kernels, and the host's operators during the longest gaps.
+        "gpu_idle": idle_gaps(*_timeline(prof)) if cuda else None,
         "kernel_launches_per_step": launches / active,
         "by_kind_share": {k: round(v / total_us, 4) for k, v in
                           sorted(by_kind.items(), key=lambda kv: -kv[1])},
@@ -181,7 +243,8 @@ def main() -> int:
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("step_seconds", "gpu_busy_seconds_per_step",
-                                             "kernel_launches_per_step", "by_kind_share")},
+                                             "kernel_launches_per_step", "by_kind_share",
+                                             "gpu_idle")},
                      indent=1))
     for h in report["host_top_self_time"][:12]:
         print(f"host {h['self_ms_per_step']:8.2f} ms self {h['cum_ms_per_step']:8.2f} ms cum "

@@ -11,7 +11,7 @@ import json
 import statistics
 
 import pytest
-from conftest import DOLLY_ROWS, tiny_config, write_jsonl
+from conftest import DOLLY_ROWS, benchmark_module, tiny_config, write_jsonl
 
 from qlora_lab.cli import main
 
@@ -301,3 +301,24 @@ def test_packed_peer_records_the_kernels_the_host_lacks():
     assert found["host_lacks"] == ([] if usable else ["flash_attn", "xformers"])
     if not any(importlib.util.find_spec(m) for m in ("flash_attn", "xformers")):
         assert found["host_lacks"] == ["flash_attn", "xformers"]  # this CPU host: neither
+
+
+def test_idle_gaps_finds_when_the_gpu_waited_and_what_the_host_did():
+    """profile_step.py's timeline analysis: overlapping kernels count once, gaps shorter than
+    the threshold are busy time's neighbours, not gaps, and each long gap names the host
+    operators that overlap it, longest first."""
+    idle_gaps = benchmark_module("profile_step").idle_gaps
+    kernels = [(0, 100), (50, 150), (150, 400),  # overlapping and touching: busy 0-400
+               (450, 500),                       # a 50 us gap before it: too short to list
+               (1500, 1600)]                     # a 1,000 us gap: the optimizer's host time
+    host = [(380, 1480, "Optimizer.step"), (1400, 1550, "aten::mm"), (0, 10, "aten::empty")]
+    report = idle_gaps(kernels, host, min_gap_us=200)
+    assert report["window_us"] == 1600
+    assert report["busy_us"] == 400 + 50 + 100
+    assert report["idle_us"] == 1600 - 550 == 50 + 1000
+    assert report["gaps"] == 1 and report["idle_in_gaps_us"] == 1000
+    (gap,) = report["longest"]
+    assert gap["us"] == 1000
+    assert [op["name"] for op in gap["host_ops"]] == ["Optimizer.step", "aten::mm"]
+    assert gap["host_ops"][0]["us"] == 1480 - 500 and gap["host_ops"][1]["us"] == 1500 - 1400
+    assert idle_gaps([], host)["gaps"] == 0
