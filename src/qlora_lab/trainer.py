@@ -365,9 +365,9 @@ def trainer_class():
         _flops_per_token: int | None = None
 
         def floating_point_ops(self, inputs) -> int:
-            # Trainer's counts the model's parameters again for every micro-batch, a walk over
-            # every module and parameter (tens of ms a step with a 22-layer LoRA model, while
-            # the GPU waits after the step's sync); the count never changes, so keep it.
+            # Trainer counts the model's parameters again for every micro-batch, a walk over
+            # every module and parameter while the GPU waits after the step's loss sync; the
+            # count never changes, so keep it.
             main = getattr(self.model, "main_input_name", "input_ids")
             if main not in inputs:
                 return super().floating_point_ops(inputs)
@@ -377,11 +377,11 @@ def trainer_class():
 
         def training_step(self, model, inputs, *args, **kwargs):
             real = inputs.get("num_real_tokens")
-            if real is not None and self.accelerator.num_processes > 1:
-                real = torch.as_tensor(real, device=self.args.device).reshape(1)
-                self.state.num_input_tokens_seen += int(self.accelerator.gather(real).sum())
-            elif real is not None:
-                # The collator's count, still on the host: no wait for the GPU here.
+            if real is not None:
+                if self.accelerator.num_processes > 1:  # every rank's count, through the GPU
+                    real = self.accelerator.gather(
+                        torch.as_tensor(real, device=self.args.device).reshape(1)).sum()
+                # Else the collator's count, still on the host: no wait for the GPU here.
                 self.state.num_input_tokens_seen += int(real)
             loss = super().training_step(model, inputs, *args, **kwargs)
             self.loss_guard.observe(loss)
