@@ -92,9 +92,16 @@ if [[ $phase == gputest ]]; then
 fi
 if [[ $phase == profile ]]; then
   # Where a step of the best config spends GPU time (PROFILE="--set k=v ..." overrides it).
+  # PROFILE_DATA=full profiles the full-rows fixture; PROFILE_NAME names the result file.
   best=${PROFILE:-$(python3 -c "import json; b=json.load(open('/tmp/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)}
-  timeout 150 python3 benchmarks/profile_step.py --model $MODEL --data $DATA $best \
-    --out "$OUT/profile_step_h200.json" 2>&1 | grep -v "it/s\]" | tail -30
+  pdata=$DATA
+  if [[ ${PROFILE_DATA:-} == full ]]; then
+    pdata=/tmp/dolly_full_rows.jsonl
+    python3 benchmarks/fixtures.py full-rows --data $DATA --out $pdata
+  fi
+  timeout ${PROFILE_TIMEOUT:-150} python3 benchmarks/profile_step.py --model $MODEL --data $pdata $best \
+    --skip-steps ${SKIP_STEPS:-4} --out "$OUT/${PROFILE_NAME:-profile_step_h200}.json" 2>&1 \
+    | grep -v "it/s\]" | tail -30
 fi
 if [[ $phase == context ]]; then
   timeout 400 python3 -m qlora_lab bench "${COMMON[@]}" --set lora.dropout=0.0 --steps 3 \

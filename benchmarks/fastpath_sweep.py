@@ -68,6 +68,14 @@ LADDER = [
     ("48 rows, checkpointing every 2nd layer + compile + fused LoRA + varlen",
      ["train.micro_batch_size=48", "train.checkpoint_every=2", "train.compile=true",
       "model.attn_implementation=varlen"]),
+    # Session 9: the optimizer step's host cost (bitsandbytes makes one Python call per tensor;
+    # torch's AdamW steps all 308 LoRA tensors in a few multi-tensor kernels).
+    ("160 rows + compile + fused LoRA + varlen, torch AdamW (foreach)",
+     ["train.micro_batch_size=160", "train.compile=true", "model.attn_implementation=varlen",
+      "train.optimizer=adamw_torch"]),
+    ("160 rows + compile + fused LoRA + varlen, 8-bit AdamW not paged",
+     ["train.micro_batch_size=160", "train.compile=true", "model.attn_implementation=varlen",
+      "train.optimizer=adamw_8bit"]),
 ]
 
 

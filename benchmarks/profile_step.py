@@ -125,14 +125,32 @@ def _timeline(prof) -> tuple[list, list]:
     return kernels, host
 
 
+def _gpu_idle(prof) -> dict:
+    """idle_gaps over the profiled steps; its first GPU run records an error instead of losing
+    the rest of the report with it (the timeline's events differ between torch versions)."""
+    try:
+        return idle_gaps(*_timeline(prof))
+    except (AttributeError, TypeError, ValueError) as exc:
+        return {"error": repr(exc)}
+
+
 def _host_top(host: cProfile.Profile, steps: int, top: int) -> list[dict]:
     """Python functions by their own time per step (tottime), with cumulative time."""
     stats = pstats.Stats(host).stats
     rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-    return [{"function": f"{Path(file).name}:{line}({name})", "self_ms_per_step":
+    def where(key) -> str:
+        file, line, name = key
+        return f"{Path(file).name}:{line}({name})"
+
+    # Each function's heaviest callers too: a function called thousands of times a step (a
+    # module walk, say) is only actionable once the code asking for it is known.
+    return [{"function": where(key), "self_ms_per_step":
              round(tt * 1e3 / steps, 2), "cum_ms_per_step": round(ct * 1e3 / steps, 2),
-             "calls_per_step": round(nc / steps, 1)}
-            for (file, line, name), (_, nc, tt, ct, _) in rows]
+             "calls_per_step": round(nc / steps, 1),
+             "callers": [{"caller": where(c), "calls_per_step": round(v[1] / steps, 1),
+                          "cum_ms_per_step": round(v[3] * 1e3 / steps, 2)}
+                         for c, v in sorted(callers.items(), key=lambda kv: -kv[1][3])[:3]]}
+            for key, (_, nc, tt, ct, callers) in rows]
 
 
 def _annotation(event) -> bool:
@@ -227,7 +245,7 @@ def main() -> int:
         "gpu_busy_seconds_per_step": total_us / 1e6 / active,
         # Over the profiled steps: kernel time on the GPU's timeline against the window they
         # span, the gaps between kernels, and the host's operators during the longest gaps.
-        "gpu_idle": idle_gaps(*_timeline(prof)) if cuda else None,
+        "gpu_idle": _gpu_idle(prof) if cuda else None,
         "kernel_launches_per_step": launches / active,
         "by_kind_share": {k: round(v / total_us, 4) for k, v in
                           sorted(by_kind.items(), key=lambda kv: -kv[1])},
