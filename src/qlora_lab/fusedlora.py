@@ -6,9 +6,9 @@ pass over the (tokens x out) output in forward, and backward adds a scaled copy 
 gradient and one more (tokens x in) sum. At a large micro-batch those passes, not the matmuls,
 are what the GPU waits on.
 
-`LoraLinear4bit` computes the same y = x W^T + s (x A^T) B^T with one matmul into the output
-and one accumulate-matmul (addmm) into it, the scale folded into B (r x out, not tokens x out);
-backward is dx = dy W + (dy sB) A, again one matmul and one addmm, and the adapter gradients
+`LoraLinear4bit` computes the same y = x W^T + s (x A^T) B^T as the rank-r product written
+once and the base matmul accumulating onto it (addmm), the scale folded into B (r x out, not
+tokens x out); backward is dx = dy W + (dy sB) A the same way, and the adapter gradients
 from the saved input and the small (tokens x r) product. The base weight is dequantized in
 forward and again in backward, as bitsandbytes does, so nothing weight-sized is kept.
 
@@ -123,12 +123,23 @@ def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype)
 
 
-@torch.library.custom_op("qlora_lab::accumulate_mm", mutates_args=("out",))
+# The in-place accumulate as an operator a compiled graph can call (see `_accumulate`). Defined
+# with torch.library.Library rather than the @custom_op decorator: a compiled step calls it ~600
+# times, and the decorator's dispatch runs three Python wrappers per call (autograd, version
+# bump, then the kernel; ~29 us a call against ~6 us here, measured on this repo's CPU host).
+# Compiled graphs run it without autograd, and nothing outside them calls it.
+_LIB = torch.library.Library("qlora_lab", "DEF")
+_LIB.define("accumulate_mm(Tensor(a!) out, Tensor a, Tensor b) -> ()")
+
+
 def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     out.addmm_(a, b)
 
 
-@_accumulate_mm.register_fake
+_LIB.impl("accumulate_mm", _accumulate_mm, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qlora_lab::accumulate_mm")
 def _(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     return None
 
@@ -139,7 +150,7 @@ def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     Eagerly that is addmm_. A compiled graph is functional: inductor turns addmm_ into an
     out-of-place addmm, which cuBLAS computes by first copying `out` into a new buffer (the
     H200 profile's largest copy, ~20 ms a step at 160 rows: benchmarks/results/
-    profile_step_h200_160rows.json). As a custom op that declares the mutation, inductor
+    profile_step_h200_160rows.json). As an operator that declares the mutation, inductor
     keeps it in place (it re-inplaces a mutated input nothing else reads), and no copy is made.
     """
     if torch.compiler.is_compiling():
@@ -161,11 +172,15 @@ class LoraLinear4bit(torch.autograd.Function):
             b_scaled = (lora_b * scale).to(dtype)  # scale folded into B: r x out, not N x out
             w = _dequantize(weight, dtype)
             xa = flat @ a.t()
+            # The adapter's product first, then the base matmul accumulates onto it: cuBLAS
+            # reads the addend in the big matmul's epilogue, under its compute. The other order
+            # made the adapter's rank-r addmm a separate read and write of the whole output,
+            # 49 ms of a 0.43 s step at 160 rows (profile_step_h200_160rows_idle.json).
             if bias is None:
-                out = flat @ w.t()
+                out = xa @ b_scaled.t()
             else:
-                out = torch.addmm(bias.to(dtype), flat, w.t())
-            _accumulate(out, xa, b_scaled.t())
+                out = torch.addmm(bias.to(dtype), xa, b_scaled.t())
+            _accumulate(out, flat, w.t())
         ctx.save_for_backward(flat, xa, weight, lora_a, lora_b)
         ctx.scale, ctx.dtype, ctx.kind = scale, dtype, kind
         ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
@@ -182,8 +197,8 @@ class LoraLinear4bit(torch.autograd.Function):
             dxa = dy @ b_scaled  # N x r: the gradient reaching A's output
             grad_x = grad_a = grad_b = grad_bias = None
             if ctx.needs_input_grad[0]:
-                grad_x = dy @ _dequantize(weight, dtype)
-                _accumulate(grad_x, dxa, a)
+                grad_x = dxa @ a  # the adapter's part first, as in forward
+                _accumulate(grad_x, dy, _dequantize(weight, dtype))
                 grad_x = grad_x.view(*grad_out.shape[:-1], flat.shape[-1]).to(ctx.x_dtype)
             if ctx.needs_input_grad[3]:
                 grad_a = (dxa.t() @ flat).to(lora_a.dtype)
