@@ -112,3 +112,42 @@ def test_output_dir_is_never_clobbered(tmp_path, dolly_file, trained_run):
     assert (foreign / "notes.txt").read_text() == "precious"
     with pytest.raises(UserError, match="no checkpoint"):
         setup_training(tiny_config(tmp_path / "fresh", dolly_file), resume=True)
+
+
+def test_data_workers_train_on_the_same_batches(tmp_path, dolly_file):
+    """A DataLoader worker (train.data_workers, the CUDA default) only moves fetching and
+    packing out of the training process: the same rows, packed the same, so the same losses
+    and adapter as packing in-process."""
+    from dataclasses import replace
+
+    from qlora_lab.trainer import data_workers
+
+    assert data_workers(None, "cuda") == 1 and data_workers(None, "cpu") == 0
+    assert data_workers(3, "cpu") == 3
+    results = []
+    for workers in (0, 1):
+        cfg = tiny_config(tmp_path / f"w{workers}", dolly_file, max_steps=3,
+                          micro_batch_size=4, grad_accum_steps=1, eval_steps=1000,
+                          save_steps=1000, logging_steps=1)
+        cfg = replace(cfg, train=replace(cfg.train, data_workers=workers))
+        session = setup_training(cfg)
+        assert session.trainer.args.dataloader_num_workers == workers
+        session.trainer.train()
+        losses = [r["loss"] for r in session.trainer.state.log_history if "loss" in r]
+        lora = {n: p.detach().clone() for n, p in session.model.named_parameters()
+                if p.requires_grad}
+        results.append((losses, lora))
+    (losses0, lora0), (losses1, lora1) = results
+    assert len(losses0) == 3 and losses1 == losses0
+    assert lora0.keys() == lora1.keys()
+    for name in lora0:
+        assert torch.equal(lora0[name], lora1[name]), name
+
+
+def test_data_workers_out_of_range_is_one_line_naming_the_key(tmp_path, dolly_file):
+    from qlora_lab.config import config_from_dict
+
+    with pytest.raises(UserError, match="train.data_workers"):
+        config_from_dict({"train": {"data_workers": -1}})
+    with pytest.raises(UserError, match="train.data_workers"):
+        config_from_dict({"train": {"data_workers": "two"}})

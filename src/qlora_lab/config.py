@@ -31,6 +31,7 @@ MAX_LORA_ALPHA = 1 << 20
 MAX_SEQ_LEN = 1 << 22  # tokens per row; the longest measured trainable row is 98,304
 MAX_BATCH = 1 << 16  # micro-batch rows (or bins) and accumulation steps
 MAX_STEPS = 10**9
+MAX_DATA_WORKERS = 64  # DataLoader processes; each holds a copy-on-write view of the rows
 MAX_EPOCHS = 10**6
 
 
@@ -337,6 +338,11 @@ class TrainConfig:
         on its own. peft builds the layers (a subclass of its own), so adapter files and peft's
         APIs are unchanged; layers with dropout, DoRA or several adapters run as peft runs them.
     activation_offload: keep checkpointed activations in pinned host memory (long contexts).
+    data_workers: processes that fetch and pack the next micro-batches while the current one
+        trains (PyTorch DataLoader workers, kept for the whole run). null (auto) = 1 on CUDA:
+        in the training process, packing 160 rows left the GPU idle 14-25 ms a step on an
+        H200 (benchmarks/results/profile_step_h200_160rows_adapter_first.json); 0 on CPU,
+        where the host is the device and a worker only adds a process.
     compile: torch.compile each decoder layer (one region per layer, so packed-row masks and the
         loss stay outside compiled code). The number of bins in a micro-batch changes from step
         to step: a layer compiles for the first shape, then once with the bin count dynamic,
@@ -376,6 +382,7 @@ class TrainConfig:
     liger: Literal["auto", "on", "off"] = "auto"
     fused_lora: bool = True
     activation_offload: bool = False
+    data_workers: int | None = None
     compile: bool = False
     checkpoint_every: int = 1
 
@@ -401,6 +408,9 @@ class TrainConfig:
                  "a float in [0, 1)")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm,
                  ">= 0 (0 = no clipping)")
+        _require(self.data_workers is None or 0 <= self.data_workers <= MAX_DATA_WORKERS,
+                 "train.data_workers", self.data_workers,
+                 f"null (auto) or an integer in [0, {MAX_DATA_WORKERS}]")
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every,
                  "a positive integer (1 = every layer)")
         _require(self.gradient_checkpointing or not self.activation_offload,

@@ -34,6 +34,13 @@ def optimizer_name(cfg: RunConfig, device: str) -> str:
     return resolve_optimizer(cfg.train.optimizer, device == "cuda", fsdp=models.fsdp_active())
 
 
+def data_workers(setting: int | None, device: str) -> int:
+    """`train.data_workers` resolved: null = one worker on CUDA, none on CPU (see its doc)."""
+    if setting is not None:
+        return setting
+    return 1 if device == "cuda" else 0
+
+
 def _tensorboard_available() -> bool:
     import importlib.util
 
@@ -67,6 +74,11 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
     from transformers import TrainingArguments
 
     t = cfg.train
+    workers = data_workers(t.data_workers, device)
+    if workers:
+        # The workers fork after the tokenizer ran; Rust tokenizers then warn in every worker
+        # that they disable their own threads. The workers never tokenize.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     report_to = _report_to(t)
     if "tensorboard" in report_to:
         # Assigned, not setdefault: a second run in the same process must not log into the
@@ -105,6 +117,8 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
         # Packed batches carry no attention_mask to count by; the trainer counts them itself.
         include_num_input_tokens_seen="no" if t.packing else "non_padding",
         dataloader_pin_memory=(device == "cuda"),
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
         disable_tqdm=False,
     )
     if device == "cuda" and args.n_gpu > 1:
