@@ -115,15 +115,10 @@ def test_output_dir_is_never_clobbered(tmp_path, dolly_file, trained_run):
 
 
 def test_data_workers_train_on_the_same_batches(tmp_path, dolly_file):
-    """A DataLoader worker (train.data_workers, the CUDA default) only moves fetching and
-    packing out of the training process: the same rows, packed the same, so the same losses
-    and adapter as packing in-process."""
+    """A DataLoader worker (train.data_workers) only moves fetching and packing out of the
+    training process: the same rows, packed the same, so the same losses and adapter as
+    packing in-process."""
     from dataclasses import replace
-
-    from qlora_lab.trainer import data_workers
-
-    assert data_workers(None, "cuda") == 1 and data_workers(None, "cpu") == 0
-    assert data_workers(3, "cpu") == 3
     results = []
     for workers in (0, 1):
         cfg = tiny_config(tmp_path / f"w{workers}", dolly_file, max_steps=3,

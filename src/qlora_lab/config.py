@@ -339,10 +339,11 @@ class TrainConfig:
         APIs are unchanged; layers with dropout, DoRA or several adapters run as peft runs them.
     activation_offload: keep checkpointed activations in pinned host memory (long contexts).
     data_workers: processes that fetch and pack the next micro-batches while the current one
-        trains (PyTorch DataLoader workers, kept for the whole run). null (auto) = 1 on CUDA:
-        in the training process, packing 160 rows left the GPU idle 14-25 ms a step on an
-        H200 (benchmarks/results/profile_step_h200_160rows_adapter_first.json); 0 on CPU,
-        where the host is the device and a worker only adds a process.
+        trains (PyTorch DataLoader workers, kept for the whole run); 0 = in the training
+        process. On an H200 at 160 rows a worker removed the 14-25 ms a step the GPU idled
+        while the step's rows were packed (benchmarks/results/profile_step_h200_160rows_
+        {adapter_first,workers}.json), but one 10-step run measured no faster, with two slow
+        steps (fastpath_sweep_h200_run10_workers.json), so it stays off by default.
     compile: torch.compile each decoder layer (one region per layer, so packed-row masks and the
         loss stay outside compiled code). The number of bins in a micro-batch changes from step
         to step: a layer compiles for the first shape, then once with the bin count dynamic,
@@ -382,7 +383,7 @@ class TrainConfig:
     liger: Literal["auto", "on", "off"] = "auto"
     fused_lora: bool = True
     activation_offload: bool = False
-    data_workers: int | None = None
+    data_workers: int = 0
     compile: bool = False
     checkpoint_every: int = 1
 
@@ -408,9 +409,8 @@ class TrainConfig:
                  "a float in [0, 1)")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm,
                  ">= 0 (0 = no clipping)")
-        _require(self.data_workers is None or 0 <= self.data_workers <= MAX_DATA_WORKERS,
-                 "train.data_workers", self.data_workers,
-                 f"null (auto) or an integer in [0, {MAX_DATA_WORKERS}]")
+        _require(0 <= self.data_workers <= MAX_DATA_WORKERS, "train.data_workers",
+                 self.data_workers, f"an integer in [0, {MAX_DATA_WORKERS}]")
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every,
                  "a positive integer (1 = every layer)")
         _require(self.gradient_checkpointing or not self.activation_offload,

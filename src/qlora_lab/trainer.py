@@ -34,13 +34,6 @@ def optimizer_name(cfg: RunConfig, device: str) -> str:
     return resolve_optimizer(cfg.train.optimizer, device == "cuda", fsdp=models.fsdp_active())
 
 
-def data_workers(setting: int | None, device: str) -> int:
-    """`train.data_workers` resolved: null = one worker on CUDA, none on CPU (see its doc)."""
-    if setting is not None:
-        return setting
-    return 1 if device == "cuda" else 0
-
-
 def _tensorboard_available() -> bool:
     import importlib.util
 
@@ -74,7 +67,7 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
     from transformers import TrainingArguments
 
     t = cfg.train
-    workers = data_workers(t.data_workers, device)
+    workers = t.data_workers
     if workers:
         # The workers fork after the tokenizer ran; Rust tokenizers then warn in every worker
         # that they disable their own threads. The workers never tokenize.
