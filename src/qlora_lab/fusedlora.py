@@ -126,7 +126,8 @@ def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # The in-place accumulate as an operator a compiled graph can call (see `_accumulate`). Defined
 # with torch.library.Library rather than the @custom_op decorator: a compiled step calls it ~600
 # times, and the decorator's dispatch runs three Python wrappers per call (autograd, version
-# bump, then the kernel; ~29 us a call against ~6 us here, measured on this repo's CPU host).
+# bump, then the kernel): 24.8 us a call against 3.0 us here on this repo's CPU host
+# (benchmarks/results/op_overhead_cpu.json).
 # Compiled graphs run it without autograd, and nothing outside them calls it.
 _LIB = torch.library.Library("qlora_lab", "DEF")
 _LIB.define("accumulate_mm(Tensor(a!) out, Tensor a, Tensor b) -> ()")
