@@ -19,27 +19,16 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from fixtures import bpe_tokenizer, hardware_label, versions
+from fixtures import bpe_tokenizer, git_head, hardware_label, versions
 
 import qlora_lab
 from qlora_lab.config import config_from_dict
 from qlora_lab.data import prepare_data
 from qlora_lab.train import collator_for
-
-
-def commit_of(module) -> str:
-    """The short commit of the checkout a module was imported from (+ if it has changes)."""
-    where = Path(module.__file__).resolve().parent
-    head = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."],
-                           capture_output=True, text=True).stdout.strip()
-    return head + ("+" if dirty else "")
 
 
 def main() -> int:
@@ -68,7 +57,8 @@ def main() -> int:
             tokens.append(int(batch["num_real_tokens"]))
             bins.append(batch["input_ids"].shape[0])
     ms = sorted(s * 1e3 for s in seconds)
-    row = {"commit": commit_of(qlora_lab), "command": "python " + " ".join(sys.argv),
+    head, changed = git_head(Path(qlora_lab.__file__).resolve().parent)
+    row = {"commit": head + ("+" if changed else ""), "command": "python " + " ".join(sys.argv),
            "micro_batches": len(ms), "rows_per_micro_batch": args.rows,
            "median_ms": round(statistics.median(ms), 2), "p90_ms": round(ms[int(0.9 * len(ms))], 2),
            "mean_real_tokens": round(statistics.mean(tokens)), "bins": [min(bins), max(bins)],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -192,6 +193,17 @@ def versions(*packages: str) -> dict:
     """Python's and the installed versions of qlora-lab, torch, transformers, peft,
     bitsandbytes, accelerate and `packages` (None where one is not installed)."""
     return _child_versions(packages)
+
+
+def git_head(where: Path = ROOT, *paths: str) -> tuple[str, bool]:
+    """The short HEAD of the checkout at `where` ('' outside one), and whether `paths` (the
+    whole tree below `where` if none) differ from it: the commit a result was measured at."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "--",
+                                                         *(paths or (".",))))
 
 
 def hardware_label() -> str:

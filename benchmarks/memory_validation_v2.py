@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from fixtures import GIB, apply_memory_cap, hardware_label, random_model, versions
+from fixtures import GIB, apply_memory_cap, git_head, hardware_label, random_model, versions
 
 LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
          "max_position_embeddings": 16384}
@@ -615,13 +615,8 @@ def rescore(path: Path, out: Path) -> dict:
 
 def _planner_commit() -> str:
     """HEAD, marked when the planner's files differ from it."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                              check=False).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "src/qlora_lab/memory.py", "src/qlora_lab/plan.py")
-    return head + (" + uncommitted changes to memory.py/plan.py" if dirty else "")
+    head, dirty = git_head(ROOT, "src/qlora_lab/memory.py", "src/qlora_lab/plan.py")
+    return (head or "unknown") + (" + uncommitted changes to memory.py/plan.py" if dirty else "")
 
 
 def _selected(words: list[str], family: str, strategy: str, extra: dict) -> bool:

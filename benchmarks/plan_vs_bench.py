@@ -20,8 +20,9 @@ import argparse
 import dataclasses
 import json
 import math
-import subprocess
 from pathlib import Path
+
+from fixtures import git_head
 
 from qlora_lab.config import config_from_dict
 from qlora_lab.memory import GIB, estimate_peak_memory
@@ -65,9 +66,7 @@ def main() -> None:
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
-    report = {"what": __doc__.split("\n\n")[0], "planner_commit": commit,
+    report = {"what": __doc__.split("\n\n")[0], "planner_commit": git_head()[0],
               "entries": [rescore(f) for f in args.files]}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for e in report["entries"]:

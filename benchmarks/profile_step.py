@@ -8,8 +8,8 @@ two warm-up steps (then three more under Python's profiler alone: host time by f
 (4-bit dequantize, matmuls, attention, Liger kernels, elementwise/copies) and the step's wall
 time, so a perf change can aim at what dominates. `gpu_idle` (CUDA only) reads the profiled
 steps' timeline: how long the GPU ran nothing between kernels, and which host operators ran
-during the longest gaps (the step's host work the GPU waits for; new since 2026-12-01 and not
-yet run on a GPU). Each top kernel also lists the operator chains
+during the longest gaps (the step's host work the GPU waits for). Each top kernel also lists
+the operator chains
 that launched it (innermost op, its parents; with input shapes), so a kernel like a fill or a
 copy can be traced to the code that asked for it. The same settings as `bench` (no eval, no
 saves, grad_accum 1 unless --set says otherwise, the emulated 8 GiB cap).
@@ -132,15 +132,6 @@ def _timeline(prof) -> tuple[list, list]:
     return kernels, host
 
 
-def _gpu_idle(prof) -> dict:
-    """idle_gaps over the profiled steps; its first GPU run records an error instead of losing
-    the rest of the report with it (the timeline's events differ between torch versions)."""
-    try:
-        return idle_gaps(*_timeline(prof))
-    except (AttributeError, TypeError, ValueError) as exc:
-        return {"error": repr(exc)}
-
-
 def _host_top(host: cProfile.Profile, steps: int, top: int) -> list[dict]:
     """Python functions by their own time per step (tottime), with cumulative time."""
     stats = pstats.Stats(host).stats
@@ -252,7 +243,7 @@ def main() -> int:
         "gpu_busy_seconds_per_step": total_us / 1e6 / active,
         # Over the profiled steps: kernel time on the GPU's timeline against the window they
         # span, the gaps between kernels, and the host's operators during the longest gaps.
-        "gpu_idle": _gpu_idle(prof) if cuda else None,
+        "gpu_idle": idle_gaps(*_timeline(prof)) if cuda else None,
         "kernel_launches_per_step": launches / active,
         "by_kind_share": {k: round(v / total_us, 4) for k, v in
                           sorted(by_kind.items(), key=lambda kv: -kv[1])},

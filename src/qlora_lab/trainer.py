@@ -67,8 +67,7 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
     from transformers import TrainingArguments
 
     t = cfg.train
-    workers = t.data_workers
-    if workers:
+    if t.data_workers:
         # The workers fork after the tokenizer ran; Rust tokenizers then warn in every worker
         # that they disable their own threads. The workers never tokenize.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -110,8 +109,8 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
         # Packed batches carry no attention_mask to count by; the trainer counts them itself.
         include_num_input_tokens_seen="no" if t.packing else "non_padding",
         dataloader_pin_memory=(device == "cuda"),
-        dataloader_num_workers=workers,
-        dataloader_persistent_workers=workers > 0,
+        dataloader_num_workers=t.data_workers,
+        dataloader_persistent_workers=t.data_workers > 0,
         disable_tqdm=False,
     )
     if device == "cuda" and args.n_gpu > 1:
