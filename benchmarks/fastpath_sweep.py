@@ -76,6 +76,18 @@ LADDER = [
     ("160 rows + compile + fused LoRA + varlen, 8-bit AdamW not paged",
      ["train.micro_batch_size=160", "train.compile=true", "model.attn_implementation=varlen",
       "train.optimizer=adamw_8bit"]),
+    # Session 10: a step without host waits (the loss guard reads its flag a step later,
+    # batches copy without blocking; torch AdamW runs fused, bitsandbytes' optimizers wait for
+    # the GPU after every tensor). Row 21 is then torch's fused AdamW.
+    ("160 rows + compile + fused LoRA + varlen, torch AdamW, one DataLoader worker",
+     ["train.micro_batch_size=160", "train.compile=true", "model.attn_implementation=varlen",
+      "train.optimizer=adamw_torch", "train.data_workers=1"]),
+    ("32 rows, no checkpointing, torch AdamW + compile + fused LoRA + varlen",
+     ["train.micro_batch_size=32", "train.gradient_checkpointing=false", "train.compile=true",
+      "model.attn_implementation=varlen", "train.optimizer=adamw_torch"]),
+    ("64 rows, checkpointing every 2nd layer, torch AdamW + compile + fused LoRA + varlen",
+     ["train.micro_batch_size=64", "train.checkpoint_every=2", "train.compile=true",
+      "model.attn_implementation=varlen", "train.optimizer=adamw_torch"]),
 ]
 
 

@@ -4,7 +4,9 @@
         [--set train.micro_batch_size=16 ...]
 
 Builds the run exactly as `qlora-lab train` does (train.setup_training), profiles two steps after
-two warm-up steps (then three more under Python's profiler alone: host time by function), and writes the kernels with the most CUDA time plus a breakdown by kind
+two warm-up steps (then three more under Python's profiler alone: host time by function, and
+two under torch's sync debug mode: every place the host waited for the GPU), and writes the
+kernels with the most CUDA time plus a breakdown by kind
 (4-bit dequantize, matmuls, attention, Liger kernels, elementwise/copies) and the step's wall
 time, so a perf change can aim at what dominates. `gpu_idle` (CUDA only) reads the profiled
 steps' timeline: how long the GPU ran nothing between kernels, and which host operators ran
@@ -36,6 +38,7 @@ from qlora_lab.config import config_from_dict, parse_overrides
 from qlora_lab.train import setup_training
 
 HOST_STEPS = 3  # after the GPU profile: Python's profiler alone (torch.profiler slows Python)
+SYNC_STEPS = 2  # then steps under torch's sync debug mode: where the host waits for the GPU
 
 # Substrings of kernel names, first match wins; anything else is "other".
 KINDS = [
@@ -61,17 +64,62 @@ class _Stepper(TrainerCallback):
     operators, not the Python between them). Steps are timed by bench's step_timer (CUDA
     events, no synchronize: a sync per step would put a stall into the steps profiled)."""
 
-    def __init__(self, prof, host_from: int):
-        self.prof, self.host_from = prof, host_from
+    def __init__(self, prof, host_from: int, sync_from: int):
+        self.prof, self.host_from, self.sync_from = prof, host_from, sync_from
         self.host = cProfile.Profile()
+        self.syncs = SyncSites()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step >= self.host_from:
+        if state.global_step >= self.sync_from:
+            if torch.cuda.is_available():
+                self.syncs.start()
+        elif state.global_step >= self.host_from:
             self.host.enable()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.host.disable()
+        self.syncs.stop()
         self.prof.step()
+
+
+class SyncSites:
+    """Where the host waited for the GPU: torch's sync debug mode warns at every synchronizing
+    CUDA call (a `.item()`, a blocking copy, an explicit synchronize); each warning's Python
+    stack is recorded, its innermost frames outside torch named. Every such wait drains the
+    GPU's queue, and the GPU idles until the host launches work again."""
+
+    def __init__(self):
+        self.sites: dict[tuple, int] = defaultdict(int)
+        self._saved = None
+
+    def start(self) -> None:
+        import warnings
+
+        self._saved = (warnings.showwarning, warnings.filters[:])
+        warnings.simplefilter("always")
+        warnings.showwarning = self._record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        import warnings
+
+        if self._saved is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning, warnings.filters[:] = self._saved
+        self._saved = None
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        import traceback
+
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")]
+        chain = tuple(f"{Path(f.filename).name}:{f.lineno}({f.name})" for f in frames[-4:])
+        self.sites[chain[::-1]] += 1
+
+    def report(self, steps: int) -> list[dict]:
+        return [{"per_step": round(n / steps, 2), "where": list(chain)}
+                for chain, n in sorted(self.sites.items(), key=lambda kv: -kv[1])]
 
 
 def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[tuple[float, float, str]],
@@ -203,7 +251,7 @@ def main() -> int:
     base = {"model": {"name": args.model},
             "data": {"source": args.data, "eval_fraction": 0.0, "max_seq_len": 1024},
             "train": {"output_dir": "/tmp/profile-step",
-                      "max_steps": wait + warmup + active + 1 + HOST_STEPS,
+                      "max_steps": wait + warmup + active + 1 + HOST_STEPS + SYNC_STEPS,
                       "save_steps": 1000, "grad_accum_steps": 1, "tensorboard": False}}
     cfg = config_from_dict(parse_overrides(args.set), config_from_dict(base))
     session = setup_training(cfg, overwrite=True)
@@ -213,7 +261,8 @@ def main() -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA],
                                 schedule=schedule, record_shapes=True) as prof:
-        stepper = _Stepper(prof, host_from=wait + warmup + active)
+        host_from = wait + warmup + active
+        stepper = _Stepper(prof, host_from=host_from, sync_from=host_from + 1 + HOST_STEPS)
         session.trainer.add_callback(timer)
         session.trainer.add_callback(stepper)
         session.trainer.train()
@@ -253,6 +302,9 @@ def main() -> int:
                         for n, us, c in device_us[:args.top]],
         "host_profiled_steps": HOST_STEPS,
         "host_top_self_time": _host_top(stepper.host, HOST_STEPS, args.top),
+        "sync_steps": SYNC_STEPS,
+        # Each place the host waited for the GPU in those steps, innermost frame first.
+        "host_waits": stepper.syncs.report(SYNC_STEPS) if cuda else None,
         "compiled_graphs": dict(torch._dynamo.utils.counters["stats"]),
         "gpu": torch.cuda.get_device_name() if cuda else "cpu",
         "versions": versions(),
@@ -265,6 +317,8 @@ def main() -> int:
     for h in report["host_top_self_time"][:12]:
         print(f"host {h['self_ms_per_step']:8.2f} ms self {h['cum_ms_per_step']:8.2f} ms cum "
               f"{h['calls_per_step']:8.0f}x {h['function']}")
+    for w in report["host_waits"] or []:
+        print(f"wait {w['per_step']:6.2f}x/step {' <- '.join(w['where'])[:220]}")
     for k in report["top_kernels"][:15]:
         print(f"{k['ms_per_step']:8.2f} ms {k['calls_per_step']:6.0f}x {k['kind']:22s} "
               f"{k['name'][:90]}")

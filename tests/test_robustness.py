@@ -200,6 +200,74 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, dolly_file)
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def test_a_nan_step_read_a_step_later_never_reaches_the_weights(tmp_path, dolly_file):
+    # Nothing to save, eval or log at step 2: the guard reads step 2's flag at step 3, without
+    # waiting. torch's fused AdamW (train.optimizer adamw_torch) skipped step 2's update on the
+    # device meanwhile, so the weights are still those after step 1.
+    from qlora_lab import faults
+    from qlora_lab.train import setup_training
+
+    common = dict(learning_rate=1e20, max_grad_norm=0.0, lr_scheduler="constant",
+                  warmup_ratio=0.0, save_steps=100, eval_steps=100, logging_steps=100)
+    one = setup_training(tiny_config(tmp_path / "one", dolly_file, max_steps=1, **common))
+    one.trainer.train()
+    after_one = {n: p.detach().clone() for n, p in one.model.named_parameters()
+                 if p.requires_grad}
+    assert after_one
+    many = setup_training(tiny_config(tmp_path / "many", dolly_file, max_steps=6, **common))
+    with pytest.raises(faults.NonFiniteLoss) as err:
+        many.trainer.train()
+    assert err.value.step == 2 and not torch.isfinite(torch.tensor(err.value.value))
+    assert many.trainer.state.global_step == 2  # stopped at step 3's optimizer step
+    for name, p in many.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), after_one[name]), name
+    assert not (tmp_path / "many" / "checkpoints").exists() or not checkpoints.list_all(
+        tmp_path / "many" / "checkpoints")
+
+
+def test_the_loss_guard_reads_at_once_when_the_optimizer_cannot_skip(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from qlora_lab import faults
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    weight = torch.nn.Parameter(torch.ones(3))
+    state = TrainerState()
+    state.global_step = 4
+
+    plain = faults.NonFiniteLossGuard()  # SGD has no step it can skip on the device
+    plain.observe(torch.tensor(1.5))
+    plain.observe(torch.tensor(float("inf")))
+    plain.observe(torch.tensor(2.0))
+    with pytest.raises(faults.NonFiniteLoss) as err:
+        plain.on_pre_optimizer_step(args, state, TrainerControl(),
+                                    optimizer=torch.optim.SGD([weight], lr=1.0))
+    assert err.value.step == 5 and err.value.value == float("inf")  # the first bad loss
+
+    fused = torch.optim.AdamW([weight], lr=1.0, fused=True)
+    deferred = faults.NonFiniteLossGuard()
+    deferred.observe(torch.tensor(float("nan")))
+    deferred.on_pre_optimizer_step(args, state, TrainerControl(), optimizer=fused)
+    weight.grad = torch.full((3,), float("nan"))
+    fused.step()
+    assert torch.equal(weight.detach(), torch.ones(3))  # skipped: found_inf was set
+    control = TrainerControl()
+    deferred.on_step_end(args, state, control)  # nothing written or shown: no read yet
+    control.should_save = True
+    with pytest.raises(faults.NonFiniteLoss) as err:
+        deferred.on_step_end(args, state, control)  # a checkpoint would follow: read now
+    assert err.value.step == 5
+
+    fine = faults.NonFiniteLossGuard()  # finite losses: the fused step runs
+    fine.observe(torch.tensor(0.5))
+    fine.on_pre_optimizer_step(args, state, TrainerControl(), optimizer=fused)
+    weight.grad = torch.ones(3)
+    fused.step()
+    assert not torch.equal(weight.detach(), torch.ones(3))
+    fine.on_train_end(args, state, TrainerControl())
+
+
 def test_cuda_oom_becomes_advice(tmp_path, dolly_file, monkeypatch):
     from transformers import Trainer
 

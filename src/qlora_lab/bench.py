@@ -525,7 +525,7 @@ def loss_check(trainer, rows: int = 8) -> dict:
     model.eval()  # no dropout: both sides see the same network
     with torch.no_grad():
         packed = trainer.data_collator(first)  # the collator training uses
-        fast = trainer.compute_loss(model, {k: v.to(device) for k, v in packed.items()})
+        fast = trainer.compute_loss(model, trainer._prepare_inputs(packed))
         padded = {k: v.to(device) for k, v in PadCollator(pad)(first).items()}
         with sdpa_instead(model):  # padded rows have no row bounds for varlen attention
             plain = model(**padded).loss

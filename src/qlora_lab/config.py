@@ -310,6 +310,9 @@ class TrainConfig:
     weight_decay: AdamW's decoupled weight decay on the trainable (LoRA) weights.
     optimizer: `auto` = paged 8-bit AdamW on CUDA (optimizer state in 8 bits, paged to host RAM
         under pressure), torch AdamW on CPU (bitsandbytes' 8-bit optimizers need CUDA).
+        `adamw_torch` runs torch's fused AdamW (one kernel; a step with a NaN/inf loss is
+        skipped on the device, so the host never waits for the GPU to check it); bitsandbytes'
+        optimizers wait for the GPU after each tensor they update.
     max_grad_norm: 0.3 follows the QLoRA paper; 4-bit training is sensitive to spikes.
     gradient_checkpointing: recompute activations in backward; slower, far less memory.
     checkpoint_every: with checkpointing, checkpoint only every n-th decoder layer (selective

@@ -830,7 +830,7 @@ class PackedCollator:
     flatten: bool = False
     row_bounds: bool = False
 
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict]) -> dict:
         bins = pack_examples(features, self.bin_tokens)
         if self.flatten:
             bins = [{key: [x for b in bins for x in b[key]] for key in bins[0]}]
@@ -845,7 +845,9 @@ class PackedCollator:
             real += n
         positions = torch.from_numpy(positions)
         batch = {"input_ids": ids, "labels": labels, "position_ids": positions,
-                 "num_real_tokens": torch.tensor(real)}
+                 # An int, not a tensor: the trainer reads it on the host, and a tensor would be
+                 # moved to the GPU with the batch, then read back (a wait for the GPU).
+                 "num_real_tokens": real}
         if self.row_bounds:
             batch["cu_seq_lens_q"] = row_bounds(positions)
         return batch

@@ -3,9 +3,10 @@
 - SIGINT (Ctrl-C) and SIGTERM (schedulers, `kill`, container shutdown) ask the run to stop: the
   current optimizer step finishes, a checkpoint is written, and `train` exits with a line saying
   how to resume. A second signal stops at once (KeyboardInterrupt).
-- A NaN or inf training loss stops the run before that step updates the weights or writes a
-  checkpoint, so the last checkpoint on disk is the last good one. Policy: stop, never skip.
-  A loss that is already non-finite has poisoned nothing yet; skipping it would hide a learning
+- A NaN or inf training loss stops the run; that step's update never reaches the weights (the
+  optimizer skips it on the device, or the run stops before it), and nothing is written after
+  it, so the last checkpoint on disk is the last good one. Policy: stop, never skip and go on.
+  A loss that is already non-finite has poisoned nothing yet; going on would hide a learning
   rate or data problem that comes back on the next batch.
 """
 
@@ -47,27 +48,99 @@ def _any_rank(flag: bool, device) -> bool:
 
 
 class NonFiniteLossGuard(TrainerCallback):
-    """Stop on a NaN/inf training loss, before the optimizer step that would apply it.
+    """Stop on a NaN/inf training loss; the step whose loss it was never changes the weights.
 
-    The trainer reports each micro-batch's loss to `observe`; the decision is taken once per
-    optimizer step in `on_pre_optimizer_step` (Trainer's last hook before `optimizer.step()`),
-    agreed across processes, so nothing non-finite reaches the weights or a checkpoint.
+    The trainer reports each micro-batch's loss to `observe`, which only folds it into a flag
+    on the loss's device: reading a GPU value on the host waits for the GPU to finish all the
+    work queued so far, and the GPU then idles while the host prepares the next step. What
+    keeps a bad step from the weights depends on the optimizer:
+
+    - one that can skip its update on the device (torch's fused AdamW, through the `found_inf`
+      input that torch's GradScaler uses) is handed the step's flag; the host reads the flag
+      one step later, when the GPU has long written it, and stops there. Before anything is
+      written or shown (a checkpoint, an eval, a log line, the end of training) it reads the
+      flag at once, so nothing written ever follows a bad step;
+    - any other optimizer: the host reads the flag before the optimizer step (one wait per
+      optimizer step; bitsandbytes' optimizers wait for the GPU after every tensor anyway).
+
+    Under DDP every rank reads the same step's flag at the same point, and they agree.
     """
 
     def __init__(self) -> None:
-        self.bad_loss: float | None = None
+        self._bad: torch.Tensor | None = None  # this optimizer step so far: any loss non-finite
+        self._value: torch.Tensor | None = None  # the first non-finite loss (else the last)
+        # A step handed to an optimizer that skips on the device: (flag, value, ready, step).
+        self._pending: tuple | None = None
 
     def observe(self, loss: torch.Tensor) -> None:
-        # A host-device sync per micro-batch; Trainer already makes the same one to filter NaNs
-        # out of its logged loss (logging_nan_inf_filter), so this adds no stall of its own.
-        if self.bad_loss is None and not torch.isfinite(loss).all():
-            self.bad_loss = loss.detach().float().cpu().max().item()
+        loss = loss.detach().float()
+        loss = loss.max() if loss.dim() else loss  # nn.DataParallel: one loss per GPU
+        bad = ~torch.isfinite(loss)
+        if self._bad is None:
+            self._bad, self._value = bad, loss
+        else:
+            self._value = torch.where(self._bad, self._value, loss)
+            self._bad = self._bad | bad
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if _any_rank(self.bad_loss is not None, args.device):
-            value = self.bad_loss if self.bad_loss is not None else float("nan")
-            raise NonFiniteLoss(value, state.global_step + 1)
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self._check_pending(args)  # the previous step: written on the GPU long ago
+        skipper = _device_skipping(optimizer)
+        if self._bad is None:  # no loss seen this step (not in Trainer's loop): skip nothing
+            if skipper is not None:
+                skipper.found_inf = None
+            return control
+        bad, value, step = self._bad, self._value, state.global_step + 1
+        self._bad = self._value = None
+        if skipper is not None:
+            skipper.found_inf = bad.float()  # 1.0: the fused kernel leaves every tensor as it was
+        if bad.is_cuda:
+            bad, value = bad.to("cpu", non_blocking=True), value.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            ready = None
+        self._pending = (bad, value, ready, step)
+        if skipper is None:
+            self._check_pending(args)  # nothing else would stop the update: read it now
         return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Runs after Trainer's flow callback has decided what this step writes or shows.
+        if (control.should_save or control.should_evaluate or control.should_log
+                or control.should_training_stop):
+            self._check_pending(args)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._check_pending(args)  # before `train` writes the adapter
+        return control
+
+    def _check_pending(self, args) -> None:
+        if self._pending is None:
+            return
+        bad, value, ready, step = self._pending
+        self._pending = None
+        if ready is not None:
+            ready.synchronize()
+        local = bool(bad)
+        if _any_rank(local, args.device):
+            raise NonFiniteLoss(float(value) if local else float("nan"), step)
+
+
+def _device_skipping(optimizer) -> torch.optim.Optimizer | None:
+    """The torch optimizer under Trainer's wrappers, if it can skip a step on the device.
+
+    `_step_supports_amp_scaling` is how torch marks the optimizers whose step reads
+    `found_inf` (the fused ones); every param group must still be fused (a state loaded from
+    a checkpoint of an unfused optimizer sets its groups' `fused` back to False).
+    """
+    inner = optimizer
+    # accelerate's AcceleratedOptimizer is itself an Optimizer subclass around the real one.
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+        inner = inner.optimizer
+    if inner is None or not getattr(inner, "_step_supports_amp_scaling", False):
+        return None
+    return inner if all(g.get("fused") for g in inner.param_groups) else None
 
 
 class StopOnSignal(TrainerCallback):

@@ -34,6 +34,20 @@ def optimizer_name(cfg: RunConfig, device: str) -> str:
     return resolve_optimizer(cfg.train.optimizer, device == "cuda", fsdp=models.fsdp_active())
 
 
+def trainer_optim(name: str) -> str:
+    """Trainer's `optim` for a resolved `train.optimizer`.
+
+    torch's AdamW runs as its fused kernel (one launch for all adapter tensors, no wait for the
+    GPU; the foreach kernels compute the same update): its step can also be skipped on the
+    device, which is what lets the NaN/inf guard read each step's loss without waiting
+    (faults.NonFiniteLossGuard). Under FSDP it stays the foreach implementation, which FSDP's
+    flat parameters were tested with.
+    """
+    if name == "adamw_torch" and not models.fsdp_active():
+        return "adamw_torch_fused"
+    return name
+
+
 def _tensorboard_available() -> bool:
     import importlib.util
 
@@ -88,7 +102,7 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,  # 0 disables clipping
-        optim=optimizer_name(cfg, device),
+        optim=trainer_optim(optimizer_name(cfg, device)),
         bf16=(dtype == torch.bfloat16),
         fp16=(dtype == torch.float16),
         use_cpu=(device == "cpu"),
@@ -109,6 +123,13 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
         # Packed batches carry no attention_mask to count by; the trainer counts them itself.
         include_num_input_tokens_seen="no" if t.packing else "non_padding",
         dataloader_pin_memory=(device == "cuda"),
+        # Batches go to the GPU without waiting for it (from pinned memory). A blocking copy
+        # waits for all queued work first: each step's batch then stalled the GPU while the
+        # host started the step.
+        accelerator_config={"non_blocking": device == "cuda"},
+        # Trainer's NaN filter reads every micro-batch's loss on the host (a wait for the GPU);
+        # a non-finite loss stops the run anyway (faults.NonFiniteLossGuard).
+        logging_nan_inf_filter=False,
         dataloader_num_workers=t.data_workers,
         dataloader_persistent_workers=t.data_workers > 0,
         disable_tqdm=False,
@@ -387,7 +408,7 @@ def trainer_class():
                 if self.accelerator.num_processes > 1:  # every rank's count, through the GPU
                     real = self.accelerator.gather(
                         torch.as_tensor(real, device=self.args.device).reshape(1)).sum()
-                # Else the collator's count, still on the host: no wait for the GPU here.
+                # Else the collator's count, a Python int (never moved to the GPU): no wait.
                 self.state.num_input_tokens_seen += int(real)
             loss = super().training_step(model, inputs, *args, **kwargs)
             self.loss_guard.observe(loss)
