@@ -88,6 +88,10 @@ LADDER = [
     ("64 rows, checkpointing every 2nd layer, torch AdamW + compile + fused LoRA + varlen",
      ["train.micro_batch_size=64", "train.checkpoint_every=2", "train.compile=true",
       "model.attn_implementation=varlen", "train.optimizer=adamw_torch"]),
+    ("32 rows x 5 accumulated (160 a step), no checkpointing, torch AdamW + compile + varlen",
+     ["train.micro_batch_size=32", "train.grad_accum_steps=5",
+      "train.gradient_checkpointing=false", "train.compile=true",
+      "model.attn_implementation=varlen", "train.optimizer=adamw_torch"]),
 ]
 
 

@@ -454,6 +454,31 @@ def test_compiled_fused_lora_accumulates_in_place(tmp_path, dolly_file, monkeypa
     torch.testing.assert_close(x.grad, eager.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_layers_save_no_dequantized_weight(tmp_path, dolly_file, monkeypatch):
+    """Without checkpointing, what a compiled layer keeps for backward holds no dequantized
+    weight: CSE had merged forward's and backward's dequantize, and the graph saved the
+    result, every layer's weights in the compute dtype (out of memory at 32 rows on the H200)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    session = _session(tmp_path, dolly_file, gradient_checkpointing=False, compile=True,
+                       max_steps=1)
+    weights = {tuple(m.base_layer.weight.quant_state.shape)
+               for m in session.model.modules() if hasattr(m, "lora_A")}
+    assert weights
+    saved = []
+
+    def keep(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        session.trainer.train()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+    quantized = [s for s in saved if s[1] == torch.uint8]
+    assert quantized  # the 4-bit weights are what backward dequantizes again
+    dequantized = [s for s in saved if s[0] in weights and s[1].is_floating_point]
+    assert not dequantized, dequantized[:4]
+
+
 @pytest.mark.parametrize("model_type,extra", [
     ("qwen2", {}),  # biases on q/k/v: the fused function adds them
     ("phi3", {"pad_token_id": 258}),  # fused qkv_proj and gate_up_proj: no FusedSwiGLU there

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -272,6 +273,25 @@ def compile_decoder_layers(model: nn.Module) -> int:
     # more input gradient, for one layer.
     model.get_input_embeddings().register_forward_hook(_input_follows_grad_mode)
     return len(layers)
+
+
+@contextmanager
+def compile_settings():
+    """Compiler settings for training the compiled layers (Trainer.train runs inside this).
+
+    No common-subexpression elimination over a layer's joint forward-backward graph: the fused
+    LoRA function dequantizes each 4-bit weight in forward and again in backward (to keep
+    nothing weight-sized), and CSE merged the two into one, whose bf16 output the graph then
+    saved for backward: every layer's full weights, 1.9 GiB for TinyLlama without
+    checkpointing (32 rows per micro-batch ran out of 8 GiB:
+    fastpath_sweep_h200_run11_async.json). Without it the graph saves the 4-bit weight only
+    (tests/test_fastpath.py::test_compiled_layers_save_no_dequantized_weight). A scoped
+    setting, not a global one: read by every compilation inside the block, recompiles too.
+    """
+    import torch._functorch.config as functorch_config
+
+    with functorch_config.patch(cse=False):
+        yield
 
 
 def _input_follows_grad_mode(module, args, output):

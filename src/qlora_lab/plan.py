@@ -109,13 +109,16 @@ STRATEGIES = ((False, 1, False), (True, 4, False), (True, 2, False), (True, 1, F
 
 
 def fit_to_budget(model: ModelShape, base: StepShape, budget_bytes: int,
-                  micro_batches=(1, 2, 4, 8, 16, 32), optimizers=("paged_adamw_8bit",)
+                  micro_batches=(1, 2, 4, 8, 16, 32), optimizers: tuple[str, ...] | None = None
                   ) -> tuple[Candidate | None, list[Candidate]]:
     """Search micro-batch x checkpointing x optimizer at the needed sequence length.
 
     The budget is compared with the predicted *reserved* peak (what the card must hold), so the
     allocator's overhead is inside the budget too. Returns the fastest feasible candidate.
     """
+    # The optimizer the run resolves to (apply_candidate keeps `auto`): a search over others
+    # would pick one the run does not use.
+    optimizers = optimizers or (base.optimizer,)
     cands = _candidates(model, base, budget_bytes, micro_batches, optimizers, offload=False)
     if not any(c.fits for c in cands) and base.fused_loss:
         # Offloading checkpoints to host memory is the last resort: it was measured for long

@@ -43,7 +43,7 @@ from qlora_lab import (
     rundir,
     safety,
 )
-from qlora_lab.config import RunConfig, save_config
+from qlora_lab.config import RunConfig, resolve_optimizer, save_config
 from qlora_lab.data import (
     PackedCollator,
     PadCollator,
@@ -318,7 +318,7 @@ def oom_advice(cfg: RunConfig) -> str:
         options.append(f"--set data.max_seq_len={cfg.data.max_seq_len // 2}")
     if cfg.quant.bits != 4:
         options.append("--set quant.bits=4")
-    if t.optimizer in ("adamw_torch", "paged_adamw_32bit"):
+    if resolve_optimizer(t.optimizer, True) in ("adamw_torch", "paged_adamw_32bit"):
         options.append("--set train.optimizer=paged_adamw_8bit")
     if not options:
         return ("it is already at the smallest settings qlora-lab knows — use a smaller base "

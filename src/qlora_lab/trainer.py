@@ -303,6 +303,13 @@ def trainer_class():
             self.loss_guard = faults.NonFiniteLossGuard()
             self.add_callback(self.loss_guard)
 
+        def train(self, *args, **kwargs):
+            # Whatever compiles during training compiles with these settings (fastpath.py).
+            from qlora_lab.fastpath import compile_settings
+
+            with compile_settings():
+                return super().train(*args, **kwargs)
+
         def _save_checkpoint(self, model, trial):
             root, step = Path(self.args.output_dir), self.state.global_step
             if self.args.should_save:
