@@ -430,7 +430,11 @@ def spec_for(family: str, split: str, base: Path, work: Path | None, mb: int, se
                     "max_seq_len": seq, "eval_fraction": 0.0, "train_on_prompt": True},
            "train": {"max_steps": steps, "micro_batch_size": mb, "grad_accum_steps": 1,
                      "save_steps": 10**6, "logging_steps": 10**6, "eval_steps": 10**6,
-                     "tensorboard": False, "device": device}}
+                     "tensorboard": False, "device": device,
+                     # What the committed measurements ran: `auto` meant bitsandbytes' paged
+                     # 8-bit AdamW on CUDA until session 10 (now torch's fused AdamW). Pinned,
+                     # so a rescore predicts the state those runs held.
+                     "optimizer": "paged_adamw_8bit" if device == "cuda" else "adamw_torch"}}
     for key, value in sets.items():
         section, name = key.split(".")
         run.setdefault(section, {})[name] = value

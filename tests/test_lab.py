@@ -21,6 +21,7 @@ import pytest
 
 from qlora_lab import memory
 from qlora_lab.cli import main
+from qlora_lab.config import resolve_optimizer
 from qlora_lab.lab import lab_config, pareto_front
 from qlora_lab.plan import model_shape
 
@@ -87,7 +88,8 @@ def test_feasibility_is_the_planners_and_says_measurement_needs_cuda(report):
         step = memory.StepShape(micro_batch_size=p["micro_batch_size"], seq_len=p["seq_len"],
                                 bits=p["bits"], lora_r=p["lora_r"], lora_dropout=False,
                                 gradient_checkpointing=p["gradient_checkpointing"],
-                                optimizer="paged_adamw_8bit", fused_loss=True, packed=True)
+                                optimizer=resolve_optimizer("auto", on_cuda=True),
+                                fused_loss=True, packed=True)
         plan = memory.estimate_peak_memory(shape, step)
         assert p["predicted_peak_reserved_bytes"] == plan.peak_reserved_bytes
         assert p["fits"] == (plan.peak_reserved_bytes <= f["budget_bytes"])

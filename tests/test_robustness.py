@@ -207,8 +207,8 @@ def test_a_nan_step_read_a_step_later_never_reaches_the_weights(tmp_path, dolly_
     from qlora_lab import faults
     from qlora_lab.train import setup_training
 
-    common = dict(learning_rate=1e20, max_grad_norm=0.0, lr_scheduler="constant",
-                  warmup_ratio=0.0, save_steps=100, eval_steps=100, logging_steps=100)
+    common = {"learning_rate": 1e20, "max_grad_norm": 0.0, "lr_scheduler": "constant",
+              "warmup_ratio": 0.0, "save_steps": 100, "eval_steps": 100, "logging_steps": 100}
     one = setup_training(tiny_config(tmp_path / "one", dolly_file, max_steps=1, **common))
     one.trainer.train()
     after_one = {n: p.detach().clone() for n, p in one.model.named_parameters()
