@@ -253,8 +253,7 @@ class MemoryPlan:
     terms: tuple[MemoryTerm, ...]
     peak_allocated_bytes: int
     peak_reserved_bytes: int
-    excluded: str = ("the CUDA context (~0.3-0.6 GiB per process, outside PyTorch's allocator); "
-                     "paged optimizer state (CUDA managed memory, outside PyTorch's allocator)")
+    excluded: str = "the CUDA context (~0.3-0.6 GiB per process, outside PyTorch's allocator)"
     peak_phase: str = ""
 
     def as_dict(self) -> dict:
@@ -862,7 +861,10 @@ def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:
                               "offload_forward_bytes_per_token)")] if act.forward else []
     terms = tuple(static + act.kept + [mask, loss, act.backward] + extra_terms + [work, other])
     ratio = RESERVED_OVER_ALLOCATED_PACKED if step.packed else RESERVED_OVER_ALLOCATED
-    return MemoryPlan(terms, int(peak), int(peak * ratio), peak_phase=phase)
+    excluded = MemoryPlan.excluded
+    if step.optimizer.startswith("paged_"):
+        excluded += "; paged optimizer state (CUDA managed memory, outside PyTorch's allocator)"
+    return MemoryPlan(terms, int(peak), int(peak * ratio), excluded=excluded, peak_phase=phase)
 
 
 # --- sizes --------------------------------------------------------------------------------------
