@@ -13,6 +13,7 @@ class or function is reassigned, so a plain model loaded in the same process is 
 - Liger RMSNorm for the model's RMSNorm modules.
 - `offloaded_checkpoint`: activation checkpointing whose saved layer inputs live in pinned host
   memory (long contexts); the GPU then holds only one layer's activations at a time.
+- `compile_settings`: what the compiled layers compile with while training.
 
 Packing (rows laid end to end with restarting position_ids) lives in data.py.
 """
@@ -282,9 +283,8 @@ def compile_settings():
     No common-subexpression elimination over a layer's joint forward-backward graph: the fused
     LoRA function dequantizes each 4-bit weight in forward and again in backward (to keep
     nothing weight-sized), and CSE merged the two into one, whose bf16 output the graph then
-    saved for backward: every layer's full weights, 1.9 GiB for TinyLlama without
-    checkpointing (32 rows per micro-batch ran out of 8 GiB:
-    fastpath_sweep_h200_run11_async.json). Without it the graph saves the 4-bit weight only
+    saved for backward: every layer's full weights, 1.8 GiB for TinyLlama (969M weights x 2 B)
+    without checkpointing. Without it the graph saves the 4-bit weight only
     (tests/test_fastpath.py::test_compiled_layers_save_no_dequantized_weight). A scoped
     setting, not a global one: read by every compilation inside the block, recompiles too.
     """

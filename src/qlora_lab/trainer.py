@@ -269,6 +269,8 @@ def trainer_class():
       the optimizer is saved by accelerate's save_fsdp_optimizer, as in Trainer, and loaded by
       checkpoints.load_fsdp_optimizer (accelerate's loader reads no moments into a fresh
       optimizer). Without FSDP these defer to Trainer unchanged.
+    - `train`: Trainer's, inside `fastpath.compile_settings()`, so every layer compiled while
+      training (recompiles too) compiles with them.
     - `training_step`: report each loss to the NaN/inf guard (faults.NonFiniteLossGuard), and
       count the real tokens of packed batches (they have no attention_mask for Trainer to sum).
     - `compute_loss` (Trainer's documented override point): with `head_loss`, the loss comes
