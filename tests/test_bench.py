@@ -322,3 +322,24 @@ def test_idle_gaps_finds_when_the_gpu_waited_and_what_the_host_did():
     assert [op["name"] for op in gap["host_ops"]] == ["Optimizer.step", "aten::mm"]
     assert gap["host_ops"][0]["us"] == 1480 - 500 and gap["host_ops"][1]["us"] == 1500 - 1400
     assert idle_gaps([], host)["gaps"] == 0
+
+
+def test_the_plain_recipe_keeps_the_demos_trainer_settings(tmp_path, dolly_file):
+    """`train` spares the GPU's waits (no NaN filter, non-blocking copies, torch's fused AdamW by
+    default); the plain recipe is the demo's, with Trainer's own defaults and its optimizer."""
+    from qlora_lab import bench
+    from qlora_lab.config import config_from_dict
+
+    run = config_from_dict({"model": {"name": "tiny-random"},
+                            "data": {"source": str(dolly_file), "max_seq_len": 128},
+                            "train": {"output_dir": str(tmp_path / "out"), "max_steps": 1,
+                                      "tensorboard": False}})
+    cfg = bench.BenchConfig(run=run, output_dir=str(tmp_path / "bench"))
+    trainer, *_ = bench._build_plain(cfg, bench.bench_run_config(cfg, "plain"),
+                                     tmp_path / "plain")
+    assert trainer.args.logging_nan_inf_filter
+    assert not trainer.args.accelerator_config.non_blocking
+    # torch's AdamW on CPU, as the demo's `auto` was there (paged 8-bit AdamW on CUDA).
+    assert str(trainer.args.optim.value).startswith("adamw_torch")
+    ours = bench._build_qlora_lab(bench.bench_run_config(cfg, "qlora_lab"), tmp_path / "ours")[0]
+    assert not ours.args.logging_nan_inf_filter

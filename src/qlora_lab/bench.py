@@ -445,11 +445,18 @@ def _build_plain(cfg: BenchConfig, run: RunConfig, out: Path):
     # Padded rows and the model's own loss, as the original train.py had them; accumulation
     # makes its optimizer step hold the same rows as qlora-lab's (the demo's 4 x 4 = 16).
     rows_per_step = run.train.micro_batch_size * run.train.grad_accum_steps
+    # The demo's optimizer too: bitsandbytes' paged 8-bit AdamW on CUDA (`train`'s `auto` now
+    # means torch's fused AdamW; run 7 of bench_h200_8gib.json ran the plain recipe with it).
     plain_train = dataclasses.replace(
         run.train, micro_batch_size=cfg.plain_micro_batch_size, packing=False, fused_loss=False,
-        liger="off", grad_accum_steps=max(1, rows_per_step // cfg.plain_micro_batch_size))
+        liger="off", grad_accum_steps=max(1, rows_per_step // cfg.plain_micro_batch_size),
+        optimizer="paged_adamw_8bit" if device == "cuda" else "adamw_torch")
     run = dataclasses.replace(run, train=plain_train)
     args = build_training_args(run, out, device, dtype, has_eval=False, resuming=False)
+    # And Trainer's own defaults where build_training_args changes them to spare the GPU waits
+    # (the NaN filter's read of every loss, blocking batch copies): the demo had them.
+    args.logging_nan_inf_filter = True
+    args.accelerator_config.non_blocking = False
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(model=model, args=args, train_dataset=data.train,
                       data_collator=PadCollator(tokenizer.pad_token_id))
