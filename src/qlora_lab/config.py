@@ -355,7 +355,7 @@ class TrainConfig:
         loss stay outside compiled code). The number of bins in a micro-batch changes from step
         to step: a layer compiles for the first shape, then once with the bin count dynamic,
         and once more for evaluation (no grad). On an H200 (TinyLlama, 8 GiB cap, 160 rows per
-        micro-batch, varlen attention) the run reached 52.1k real tok/s
+        micro-batch, varlen attention) the run reached 57.9k real tok/s
         (benchmarks/results/bench_h200_8gib.json). Off by default: 10-30 s of compilation at
         start, measured on that one GPU only; turn it on for long runs.
     """
