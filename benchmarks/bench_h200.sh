@@ -93,9 +93,8 @@ fi
 if [[ $phase == profile ]]; then
   # Where a step of the best config spends GPU time (PROFILE="--set k=v ..." overrides it).
   # PROFILE_DATA=full profiles the full-rows fixture; PROFILE_NAME names the result file.
-  # PROFILE, else BEST (as `final` reads it), else the best row of this machine's last sweep.
-  # Session 10 passed BEST alone, the sweep of that call had no best, and the profile silently
-  # ran train's defaults: now it says so.
+  # PROFILE, else BEST (as `final` reads it), else the best row of this machine's last sweep;
+  # with none of them it profiles train's defaults, and says so.
   best=${PROFILE:-${BEST:-$(python3 -c "import json; b=json.load(open('/tmp/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)}}
   [[ -z $best ]] && echo "profile: no PROFILE, BEST or sweep best: profiling train's defaults"
   pdata=$DATA

@@ -102,7 +102,7 @@ def recipe(steps: int, max_seq_len: int, device: str) -> dict:
     """qlora-lab's defaults as one flat dict: what TRL is given, and what the result records."""
     from qlora_lab.config import RunConfig
     from qlora_lab.models import resolve_compute_dtype
-    from qlora_lab.trainer import optimizer_name
+    from qlora_lab.trainer import trainer_optim
 
     cfg = RunConfig()
     q, lora, t = cfg.quant, cfg.lora, cfg.train
@@ -113,7 +113,7 @@ def recipe(steps: int, max_seq_len: int, device: str) -> dict:
         "lora_target_modules": lora.target_modules,
         "learning_rate": t.learning_rate, "lr_scheduler": t.lr_scheduler,
         "warmup_ratio": t.warmup_ratio, "weight_decay": t.weight_decay,
-        "max_grad_norm": t.max_grad_norm, "optimizer": optimizer_name(cfg, device),
+        "max_grad_norm": t.max_grad_norm, "optimizer": trainer_optim(cfg, device),
         "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
         "rows_per_step": t.micro_batch_size * t.grad_accum_steps,
         "gradient_checkpointing": t.gradient_checkpointing, "seed": t.seed,

@@ -25,6 +25,8 @@ import itertools
 import json
 import pstats
 import sys
+import traceback
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -93,16 +95,12 @@ class SyncSites:
         self._saved = None
 
     def start(self) -> None:
-        import warnings
-
         self._saved = (warnings.showwarning, warnings.filters[:])
         warnings.simplefilter("always")
         warnings.showwarning = self._record
         torch.cuda.set_sync_debug_mode("warn")
 
     def stop(self) -> None:
-        import warnings
-
         if self._saved is None:
             return
         torch.cuda.set_sync_debug_mode("default")
@@ -110,8 +108,6 @@ class SyncSites:
         self._saved = None
 
     def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
-        import traceback
-
         frames = [f for f in traceback.extract_stack()[:-1]
                   if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")]
         chain = tuple(f"{Path(f.filename).name}:{f.lineno}({f.name})" for f in frames[-4:])

@@ -38,7 +38,7 @@ MAX_EPOCHS = 10**6
 def resolve_optimizer(setting: str, on_cuda: bool, fsdp: bool = False) -> str:
     """`train.optimizer`, with `auto` resolved as `train` runs it (and `plan` predicts it).
 
-    auto: torch's AdamW (fused; trainer.trainer_optim) everywhere. It was bitsandbytes' paged
+    auto: torch's AdamW (fused: trainer.trainer_optim) everywhere. It was bitsandbytes' paged
     8-bit AdamW on CUDA, but bitsandbytes' step waits for the GPU after every tensor it updates
     (308 waits a step for TinyLlama's adapters), and its paging never applies to adapters of
     usual ranks (it pages only tensors of >= 1e5 elements): torch's fused AdamW trained 11 %

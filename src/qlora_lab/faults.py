@@ -83,14 +83,14 @@ class NonFiniteLossGuard(TrainerCallback):
             self._bad = self._bad | bad
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self._check_pending(args)  # the previous step: written on the GPU long ago
-        skipper = _device_skipping(optimizer)
-        if self._bad is None:  # no loss seen this step (not in Trainer's loop): skip nothing
-            if skipper is not None:
-                skipper.found_inf = None
+        # The previous step first: written on the GPU long ago. A flag left on the optimizer
+        # by a bad step never reaches another step: this raises before it.
+        self._check_pending(args)
+        if self._bad is None:  # no loss seen this step (Trainer's loop always reports one)
             return control
         bad, value, step = self._bad, self._value, state.global_step + 1
         self._bad = self._value = None
+        skipper = _device_skipping(optimizer)
         if skipper is not None:
             skipper.found_inf = bad.float()  # 1.0: the fused kernel leaves every tensor as it was
         if bad.is_cuda:

@@ -34,15 +34,15 @@ def optimizer_name(cfg: RunConfig, device: str) -> str:
     return resolve_optimizer(cfg.train.optimizer, device == "cuda", fsdp=models.fsdp_active())
 
 
-def trainer_optim(name: str) -> str:
-    """Trainer's `optim` for a resolved `train.optimizer`.
-
+def trainer_optim(cfg: RunConfig, device: str) -> str:
+    """Trainer's `optim` for the run: `train.optimizer` resolved (optimizer_name), and
     torch's AdamW runs as its fused kernel (one launch for all adapter tensors, no wait for the
     GPU; the foreach kernels compute the same update): its step can also be skipped on the
     device, which is what lets the NaN/inf guard read each step's loss without waiting
     (faults.NonFiniteLossGuard). Under FSDP it stays the foreach implementation, which FSDP's
     flat parameters were tested with.
     """
+    name = optimizer_name(cfg, device)
     if name == "adamw_torch" and not models.fsdp_active():
         return "adamw_torch_fused"
     return name
@@ -102,7 +102,7 @@ def build_training_args(cfg: RunConfig, out: Path, device: str, dtype: torch.dty
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,  # 0 disables clipping
-        optim=trainer_optim(optimizer_name(cfg, device)),
+        optim=trainer_optim(cfg, device),
         bf16=(dtype == torch.bfloat16),
         fp16=(dtype == torch.float16),
         use_cpu=(device == "cpu"),
