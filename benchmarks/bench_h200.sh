@@ -34,11 +34,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 COMMON=(--model $MODEL --data $DATA --memory-cap 8GiB --set train.grad_accum_steps=1
         --set data.max_seq_len=1024)
 if [[ $phase == sweep || $phase == all ]]; then
-  timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/fastpath_sweep.py --model $MODEL --data $DATA \
-    --out "$OUT/fastpath_sweep.json" --steps ${SWEEP_STEPS:-8} \
+  # SWEEP_DATA=full sweeps the full-rows fixture (ladder rows 30-32), SWEEP_NAME names the file.
+  sdata=$DATA
+  if [[ ${SWEEP_DATA:-} == full ]]; then
+    sdata=/tmp/dolly_full_rows.jsonl
+    python3 benchmarks/fixtures.py full-rows --data $DATA --out $sdata
+  fi
+  timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/fastpath_sweep.py --model $MODEL --data $sdata \
+    --out "$OUT/${SWEEP_NAME:-fastpath_sweep}.json" --steps ${SWEEP_STEPS:-8} \
     --warmup-steps ${WARMUP:-2} ${VARIANTS:+--variants $VARIANTS} 2>&1 \
     | grep -v "it/s\]" | tail -40
-  cp "$OUT/fastpath_sweep.json" /tmp/fastpath_sweep.json
+  [[ -z ${SWEEP_DATA:-} ]] && cp "$OUT/${SWEEP_NAME:-fastpath_sweep}.json" /tmp/fastpath_sweep.json
 fi
 if [[ $phase == final || $phase == all ]]; then
   best=${BEST:-$(python3 -c "import json; b=json.load(open('/tmp/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)}

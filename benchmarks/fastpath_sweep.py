@@ -101,6 +101,22 @@ LADDER = [
      ["train.micro_batch_size=20", "train.grad_accum_steps=8",
       "train.gradient_checkpointing=false", "train.compile=true",
       "model.attn_implementation=varlen"]),
+    # Session 11: fewer layers recomputed at mid-size micro-batches (layers 0, 3, ..., 21: 8 of
+    # 22 checkpointed; the planner gives ~6.6 GiB for 6 bins).
+    ("32 rows x 5 accumulated (160 a step), checkpointing every 3rd layer + compile + varlen",
+     ["train.micro_batch_size=32", "train.grad_accum_steps=5", "train.checkpoint_every=3",
+      "train.compile=true", "model.attn_implementation=varlen"]),
+    # Rows 30-32 are for the full-rows fixture (SWEEP_DATA=full): 32 rows of 1,024 tokens a
+    # step, as `bench_h200.sh fullrows` gives both recipes; 30 is that phase's own setting.
+    ("full rows: 32 rows, checkpointing + compile + varlen",
+     ["train.micro_batch_size=32", "train.compile=true", "model.attn_implementation=varlen"]),
+    ("full rows: 4 rows x 8 accumulated, no checkpointing + compile + varlen",
+     ["train.micro_batch_size=4", "train.grad_accum_steps=8",
+      "train.gradient_checkpointing=false", "train.compile=true",
+      "model.attn_implementation=varlen"]),
+    ("full rows: 8 rows x 4 accumulated, checkpointing every 3rd layer + compile + varlen",
+     ["train.micro_batch_size=8", "train.grad_accum_steps=4", "train.checkpoint_every=3",
+      "train.compile=true", "model.attn_implementation=varlen"]),
 ]
 
 
