@@ -43,7 +43,7 @@ if [[ $phase == sweep || $phase == all ]]; then
   timeout ${SWEEP_TIMEOUT:-540} python3 benchmarks/fastpath_sweep.py --model $MODEL --data $sdata \
     --out "$OUT/${SWEEP_NAME:-fastpath_sweep}.json" --steps ${SWEEP_STEPS:-8} \
     --warmup-steps ${WARMUP:-2} ${VARIANTS:+--variants $VARIANTS} 2>&1 \
-    | grep -v "it/s\]" | tail -40
+    | grep -v "it/s\]\|triton_kernel_wrap.py" | tee "$OUT/${SWEEP_NAME:-fastpath_sweep}.log" | tail -40
   [[ -z ${SWEEP_DATA:-} ]] && cp "$OUT/${SWEEP_NAME:-fastpath_sweep}.json" /tmp/fastpath_sweep.json
 fi
 if [[ $phase == final || $phase == all ]]; then

@@ -117,6 +117,28 @@ LADDER = [
     ("full rows: 8 rows x 4 accumulated, checkpointing every 3rd layer + compile + varlen",
      ["train.micro_batch_size=8", "train.grad_accum_steps=4", "train.checkpoint_every=3",
       "train.compile=true", "model.attn_implementation=varlen"]),
+    # Session 11: small micro-batches without checkpointing were bound by the host's launches
+    # (full rows 4 x 8: 0.35 s of GPU work in a 1.1 s step); train.cuda_graphs replays each
+    # compiled layer as CUDA graphs. 33-35 on the Dolly sample, 36-37 on full rows.
+    ("16 rows x 10 accumulated, no checkpointing + compile + varlen + CUDA graphs",
+     ["train.micro_batch_size=16", "train.grad_accum_steps=10",
+      "train.gradient_checkpointing=false", "train.compile=true", "train.cuda_graphs=true",
+      "model.attn_implementation=varlen"]),
+    ("8 rows x 20 accumulated, no checkpointing + compile + varlen + CUDA graphs",
+     ["train.micro_batch_size=8", "train.grad_accum_steps=20",
+      "train.gradient_checkpointing=false", "train.compile=true", "train.cuda_graphs=true",
+      "model.attn_implementation=varlen"]),
+    ("160 rows, checkpointing + compile + varlen + CUDA graphs",
+     ["train.micro_batch_size=160", "train.compile=true", "train.cuda_graphs=true",
+      "model.attn_implementation=varlen"]),
+    ("full rows: 4 rows x 8 accumulated, no checkpointing + compile + varlen + CUDA graphs",
+     ["train.micro_batch_size=4", "train.grad_accum_steps=8",
+      "train.gradient_checkpointing=false", "train.compile=true", "train.cuda_graphs=true",
+      "model.attn_implementation=varlen"]),
+    ("full rows: 2 rows x 16 accumulated, no checkpointing + compile + varlen + CUDA graphs",
+     ["train.micro_batch_size=2", "train.grad_accum_steps=16",
+      "train.gradient_checkpointing=false", "train.compile=true", "train.cuda_graphs=true",
+      "model.attn_implementation=varlen"]),
 ]
 
 

@@ -358,6 +358,13 @@ class TrainConfig:
         micro-batch, varlen attention) the run reached 57.9k real tok/s
         (benchmarks/results/bench_h200_8gib.json). Off by default: 10-30 s of compilation at
         start, measured on that one GPU only; turn it on for long runs.
+    cuda_graphs: with `compile`, replay each compiled layer's forward and backward as CUDA graphs
+        (inductor's CUDA graph trees, torch.compile's `reduce-overhead`): the host launches a
+        layer in one call instead of ~180 kernels. Small micro-batches are bound by those
+        launches (4 full rows without checkpointing: 0.35 s of GPU work in a 1.1 s step on an
+        H200, benchmarks/results/profile_step_h200_full_rows_4x8_nockpt.json), and only small
+        micro-batches fit in 8 GiB without recomputing every layer. CUDA only; training only
+        (evaluation runs the compiled layers without graphs).
     """
 
     output_dir: str = "runs/qlora"
@@ -392,6 +399,7 @@ class TrainConfig:
     activation_offload: bool = False
     data_workers: int = 0
     compile: bool = False
+    cuda_graphs: bool = False
     checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
@@ -420,6 +428,8 @@ class TrainConfig:
                  self.data_workers, f"an integer in [0, {MAX_DATA_WORKERS}]")
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every,
                  "a positive integer (1 = every layer)")
+        _require(self.compile or not self.cuda_graphs, "train.cuda_graphs", self.cuda_graphs,
+                 "false unless train.compile is true (it graphs the compiled layers)")
         _require(self.gradient_checkpointing or not self.activation_offload,
                  "train.activation_offload", self.activation_offload,
                  "false when train.gradient_checkpointing is false (it offloads checkpoints)")

@@ -277,7 +277,7 @@ def compile_decoder_layers(model: nn.Module) -> int:
 
 
 @contextmanager
-def compile_settings():
+def compile_settings(cuda_graphs: bool = False):
     """Compiler settings for training the compiled layers (Trainer.train runs inside this).
 
     No common-subexpression elimination over a layer's joint forward-backward graph: the fused
@@ -287,10 +287,31 @@ def compile_settings():
     without checkpointing. Without it the graph saves the 4-bit weight only
     (tests/test_fastpath.py::test_compiled_layers_save_no_dequantized_weight). A scoped
     setting, not a global one: read by every compilation inside the block, recompiles too.
+
+    With `cuda_graphs` (train.cuda_graphs) inductor wraps each graph compiled in the block in
+    its CUDA graph trees, as torch.compile's `reduce-overhead` mode does; inductor reads the
+    setting when it compiles a graph, so graphs compiled outside (or under `without_cuda_graphs`)
+    run without.
     """
     import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
 
-    with functorch_config.patch(cse=False):
+    with functorch_config.patch(cse=False), inductor_config.patch({"triton.cudagraphs": cuda_graphs}):
+        yield
+
+
+@contextmanager
+def without_cuda_graphs():
+    """Graphs compiled in this block run without CUDA graphs (evaluation inside training).
+
+    CUDA graph trees start a new generation at each compiled call that has no backward pending,
+    which under no_grad is every layer: the previous layer's output, this layer's input, would
+    be overwritten by the replay that reads it. Eval graphs (no grad) compile apart from the
+    training graphs (dynamo guards on the grad mode), so they compile here without graphs.
+    """
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"triton.cudagraphs": False}):
         yield
 
 

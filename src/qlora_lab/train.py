@@ -190,6 +190,8 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     device = models.resolve_device(cfg.train.device)
     dtype = models.resolve_compute_dtype(cfg.quant, device)
     optimizer_name(cfg, device)  # a CUDA-only optimizer on CPU fails here, not after loading
+    if cfg.train.cuda_graphs and device != "cuda":
+        raise UserError("train.cuda_graphs = true needs CUDA — set it false on CPU")
 
     model_path = models.resolve_model_path(cfg.model.name)
     safety.require_safetensors(Path(model_path), "base model", cfg.model.allow_pickle,
@@ -242,7 +244,8 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     callbacks = make_callbacks(out)
     trainer = trainer_class()(model=model, args=args, train_dataset=train_rows,
                                eval_dataset=eval_rows or None, data_collator=collator,
-                               callbacks=list(callbacks), head_loss=head_loss)
+                               callbacks=list(callbacks), head_loss=head_loss,
+                               cuda_graphs=cfg.train.cuda_graphs)
     if trainer.is_fsdp_enabled:
         # Trainer applies peft's wrap policy and the quant-storage precision only when training
         # starts; an evaluation before that (eval_on_start) would wrap the model without them.

@@ -270,7 +270,8 @@ def trainer_class():
       checkpoints.load_fsdp_optimizer (accelerate's loader reads no moments into a fresh
       optimizer). Without FSDP these defer to Trainer unchanged.
     - `train`: Trainer's, inside `fastpath.compile_settings()`, so every layer compiled while
-      training (recompiles too) compiles with them.
+      training (recompiles too) compiles with them; with `cuda_graphs` (train.cuda_graphs) the
+      training graphs replay as CUDA graphs, evaluation's (`evaluation_loop`) never do.
     - `training_step`: report each loss to the NaN/inf guard (faults.NonFiniteLossGuard), and
       count the real tokens of packed batches (they have no attention_mask for Trainer to sum).
     - `compute_loss` (Trainer's documented override point): with `head_loss`, the loss comes
@@ -289,7 +290,7 @@ def trainer_class():
     class QloraTrainer(Trainer):
         _staging_dir: Path | None = None
 
-        def __init__(self, *args, head_loss=None, **kwargs):
+        def __init__(self, *args, head_loss=None, cuda_graphs: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             from transformers.trainer_callback import ProgressCallback
 
@@ -302,6 +303,7 @@ def trainer_class():
                 for cb in stock:
                     self.callback_handler.callbacks.remove(cb)
             self.head_loss = head_loss
+            self.cuda_graphs = cuda_graphs
             self.loss_guard = faults.NonFiniteLossGuard()
             self.add_callback(self.loss_guard)
 
@@ -309,7 +311,7 @@ def trainer_class():
             # Whatever compiles during training compiles with these settings (fastpath.py).
             from qlora_lab.fastpath import compile_settings
 
-            with compile_settings():
+            with compile_settings(self.cuda_graphs):
                 return super().train(*args, **kwargs)
 
         def _save_checkpoint(self, model, trial):
@@ -455,10 +457,14 @@ def trainer_class():
 
         def evaluation_loop(self, dataloader, description, prediction_loss_only=None,
                             ignore_keys=None, metric_key_prefix="eval"):
+            from qlora_lab.fastpath import without_cuda_graphs
+
             self._eval_sums = [torch.zeros((), dtype=torch.float64, device=self.args.device), 0]
             try:
-                output = super().evaluation_loop(dataloader, description, prediction_loss_only,
-                                                 ignore_keys, metric_key_prefix)
+                with without_cuda_graphs():
+                    output = super().evaluation_loop(dataloader, description,
+                                                     prediction_loss_only, ignore_keys,
+                                                     metric_key_prefix)
                 total, count = self._eval_sums
             finally:
                 self._eval_sums = None
