@@ -20,6 +20,7 @@ Packing (rows laid end to end with restarting position_ids) lives in data.py.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from contextlib import contextmanager
@@ -313,6 +314,27 @@ def without_cuda_graphs():
 
     with inductor_config.patch({"triton.cudagraphs": False}):
         yield
+
+
+def keep_grads_out_of_graph_pool(model: nn.Module) -> int:
+    """With CUDA graphs: the first gradient of each trainable parameter is copied out of the
+    graphs' memory pool before autograd stores it as `.grad`; returns how many parameters.
+
+    Autograd keeps the first gradient tensor it gets for a parameter as its `.grad`. A backward
+    graph's output lives in CUDA graph trees' pool, and the next micro-batch's replay
+    overwrites it: with gradient accumulation the sum was lost (pytorch/pytorch#169545; on
+    the H200: "accessing tensor output of CUDAGraphs that has been overwritten" at the LoRA
+    gradient). The copy is made once per optimizer step, when `.grad` is None (Trainer sets
+    them to None after each step); later micro-batches add into it in place.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for param in params:
+        param.register_hook(functools.partial(_own_first_grad, param))
+    return len(params)
+
+
+def _own_first_grad(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad.clone() if param.grad is None else grad
 
 
 def _input_follows_grad_mode(module, args, output):

@@ -226,6 +226,8 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     model = models.attach_lora(model, cfg.lora, fused=cfg.train.fused_lora)
     if cfg.train.compile:
         log.info("compiling %d decoder layers", fastpath.compile_decoder_layers(model))
+    if cfg.train.cuda_graphs:
+        fastpath.keep_grads_out_of_graph_pool(model)
     train_rows, eval_rows, collator = _batching(cfg, data, tokenizer)
     args = build_training_args(cfg, out, device, dtype, has_eval=bool(data.eval),
                                resuming=checkpoint is not None)
