@@ -740,3 +740,89 @@ def test_compiled_layers_compile_once_per_grad_mode(tmp_path, dolly_file, checkp
         for batch in batches:
             session.model(**{k: v for k, v in batch.items() if k != "num_real_tokens"})
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+
+
+# --- CUDA graphs (train.cuda_graphs) ----------------------------------------------------------
+
+
+def test_cuda_graphs_need_compiled_layers():
+    from qlora_lab.config import TrainConfig
+    from qlora_lab.errors import UserError
+
+    # (on CPU, tests/test_fuzz.py::test_inconsistent_choices: "needs CUDA", nothing written)
+    with pytest.raises(UserError, match=r"train\.cuda_graphs = True .*train\.compile is true"):
+        TrainConfig(cuda_graphs=True)
+    with pytest.raises(UserError, match=r"train\.cuda_graphs = True .*gradient_checkpointing"):
+        TrainConfig(compile=True, cuda_graphs=True)
+    assert TrainConfig(compile=True, cuda_graphs=True, gradient_checkpointing=False).cuda_graphs
+
+
+class _GradAtAddress(torch.autograd.Function):
+    """Identity whose backward records where its gradient lives (holding no reference)."""
+
+    addresses: list = []
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        _GradAtAddress.addresses.append(grad.data_ptr())
+        return grad
+
+
+def test_the_first_gradient_of_a_step_is_copied_out_of_the_graph_pool():
+    # Autograd keeps the first gradient it gets as .grad, storage and all; a backward CUDA
+    # graph's output is overwritten by the next replay. With the hook, .grad never shares the
+    # produced gradient's storage, and later micro-batches add into it: the sum is exact.
+    def accumulate(own: bool):
+        weight = torch.nn.Parameter(torch.arange(4.0))
+        if own:
+            assert fastpath.keep_grads_out_of_graph_pool(torch.nn.ParameterList([weight])) == 1
+        _GradAtAddress.addresses = []
+        ptrs = []
+        for scale in (1.0, 2.0, 3.0):
+            (_GradAtAddress.apply(weight) * scale).sum().backward()
+            ptrs.append(weight.grad.data_ptr())
+        return weight.grad, ptrs, list(_GradAtAddress.addresses)
+
+    grad, ptrs, produced = accumulate(own=False)
+    assert ptrs[0] == produced[0]  # without the hook autograd keeps the produced tensor itself
+    grad, ptrs, produced = accumulate(own=True)
+    assert ptrs[0] != produced[0] and len(set(ptrs)) == 1  # a copy, then added into in place
+    assert torch.equal(grad, torch.full((4,), 6.0))
+    weight = torch.nn.Parameter(torch.ones(2))
+    fastpath.keep_grads_out_of_graph_pool(torch.nn.ParameterList([weight]))
+    weight.grad = None  # what Trainer's zero_grad leaves after a step: the next one copies again
+    _GradAtAddress.addresses = []
+    _GradAtAddress.apply(weight).sum().backward()
+    assert weight.grad.data_ptr() != _GradAtAddress.addresses[0]
+
+
+def test_evaluation_inside_training_compiles_without_cuda_graphs(tmp_path, dolly_file):
+    # Inductor reads triton.cudagraphs when it compiles a graph: training's graphs compile with
+    # the setting, evaluation's (no grad: graphs of their own) without, since CUDA graph trees
+    # would overwrite each layer's output with the next layer's replay. Trainer's callbacks run
+    # inside each loop, so they see the setting that loop's compilations see.
+    import torch._inductor.config as inductor_config
+    from transformers import TrainerCallback
+
+    session = setup_training(tiny_config(tmp_path / "run", dolly_file, max_steps=2,
+                                         eval_steps=1, save_steps=100))
+    trainer = session.trainer
+    trainer.cuda_graphs = True  # CPU: nothing is graphed, the settings are what is checked
+    seen = {"train": set(), "eval": set()}
+
+    class Recorder(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen["train"].add(inductor_config.triton.cudagraphs)
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            seen["eval"].add(inductor_config.triton.cudagraphs)
+
+    trainer.add_callback(Recorder())
+    trainer.train()
+    assert seen == {"train": {True}, "eval": {False}}
+    assert inductor_config.triton.cudagraphs is False  # scoped: nothing left behind

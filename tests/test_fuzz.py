@@ -590,6 +590,7 @@ def test_bad_model_names(tmp_path, data_file, name, fragment):
     ({"train": {"optimizer": "paged_adamw_8bit"}}, "train.optimizer = 'paged_adamw_8bit' needs CUDA"),
     ({"train": {"optimizer": "adamw_8bit"}}, "train.optimizer = 'adamw_8bit' needs CUDA"),
     ({"train": {"device": "cuda"}}, "train.device = 'cuda' but no CUDA device"),
+    ({"train": {"compile": True, "cuda_graphs": True, "gradient_checkpointing": False}}, "train.cuda_graphs = true needs CUDA"),
     ({"data": {"template": "chat"}}, "data.template = 'chat' but the tokenizer has no chat"),
     ({"data": {"eval_source": "missing.jsonl"}}, "data file missing.jsonl does not exist"),
 ])

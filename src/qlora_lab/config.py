@@ -364,7 +364,12 @@ class TrainConfig:
         launches (4 full rows without checkpointing: 0.35 s of GPU work in a 1.1 s step on an
         H200, benchmarks/results/profile_step_h200_full_rows_4x8_nockpt.json), and only small
         micro-batches fit in 8 GiB without recomputing every layer. CUDA only; training only
-        (evaluation runs the compiled layers without graphs).
+        (evaluation runs the compiled layers without graphs); without gradient checkpointing
+        (CUDA graph trees start a new generation at a compiled call with no forward pending, so
+        a layer recomputed inside backward would overwrite the gradients in flight). The layers'
+        norms and SwiGLU are then inductor's, not Liger's (Liger's backward writes into its
+        saved inputs, and a graph that mutates its inputs is not graphed); Liger's head loss
+        stays.
     """
 
     output_dir: str = "runs/qlora"
@@ -430,6 +435,10 @@ class TrainConfig:
                  "a positive integer (1 = every layer)")
         _require(self.compile or not self.cuda_graphs, "train.cuda_graphs", self.cuda_graphs,
                  "false unless train.compile is true (it graphs the compiled layers)")
+        _require(not (self.cuda_graphs and self.gradient_checkpointing), "train.cuda_graphs",
+                 self.cuda_graphs, "false while train.gradient_checkpointing is true (a layer "
+                 "recomputed inside backward would start a new graph generation and overwrite "
+                 "the gradients in flight); set train.gradient_checkpointing: false with it")
         _require(self.gradient_checkpointing or not self.activation_offload,
                  "train.activation_offload", self.activation_offload,
                  "false when train.gradient_checkpointing is false (it offloads checkpoints)")

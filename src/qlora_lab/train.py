@@ -211,8 +211,10 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     if cfg.model.attn_implementation == "varlen":
         attention.use_varlen(model, cfg.data.max_seq_len, cfg.train.packing)
     use_liger = fastpath.resolve_liger(cfg.train.liger, device)
-    # Before LoRA: same module names either way.
-    fastpath.apply_fast_modules(model, use_liger)
+    # Before LoRA: same module names either way. With CUDA graphs the layers' norms and SwiGLU
+    # are inductor's: Liger's backward kernels write into their saved inputs, and CUDA graph
+    # trees run a graph that mutates its inputs without graphs. Liger's head loss stays.
+    fastpath.apply_fast_modules(model, use_liger and not cfg.train.cuda_graphs)
     models.prepare_for_training(model, cfg.train.gradient_checkpointing,
                                 cfg.train.checkpoint_every)
     if cfg.train.activation_offload:
