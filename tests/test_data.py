@@ -1,5 +1,6 @@
 import csv
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import DOLLY_ROWS, SHARED_DOLLY, write_jsonl
@@ -276,3 +277,37 @@ def test_real_dolly_sample_loads(tok):
     data = prepare_data(DataConfig(source=str(SHARED_DOLLY), max_seq_len=512), tok, seed=0)
     assert data.schema == "dolly" and data.stats["rows_read"] == 560
     assert len(data.train) + len(data.eval) + data.stats["dropped_no_answer_tokens"] == 560
+
+
+def test_worst_micro_batch_bins_covers_every_micro_batch_the_run_packs(tmp_path):
+    # train --budget plans a packed micro-batch as the most bins among many random ones; the
+    # micro-batches a run's own sampler and collator build must not need more.
+    import random
+
+    from conftest import tiny_config
+
+    from qlora_lab.data import bin_members, worst_micro_batch_bins
+    from qlora_lab.train import packed_bins, setup_training
+
+    rng = random.Random(7)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    rows = [{"instruction": f"Question {i}?", "context": "",
+             "response": " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))}
+            for i in range(96)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = tiny_config(tmp_path / "run", data, micro_batch_size=8, grad_accum_steps=1, epochs=2,
+                      max_steps=0)
+    cfg = replace(cfg, data=replace(cfg.data, max_seq_len=192, eval_fraction=0.0))
+    session = setup_training(cfg)
+    lengths = [len(e["input_ids"]) for e in session.trainer.train_dataset]
+    seen = []
+    for epoch in range(2):
+        for batch in session.trainer.get_train_dataloader():
+            seen.append(batch["input_ids"].shape[0])
+    assert len(set(seen)) > 1, (seen, lengths)  # the rows' lengths make micro-batches of different bin counts
+    planned = packed_bins(cfg, lengths)(8)
+    assert max(seen) <= planned <= 8
+    assert planned == worst_micro_batch_bins(lengths, 8, 192, draws=256, seed=cfg.train.seed)
+    # never fewer than the 8 shortest rows need, never more than the 8 longest
+    ordered = sorted(lengths)
+    assert len(bin_members(ordered[:8], 192)) <= planned <= len(bin_members(ordered[-8:], 192))

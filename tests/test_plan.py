@@ -174,9 +174,11 @@ def test_rows_share_bins_decides_whether_attention_needs_a_mask():
 
 
 def test_train_budget_reads_the_rows_before_choosing(tmp_path):
-    """`train --budget` (train.fit_to_card) on rows that fill their bins may keep activations a
-    masked run could not afford: a Qwen2.5-0.5B shape at 2,048 tokens in 8 GiB picks selective
-    checkpointing on full rows and full checkpointing on short, packed ones."""
+    """`train --budget` (train.fit_to_card) reads the rows: whether they share bins (a mask)
+    and how many bins a packed micro-batch fills. A Qwen2.5-0.5B shape at 2,048 tokens in 8 GiB:
+    16 full rows are 16 bins, and checkpointing every 2nd layer fits; 16 short packed rows
+    (~300 tokens) fill 3 bins, where checkpointing every 4th fits despite the mask (planned as
+    16 full bins, it was every layer)."""
     import json as _json
 
     from transformers import AutoConfig
@@ -199,10 +201,11 @@ def test_train_budget_reads_the_rows_before_choosing(tmp_path):
                                 "data": {"source": str(rows), "max_seq_len": 2048},
                                 "train": {"micro_batch_size": 16, "grad_accum_steps": 1,
                                           "liger": "on"}})
-        fitted, _, short = fit_to_card(cfg, 8 * 2**30)
-        chosen[name] = (short, fitted.train.micro_batch_size, fitted.train.checkpoint_every)
-    assert chosen["full"] == (False, 16, 2)
-    assert chosen["short"] == (True, 16, 1)
+        fitted, best, short = fit_to_card(cfg, 8 * 2**30)
+        chosen[name] = (short, fitted.train.micro_batch_size, fitted.train.checkpoint_every,
+                        best.sequences)
+    assert chosen["full"] == (False, 16, 2, 16)
+    assert chosen["short"] == (True, 16, 4, 3)
 
 
 def test_planner_bounds_the_h200_fast_path_peaks_given_the_bins():
@@ -224,3 +227,36 @@ def test_planner_bounds_the_h200_fast_path_peaks_given_the_bins():
                  if n != "as_planned" or entry["fewest_bins_of_largest_step"]
                  >= entry["micro_batch_rows"]]
         assert exact and all(0 <= p["allocated_error"] <= 0.10 for p in exact), entry["file"]
+
+
+# --- packed micro-batches: planned as the bins they fill ----------------------------------------
+
+
+def test_the_budget_search_plans_packed_rows_as_their_bins():
+    # 160 Dolly rows filled ~30 bins of 1,024 tokens; planned as 160 full bins the search never
+    # went past 64 rows. With the bins known, each candidate is estimated at its bins and the
+    # whole step's rows become one micro-batch where that fits.
+    # train's defaults on CUDA, compiled with varlen attention (the bench's 160-row config)
+    base = replace(STEP, packed=True, fused_loss=True, liger=True, compiled=True,
+                   attn_implementation="varlen", lora_dropout=False, optimizer="adamw_torch")
+    fill = {1: 1, 2: 1, 4: 1, 5: 1, 8: 2, 10: 2, 16: 3, 20: 4, 32: 6, 40: 8, 80: 15, 160: 29}
+    best, cands = fit_to_budget(TINYLLAMA, base, parse_bytes("8GiB"),
+                                micro_batches=tuple(fill), bins=fill.__getitem__)
+    for c in cands:
+        assert c.sequences == fill[c.micro_batch_size]
+        step = replace(base, micro_batch_size=c.sequences,
+                       gradient_checkpointing=c.gradient_checkpointing,
+                       checkpoint_every=c.checkpoint_every, activation_offload=c.activation_offload)
+        assert c.peak_allocated_bytes == estimate_peak_memory(TINYLLAMA, step).peak_allocated_bytes
+    assert best is not None and best.micro_batch_size == 160 and best.sequences == 29
+    unknown, _ = fit_to_budget(TINYLLAMA, base, parse_bytes("8GiB"), micro_batches=tuple(fill))
+    # each row a full bin: an upper bound, so a smaller micro-batch (20 rows as 20 bins)
+    assert unknown.sequences == unknown.micro_batch_size < best.micro_batch_size
+
+
+def test_plan_says_packed_rows_are_counted_as_full_bins(capsys):
+    assert main(["plan", "--model", "tinyllama", "--set", "train.micro_batch_size=160"]) == 0
+    out = capsys.readouterr().out
+    assert "each of the 160 rows counted as a full 1024-token bin, an upper bound" in out
+    assert main(["plan", "--model", "tinyllama", "--set", "train.packing=false"]) == 0
+    assert "upper bound" not in capsys.readouterr().out

@@ -329,9 +329,9 @@ def _command(args) -> int:
                 raise UserError(f"--budget: {exc}") from None
             cfg, best, short = fit_to_card(cfg, budget)
             logging.getLogger("qlora_lab").info(
-                "planner: micro-batch %d x %d, checkpointing %s (every %d), predicted peak %.2f "
-                "GiB of %.2f (%s)", best.micro_batch_size, best.seq_len,
-                best.gradient_checkpointing, best.checkpoint_every,
+                "planner: micro-batch %d rows (planned as %d x %d tokens), checkpointing %s "
+                "(every %d), predicted peak %.2f GiB of %.2f (%s)", best.micro_batch_size,
+                best.sequences, best.seq_len, best.gradient_checkpointing, best.checkpoint_every,
                 best.peak_allocated_bytes / GIB, budget / GIB,
                 "rows share bins: masked attention" if short else "every row fills its bin")
         summary = run_train(cfg, resume=args.resume, overwrite=args.overwrite)

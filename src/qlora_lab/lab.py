@@ -7,7 +7,7 @@ one, the same command did: see below): planner predictions (memory.estimate_peak
 1. feasibility   seq_len x micro-batch x rank x checkpointing x 4/16-bit under --budget, as the
                  planner predicts it; on CUDA, real train steps confirm a subset (each in its own
                  process under the emulated card, peak from torch.cuda.max_memory_allocated).
-2. throughput    for each memory budget, the config `plan.fit_config` picks, trained for real:
+2. throughput    for each memory budget, the config `train --budget` picks, trained for real:
                  real tokens/s and wall time to a target eval loss, with the Pareto front.
 3. stability     learning rate x (nf4, fp4, 16-bit) x optimizer x seed: final eval loss and
                  divergences (a NaN stop, or a training loss above spike_factor x the first).
@@ -295,7 +295,8 @@ def _measure_subset(grid: list[dict], n: int) -> list[dict]:
 
 
 def throughput(lab: Lab) -> dict:
-    from qlora_lab.plan import fit_config
+    # What `train --budget` picks (it reads the rows: their bins when packed, their masks).
+    from qlora_lab.train import fit_to_card
 
     cfg, points, jobs = lab.cfg, [], []
     for budget in cfg.budgets_bytes:
@@ -304,7 +305,7 @@ def throughput(lab: Lab) -> dict:
                         data={"max_seq_len": cfg.throughput_seq_len},
                         train={"micro_batch_size": cfg.rows_per_step, "grad_accum_steps": 1})
         try:
-            run, best, _ = fit_config(want, budget)
+            run, best, _ = fit_to_card(want, budget)
         except UserError as exc:
             points.append({"budget_bytes": budget, "skipped": str(exc)})
             continue

@@ -8,6 +8,7 @@ budget search here tries micro-batch x activation strategy against those sums.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -79,6 +80,9 @@ class Candidate:
     fits: bool
     checkpoint_every: int = 1
     activation_offload: bool = False
+    # The sequences the estimate counted: micro_batch_size rows, or, packed with the run's rows
+    # known (train --budget), the most bins such a micro-batch packed into.
+    sequences: int = 0
 
 
 def predicted_throughput(model: ModelShape, step: StepShape, flops_per_s: float = 200e12,
@@ -109,42 +113,47 @@ STRATEGIES = ((False, 1, False), (True, 4, False), (True, 2, False), (True, 1, F
 
 
 def fit_to_budget(model: ModelShape, base: StepShape, budget_bytes: int,
-                  micro_batches=(1, 2, 4, 8, 16, 32), optimizers: tuple[str, ...] | None = None
+                  micro_batches=(1, 2, 4, 8, 16, 32), optimizers: tuple[str, ...] | None = None,
+                  bins: Callable[[int], int] | None = None
                   ) -> tuple[Candidate | None, list[Candidate]]:
     """Search micro-batch x checkpointing x optimizer at the needed sequence length.
 
     The budget is compared with the predicted *reserved* peak (what the card must hold), so the
     allocator's overhead is inside the budget too. Returns the fastest feasible candidate.
+    `bins` maps a micro-batch of rows to the sequences it holds (packed: its bins); without it
+    each row is a full sequence of seq_len tokens, an upper bound for packed rows.
     """
     # The optimizer the run resolves to (apply_candidate keeps `auto`): a search over others
     # would pick one the run does not use.
     optimizers = optimizers or (base.optimizer,)
-    cands = _candidates(model, base, budget_bytes, micro_batches, optimizers, offload=False)
+    cands = _candidates(model, base, budget_bytes, micro_batches, optimizers, False, bins)
     if not any(c.fits for c in cands) and base.fused_loss:
         # Offloading checkpoints to host memory is the last resort: it was measured for long
         # rows (98,304 tokens in 8 GiB), not for speed, so it is chosen only when nothing else
         # fits.
-        cands += _candidates(model, base, budget_bytes, micro_batches, optimizers, offload=True)
+        cands += _candidates(model, base, budget_bytes, micro_batches, optimizers, True, bins)
     feasible = [c for c in cands if c.fits]
     best = max(feasible, key=lambda c: c.predicted_tokens_per_s, default=None)
     return best, cands
 
 
 def _candidates(model: ModelShape, base: StepShape, budget_bytes: int, micro_batches,
-                optimizers, offload: bool) -> list[Candidate]:
+                optimizers, offload: bool, bins: Callable[[int], int] | None
+                ) -> list[Candidate]:
     cands = []
     for mb in micro_batches:
+        sequences = bins(mb) if bins else mb
         for ckpt, every, strategy_offload in STRATEGIES:
             if strategy_offload != offload:
                 continue
             for opt in optimizers:
-                step = replace(base, micro_batch_size=mb, gradient_checkpointing=ckpt,
+                step = replace(base, micro_batch_size=sequences, gradient_checkpointing=ckpt,
                                optimizer=opt, checkpoint_every=every, activation_offload=offload)
                 plan = estimate_peak_memory(model, step)
                 cands.append(Candidate(mb, step.seq_len, ckpt, opt, plan.peak_allocated_bytes,
                                        predicted_throughput(model, step),
                                        plan.peak_reserved_bytes <= budget_bytes, every,
-                                       offload))
+                                       offload, sequences))
     return cands
 
 
@@ -172,17 +181,23 @@ def apply_candidate(cfg: RunConfig, cand: Candidate) -> RunConfig:
 
 
 def fit_config(cfg: RunConfig, budget_bytes: int, gpus: int = 1, strategy: str = "ddp",
-               short_rows: bool = True) -> tuple[RunConfig, Candidate, list]:
+               short_rows: bool = True, bins: Callable[[int], int] | None = None
+               ) -> tuple[RunConfig, Candidate, list]:
     """The fastest config predicted to fit. short_rows: whether micro-batches need an attention
     mask (data.rows_share_bins); unknown (`plan` reads no data), assume they do, which costs
-    more memory with selective checkpointing."""
+    more memory with selective checkpointing. bins: packed, the bins a micro-batch of n rows
+    fills (train.fit_to_card reads them off the run's rows); unknown, each row a full bin."""
     shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
     base = replace(step_shape(cfg, gpus=gpus, strategy=strategy), short_rows=short_rows)
     # Only micro-batches that divide the rows per optimizer step: the search trades micro-batch
     # for accumulation and must not change the effective batch (which changes the optimization).
+    # Rows counted as full sequences stop at 64 (more never fits a small card); packed rows
+    # with known bins go up to the whole step (160 Dolly rows are ~30 bins).
     rows = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
-    micro_batches = tuple(d for d in range(1, min(rows, 64) + 1) if rows % d == 0)
-    best, cands = fit_to_budget(shape, base, budget_bytes, micro_batches=micro_batches)
+    largest = rows if bins else min(rows, 64)
+    micro_batches = tuple(d for d in range(1, largest + 1) if rows % d == 0)
+    best, cands = fit_to_budget(shape, base, budget_bytes, micro_batches=micro_batches,
+                                bins=bins)
     if best is None:
         fallback = shorter_seq_fallback(shape, base, budget_bytes)
         hint = (f"; data.max_seq_len = {fallback.seq_len} with micro-batch "
@@ -223,6 +238,13 @@ def run_plan(cfg: PlanConfig) -> dict:
     step = step_shape(run, gpus=cfg.gpus, strategy=cfg.strategy)
     plan = memory.estimate_peak_memory(shape, step)
     result.update(model=run.model.name, step=step.__dict__, **plan.as_dict())
+    packed_note = None
+    if step.packed and step.micro_batch_size > 1:
+        # `plan` reads no data; packed rows share bins, so this is an upper bound.
+        packed_note = (f"packed: each of the {step.micro_batch_size} rows counted as a full "
+                       f"{step.seq_len}-token bin, an upper bound (160 Dolly rows fill ~30 "
+                       "bins of 1,024); `train --budget` plans the bins the run's rows fill")
+        result["packed_note"] = packed_note
     if cfg.output:
         try:
             Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
@@ -240,6 +262,8 @@ def run_plan(cfg: PlanConfig) -> dict:
               f"activations: {_strategy(step)}; peak at {plan.peak_phase}"
               + (f"; per GPU of {step.gpus} ({step.strategy})" if step.gpus > 1 else ""))
         print(_table(plan))
+        if packed_note:
+            print(f"  {packed_note}")
         if cfg.budget:
             print(f"fits {cfg.budget}: micro-batch {result['chosen']['micro_batch_size']}, "
                   f"activations: {_strategy(step)}"
