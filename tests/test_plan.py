@@ -260,3 +260,14 @@ def test_plan_says_packed_rows_are_counted_as_full_bins(capsys):
     assert "each of the 160 rows counted as a full 1024-token bin, an upper bound" in out
     assert main(["plan", "--model", "tinyllama", "--set", "train.packing=false"]) == 0
     assert "upper bound" not in capsys.readouterr().out
+
+
+def test_plan_counts_cuda_graph_layers_without_liger():
+    # train.cuda_graphs swaps no Liger module into the layers (Liger's backward mutates its
+    # saved inputs, which CUDA graph trees refuse to graph): the planner counts them likewise.
+    from qlora_lab.config import config_from_dict
+
+    train = {"liger": "on", "compile": True, "gradient_checkpointing": False}
+    plain = plan_module.step_shape(config_from_dict({"train": train}))
+    graphed = plan_module.step_shape(config_from_dict({"train": {**train, "cuda_graphs": True}}))
+    assert plain.liger and not graphed.liger
