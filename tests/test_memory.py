@@ -373,3 +373,39 @@ def test_sliding_window_rows_get_a_mask_from_the_window_on():
     assert _term(long, "attention_mask") == 4 * 4096 * 4096 * 3
 
 
+
+
+def test_packed_reserve_ratio_under_expandable_segments_covers_every_measured_run(capsys):
+    """Reserved/allocated of the packed H200 runs made since `train` uses expandable segments
+    (benchmarks/results/reserved_ratio_expandable.json, read again from the committed result
+    files) stays within the ratio the planner assumes for them, and below the one without."""
+    result = committed_result("reserved_ratio_expandable.json")
+    benchmark_module("reserved_ratio_expandable").main()
+    assert json.loads(capsys.readouterr().out) == result  # the files still say what it read
+    assert result["runs"] >= 20 and len(result["points"]) == result["runs"]
+    assert 1.0 <= result["min_ratio"] <= result["max_ratio"] \
+        <= memory.RESERVED_OVER_ALLOCATED_PACKED_EXPANDABLE < memory.RESERVED_OVER_ALLOCATED_PACKED
+
+
+@pytest.mark.parametrize("env, expandable", [
+    ({}, True),  # train sets it
+    ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, True),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128, expandable_segments: true"}, True),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, False),  # the user's choice stands
+    ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, False),
+])
+def test_the_planner_reads_the_allocator_config_train_will_run_with(env, expandable, monkeypatch):
+    from qlora_lab.config import RunConfig
+    from qlora_lab.plan import step_shape
+
+    assert memory.expandable_segments(env) is expandable
+    for key in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    step = step_shape(RunConfig())
+    assert step.packed and step.expandable_segments is expandable
+    plan = memory.estimate_peak_memory(_tinyllama_shape(), step)
+    ratio = (memory.RESERVED_OVER_ALLOCATED_PACKED_EXPANDABLE if expandable
+             else memory.RESERVED_OVER_ALLOCATED_PACKED)
+    assert plan.peak_reserved_bytes == int(plan.peak_allocated_bytes * ratio)

@@ -22,6 +22,7 @@ Measured against real runs of `train`'s own setup: benchmarks/memory_validation_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 
 from qlora_lab.errors import UserError
@@ -37,6 +38,12 @@ RESERVED_OVER_ALLOCATED = 1.5
 # the allocator holds less slack: 1.03-1.28x on the fast path (TinyLlama, 4 to 32 packed bins,
 # H200; benchmarks/results/reserved_ratio_fastpath.json).
 RESERVED_OVER_ALLOCATED_PACKED = 1.3
+# Under CUDA's expandable segments (every `train` process since commit d719466, unless the user
+# set the allocator's config) a segment grows in place instead of a new block being cached
+# beside the old: 1.015-1.089x over 24 packed H200 runs (benchmarks/results/
+# reserved_ratio_expandable.json), the ratio above measured without. 1.15 keeps a margin for
+# what those runs did not vary (all TinyLlama's shape, mostly compiled).
+RESERVED_OVER_ALLOCATED_PACKED_EXPANDABLE = 1.15
 # Allocations no term names, nearly constant across models and sizes. At the peak of the
 # TinyLlama and Qwen2.5 steps the allocator's trace shows two 32 MiB blocks that live through
 # the whole step (one from the rotary embedding's first call, one from bitsandbytes' first
@@ -235,6 +242,9 @@ class StepShape:
     # Rows shorter than their bin (real data): SDPA/eager then get a block-diagonal (packed) or
     # padding mask and run GQA by repeating k/v. False: every row fills its bin (validation).
     short_rows: bool = True
+    # CUDA's caching allocator with expandable segments (train's default; see
+    # expandable_segments): packed runs then reserve less beyond what they allocate.
+    expandable_segments: bool = False
 
     @property
     def tokens(self) -> int:
@@ -860,7 +870,10 @@ def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:
                               "one layer's forward under no_grad: MLP untiled (see "
                               "offload_forward_bytes_per_token)")] if act.forward else []
     terms = tuple(static + act.kept + [mask, loss, act.backward] + extra_terms + [work, other])
-    ratio = RESERVED_OVER_ALLOCATED_PACKED if step.packed else RESERVED_OVER_ALLOCATED
+    ratio = RESERVED_OVER_ALLOCATED
+    if step.packed:
+        ratio = (RESERVED_OVER_ALLOCATED_PACKED_EXPANDABLE if step.expandable_segments
+                 else RESERVED_OVER_ALLOCATED_PACKED)
     excluded = MemoryPlan.excluded
     if step.optimizer.startswith("paged_"):
         excluded += "; paged optimizer state (CUDA managed memory, outside PyTorch's allocator)"
@@ -868,6 +881,17 @@ def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:
 
 
 # --- sizes --------------------------------------------------------------------------------------
+
+
+def expandable_segments(env: Mapping[str, str]) -> bool:
+    """Whether a `train` process started with this environment runs CUDA's allocator with
+    expandable segments: train sets it (child.CUDA_ALLOCATOR_ENV) unless the user has set the
+    allocator's config, which then decides."""
+    confs = [env.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")]
+    confs = [c for c in confs if c is not None]
+    if not confs:
+        return True
+    return any("expandable_segments:true" in c.replace(" ", "").lower() for c in confs)
 
 
 def parse_bytes(text: str) -> int:

@@ -8,6 +8,7 @@ budget search here tries micro-batch x activation strategy against those sums.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -52,7 +53,8 @@ def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
         liger=device_is_gpu and _liger_used(cfg.train.liger) and not cfg.train.cuda_graphs,
         activation_offload=cfg.train.activation_offload,
         checkpoint_every=cfg.train.checkpoint_every, packed=cfg.train.packing,
-        compiled=cfg.train.compile, attn_implementation=cfg.model.attn_implementation)
+        compiled=cfg.train.compile, attn_implementation=cfg.model.attn_implementation,
+        expandable_segments=memory.expandable_segments(os.environ))
 
 
 def _liger_used(setting: str) -> bool:
