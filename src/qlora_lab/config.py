@@ -366,7 +366,8 @@ class TrainConfig:
         micro-batches fit in 8 GiB without recomputing every layer. CUDA only; training only
         (evaluation runs the compiled layers without graphs); without gradient checkpointing
         (CUDA graph trees start a new generation at a compiled call with no forward pending, so
-        a layer recomputed inside backward would overwrite the gradients in flight). The layers'
+        a layer recomputed inside backward would overwrite the gradients in flight: torch's
+        rule, not run). The layers'
         norms and SwiGLU are then inductor's, not Liger's (Liger's backward writes into its
         saved inputs, and a graph that mutates its inputs is not graphed); Liger's head loss
         stays.
