@@ -363,14 +363,15 @@ class TrainConfig:
         layer in one call instead of ~180 kernels. Small micro-batches are bound by those
         launches (4 full rows without checkpointing: 0.35 s of GPU work in a 1.1 s step on an
         H200, benchmarks/results/profile_step_h200_full_rows_4x8_nockpt.json), and only small
-        micro-batches fit in 8 GiB without recomputing every layer. CUDA only; training only
-        (evaluation runs the compiled layers without graphs); without gradient checkpointing
-        (CUDA graph trees start a new generation at a compiled call with no forward pending, so
-        a layer recomputed inside backward would overwrite the gradients in flight: torch's
-        rule, not run). The layers'
-        norms and SwiGLU are then inductor's, not Liger's (Liger's backward writes into its
-        saved inputs, and a graph that mutates its inputs is not graphed); Liger's head loss
-        stays.
+        micro-batches fit in 8 GiB without recomputing every layer. Off by default: measured
+        without a gain so far, since graphs are recorded again for every new micro-batch shape
+        (fastpath_sweep_h200_run15_cuda_graphs.json). CUDA only; training only (evaluation runs
+        the compiled layers without graphs); without gradient checkpointing (CUDA graph trees
+        start a new generation at a compiled call with no forward pending, so a layer
+        recomputed inside backward would overwrite the gradients in flight: torch's rule, not
+        run). The layers' norms and SwiGLU are then inductor's, not Liger's (Liger's backward
+        writes into its saved inputs, and a graph that mutates its inputs is not graphed);
+        Liger's head loss stays.
     """
 
     output_dir: str = "runs/qlora"
