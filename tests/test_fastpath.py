@@ -757,10 +757,11 @@ def test_cuda_graphs_need_compiled_layers():
     assert TrainConfig(compile=True, cuda_graphs=True, gradient_checkpointing=False).cuda_graphs
 
 
+_PRODUCED: list[int] = []  # where each backward of _GradAtAddress put its gradient
+
+
 class _GradAtAddress(torch.autograd.Function):
     """Identity whose backward records where its gradient lives (holding no reference)."""
-
-    addresses: list = []
 
     @staticmethod
     def forward(ctx, weight):
@@ -769,7 +770,7 @@ class _GradAtAddress(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.clone()
-        _GradAtAddress.addresses.append(grad.data_ptr())
+        _PRODUCED.append(grad.data_ptr())
         return grad
 
 
@@ -781,12 +782,12 @@ def test_the_first_gradient_of_a_step_is_copied_out_of_the_graph_pool():
         weight = torch.nn.Parameter(torch.arange(4.0))
         if own:
             assert fastpath.keep_grads_out_of_graph_pool(torch.nn.ParameterList([weight])) == 1
-        _GradAtAddress.addresses = []
+        _PRODUCED.clear()
         ptrs = []
         for scale in (1.0, 2.0, 3.0):
             (_GradAtAddress.apply(weight) * scale).sum().backward()
             ptrs.append(weight.grad.data_ptr())
-        return weight.grad, ptrs, list(_GradAtAddress.addresses)
+        return weight.grad, ptrs, list(_PRODUCED)
 
     grad, ptrs, produced = accumulate(own=False)
     assert ptrs[0] == produced[0]  # without the hook autograd keeps the produced tensor itself
@@ -796,9 +797,9 @@ def test_the_first_gradient_of_a_step_is_copied_out_of_the_graph_pool():
     weight = torch.nn.Parameter(torch.ones(2))
     fastpath.keep_grads_out_of_graph_pool(torch.nn.ParameterList([weight]))
     weight.grad = None  # what Trainer's zero_grad leaves after a step: the next one copies again
-    _GradAtAddress.addresses = []
+    _PRODUCED.clear()
     _GradAtAddress.apply(weight).sum().backward()
-    assert weight.grad.data_ptr() != _GradAtAddress.addresses[0]
+    assert weight.grad.data_ptr() != _PRODUCED[0]
 
 
 def test_evaluation_inside_training_compiles_without_cuda_graphs(tmp_path, dolly_file):
