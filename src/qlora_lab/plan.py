@@ -196,9 +196,10 @@ def fit_config(cfg: RunConfig, budget_bytes: int, gpus: int = 1, strategy: str =
     # Only micro-batches that divide the rows per optimizer step: the search trades micro-batch
     # for accumulation and must not change the effective batch (which changes the optimization).
     # Rows counted as full sequences stop at 64 (more never fits a small card); packed rows
-    # with known bins go up to the whole step (160 Dolly rows are ~30 bins).
+    # with known bins go up to the whole step (160 Dolly rows are ~30 bins), at most 1,024 rows
+    # (each size's bins are a simulation of ~0.1-0.3 s).
     rows = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
-    largest = rows if bins else min(rows, 64)
+    largest = min(rows, 1024 if bins else 64)
     micro_batches = tuple(d for d in range(1, largest + 1) if rows % d == 0)
     best, cands = fit_to_budget(shape, base, budget_bytes, micro_batches=micro_batches,
                                 bins=bins)

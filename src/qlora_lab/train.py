@@ -17,6 +17,7 @@ loss stops before it reaches the weights or a checkpoint (faults.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -386,6 +387,7 @@ def packed_bins(cfg: RunConfig, lengths: list[int]):
 
     rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
 
+    @functools.lru_cache(maxsize=None)  # the budget search asks again for the offload fallback
     def bins(rows: int) -> int:
         if cfg.train.max_steps:
             drawn = cfg.train.max_steps * -(-rows_per_step // rows)
