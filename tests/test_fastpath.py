@@ -745,6 +745,17 @@ def test_compiled_layers_compile_once_per_grad_mode(tmp_path, dolly_file, checkp
 # --- CUDA graphs (train.cuda_graphs) ----------------------------------------------------------
 
 
+def test_cuda_graphs_refuse_multi_gpu_runs(tmp_path, dolly_file, monkeypatch):
+    from qlora_lab.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = tiny_config(tmp_path / "run", dolly_file, compile=True, cuda_graphs=True,
+                      gradient_checkpointing=False)
+    with pytest.raises(UserError, match=r"train\.cuda_graphs = true is for one process "
+                                        r"\(WORLD_SIZE is 2\)"):
+        setup_training(cfg)
+
+
 def test_cuda_graphs_need_compiled_layers():
     from qlora_lab.config import TrainConfig
     from qlora_lab.errors import UserError

@@ -365,7 +365,8 @@ class TrainConfig:
         H200, benchmarks/results/profile_step_h200_full_rows_4x8_nockpt.json), and only small
         micro-batches fit in 8 GiB without recomputing every layer. Off by default: measured
         without a gain so far, since graphs are recorded again for every new micro-batch shape
-        (fastpath_sweep_h200_run15_cuda_graphs.json). CUDA only; training only (evaluation runs
+        (fastpath_sweep_h200_run15_cuda_graphs.json). CUDA and one process only (DDP's and
+        FSDP's gradient hooks were never run beside it); training only (evaluation runs
         the compiled layers without graphs); without gradient checkpointing (CUDA graph trees
         start a new generation at a compiled call with no forward pending, so a layer
         recomputed inside backward would overwrite the gradients in flight: torch's rule, not

@@ -191,6 +191,10 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     device = models.resolve_device(cfg.train.device)
     dtype = models.resolve_compute_dtype(cfg.quant, device)
     optimizer_name(cfg, device)  # a CUDA-only optimizer on CPU fails here, not after loading
+    if cfg.train.cuda_graphs and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DDP's and FSDP's gradient hooks were never run beside the graphs' gradient copy.
+        raise UserError("train.cuda_graphs = true is for one process (WORLD_SIZE is "
+                        f"{os.environ['WORLD_SIZE']}) — set it false for multi-GPU runs")
     if cfg.train.cuda_graphs and device != "cuda":
         raise UserError("train.cuda_graphs = true needs CUDA — set it false on CPU")
 
