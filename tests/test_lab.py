@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -89,7 +90,9 @@ def test_feasibility_is_the_planners_and_says_measurement_needs_cuda(report):
                                 bits=p["bits"], lora_r=p["lora_r"], lora_dropout=False,
                                 gradient_checkpointing=p["gradient_checkpointing"],
                                 optimizer=resolve_optimizer("auto", on_cuda=True),
-                                fused_loss=True, packed=True)
+                                fused_loss=True, packed=True,
+                                # as plan.step_shape reads it for the run (train's allocator)
+                                expandable_segments=memory.expandable_segments(os.environ))
         plan = memory.estimate_peak_memory(shape, step)
         assert p["predicted_peak_reserved_bytes"] == plan.peak_reserved_bytes
         assert p["fits"] == (plan.peak_reserved_bytes <= f["budget_bytes"])
