@@ -18,17 +18,17 @@ import json
 import math
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from fixtures import bpe_tokenizer, git_head
 
 from qlora_lab.config import config_from_dict
-from qlora_lab.data import prepare_data
 from qlora_lab.memory import GIB, estimate_peak_memory, parse_bytes
 from qlora_lab.models import PRESETS
 from qlora_lab.plan import step_shape
 from qlora_lab.shapes import model_shape
-from qlora_lab.train import fit_to_card, packed_bins
+from qlora_lab.train import budget_rows, fit_to_card, packed_bins
 
 
 def main() -> None:
@@ -51,17 +51,12 @@ def main() -> None:
         values["train"]["liger"] = "on"
         values["data"]["source"] = str(args.data)
         run = config_from_dict(values)
-        from transformers import AutoTokenizer
-
-        data = prepare_data(run.data, AutoTokenizer.from_pretrained(base), run.train.seed)
-        lengths = [len(e["input_ids"]) for e in data.train]
+        lengths, short = budget_rows(run)  # the rows as `train --budget` reads them, once
         rows = run.train.micro_batch_size
         bins = packed_bins(run, lengths)(rows)
-        step = step_shape(run)
         shape = model_shape(str(base))
-        at_bins = estimate_peak_memory(shape, step.__class__(**{**step.__dict__,
-                                                                  "micro_batch_size": bins}))
-        fitted, best, short = fit_to_card(run, parse_bytes(args.budget))
+        at_bins = estimate_peak_memory(shape, replace(step_shape(run), micro_batch_size=bins))
+        fitted, best, short = fit_to_card(run, parse_bytes(args.budget), (lengths, short))
     tokens = measured["step_real_tokens"]
     report = {
         "what": __doc__.split("\n\n")[0], "planner_commit": git_head()[0],

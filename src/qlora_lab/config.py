@@ -446,6 +446,14 @@ class TrainConfig:
                  "train.activation_offload", self.activation_offload,
                  "false when train.gradient_checkpointing is false (it offloads checkpoints)")
 
+    def liger_in_layers(self, liger_on: bool) -> bool:
+        """Whether the layers' RMSNorm and SwiGLU are Liger's, Liger being on (`train` builds
+        them so, `plan` counts them so): not with cuda_graphs. Liger's backward writes into
+        its saved inputs, and CUDA graph trees leave a graph that mutates its inputs ungraphed
+        (run 14 logged "skipping cudagraphs due to mutated inputs" 7 times with them, run 15
+        none without). The head's loss stays Liger's either way."""
+        return liger_on and not self.cuda_graphs
+
 
 @dataclass(frozen=True)
 class RunConfig:

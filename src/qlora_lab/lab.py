@@ -297,16 +297,17 @@ def _measure_subset(grid: list[dict], n: int) -> list[dict]:
 
 def throughput(lab: Lab) -> dict:
     # What `train --budget` picks (it reads the rows: their bins when packed, their masks).
-    from qlora_lab.train import fit_to_card
+    from qlora_lab.train import budget_rows, fit_to_card
 
-    cfg, points, jobs = lab.cfg, [], []
+    cfg, points, jobs, rows = lab.cfg, [], [], None
     for budget in cfg.budgets_bytes:
         rid = f"throughput/{budget / GIB:.3g}GiB" if budget >= GIB else f"throughput/{budget // MIB}MiB"
         want = base_run(cfg, lab.run_dir(rid), cfg.speed_model, cfg.throughput_steps,
                         data={"max_seq_len": cfg.throughput_seq_len},
                         train={"micro_batch_size": cfg.rows_per_step, "grad_accum_steps": 1})
         try:
-            run, best, _ = fit_to_card(want, budget)
+            rows = rows or budget_rows(want)  # every budget's run trains the same rows
+            run, best, _ = fit_to_card(want, budget, rows)
         except UserError as exc:
             points.append({"budget_bytes": budget, "skipped": str(exc)})
             continue

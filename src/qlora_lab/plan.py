@@ -48,9 +48,9 @@ def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
         gradient_checkpointing=cfg.train.gradient_checkpointing, gpus=gpus, strategy=strategy,
         # Under FSDP train falls back to the model's own loss (lm_head is sharded there).
         fused_loss=cfg.train.fused_loss and not (gpus > 1 and strategy == "fsdp"),
-        # With CUDA graphs the layers' norms and SwiGLU are not Liger's (train.py); the head's
-        # loss still is, counted here as the chunked loss (an approximation, not measured).
-        liger=device_is_gpu and _liger_used(cfg.train.liger) and not cfg.train.cuda_graphs,
+        # Without Liger's layer kernels (cuda_graphs) the head's loss, still Liger's, is
+        # counted as the chunked loss: an approximation, not measured.
+        liger=cfg.train.liger_in_layers(device_is_gpu and _liger_used(cfg.train.liger)),
         activation_offload=cfg.train.activation_offload,
         checkpoint_every=cfg.train.checkpoint_every, packed=cfg.train.packing,
         compiled=cfg.train.compile, attn_implementation=cfg.model.attn_implementation,

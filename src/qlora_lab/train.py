@@ -216,10 +216,8 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     if cfg.model.attn_implementation == "varlen":
         attention.use_varlen(model, cfg.data.max_seq_len, cfg.train.packing)
     use_liger = fastpath.resolve_liger(cfg.train.liger, device)
-    # Before LoRA: same module names either way. With CUDA graphs the layers' norms and SwiGLU
-    # are inductor's: Liger's backward kernels write into their saved inputs, and CUDA graph
-    # trees run a graph that mutates its inputs without graphs. Liger's head loss stays.
-    fastpath.apply_fast_modules(model, use_liger and not cfg.train.cuda_graphs)
+    # Before LoRA: same module names either way.
+    fastpath.apply_fast_modules(model, cfg.train.liger_in_layers(use_liger))
     models.prepare_for_training(model, cfg.train.gradient_checkpointing,
                                 cfg.train.checkpoint_every)
     if cfg.train.activation_offload:
@@ -362,12 +360,10 @@ def _interrupted_message(session: TrainingSession, stopper: faults.StopOnSignal)
             f"{shlex.quote(str(out))} --resume")
 
 
-def fit_to_card(cfg: RunConfig, budget_bytes: int):
-    """`train --budget`: the planner's fastest config for this card, told whether this run's
-    rows need attention masks (they decide what selective checkpointing keeps). Reads and
-    tokenizes the data as setup does; the model itself is never loaded here."""
+def budget_rows(cfg: RunConfig) -> tuple[list[int], bool]:
+    """The run's training rows as the budget search reads them: each row's tokens, and whether
+    rows share bins (data.rows_share_bins). Reads and tokenizes the data as setup does."""
     from qlora_lab.data import rows_share_bins
-    from qlora_lab.plan import fit_config
 
     model_path = models.resolve_model_path(cfg.model.name)
     with adapters.explain_load_errors(f"base model {cfg.model.name}",
@@ -376,8 +372,18 @@ def fit_to_card(cfg: RunConfig, budget_bytes: int):
         tokenizer = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
     short = rows_share_bins(data.train, cfg.data.max_seq_len, cfg.train.packing)
-    bins = packed_bins(cfg, [len(e["input_ids"]) for e in data.train]) if cfg.train.packing \
-        else None
+    return [len(e["input_ids"]) for e in data.train], short
+
+
+def fit_to_card(cfg: RunConfig, budget_bytes: int, rows: tuple[list[int], bool] | None = None):
+    """`train --budget`: the planner's fastest config for this card, told how the run's rows
+    pack (budget_rows; pass them to fit several budgets to one read): whether they share bins
+    (their masks decide what selective checkpointing keeps) and, packed, the bins a
+    micro-batch of them fills. The model itself is never loaded here."""
+    from qlora_lab.plan import fit_config
+
+    lengths, short = rows if rows is not None else budget_rows(cfg)
+    bins = packed_bins(cfg, lengths) if cfg.train.packing else None
     fitted, best, _ = fit_config(cfg, budget_bytes, short_rows=short, bins=bins)
     return fitted, best, short
 
@@ -391,7 +397,7 @@ def packed_bins(cfg: RunConfig, lengths: list[int]):
 
     rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
 
-    @functools.lru_cache(maxsize=None)  # the budget search asks again for the offload fallback
+    @functools.cache  # the budget search asks again for the offload fallback
     def bins(rows: int) -> int:
         if cfg.train.max_steps:
             drawn = cfg.train.max_steps * -(-rows_per_step // rows)
