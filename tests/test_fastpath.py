@@ -229,6 +229,35 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tmp_path, dolly_file):
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_compiled_checkpointed_layers_recompute_in_backward_graph(tmp_path, dolly_file,
+                                                                   monkeypatch):
+    """Checkpointed and compiled, a layer's recomputation is part of its compiled backward, which
+    recomputes only what backward reads: every projection's base weight is dequantized once in
+    forward and once for its input gradient, and once more to recompute, except down_proj's (its
+    output is the layer's output, which backward never reads). Checkpointed around the compiled
+    call (transformers < 5.24 without fastpath.checkpoint_inside_compiled_layers) the whole
+    forward ran again, down_proj included. The step equals the uncompiled one."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = _session(tmp_path / "c", dolly_file, compile=True, gradient_checkpointing=True)
+    eager = _session(tmp_path / "e", dolly_file, gradient_checkpointing=True)
+    layers = [m for m in compiled.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert layers and all(m.gradient_checkpointing for m in layers)
+    projections = [m for m in compiled.model.modules() if hasattr(m, "lora_A")]
+    assert len(projections) == 7 * len(layers)  # q, k, v, o, gate, up, down
+    batch = PackedCollator(eager.tokenizer.pad_token_id, 256)(eager.data.train[:6])
+    with fastpath.compile_settings():
+        _loss_and_grads(compiled, batch)  # compiles (tracing runs the ops on fake tensors)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loss_c, grads_c = _loss_and_grads(compiled, batch)
+    dequantized = sum(e.count for e in prof.key_averages()
+                      if e.key == "bitsandbytes::dequantize_4bit")
+    assert dequantized == 2 * len(projections) + len(projections) - len(layers)
+    loss_e, grads_e = _loss_and_grads(eager, batch)
+    assert loss_c == pytest.approx(loss_e, rel=1e-5)
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_selective_checkpointing_checkpoints_every_nth_layer_with_the_same_gradients(
         tmp_path, dolly_file):
     every = _session(tmp_path / "every", dolly_file, checkpoint_every=2)

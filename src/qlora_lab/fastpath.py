@@ -252,7 +252,7 @@ def _liger_rms_norm(norm: nn.Module) -> nn.Module:
 # --- compilation ------------------------------------------------------------------------------
 
 
-def compile_decoder_layers(model: nn.Module) -> int:
+def compile_decoder_layers(model: nn.Module, checkpointing: bool = False) -> int:
     """torch.compile every decoder layer in place (nn.Module.compile); returns how many.
 
     Per layer, not the whole model: the packed-sequence mask is built from data-dependent
@@ -260,12 +260,17 @@ def compile_decoder_layers(model: nn.Module) -> int:
     both would break a whole-model graph, neither runs inside a layer. All layers share one
     shape, so one compilation serves them all. (`dynamic=True`, to compile once for every
     number of bins, failed on the H200 with an assertion inside dynamo: not used.)
+
+    `checkpointing`: the layers are checkpointed by transformers' own non-reentrant
+    checkpointing (not offloaded, not reentrant); see `checkpoint_inside_compiled_layers`.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
         layer.compile()
+    if checkpointing:
+        checkpoint_inside_compiled_layers(model)
     # Dynamo guards on whether a layer's input requires grad, and every layer's input but the
     # first (the frozen embeddings' output) follows the grad mode. peft's hook (with gradient
     # checkpointing) marks that output as requiring grad even under no_grad, and without
@@ -275,6 +280,52 @@ def compile_decoder_layers(model: nn.Module) -> int:
     # more input gradient, for one layer.
     model.get_input_embeddings().register_forward_hook(_input_follows_grad_mode)
     return len(layers)
+
+
+def checkpoints_outside_compiled_layers() -> bool:
+    """Whether this transformers checkpoints a layer around its whole call (`__call__`),
+    outside what `nn.Module.compile` compiles, rather than inside `forward` (transformers 5.24
+    moved it into `forward`, so module hooks stay outside the recomputation)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return "__call__" in GradientCheckpointingLayer.__dict__
+
+
+def checkpoint_inside_compiled_layers(model: nn.Module) -> bool:
+    """Have every checkpointed layer's recomputation compiled into its backward graph, on
+    every transformers version; returns whether the checkpoint function was replaced.
+
+    Checkpointed around a compiled call, the recomputation re-runs the layer's whole compiled
+    forward before its backward: all seven projections, though the last (down_proj) computes
+    only the layer's output, which backward never reads. With the checkpoint inside the
+    compiled region, AOTAutograd's partitioner puts the recomputation into the backward graph
+    and keeps only what backward reads: six projections of seven, and the recomputed
+    elementwise work fuses with the backward's kernels (tests/test_fastpath.py::
+    test_compiled_checkpointed_layers_recompute_in_backward_graph). transformers >= 5.24
+    checkpoints inside `forward`, hence inside the compiled call, and needs nothing here;
+    before, `__call__` checkpointed the compiled call, so the checkpoint function itself is
+    compiled here: it traces through the layer's compiled call (dynamo inlines a compiled
+    function it meets), as one graph shared by all layers. It goes where transformers'
+    `_set_gradient_checkpointing` puts its own, each layer's `_gradient_checkpointing_func`;
+    the layers' on/off flags (`every_n_layers`) are left as they are.
+    """
+    if not checkpoints_outside_compiled_layers():
+        return False
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._gradient_checkpointing_func = _compiled_checkpoint()
+    return True
+
+
+def _checkpoint(function, *args):
+    return checkpoint(function, *args, use_reentrant=False)
+
+
+@functools.cache
+def _compiled_checkpoint():
+    return torch.compile(_checkpoint)
 
 
 @contextmanager

@@ -230,7 +230,12 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
                      fastpath.FinalHiddenStates(model))
     model = models.attach_lora(model, cfg.lora, fused=cfg.train.fused_lora)
     if cfg.train.compile:
-        log.info("compiling %d decoder layers", fastpath.compile_decoder_layers(model))
+        # transformers' own checkpointing only: offloaded and reentrant (FSDP) checkpoint
+        # functions stay as they are, around the compiled layers.
+        plain_checkpointing = (cfg.train.gradient_checkpointing and not cfg.train.activation_offload
+                               and not models.fsdp_active())
+        log.info("compiling %d decoder layers",
+                 fastpath.compile_decoder_layers(model, checkpointing=plain_checkpointing))
     if cfg.train.cuda_graphs:
         fastpath.keep_grads_out_of_graph_pool(model)
     train_rows, eval_rows, collator = _batching(cfg, data, tokenizer)
