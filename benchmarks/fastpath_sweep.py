@@ -140,6 +140,12 @@ LADDER = [
      ["train.micro_batch_size=2", "train.grad_accum_steps=16",
       "train.gradient_checkpointing=false", "train.compile=true", "train.cuda_graphs=true",
       "model.attn_implementation=varlen"]),
+    # 38-39 (session 12): checkpointing inside the compiled layers, what saves the extra memory
+    ("160 rows + compile + varlen, Liger off",
+     ["train.micro_batch_size=160", "train.compile=true", "model.attn_implementation=varlen",
+      "train.liger=off"]),
+    ("64 rows + compile + varlen",
+     ["train.micro_batch_size=64", "train.compile=true", "model.attn_implementation=varlen"]),
 ]
 
 
