@@ -262,7 +262,7 @@ def compile_decoder_layers(model: nn.Module, checkpointing: bool = False) -> int
     number of bins, failed on the H200 with an assertion inside dynamo: not used.)
 
     `checkpointing`: the layers are checkpointed by transformers' own non-reentrant
-    checkpointing (not offloaded, not reentrant); see `checkpoint_inside_compiled_layers`.
+    checkpointing (not offloaded, not reentrant); see `place_checkpoints`.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -270,7 +270,7 @@ def compile_decoder_layers(model: nn.Module, checkpointing: bool = False) -> int
     for layer in layers:
         layer.compile()
     if checkpointing:
-        checkpoint_inside_compiled_layers(model)
+        log.info("checkpointing %s the compiled layers", place_checkpoints(model))
     # Dynamo guards on whether a layer's input requires grad, and every layer's input but the
     # first (the frozen embeddings' output) follows the grad mode. peft's hook (with gradient
     # checkpointing) marks that output as requiring grad even under no_grad, and without
@@ -291,32 +291,55 @@ def checkpoints_outside_compiled_layers() -> bool:
     return "__call__" in GradientCheckpointingLayer.__dict__
 
 
-def checkpoint_inside_compiled_layers(model: nn.Module) -> bool:
-    """Have every checkpointed layer's recomputation compiled into its backward graph, on
-    every transformers version; returns whether the checkpoint function was replaced.
+def compiler_recomputes_autograd_functions(version: str | None = None) -> bool:
+    """Whether this torch's compiler recomputes what a custom autograd function computes
+    inside a checkpointed region (torch >= 2.12), or saves it all for backward (2.11).
 
-    Checkpointed around a compiled call, the recomputation re-runs the layer's whole compiled
-    forward before its backward: all seven projections, though the last (down_proj) computes
-    only the layer's output, which backward never reads. With the checkpoint inside the
-    compiled region, AOTAutograd's partitioner puts the recomputation into the backward graph
-    and keeps only what backward reads: six projections of seven, and the recomputed
-    elementwise work fuses with the backward's kernels (tests/test_fastpath.py::
-    test_compiled_checkpointed_layers_recompute_in_backward_graph). transformers >= 5.24
-    checkpoints inside `forward`, hence inside the compiled call, and needs nothing here;
-    before, `__call__` checkpointed the compiled call, so the checkpoint function itself is
-    compiled here: it traces through the layer's compiled call (dynamo inlines a compiled
-    function it meets), as one graph shared by all layers. It goes where transformers'
-    `_set_gradient_checkpointing` puts its own, each layer's `_gradient_checkpointing_func`;
-    the layers' on/off flags (`every_n_layers`) are left as they are.
+    torch 2.11 tagged for recomputation only the operators it traced directly in the region;
+    the fused LoRA projections and Liger's kernels are autograd functions, whose operators
+    kept no tag, so the compiled forward saved their outputs: every projection, norm and
+    attention output of every layer, as if nothing were checkpointed. On the H200 (torch
+    2.11) 64 rows a micro-batch ran out of 8 GiB that way, where checkpointed around the
+    compiled call 160 rows took 5.56 GiB (benchmarks/results/checkpoint_placement_h200.json).
+    torch 2.12 checkpoints compiled regions through its selective-checkpointing path, which
+    tags every operator, those of autograd functions included.
     """
-    if not checkpoints_outside_compiled_layers():
-        return False
+    from packaging.version import Version
+
+    return Version(version or torch.__version__).release[:2] >= (2, 12)
+
+
+def place_checkpoints(model: nn.Module, inside: bool | None = None) -> str:
+    """Checkpoint the compiled layers inside their compiled code where this torch recomputes
+    it all (`compiler_recomputes_autograd_functions`), else around it; returns where.
+
+    Inside, AOTAutograd's partitioner compiles the recomputation into the backward graph and
+    keeps only what backward reads: six projections of seven (down_proj's output is the
+    layer's output, which backward never reads) and the recomputed elementwise work fused with
+    the backward's kernels (tests/test_fastpath.py::
+    test_compiled_checkpointed_layers_recompute_in_backward_graph). Around, the whole
+    compiled forward runs again before the backward, all seven projections.
+
+    Where transformers puts the checkpoint (`checkpoints_outside_compiled_layers`) decides
+    the checkpoint function, which goes where transformers' `_set_gradient_checkpointing`
+    puts its own, each layer's `_gradient_checkpointing_func`; the layers' on/off flags
+    (`every_n_layers`) stay. transformers < 5.24 checkpoints around the compiled call: inside
+    needs the checkpoint function compiled (dynamo inlines the layer's compiled call it
+    meets). transformers >= 5.24 checkpoints inside `forward`, within the compiled call:
+    around needs a checkpoint function the compiler steps out of (`torch.compiler.disable`),
+    which calls the layer's forward compiled on its own.
+    """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    inside = compiler_recomputes_autograd_functions() if inside is None else inside
+    if checkpoints_outside_compiled_layers():
+        function = _compiled_checkpoint() if inside else _checkpoint
+    else:
+        function = _checkpoint if inside else _checkpoint_around_compiled
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
-            module._gradient_checkpointing_func = _compiled_checkpoint()
-    return True
+            module._gradient_checkpointing_func = function
+    return "inside" if inside else "around"
 
 
 def _checkpoint(function, *args):
@@ -326,6 +349,20 @@ def _checkpoint(function, *args):
 @functools.cache
 def _compiled_checkpoint():
     return torch.compile(_checkpoint)
+
+
+def _call(function, *args):
+    return function(*args)
+
+
+@functools.cache
+def _compiled_call():
+    return torch.compile(_call)
+
+
+@torch.compiler.disable
+def _checkpoint_around_compiled(function, *args):
+    return checkpoint(_compiled_call(), function, *args, use_reentrant=False)
 
 
 @contextmanager
