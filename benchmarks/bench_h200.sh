@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 benchmark of issue #5, as run for benchmarks/results/bench_h200_8gib.json:
-#   bash benchmarks/bench_h200.sh [sweep|final|small|profile|context|fullrows|gputest|levers|all]
+#   bash benchmarks/bench_h200.sh [sweep|final|small|profile|context|fullrows|gputest|levers|budget|all]
 #   (all = sweep, final, small)
 # fullrows: ours against unsloth on rows that fill every 1024-token bin (fixtures.py full-rows),
 #   FULL="--set k=v ..." for our flags; gputest: the CUDA-only tests (pytest -m gpu).
@@ -66,6 +66,24 @@ if [[ $phase == small || $phase == all ]]; then
     --set train.micro_batch_size=1 --set train.activation_offload=true \
     --output-dir /tmp/bench-small-offload 2>&1 | grep -v "it/s\]" | tail -8
   cp /tmp/bench-small-offload/bench.json "$OUT/bench_1x2048_offload_h200_8gib.json"
+fi
+if [[ $phase == budget ]]; then
+  # `train --budget 8GiB` on the bench's rows and step (160 rows, compiled, varlen), run under the
+  # 8 GiB cap it planned for: the planner's choice and prediction (the log's "planner:" line)
+  # beside the peak train measured (summary.json). The cap starts CUDA, so the allocator setting
+  # train would make is made here.
+  rm -rf /tmp/budget-run
+  PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True} \
+    timeout ${BUDGET_TIMEOUT:-300} python3 -c "
+import sys, torch
+torch.cuda.set_per_process_memory_fraction(8 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+from qlora_lab.cli import main
+sys.exit(main(sys.argv[1:]))" train --model $MODEL --data $DATA --budget 8GiB \
+    --output-dir /tmp/budget-run --set train.micro_batch_size=160 --set train.grad_accum_steps=1 \
+    --set data.max_seq_len=1024 --set train.compile=true --set model.attn_implementation=varlen \
+    --set train.max_steps=${BUDGET_STEPS:-10} --set data.eval_fraction=0 --set train.save_steps=1000 \
+    2>&1 | grep -v "it/s\]" | tee "$OUT/train_budget.log" | tail -12
+  cp /tmp/budget-run/summary.json "$OUT/train_budget_summary.json"
 fi
 if [[ $phase == levers ]]; then
   # Each compilation's cause (dynamo's recompile log) goes to levers.log with the rest.

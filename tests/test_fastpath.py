@@ -267,6 +267,9 @@ def test_compiled_checkpointed_layers_recompute_in_backward_graph(tmp_path, doll
             loss, grads = _loss_and_grads(session, batch)
         return loss, grads, sum(kept.values())
 
+    # Compile here, under training's settings: a layer graph compiled by an earlier test
+    # without them (with CSE) would serve this one too (dynamo does not guard on them).
+    torch._dynamo.reset()
     with fastpath.compile_settings():
         _loss_and_grads(compiled, batch)  # compiles (tracing runs the ops on fake tensors)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
