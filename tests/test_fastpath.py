@@ -805,7 +805,11 @@ def test_compiled_layers_compile_once_per_grad_mode(tmp_path, dolly_file, checkp
     with torch.no_grad():
         for batch in batches:
             session.model(**{k: v for k, v in batch.items() if k != "num_real_tokens"})
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+    # transformers < 5.24 checkpointing inside compiled code (torch >= 2.12): training compiled
+    # the checkpoint function, evaluation compiles the layer's own call, from a static shape.
+    apart = (checkpointing and fastpath.checkpoints_outside_compiled_layers()
+             and fastpath.compiler_recomputes_autograd_functions())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3 + apart
 
 
 # --- CUDA graphs (train.cuda_graphs) ----------------------------------------------------------
