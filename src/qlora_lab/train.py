@@ -230,8 +230,8 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
                      fastpath.FinalHiddenStates(model))
     model = models.attach_lora(model, cfg.lora, fused=cfg.train.fused_lora)
     if cfg.train.compile:
-        # transformers' own checkpointing only: offloaded and reentrant (FSDP) checkpoint
-        # functions stay as they are, around the compiled layers.
+        # transformers' own checkpointing only: the offloaded and the reentrant (FSDP)
+        # checkpoint functions stay where transformers calls them.
         plain_checkpointing = (cfg.train.gradient_checkpointing and not cfg.train.activation_offload
                                and not models.fsdp_active())
         log.info("compiling %d decoder layers",
