@@ -187,6 +187,28 @@ def test_offloaded_checkpointing_gives_the_same_gradients(tmp_path, dolly_file):
         torch.testing.assert_close(grads_on[name], grads_off[name], msg=name)
 
 
+def test_offloaded_checkpointing_of_compiled_layers_gives_the_same_gradients(
+        tmp_path, dolly_file, monkeypatch):
+    """Compiled layers keep the offloaded checkpoint function (place_checkpoints leaves it), and
+    the step equals the uncompiled one, on every transformers version: from 5.24 the function
+    runs inside the compiled call, where the compiler steps out of it (it reads RNG states)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = _session(tmp_path / "c", dolly_file, activation_offload=True, compile=True)
+    eager = _session(tmp_path / "e", dolly_file, activation_offload=True)
+    layers = [m for m in compiled.model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert layers and all(m._gradient_checkpointing_func is fastpath.offloaded_checkpoint
+                          for m in layers)
+    batch = PackedCollator(eager.tokenizer.pad_token_id, 256)(eager.data.train[:6])
+    torch._dynamo.reset()
+    with fastpath.compile_settings():
+        _loss_and_grads(compiled, batch)  # compiles
+        loss_c, grads_c = _loss_and_grads(compiled, batch)
+    loss_e, grads_e = _loss_and_grads(eager, batch)
+    assert loss_c == pytest.approx(loss_e, rel=1e-5)
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_offload_needs_checkpointing(tmp_path, dolly_file):
     from qlora_lab.errors import UserError
 
