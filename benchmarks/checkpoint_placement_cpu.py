@@ -24,8 +24,9 @@ from pathlib import Path
 
 from fixtures import bpe_tokenizer, git_head, hardware_label, random_model, versions
 
-# Layers wide and a vocabulary small enough that the layers' activations, not the head's logits,
-# decide the step's peak.
+# Wide layers and a small vocabulary, to give the layers' activations the largest share of the
+# step's memory; the result's `peak_during` says where the peak was reached (at this shape, in the
+# loss's backward for every placement: checkpoint_placement_cpu.json).
 ARCH = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 2048,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 2048}
@@ -100,7 +101,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rows", type=int, default=48)
     # Short bins: on the CPU attention materializes its (bins x heads x seq x seq) scores, which
-    # at 1,024 tokens set the step's peak in every placement alike.
+    # grow with the square of the bin's length in every placement alike.
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--model", default="/tmp/checkpoint-placement/llama-512")
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # one mode, in a child process
