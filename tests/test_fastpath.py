@@ -251,9 +251,10 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tmp_path, dolly_file):
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("inside", [True, False])
+@pytest.mark.parametrize(("inside", "tag_every_op"), [(True, None), (True, True), (False, None)])
 def test_compiled_checkpointed_layers_recompute_in_backward_graph(tmp_path, dolly_file,
-                                                                   monkeypatch, inside):
+                                                                   monkeypatch, inside,
+                                                                   tag_every_op):
     """Checkpointed and compiled, each layer keeps for backward at most its input beyond what
     an uncompiled checkpointed run keeps (torch 2.11 compiled checkpointing inside the layer
     kept every projection's output: out of 8 GiB on the H200 at 64 rows), and the step equals
@@ -263,10 +264,13 @@ def test_compiled_checkpointed_layers_recompute_in_backward_graph(tmp_path, doll
     which recomputes only what backward reads: each projection's 4-bit weight is dequantized
     once in forward, once for its input gradient and once more to recompute, except down_proj's
     (its output is the layer's output, which backward never reads). Around it, the whole
-    forward runs again: three times for every projection."""
+    forward runs again: three times for every projection. `tag_every_op` None is this torch's
+    default (a selective-checkpointing context on torch 2.11, a plain checkpoint from 2.12);
+    True runs the context on every torch."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     compiled = _session(tmp_path / "c", dolly_file, compile=True, gradient_checkpointing=True)
-    assert fastpath.place_checkpoints(compiled.model, inside) == ("inside" if inside else "around")
+    where = fastpath.place_checkpoints(compiled.model, inside, tag_every_op)
+    assert where.startswith("inside" if inside else "around")
     eager = _session(tmp_path / "e", dolly_file, gradient_checkpointing=True)
     layers = [m for m in compiled.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
     assert layers and all(m.gradient_checkpointing for m in layers)
@@ -827,10 +831,9 @@ def test_compiled_layers_compile_once_per_grad_mode(tmp_path, dolly_file, checkp
     with torch.no_grad():
         for batch in batches:
             session.model(**{k: v for k, v in batch.items() if k != "num_real_tokens"})
-    # transformers < 5.24 checkpointing inside compiled code (torch >= 2.12): training compiled
-    # the checkpoint function, evaluation compiles the layer's own call, from a static shape.
-    apart = (checkpointing and fastpath.checkpoints_outside_compiled_layers()
-             and fastpath.compiler_recomputes_autograd_functions())
+    # transformers < 5.24 checkpointing inside compiled code: training compiled the checkpoint
+    # function, evaluation compiles the layer's own call, from a static shape.
+    apart = checkpointing and fastpath.checkpoints_outside_compiled_layers()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3 + apart
 
 

@@ -29,7 +29,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from qlora_lab.data import IGNORE_INDEX
 from qlora_lab.errors import UserError
@@ -309,9 +313,10 @@ def compiler_recomputes_autograd_functions(version: str | None = None) -> bool:
     return Version(version or torch.__version__).release[:2] >= (2, 12)
 
 
-def place_checkpoints(model: nn.Module, inside: bool | None = None) -> str:
-    """Checkpoint the compiled layers inside their compiled code where this torch recomputes
-    it all (`compiler_recomputes_autograd_functions`), else around it; returns where.
+def place_checkpoints(model: nn.Module, inside: bool = True,
+                      tag_every_op: bool | None = None) -> str:
+    """Put each compiled layer's checkpoint inside its compiled code (or `inside=False`:
+    around it); returns where, as `train` logs it.
 
     Inside, AOTAutograd's partitioner compiles the recomputation into the backward graph and
     keeps only what backward reads: six projections of seven (down_proj's output is the
@@ -319,6 +324,15 @@ def place_checkpoints(model: nn.Module, inside: bool | None = None) -> str:
     the backward's kernels (tests/test_fastpath.py::
     test_compiled_checkpointed_layers_recompute_in_backward_graph). Around, the whole
     compiled forward runs again before the backward, all seven projections.
+
+    `tag_every_op` (default: where `compiler_recomputes_autograd_functions` is false, torch
+    2.11): the checkpoint passes a selective-checkpointing context whose policy recomputes
+    every operator. torch 2.11's compiler tags a region's operators for recomputation from
+    that context as each is dispatched, which reaches those inside autograd functions (the
+    fused LoRA, Liger's kernels), where a plain checkpoint tagged only the operators it traced
+    directly and the compiled forward kept every activation (out of 8 GiB on the H200:
+    benchmarks/results/checkpoint_placement_h200.json). torch >= 2.12 takes that path for a
+    plain checkpoint itself. The test above runs it on the CPU with torch 2.11 and 2.13.
 
     Where transformers puts the checkpoint (`checkpoints_outside_compiled_layers`) decides
     the checkpoint function, which goes where transformers' `_set_gradient_checkpointing`
@@ -331,38 +345,49 @@ def place_checkpoints(model: nn.Module, inside: bool | None = None) -> str:
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    inside = compiler_recomputes_autograd_functions() if inside is None else inside
+    if tag_every_op is None:
+        tag_every_op = not compiler_recomputes_autograd_functions()
+    plain = _checkpoint_tagging_every_op if tag_every_op else _checkpoint
     if checkpoints_outside_compiled_layers():
-        function = _compiled_checkpoint() if inside else _checkpoint
+        function = _compiled(plain) if inside else _checkpoint
     else:
-        function = _checkpoint if inside else _checkpoint_around_compiled
+        function = plain if inside else _checkpoint_around_compiled
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module._gradient_checkpointing_func = function
-    return "inside" if inside else "around"
+    if not inside:
+        return "around"
+    return "inside (every operator tagged for recomputation)" if tag_every_op else "inside"
 
 
 def _checkpoint(function, *args):
     return checkpoint(function, *args, use_reentrant=False)
 
 
+def _recompute(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recompute_every_op():
+    return create_selective_checkpoint_contexts(_recompute)
+
+
+def _checkpoint_tagging_every_op(function, *args):
+    return checkpoint(function, *args, use_reentrant=False, context_fn=_recompute_every_op)
+
+
 @functools.cache
-def _compiled_checkpoint():
-    return torch.compile(_checkpoint)
+def _compiled(function):
+    return torch.compile(function)
 
 
 def _call(function, *args):
     return function(*args)
 
 
-@functools.cache
-def _compiled_call():
-    return torch.compile(_call)
-
-
 @torch.compiler.disable
 def _checkpoint_around_compiled(function, *args):
-    return checkpoint(_compiled_call(), function, *args, use_reentrant=False)
+    return checkpoint(_compiled(_call), function, *args, use_reentrant=False)
 
 
 @contextmanager
