@@ -3,10 +3,11 @@
     PYTHONPATH=src:benchmarks python benchmarks/checkpoint_placement_cpu.py \
         --data ../shared/data/dolly_dev.jsonl --out benchmarks/results/checkpoint_placement_cpu.json
 
-`fastpath.place_checkpoints` checkpoints compiled layers inside their compiled code (torch >= 2.12)
-or around it. The H200 has torch 2.11, so the inside placement was never run on a GPU; this
-measures, on the CPU, whether it needs more memory than the placement the planner was calibrated
-on: the step's peak memory above its start (torch.profiler's allocation events, in time order) for a random
+`fastpath.place_checkpoints` checkpoints compiled layers inside their compiled code, or (its
+`inside=False`, kept for this comparison) around it. Written before inside ran on a GPU (the
+H200's torch 2.11 needed a checkpoint context first; since then: checkpoint_inside_h200.json),
+this measures, on the CPU, whether inside needs more memory than the placement the planner was
+calibrated on: the step's peak memory above its start (torch.profiler's allocation events, in time order) for a random
 Llama with the bench's tokenizer, checkpointed uncompiled, compiled around, compiled inside, and
 compiled without checkpointing, each in a process of its own, built by `train`'s setup
 (`setup_training`); and how many times the step dequantized a 4-bit weight (forward, input

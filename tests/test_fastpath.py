@@ -3,6 +3,7 @@
 All on the real stack (tiny 4-bit Llama through bitsandbytes and peft on CPU).
 """
 
+import logging
 import os
 from dataclasses import replace
 
@@ -271,6 +272,18 @@ def test_compiled_checkpointed_layers_recompute_in_backward_graph(tmp_path, doll
     compiled = _session(tmp_path / "c", dolly_file, compile=True, gradient_checkpointing=True)
     where = fastpath.place_checkpoints(compiled.model, inside, tag_every_op)
     assert where.startswith("inside" if inside else "around")
+    # Under the context, torch's warning about in-place operators is dropped (the gradients
+    # below hold under it), and only that one.
+    wrap_log = logging.getLogger("torch._higher_order_ops.wrap")
+
+    def warned(message):
+        return wrap_log.filter(wrap_log.makeRecord(wrap_log.name, logging.WARNING, __file__, 0,
+                                                   message, None, None))
+
+    if where == "inside (every operator tagged for recomputation)":
+        assert not warned("Detected that context_fn is passed to torch.utils.checkpoint under "
+                          "torch.compile.")
+    assert warned("Detected something else")
     eager = _session(tmp_path / "e", dolly_file, gradient_checkpointing=True)
     layers = [m for m in compiled.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
     assert layers and all(m.gradient_checkpointing for m in layers)

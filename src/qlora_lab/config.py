@@ -355,13 +355,14 @@ class TrainConfig:
         loss stay outside compiled code). The number of bins in a micro-batch changes from step
         to step: a layer compiles for the first shape, then once with the bin count dynamic,
         and once more for evaluation (no grad). On an H200 (TinyLlama, 8 GiB cap, 160 rows per
-        micro-batch, varlen attention) the run reached 57.9k real tok/s
+        micro-batch, varlen attention) the run reached 65.9k real tok/s
         (benchmarks/results/bench_h200_8gib.json). Off by default: 10-30 s of compilation at
         start, measured on that one GPU only; turn it on for long runs. Checkpointed layers
-        recompute inside their compiled backward with torch >= 2.12 (down_proj is not
-        recomputed), around it with torch 2.11, whose compiler would keep every projection's
-        output instead (out of 8 GiB at 64 rows: benchmarks/results/
-        checkpoint_placement_h200.json); the same on every transformers version.
+        recompute inside their compiled backward (down_proj is not recomputed: +7 % at 160 rows
+        on the H200, benchmarks/results/checkpoint_inside_h200.json), on every torch and
+        transformers version; on torch 2.11 through a checkpoint context that tags every
+        operator for recomputation, without which its compiler kept every projection's output
+        (out of 8 GiB at 64 rows: benchmarks/results/checkpoint_placement_h200.json).
     cuda_graphs: with `compile`, replay each compiled layer's forward and backward as CUDA graphs
         (inductor's CUDA graph trees, torch.compile's `reduce-overhead`): the host launches a
         layer in one call instead of ~180 kernels. Small micro-batches are bound by those

@@ -347,6 +347,8 @@ def place_checkpoints(model: nn.Module, inside: bool = True,
 
     if tag_every_op is None:
         tag_every_op = not compiler_recomputes_autograd_functions()
+    if tag_every_op:
+        logging.getLogger("torch._higher_order_ops.wrap").addFilter(_known_context_warning)
     plain = _checkpoint_tagging_every_op if tag_every_op else _checkpoint
     if checkpoints_outside_compiled_layers():
         function = _compiled(plain) if inside else _checkpoint
@@ -370,6 +372,15 @@ def _recompute(ctx, op, *args, **kwargs):
 
 def _recompute_every_op():
     return create_selective_checkpoint_contexts(_recompute)
+
+
+def _known_context_warning(record: logging.LogRecord) -> bool:
+    """Drop torch's warning that a compiled checkpoint with a context may misbehave with
+    in-place operators. The region's one in-place operator is the fused LoRA's accumulate
+    into the output it has just allocated (fusedlora._accumulate), which the compiled graph
+    functionalizes; the test above holds the compiled step's loss and gradients to the
+    uncompiled one's under this context. Other torch warnings pass."""
+    return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
 
 
 def _checkpoint_tagging_every_op(function, *args):
