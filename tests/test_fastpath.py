@@ -327,7 +327,7 @@ def test_compiled_checkpointed_layers_recompute_in_backward_graph(tmp_path, doll
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_checkpoints_go_inside_compiled_code_from_torch_2_12():
+def test_a_plain_checkpoint_recomputes_autograd_functions_from_torch_2_12():
     assert not fastpath.compiler_recomputes_autograd_functions("2.11.0+cu130")
     assert fastpath.compiler_recomputes_autograd_functions("2.12.0")
     assert fastpath.compiler_recomputes_autograd_functions("2.13.0+cpu")
