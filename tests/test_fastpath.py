@@ -210,6 +210,29 @@ def test_offloaded_checkpointing_of_compiled_layers_gives_the_same_gradients(
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_compiled_layers_checkpointing_every_2nd_layer_give_the_same_gradients(tmp_path,
+                                                                               dolly_file,
+                                                                               monkeypatch):
+    """`train --budget` may pick checkpointing every n-th layer with train.compile: the compiled
+    layers then mix checkpointed and unchecked calls of one compiled forward, each equal to
+    the uncompiled step."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = _session(tmp_path / "c", dolly_file, compile=True, checkpoint_every=2)
+    eager = _session(tmp_path / "e", dolly_file, checkpoint_every=2)
+    flags = [m.gradient_checkpointing for m in compiled.model.modules()
+             if type(m).__name__ == "LlamaDecoderLayer"]
+    assert flags == [True, False]
+    batch = PackedCollator(eager.tokenizer.pad_token_id, 256)(eager.data.train[:6])
+    torch._dynamo.reset()
+    with fastpath.compile_settings():
+        _loss_and_grads(compiled, batch)  # compiles
+        loss_c, grads_c = _loss_and_grads(compiled, batch)
+    loss_e, grads_e = _loss_and_grads(eager, batch)
+    assert loss_c == pytest.approx(loss_e, rel=1e-5)
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_offload_needs_checkpointing(tmp_path, dolly_file):
     from qlora_lab.errors import UserError
 
