@@ -14,6 +14,9 @@ row() {
   local dir=/tmp/src-${tgz%.tgz}
   if [ ! -d $dir ]; then mkdir -p $dir && tar xzf .benchdata/$tgz -C $dir; fi
   ln -sfn $base/.peer $dir/.peer; ln -sfn $base/.benchdata $dir/.benchdata
-  echo "=== $name ($tgz, transformers ${tf:-host}) $(date +%T)"
+  # The commit a tree was archived from (git archive's header), so a row says what it ran: a
+  # tgz rebuilt on the device from the device's copy of .git once ran the session's first commit.
+  local commit=$(gunzip -c .benchdata/$tgz | git get-tar-commit-id 2>/dev/null)
+  echo "=== $name ($tgz = ${commit:-unknown commit}, transformers ${tf:-host}) $(date +%T)"
   (cd $dir && env ${tf:+PYTHONPATH=$tf} "$@" SWEEP_NAME=$name OUT=$OUT bash benchmarks/bench_h200.sh sweep 2>&1 | grep -v "^\s*$" | tail -6)
 }
