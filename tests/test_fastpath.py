@@ -45,6 +45,19 @@ def _loss_and_grads(session, batch) -> tuple[float, dict]:
     return loss.item(), _lora_grads(model)
 
 
+def _assert_compiled_step_equals_eager(compiled, eager, batch) -> None:
+    """The compiled session's loss and LoRA gradients equal the uncompiled one's, compiled
+    afresh under training's compiler settings (a graph from an earlier test is not reused)."""
+    torch._dynamo.reset()
+    with fastpath.compile_settings():
+        _loss_and_grads(compiled, batch)  # compiles
+        loss_c, grads_c = _loss_and_grads(compiled, batch)
+    loss_e, grads_e = _loss_and_grads(eager, batch)
+    assert loss_c == pytest.approx(loss_e, rel=1e-5)
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_train_uses_the_fast_path_by_default(tmp_path, dolly_file):
     session = _session(tmp_path, dolly_file)
     assert isinstance(session.trainer.data_collator, PackedCollator)
@@ -200,14 +213,7 @@ def test_offloaded_checkpointing_of_compiled_layers_gives_the_same_gradients(
     assert layers and all(m._gradient_checkpointing_func is fastpath.offloaded_checkpoint
                           for m in layers)
     batch = PackedCollator(eager.tokenizer.pad_token_id, 256)(eager.data.train[:6])
-    torch._dynamo.reset()
-    with fastpath.compile_settings():
-        _loss_and_grads(compiled, batch)  # compiles
-        loss_c, grads_c = _loss_and_grads(compiled, batch)
-    loss_e, grads_e = _loss_and_grads(eager, batch)
-    assert loss_c == pytest.approx(loss_e, rel=1e-5)
-    for name in grads_e:
-        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+    _assert_compiled_step_equals_eager(compiled, eager, batch)
 
 
 def test_compiled_layers_checkpointing_every_2nd_layer_give_the_same_gradients(tmp_path,
@@ -223,14 +229,7 @@ def test_compiled_layers_checkpointing_every_2nd_layer_give_the_same_gradients(t
              if type(m).__name__ == "LlamaDecoderLayer"]
     assert flags == [True, False]
     batch = PackedCollator(eager.tokenizer.pad_token_id, 256)(eager.data.train[:6])
-    torch._dynamo.reset()
-    with fastpath.compile_settings():
-        _loss_and_grads(compiled, batch)  # compiles
-        loss_c, grads_c = _loss_and_grads(compiled, batch)
-    loss_e, grads_e = _loss_and_grads(eager, batch)
-    assert loss_c == pytest.approx(loss_e, rel=1e-5)
-    for name in grads_e:
-        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+    _assert_compiled_step_equals_eager(compiled, eager, batch)
 
 
 def test_offload_needs_checkpointing(tmp_path, dolly_file):
