@@ -3,7 +3,6 @@
 All on the real stack (tiny 4-bit Llama through bitsandbytes and peft on CPU).
 """
 
-import itertools
 import logging
 import os
 from dataclasses import replace
@@ -446,36 +445,7 @@ def test_row_bounds_mark_every_row_and_each_bins_padding_tail():
     assert all(a // 10 == (b - 1) // 10 for a, b in zip(bounds.tolist(), bounds.tolist()[1:]))
 
 
-def test_the_varlen_kernels_collator_lays_rows_end_to_end_without_bins(tmp_path, dolly_file):
-    from qlora_lab.train import FLAT_MULTIPLE, collator_for
-
-    cfg = tiny_config(tmp_path / "run", dolly_file)
-    cfg = replace(cfg, model=replace(cfg.model, attn_implementation="varlen"))
-    bin_tokens = cfg.data.max_seq_len
-    # The masked-SDPA fallback (CPU) keeps bins: its mask is square in the sequence.
-    assert not collator_for(cfg, 0).flatten and collator_for(cfg, 0).row_bounds
-    collate = collator_for(cfg, 0, varlen_kernel=True)
-    lengths = (200, 150, 120, 90, 256, 7)
-    rows = [{"input_ids": [i + 1] * n, "labels": [7] * n} for i, n in enumerate(lengths)]
-    batch = collate(rows)
-    real = sum(lengths)
-    padded = -(-real // FLAT_MULTIPLE) * FLAT_MULTIPLE
-    # No bin padding: as many tokens as the rows hold, rounded up; the rows in source order.
-    assert batch["input_ids"].shape == (1, padded) and batch["num_real_tokens"] == real
-    assert batch["input_ids"][0, :real].tolist() == [t for r in rows for t in r["input_ids"]]
-    bounds = batch["cu_seq_lens_q"].tolist()
-    assert bounds == [0, *itertools.accumulate(lengths), *([padded] if padded > real else [])]
-    assert (batch["labels"][0, bounds[:-1]] == IGNORE_INDEX).all()
-    # One bound for every batch, holding each row and the padding tail.
-    assert batch["max_length_q"] == max(bin_tokens, FLAT_MULTIPLE)
-    assert max(b - a for a, b in zip(bounds, bounds[1:])) <= batch["max_length_q"]
-    assert collate(rows[:2])["max_length_q"] == batch["max_length_q"]
-    with pytest.raises(ValueError, match="longer than a bin"):
-        collate([{"input_ids": [5] * (bin_tokens + 1), "labels": [7] * (bin_tokens + 1)}])
-
-
-@pytest.mark.parametrize("layout", ["bins", "flat"])
-def test_varlen_attention_gives_the_masked_sdpa_loss_and_gradients(tmp_path, dolly_file, layout):
+def test_varlen_attention_gives_the_masked_sdpa_loss_and_gradients(tmp_path, dolly_file):
     sdpa = _session(tmp_path / "sdpa", dolly_file)
     cfg = tiny_config(tmp_path / "varlen", dolly_file)
     cfg = replace(cfg, model=replace(cfg.model, attn_implementation="varlen"),
@@ -485,13 +455,10 @@ def test_varlen_attention_gives_the_masked_sdpa_loss_and_gradients(tmp_path, dol
     assert varlen.model.config._attn_implementation == "qlora_varlen"
     rows = sdpa.data.train[:5]
     bin_tokens = max(len(r["input_ids"]) for r in rows) + 8  # several bins, several rows each
-    flat = layout == "flat"
-    batch = PackedCollator(0, bin_tokens, pad_to_multiple_of=16 if flat else 1, flatten=flat,
-                           row_bounds=True)(rows)
-    assert batch["input_ids"].shape[0] == 1 if flat else batch["input_ids"].shape[0] > 1
-    assert ("max_length_q" in batch) == flat  # through the model's kwargs to the attention
+    batch = PackedCollator(0, bin_tokens, row_bounds=True)(rows)
+    assert batch["input_ids"].shape[0] > 1
     loss_v, grads_v = _loss_and_grads(varlen, batch)
-    plain = {k: v for k, v in batch.items() if k not in ("cu_seq_lens_q", "max_length_q")}
+    plain = {k: v for k, v in batch.items() if k != "cu_seq_lens_q"}
     loss_s, grads_s = _loss_and_grads(sdpa, plain)
     assert loss_v == pytest.approx(loss_s, rel=1e-5)
     assert grads_v.keys() == grads_s.keys() and grads_v
@@ -712,18 +679,15 @@ def test_fused_lora_layers_save_as_plain_peft_layers(tmp_path, dolly_file):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kv_heads", [4, 1], ids=["gqa", "mqa"])
-@pytest.mark.parametrize("layout", ["bins", "flat"])
-def test_varlen_kernel_equals_masked_sdpa_on_the_gpu(kv_heads, layout):
+def test_varlen_kernel_equals_masked_sdpa_on_the_gpu(kv_heads):
     from qlora_lab import attention
 
     if attention.plan_kernel(grouped=True) is None:
         pytest.skip("torch has no varlen attention kernel")
     torch.manual_seed(0)
-    bins, heads, length, dim = (3, 8, 256, 64) if layout == "bins" else (1, 8, 768, 64)
+    bins, heads, length, dim = 3, 8, 256, 64
     positions = torch.cat([torch.arange(n) for n in (100, 60, 96, 256, 200, 56)]).view(bins, -1)
     bounds = attention.row_bounds(positions).cuda()
-    # Flat: the rows of all three bins in one sequence, bounded by the longest row, not by it.
-    bound = {"max_length_q": 256} if layout == "flat" else {}
     q = torch.randn(bins, heads, length, dim, device="cuda", dtype=torch.bfloat16,
                     requires_grad=True)
     k = torch.randn(bins, kv_heads, length, dim, device="cuda", dtype=torch.bfloat16,
@@ -735,7 +699,7 @@ def test_varlen_kernel_equals_masked_sdpa_on_the_gpu(kv_heads, layout):
             t.grad = None
         if path == "kernel":
             out, _ = attention.varlen_attention(None, q, k, v, None, scaling=dim ** -0.5,
-                                                cu_seq_lens_q=bounds, **bound)
+                                                cu_seq_lens_q=bounds)
         else:
             out = attention._masked_sdpa(q, k, v, bounds, dim ** -0.5)
         out.float().pow(2).sum().backward()

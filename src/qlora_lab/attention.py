@@ -67,13 +67,6 @@ def unsupported_by(config, bin_tokens: int) -> str | None:
     return None
 
 
-def runs_kernel(model) -> bool:
-    """Whether this model's varlen attention will run torch's kernel (its weights on CUDA and
-    the kernel present), not the masked-SDPA fallback."""
-    return (getattr(model.config, "_attn_implementation", None) == VARLEN
-            and next(model.parameters()).is_cuda and kernel_available())
-
-
 def register() -> str:
     """Register `varlen_attention` with transformers (idempotent); returns its name."""
     from transformers import AttentionInterface
@@ -138,16 +131,13 @@ def plan_kernel(grouped: bool) -> KernelCall | None:
 
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask, scaling: float | None = None, dropout: float = 0.0,
-                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
-                     sliding_window: int | None = None, softcap: float | None = None, s_aux=None,
-                     **kwargs):
+                     cu_seq_lens_q: torch.Tensor | None = None, sliding_window: int | None = None,
+                     softcap: float | None = None, s_aux=None, **kwargs):
     """Causal attention inside each packed row; transformers' attention-function contract.
 
     query (bins, heads, T, dim), key/value (bins, kv_heads, T, dim) -> ((bins, T, heads, dim),
-    None). `cu_seq_lens_q` and `max_length_q` come from the collator through the model's
-    forward kwargs (the names transformers' flash-attention path uses); `max_length_q` bounds
-    every row (rows laid end to end in one sequence, PackedCollator.flatten), else a bin's
-    length does.
+    None). `cu_seq_lens_q` comes from the collator through the model's forward kwargs (the
+    name transformers' flash-attention path uses).
     """
     if cu_seq_lens_q is None:
         raise UserError("varlen attention needs packed batches with row bounds (the packed "
@@ -167,10 +157,9 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     q = query.transpose(1, 2).reshape(bins * length, heads, dim)
     k = key.transpose(1, 2).reshape(bins * length, kv_heads, dim)
     v = value.transpose(1, 2).reshape(bins * length, kv_heads, dim)
-    # One number for all batches (the kernel uses it only to size its grid), so compiled
-    # layers see no new constant per batch: the collator's bound on a row in one flat
-    # sequence, else the bin length.
-    out = _varlen_kernel(q, k, v, bounds, max_length_q or length, scaling, call)
+    # The bin length bounds every row and stays one number for all batches (the kernel uses
+    # it only to size its grid), so compiled layers see no new constant per batch.
+    out = _varlen_kernel(q, k, v, bounds, length, scaling, call)
     return out.view(bins, length, heads, dim), None
 
 

@@ -67,9 +67,8 @@ class ModelConfig:
     allow_pickle: accept pickle (.bin) weights when a model has no safetensors; they can run code.
     attn_implementation: `sdpa` is fast everywhere torch runs; `eager` is the reference.
         `varlen` (training with packing only): each packed row attends only to itself through
-        torch's FlashAttention variable-length kernel (CUDA, torch >= 2.10), with no mask, and
-        a micro-batch's rows are laid end to end in one sequence with no bin padding;
-        elsewhere it computes the same with SDPA, in bins. `flex_attention`: transformers' FlexAttention
+        torch's FlashAttention variable-length kernel (CUDA, torch >= 2.10), with no mask;
+        elsewhere it computes the same with SDPA. `flex_attention`: transformers' FlexAttention
         with a block mask of the packed rows. See docs/performance.md for measurements.
     """
 
@@ -333,9 +332,8 @@ class TrainConfig:
     packing: lay each micro-batch's rows end to end in bins of `data.max_seq_len` tokens (best-fit
         decreasing) instead of padding every row to the longest. Attention and loss never cross
         rows: position_ids restart at each row and the model builds a block-diagonal mask (with
-        FlashAttention-2, and with `varlen` on CUDA, the rows are laid end to end in one row
-        instead, the only layout FlashAttention-2's packed path reads). The rows of a step are
-        the same as without packing; only padding goes.
+        FlashAttention-2 the bins are flattened into one row, the only layout its packed path
+        reads). The rows of a step are the same as without packing; only padding goes.
     fused_loss: compute the LM head and cross-entropy only at supervised (answer) positions, in
         chunks, so the full fp32 logits tensor never exists; uses Liger's fused linear
         cross-entropy on CUDA when liger-kernel is installed and `liger` allows it.
@@ -354,9 +352,9 @@ class TrainConfig:
         {adapter_first,workers}.json), but one 10-step run measured no faster, with two slow
         steps (fastpath_sweep_h200_run10_workers.json), so it stays off by default.
     compile: torch.compile each decoder layer (one region per layer, so packed-row masks and the
-        loss stay outside compiled code). A micro-batch's shape changes from step to step (its
-        bin count, or with `varlen` on CUDA its token count): a layer compiles for the first
-        shape, then once with that size dynamic, and once more for evaluation (no grad). On an H200 (TinyLlama, 8 GiB cap, 160 rows per
+        loss stay outside compiled code). The number of bins in a micro-batch changes from step
+        to step: a layer compiles for the first shape, then once with the bin count dynamic,
+        and once more for evaluation (no grad). On an H200 (TinyLlama, 8 GiB cap, 160 rows per
         micro-batch, varlen attention) the run reached 65.9k real tok/s
         (benchmarks/results/bench_h200_8gib.json). Off by default: 10-30 s of compilation at
         start, measured on that one GPU only; turn it on for long runs. Checkpointed layers

@@ -862,12 +862,7 @@ class PackedCollator:
     for them bins keep the masked attention square small.
 
     `row_bounds` adds `cu_seq_lens_q`, where each row (and each bin's padding tail) starts in the
-    flattened bins, for varlen attention (attention.py), which then needs no mask. Flattened,
-    it also adds `max_length_q`, a bound on every segment that is the same for every batch:
-    the longest a row can be, or the padding tail if that is longer.
-
-    Flattened, bins would only add padding, so the rows are laid end to end in source order
-    (one bin as long as all of them) and the sequence padded to `pad_to_multiple_of`.
+    flattened bins, for varlen attention (attention.py), which then needs no mask.
     """
 
     pad_token_id: int
@@ -877,15 +872,9 @@ class PackedCollator:
     row_bounds: bool = False
 
     def __call__(self, features: list[dict]) -> dict:
+        bins = pack_examples(features, self.bin_tokens)
         if self.flatten:
-            lengths = [len(f["input_ids"]) for f in features]
-            if self.row_bounds and max(lengths) > self.bin_tokens:
-                # max_length_q below would understate it, and the kernel skip its end.
-                raise ValueError(f"a row of {max(lengths)} tokens is longer than a bin "
-                                 f"({self.bin_tokens}); data preparation clips rows to it")
-            bins = pack_examples(features, max(1, sum(lengths)))
-        else:
-            bins = pack_examples(features, self.bin_tokens)
+            bins = [{key: [x for b in bins for x in b[key]] for key in bins[0]}]
         ids, labels = _right_padded(bins, self.pad_token_id, self.pad_to_multiple_of)
         longest = ids.shape[1]
         positions = np.empty((len(bins), longest), dtype=np.int64)
@@ -902,8 +891,4 @@ class PackedCollator:
                  "num_real_tokens": real}
         if self.row_bounds:
             batch["cu_seq_lens_q"] = row_bounds(positions)
-            if self.flatten:
-                # An int the same for every batch (compiled layers would specialize on a new
-                # one); rows never exceed bin_tokens (data.max_seq_len clips or drops them).
-                batch["max_length_q"] = max(self.bin_tokens, self.pad_to_multiple_of)
         return batch

@@ -238,7 +238,7 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
                  fastpath.compile_decoder_layers(model, checkpointing=plain_checkpointing))
     if cfg.train.cuda_graphs:
         fastpath.keep_grads_out_of_graph_pool(model)
-    train_rows, eval_rows, collator = _batching(cfg, data, tokenizer, model)
+    train_rows, eval_rows, collator = _batching(cfg, data, tokenizer)
     args = build_training_args(cfg, out, device, dtype, has_eval=bool(data.eval),
                                resuming=checkpoint is not None)
 
@@ -267,7 +267,7 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
                            callbacks, started, claim.lock)
 
 
-def _batching(cfg: RunConfig, data: PreparedData, tokenizer, model):
+def _batching(cfg: RunConfig, data: PreparedData, tokenizer):
     """Training and eval rows plus the collator: each micro-batch's rows packed, or padded.
 
     Either way a micro-batch is `train.micro_batch_size` rows, so rows, tokens and steps per
@@ -281,30 +281,14 @@ def _batching(cfg: RunConfig, data: PreparedData, tokenizer, model):
              "tokens per step, %d steps per epoch", geometry["rows_per_step"], t.micro_batch_size,
              t.grad_accum_steps, os.environ.get("WORLD_SIZE", "1"), geometry["tokens_per_step"],
              geometry["steps_per_epoch"])
-    kernel = cfg.model.attn_implementation == "varlen" and attention.runs_kernel(model)
-    return data.train, data.eval, collator_for(cfg, tokenizer.pad_token_id, varlen_kernel=kernel)
+    return data.train, data.eval, collator_for(cfg, tokenizer.pad_token_id)
 
 
-# Flat varlen micro-batches are padded to a multiple of this many tokens: matmuls tile their
-# token dimension by 64-256, and the tail is < 0.5 % of a 160-row Dolly micro-batch.
-FLAT_MULTIPLE = 128
-
-
-def collator_for(cfg: RunConfig, pad_token_id: int, varlen_kernel: bool = False):
-    """Packed bins of `data.max_seq_len` tokens per micro-batch, or padded rows.
-
-    `varlen_kernel`: the model's attention is torch's varlen kernel (attention.runs_kernel).
-    It reads each row's bounds and never the bins, so the rows are laid end to end in one
-    sequence with no bin padding: the bins' tails were 2-4 % of a 160-row Dolly micro-batch's
-    tokens, computed in every matmul and kernel of the step. Elsewhere varlen runs a masked
-    SDPA fallback whose mask is square in the sequence, so bins keep it small there.
-    """
+def collator_for(cfg: RunConfig, pad_token_id: int):
+    """Packed bins of `data.max_seq_len` tokens per micro-batch, or padded rows."""
     if not cfg.train.packing:
         return PadCollator(pad_token_id)
     bin_tokens = cfg.data.max_seq_len
-    if varlen_kernel:
-        return PackedCollator(pad_token_id, bin_tokens, pad_to_multiple_of=FLAT_MULTIPLE,
-                              flatten=True, row_bounds=True)
     # Compiled layers want few shapes: pad every bin to the full length.
     multiple = bin_tokens if cfg.train.compile else 1
     # FlashAttention-2 sees row boundaries only in a batch of one row (PackedCollator.flatten).
