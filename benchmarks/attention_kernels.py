@@ -68,30 +68,33 @@ def flash2(q, k, v, bounds, longest):
 
 
 class CudnnVarlen(torch.autograd.Function):
-    """cuDNN's ragged attention with K/V repeated to every query head."""
+    """cuDNN's ragged attention; `repeat`: K/V repeated to every query head (gradients summed
+    back), else grouped heads passed as they are."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bounds, longest):
-        group = q.shape[1] // k.shape[1]
-        kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    def forward(ctx, q, k, v, bounds, longest, repeat):
+        group = q.shape[1] // k.shape[1] if repeat else 1
+        if repeat:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         res = torch.ops.aten._cudnn_attention_forward(
-            q, kr, vr, None, bounds, bounds, longest, longest, True, 0.0, True, False,
+            q, k, v, None, bounds, bounds, longest, longest, True, 0.0, True, False,
             scale=DIM ** -0.5)
         out, lse, seed, offset = res[0], res[1], res[6], res[7]
-        ctx.save_for_backward(q, kr, vr, out, lse, bounds, seed, offset)
+        ctx.save_for_backward(q, k, v, out, lse, bounds, seed, offset)
         ctx.longest, ctx.group = longest, group
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, kr, vr, out, lse, bounds, seed, offset = ctx.saved_tensors
+        q, k, v, out, lse, bounds, seed, offset = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad.contiguous(), q, kr, vr, out, lse, bounds, bounds, ctx.longest, ctx.longest,
-            0.0, True, seed, offset, scale=DIM ** -0.5)
-        t, h, d = dk.shape
-        dk = dk.view(t, h // ctx.group, ctx.group, d).sum(2)
-        dv = dv.view(t, h // ctx.group, ctx.group, d).sum(2)
-        return dq, dk, dv, None, None
+            grad.contiguous(), q, k, v, out, lse, seed, offset, torch.empty(0, device=q.device),
+            bounds, bounds, ctx.longest, ctx.longest, 0.0, True, scale=DIM ** -0.5)
+        if ctx.group > 1:
+            t, h, d = dk.shape
+            dk = dk.view(t, h // ctx.group, ctx.group, d).sum(2)
+            dv = dv.view(t, h // ctx.group, ctx.group, d).sum(2)
+        return dq, dk, dv, None, None, None
 
 
 def packed_case(lengths: list[int], iters: int) -> dict:
@@ -105,7 +108,9 @@ def packed_case(lengths: list[int], iters: int) -> dict:
     v = torch.randn(tokens, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
     grad = torch.randn(tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
     ops = {"flash2_varlen": lambda a, b, c: flash2(a, b, c, bounds, longest),
-           "cudnn_varlen": lambda a, b, c: CudnnVarlen.apply(a, b, c, bounds, longest)}
+           "cudnn_varlen_gqa": lambda a, b, c: CudnnVarlen.apply(a, b, c, bounds, longest, False),
+           "cudnn_varlen_repeat_kv": lambda a, b, c: CudnnVarlen.apply(a, b, c, bounds, longest,
+                                                                      True)}
     return {"tokens": tokens, "rows": len(lengths), **_compare(ops, q, k, v, grad, iters)}
 
 
