@@ -146,16 +146,6 @@ LADDER = [
       "train.liger=off"]),
     ("64 rows + compile + varlen",
      ["train.micro_batch_size=64", "train.compile=true", "model.attn_implementation=varlen"]),
-    # 40-43 (session 14): SDPA with cuDNN's attention first (train.cudnn_attention), on and off;
-    # 40-41 on the full-rows fixture (dense causal rows), 42-43 on Dolly rows (masked bins).
-    ("full rows: 32 rows, checkpointing + compile + SDPA, cuDNN attention first",
-     ["train.micro_batch_size=32", "train.compile=true", "train.cudnn_attention=on"]),
-    ("full rows: 32 rows, checkpointing + compile + SDPA, torch's backend order",
-     ["train.micro_batch_size=32", "train.compile=true", "train.cudnn_attention=off"]),
-    ("160 rows + compile + SDPA (masked bins), cuDNN attention first",
-     ["train.micro_batch_size=160", "train.compile=true", "train.cudnn_attention=on"]),
-    ("160 rows + compile + SDPA (masked bins), torch's backend order",
-     ["train.micro_batch_size=160", "train.compile=true", "train.cudnn_attention=off"]),
 ]
 
 

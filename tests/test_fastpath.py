@@ -466,38 +466,6 @@ def test_varlen_attention_gives_the_masked_sdpa_loss_and_gradients(tmp_path, dol
         torch.testing.assert_close(grads_v[name], grads_s[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_cudnn_attention_is_first_while_training_and_only_then(tmp_path, dolly_file):
-    from transformers import TrainerCallback
-    from torch.nn.attention import SDPBackend
-
-    from qlora_lab.attention import resolve_cudnn_attention
-    from qlora_lab.errors import UserError
-
-    assert not resolve_cudnn_attention("auto", "cpu")  # auto: Hopper GPUs only
-    assert not resolve_cudnn_attention("off", "cuda")
-    with pytest.raises(UserError, match="cudnn_attention.*needs CUDA"):
-        resolve_cudnn_attention("on", "cpu")
-
-    session = setup_training(tiny_config(tmp_path / "run", dolly_file, max_steps=2,
-                                         save_steps=10, eval_steps=10))
-    assert session.trainer.cudnn_attention is False  # auto on this CPU
-    order_before = torch._C._get_sdp_priority_order()
-    seen = []
-
-    class Record(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            seen.append(torch._C._get_sdp_priority_order())
-
-    # The trainer as setup builds it for a Hopper GPU; here SDPA finds no cuDNN kernel for
-    # CPU tensors and takes the next backend, so the run is the same run.
-    session.trainer.cudnn_attention = True
-    session.trainer.add_callback(Record())
-    session.trainer.train()
-    assert len(seen) == 2 and all(order[0] == int(SDPBackend.CUDNN_ATTENTION) for order in seen)
-    assert torch._C._get_sdp_priority_order() == order_before  # restored after training
-    assert order_before[0] != int(SDPBackend.CUDNN_ATTENTION)
-
-
 def test_varlen_attention_refuses_what_it_cannot_compute(tmp_path, dolly_file):
     from transformers import LlamaConfig
 

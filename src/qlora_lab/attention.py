@@ -226,45 +226,6 @@ def use_varlen(model, bin_tokens: int, packing: bool) -> None:
     model.set_attn_implementation(register())
 
 
-def _sdpa_priority_settable() -> bool:
-    """torch >= 2.6: sdpa_kernel can reorder the backends, not only restrict them."""
-    from torch.nn.attention import sdpa_kernel
-
-    return "set_priority" in inspect.signature(sdpa_kernel).parameters
-
-
-def resolve_cudnn_attention(setting: str, device: str) -> bool:
-    """`train.cudnn_attention`: whether SDPA tries cuDNN's kernel first during training.
-
-    `auto`: on Hopper (compute capability 9.x), the one GPU it was measured on, where cuDNN ran
-    full rows' attention 1.6x faster than FlashAttention-2 (attention_kernels_h200.json)."""
-    if setting == "off":
-        return False
-    usable = device == "cuda" and _sdpa_priority_settable()
-    if setting == "on":
-        if not usable:
-            why = "needs CUDA" if device != "cuda" else "needs torch >= 2.6 (backend priority)"
-            raise UserError(f"train.cudnn_attention = 'on' {why} — set it to 'auto' or 'off'")
-        return True
-    return usable and torch.cuda.get_device_capability()[0] == 9
-
-
-@contextmanager
-def cudnn_first(enabled: bool):
-    """Within the block SDPA tries cuDNN's attention first, then torch's usual order; each call
-    still takes the first backend that supports it (a masked or unsupported call falls through).
-    Compiled layers pick their backend when they compile, so training compiles inside it."""
-    if not enabled:
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(order, set_priority=True):
-        yield
-
-
 @contextmanager
 def sdpa_instead(model):
     """Within the block the model runs SDPA (padded batches carry no row bounds); then varlen

@@ -339,13 +339,6 @@ class TrainConfig:
         cross-entropy on CUDA when liger-kernel is installed and `liger` allows it.
     liger: `auto` = Liger's Triton kernels (RMSNorm, SwiGLU, fused linear cross-entropy) on
         CUDA when liger-kernel is installed; applied to this model's modules only.
-    cudnn_attention: have SDPA try cuDNN's attention kernel first while training (then
-        FlashAttention-2, memory-efficient, math; torch picks the first that takes the call).
-        `auto` = on CUDA GPUs of compute capability 9.x (H100, H200), where on 32 full rows of
-        1,024 tokens it ran forward + backward in 1.9 ms against FlashAttention-2's 3.0 ms
-        (TinyLlama's heads, benchmarks/results/attention_kernels_h200.json); off elsewhere, not
-        measured there. Only `sdpa` attention reads it (`varlen` calls FlashAttention-2's varlen
-        kernel directly). `on` insists (CUDA, torch >= 2.6); `off` keeps torch's own order.
     fused_lora: compute each LoRA projection's 4-bit base and adapter (attention and MLP) as
         one autograd function (fusedlora.py): the adapter's matmuls accumulate into the base's
         output and input gradient, so no (tokens x features) tensor is scaled, cloned or summed
@@ -415,7 +408,6 @@ class TrainConfig:
     packing: bool = True
     fused_loss: bool = True
     liger: Literal["auto", "on", "off"] = "auto"
-    cudnn_attention: Literal["auto", "on", "off"] = "auto"
     fused_lora: bool = True
     activation_offload: bool = False
     data_workers: int = 0

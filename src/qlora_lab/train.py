@@ -216,9 +216,6 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     if cfg.model.attn_implementation == "varlen":
         attention.use_varlen(model, cfg.data.max_seq_len, cfg.train.packing)
     use_liger = fastpath.resolve_liger(cfg.train.liger, device)
-    cudnn = attention.resolve_cudnn_attention(cfg.train.cudnn_attention, device)
-    if cudnn and cfg.model.attn_implementation == "sdpa":
-        log.info("attention: SDPA tries cuDNN's kernel first (train.cudnn_attention)")
     # Before LoRA: same module names either way.
     fastpath.apply_fast_modules(model, cfg.train.liger_in_layers(use_liger))
     models.prepare_for_training(model, cfg.train.gradient_checkpointing,
@@ -260,7 +257,7 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     trainer = trainer_class()(model=model, args=args, train_dataset=train_rows,
                                eval_dataset=eval_rows or None, data_collator=collator,
                                callbacks=list(callbacks), head_loss=head_loss,
-                               cuda_graphs=cfg.train.cuda_graphs, cudnn_attention=cudnn)
+                               cuda_graphs=cfg.train.cuda_graphs)
     if trainer.is_fsdp_enabled:
         # Trainer applies peft's wrap policy and the quant-storage precision only when training
         # starts; an evaluation before that (eval_on_start) would wrap the model without them.

@@ -290,8 +290,7 @@ def trainer_class():
     class QloraTrainer(Trainer):
         _staging_dir: Path | None = None
 
-        def __init__(self, *args, head_loss=None, cuda_graphs: bool = False,
-                     cudnn_attention: bool = False, **kwargs):
+        def __init__(self, *args, head_loss=None, cuda_graphs: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             from transformers.trainer_callback import ProgressCallback
 
@@ -305,17 +304,14 @@ def trainer_class():
                     self.callback_handler.callbacks.remove(cb)
             self.head_loss = head_loss
             self.cuda_graphs = cuda_graphs
-            self.cudnn_attention = cudnn_attention
             self.loss_guard = faults.NonFiniteLossGuard()
             self.add_callback(self.loss_guard)
 
         def train(self, *args, **kwargs):
-            # Whatever compiles during training compiles with these settings (fastpath.py), and
-            # with SDPA's backend order (attention.cudnn_first) that the uncompiled calls get.
-            from qlora_lab.attention import cudnn_first
+            # Whatever compiles during training compiles with these settings (fastpath.py).
             from qlora_lab.fastpath import compile_settings
 
-            with compile_settings(self.cuda_graphs), cudnn_first(self.cudnn_attention):
+            with compile_settings(self.cuda_graphs):
                 return super().train(*args, **kwargs)
 
         def _save_checkpoint(self, model, trial):
