@@ -107,7 +107,8 @@ LADDER = [
      ["train.micro_batch_size=32", "train.grad_accum_steps=5", "train.checkpoint_every=3",
       "train.compile=true", "model.attn_implementation=varlen"]),
     # Rows 30-32 are for the full-rows fixture (SWEEP_DATA=full): 32 rows of 1,024 tokens a
-    # step, as `bench_h200.sh fullrows` gives both recipes; 30 is that phase's own setting.
+    # step, as `bench_h200.sh fullrows` gives both recipes; 30 was that phase's own setting
+    # until run 8 (40, SDPA, since session 14).
     ("full rows: 32 rows, checkpointing + compile + varlen",
      ["train.micro_batch_size=32", "train.compile=true", "model.attn_implementation=varlen"]),
     ("full rows: 4 rows x 8 accumulated, no checkpointing + compile + varlen",
@@ -146,6 +147,10 @@ LADDER = [
       "train.liger=off"]),
     ("64 rows + compile + varlen",
      ["train.micro_batch_size=64", "train.compile=true", "model.attn_implementation=varlen"]),
+    # 40 (session 14): full rows with SDPA, no mask (each row is its own bin): FlashAttention-2's
+    # dense kernel, faster there than the varlen kernel (fastpath_sweep_h200_run16_sdpa.json).
+    ("full rows: 32 rows, checkpointing + compile + SDPA",
+     ["train.micro_batch_size=32", "train.compile=true"]),
 ]
 
 

@@ -9,7 +9,8 @@ The planner's N is sequences x max_seq_len: for full rows that is exact (a row i
 packed Dolly rows `plan` reads no data and plans every row as a full bin, so this also plans the
 fewest bins the largest recorded step can have held (its real tokens / bin size, rounded up), a
 lower bound on that step's bins: a prediction at it that still exceeds the measured peak means
-the planner, given the true bins, bounds the run from above. The GPU host had liger-kernel, so
+the planner, given the true bins, bounds the run from above. Rows that share bins (SDPA then
+gets a mask) are read from the steps' real tokens: full rows fill whole bins. The GPU host had liger-kernel, so
 `train.liger` is planned as on; the model was the TinyLlama architecture (the `tinyllama`
 preset's shapes) with random weights.
 """
@@ -38,8 +39,11 @@ def rescore(path: Path) -> dict:
     values["train"]["liger"] = "on"
     run = config_from_dict(values)
     shape = model_shape("tinyllama")
-    step = step_shape(run)
     bin_tokens = run.data.max_seq_len
+    # Whether rows share bins (a mask for SDPA), as `train --budget` reads it from the data
+    # (data.rows_share_bins): a step whose real tokens fill whole bins held full rows only.
+    short = any(t % bin_tokens for t in measured["step_real_tokens"])
+    step = dataclasses.replace(step_shape(run), short_rows=short)
     fewest_bins = math.ceil(max(measured["step_real_tokens"]) / bin_tokens)
     rows = {"as_planned": step}
     if fewest_bins < step.micro_batch_size:
