@@ -68,8 +68,11 @@ class ModelConfig:
     attn_implementation: `sdpa` is fast everywhere torch runs; `eager` is the reference.
         `varlen` (training with packing only): each packed row attends only to itself through
         torch's FlashAttention variable-length kernel (CUDA, torch >= 2.10), with no mask;
-        elsewhere it computes the same with SDPA. `flex_attention`: transformers' FlexAttention
-        with a block mask of the packed rows. See docs/performance.md for measurements.
+        elsewhere it computes the same with SDPA. For rows that fill their bins (long
+        documents) SDPA needs no mask, and on an H200 it trained 5-6 % faster than `varlen`
+        there (benchmarks/results/fastpath_sweep_h200_run16_sdpa.json): `varlen` is for short
+        rows packed together. `flex_attention`: transformers' FlexAttention with a block mask of
+        the packed rows. See docs/performance.md for measurements.
     """
 
     name: str = DEFAULT_MODEL
