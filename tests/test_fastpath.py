@@ -466,6 +466,22 @@ def test_varlen_attention_gives_the_masked_sdpa_loss_and_gradients(tmp_path, dol
         torch.testing.assert_close(grads_v[name], grads_s[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("rows", ["short", "full"])
+def test_varlen_says_when_sdpa_needs_no_mask_for_the_rows(tmp_path, dolly_file, caplog, rows):
+    # Rows longer than max_seq_len are clipped to it: each then fills its bin alone, where
+    # SDPA needs no mask (and measured faster than varlen); short rows share bins.
+    data = dolly_file if rows == "short" else write_jsonl(tmp_path / "long.jsonl", [
+        dict(r, response=r["response"] + " and so on" * 60) for r in DOLLY_ROWS])
+    cfg = tiny_config(tmp_path / "run", data)
+    cfg = replace(cfg, model=replace(cfg.model, attn_implementation="varlen"))
+    with caplog.at_level(logging.INFO, logger="qlora_lab.train"):
+        session = setup_training(cfg)
+    lengths = [len(r["input_ids"]) for r in session.data.train + session.data.eval]
+    assert (min(lengths) == cfg.data.max_seq_len) == (rows == "full")
+    hinted = any("sdpa (the default" in r.getMessage() for r in caplog.records)
+    assert hinted == (rows == "full")
+
+
 def test_varlen_attention_refuses_what_it_cannot_compute(tmp_path, dolly_file):
     from transformers import LlamaConfig
 
