@@ -9,11 +9,14 @@ Issue #15: attention was 16 % of the GPU time of a 160-row step on the H200
 query heads, 4 K/V heads, head dim 64; one micro-batch of 160 Dolly rows laid end to end, and
 32 full 1,024-token rows), the candidates this host has:
 - `flash2_varlen`: what `train` runs (attention._varlen_kernel through attention.plan_kernel);
-- `cudnn_varlen`: cuDNN's ragged attention (torch.ops.aten._cudnn_attention_forward/backward,
-  the path torch's varlen_attn has for cuDNN but leaves off), which cannot group heads here, so
-  K/V are repeated to 32 heads and their gradients summed back, both timed;
-- full rows only: SDPA on dense (rows, heads, 1024, 64) with each backend torch offers.
-Each candidate's output and gradients are checked against FlashAttention-2's before timing.
+- `cudnn_varlen_gqa` and `cudnn_varlen_repeat_kv`: cuDNN's ragged attention
+  (torch.ops.aten._cudnn_attention_forward/backward, the path torch's varlen_attn has for cuDNN
+  but leaves off), given the grouped K/V heads as they are, or repeated to 32 heads with their
+  gradients summed back (the repeat and the sum timed with it);
+- full rows only: SDPA on dense (rows, heads, 1024, 64): FlashAttention-2, and cuDNN with
+  grouped heads and with repeated ones.
+The first candidate of each case is the reference: the others' outputs and gradients are
+compared with it (`max_abs_diff_vs_first`). A candidate that fails records its error.
 """
 
 from __future__ import annotations
