@@ -9,10 +9,10 @@ The planner's N is sequences x max_seq_len: for full rows that is exact (a row i
 packed Dolly rows `plan` reads no data and plans every row as a full bin, so this also plans the
 fewest bins the largest recorded step can have held (its real tokens / bin size, rounded up), a
 lower bound on that step's bins: a prediction at it that still exceeds the measured peak means
-the planner, given the true bins, bounds the run from above. Rows that share bins (SDPA then
-gets a mask) are read from the steps' real tokens: full rows fill whole bins. The GPU host had liger-kernel, so
-`train.liger` is planned as on; the model was the TinyLlama architecture (the `tinyllama`
-preset's shapes) with random weights.
+the planner, given the true bins, bounds the run from above. Whether rows share bins (SDPA
+then gets a mask) is read from the steps' real tokens: full rows fill whole bins. The GPU host
+had liger-kernel, so `train.liger` is planned as on; the model was the TinyLlama architecture
+(the `tinyllama` preset's shapes) with random weights.
 """
 
 from __future__ import annotations

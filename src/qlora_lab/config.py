@@ -69,9 +69,9 @@ class ModelConfig:
         `varlen` (training with packing only): each packed row attends only to itself through
         torch's FlashAttention variable-length kernel (CUDA, torch >= 2.10), with no mask;
         elsewhere it computes the same with SDPA. For rows that fill their bins (long
-        documents) SDPA needs no mask, and on an H200 it trained 5-6 % faster than `varlen`
-        there (benchmarks/results/fastpath_sweep_h200_run16_sdpa.json): `varlen` is for short
-        rows packed together. `flex_attention`: transformers' FlexAttention with a block mask of
+        documents clipped at `data.max_seq_len`) SDPA needs no mask, and on an H200 it trained
+        5-6 % faster than `varlen` there (fastpath_sweep_h200_run16_sdpa.json in
+        benchmarks/results): `varlen` is for shorter rows packed together. `flex_attention`: transformers' FlexAttention with a block mask of
         the packed rows. See docs/performance.md for measurements.
     """
 
