@@ -31,8 +31,6 @@ import torch
 
 from fixtures import bpe_tokenizer, hardware_label, versions
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 HEADS, KV_HEADS, DIM = 32, 4, 64
 
 

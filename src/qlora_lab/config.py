@@ -71,8 +71,9 @@ class ModelConfig:
         elsewhere it computes the same with SDPA. For rows that fill their bins (long
         documents clipped at `data.max_seq_len`) SDPA needs no mask, and on an H200 it trained
         5-6 % faster than `varlen` there (fastpath_sweep_h200_run16_sdpa.json in
-        benchmarks/results): `varlen` is for shorter rows packed together. `flex_attention`: transformers' FlexAttention with a block mask of
-        the packed rows. See docs/performance.md for measurements.
+        benchmarks/results): `varlen` is for shorter rows packed together. `flex_attention`:
+        transformers' FlexAttention with a block mask of the packed rows. See
+        docs/performance.md for measurements.
     """
 
     name: str = DEFAULT_MODEL

@@ -40,7 +40,7 @@ RESERVED_OVER_ALLOCATED = 1.5
 RESERVED_OVER_ALLOCATED_PACKED = 1.3
 # Under CUDA's expandable segments (every `train` process since commit d719466, unless the user
 # set the allocator's config) a segment grows in place instead of a new block being cached
-# beside the old: 1.015-1.089x over 26 packed H200 runs (benchmarks/results/
+# beside the old: 1.015-1.089x over 35 packed H200 runs (benchmarks/results/
 # reserved_ratio_expandable.json), the ratio above measured without. 1.15 keeps a margin for
 # what those runs did not vary (all TinyLlama's shape, mostly compiled).
 RESERVED_OVER_ALLOCATED_PACKED_EXPANDABLE = 1.15

@@ -216,7 +216,8 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
         model = models.load_base_model(model_path, cfg.model, cfg.quant, device)
     if cfg.model.attn_implementation == "varlen":
         attention.use_varlen(model, cfg.data.max_seq_len, cfg.train.packing)
-        if min(len(e["input_ids"]) for e in data.train + data.eval) >= cfg.data.max_seq_len:
+        if min(len(e["input_ids"]) for rows in (data.train, data.eval)
+               for e in rows) >= cfg.data.max_seq_len:
             # Each bin then holds one row and no padding: SDPA attends to it with no mask (a
             # shorter row's padding tail restarts positions, and transformers builds one).
             log.info("attention: every row fills its bin (data.max_seq_len tokens), so sdpa "
