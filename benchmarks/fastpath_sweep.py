@@ -151,6 +151,13 @@ LADDER = [
     # dense kernel, faster there than the varlen kernel (fastpath_sweep_h200_run16_sdpa.json).
     ("full rows: 32 rows, checkpointing + compile + SDPA",
      ["train.micro_batch_size=32", "train.compile=true"]),
+    # 41-42 (session 15): Liger for the head's loss only; the layers' RMSNorm and SwiGLU are
+    # the model's own, which the compiler fuses with the residual adds around them.
+    ("160 rows + compile + varlen, Liger for the loss only",
+     ["train.micro_batch_size=160", "train.compile=true", "model.attn_implementation=varlen",
+      "train.liger=loss"]),
+    ("full rows: 32 rows, checkpointing + compile + SDPA, Liger for the loss only",
+     ["train.micro_batch_size=32", "train.compile=true", "train.liger=loss"]),
 ]
 
 

@@ -395,7 +395,9 @@ def _predict(spec: dict, liger: bool | None = None) -> dict:
     step = plan.step_shape(cfg, device_is_gpu=spec["device"] == "cuda")
     step = memory.replace(step, micro_batch_size=max(1, step.micro_batch_size // per_bin),
                           short_rows=per_bin > 1,
-                          liger=step.liger if liger is None else liger)
+                          liger=step.liger if liger is None else liger,
+                          # A row's recorded `liger` was its layers' and its loss's alike.
+                          liger_loss=step.liger_loss if liger is None else liger)
     est = memory.estimate_peak_memory(shapes.model_shape(cfg.model.name), step)
     return {"predicted_bytes": est.peak_allocated_bytes,
             "predicted_reserved_bytes": est.peak_reserved_bytes,

@@ -8,7 +8,7 @@ the config it picks for 160 rows a step.
 The bench's tokenizer is rebuilt as the bench built it (fixtures.bpe_tokenizer on the same rows,
 deterministic), saved beside the TinyLlama preset's config.json: planning loads no weights. The
 bins come from train.packed_bins (what train.fit_to_card plans with); the run config is the
-bench.json's own (`config`), with train.liger on as on the GPU host.
+bench.json's own (`config`), planned with liger-kernel installed as on the GPU host.
 """
 
 from __future__ import annotations
@@ -48,14 +48,14 @@ def main() -> None:
         bpe_tokenizer(args.data).save_pretrained(base)
         values = bench["config"]
         values["model"]["name"] = str(base)
-        values["train"]["liger"] = "on"
-        values["data"]["source"] = str(args.data)
+            values["data"]["source"] = str(args.data)
         run = config_from_dict(values)
         lengths, short = budget_rows(run)  # the rows as `train --budget` reads them, once
         rows = run.train.micro_batch_size
         bins = packed_bins(run, lengths)(rows)
         shape = model_shape(str(base))
-        at_bins = estimate_peak_memory(shape, replace(step_shape(run), micro_batch_size=bins))
+        step = step_shape(run, liger_installed=True)
+        at_bins = estimate_peak_memory(shape, replace(step, micro_batch_size=bins))
         fitted, best, short = fit_to_card(run, parse_bytes(args.budget), (lengths, short))
     tokens = measured["step_real_tokens"]
     report = {

@@ -11,8 +11,8 @@ fewest bins the largest recorded step can have held (its real tokens / bin size,
 lower bound on that step's bins: a prediction at it that still exceeds the measured peak means
 the planner, given the true bins, bounds the run from above. Whether rows share bins (SDPA
 then gets a mask) is read from the steps' real tokens: full rows fill whole bins. The GPU host
-had liger-kernel, so `train.liger` is planned as on; the model was the TinyLlama architecture
-(the `tinyllama` preset's shapes) with random weights.
+had liger-kernel, so each file's `train.liger` is planned with it installed; the model was the
+TinyLlama architecture (the `tinyllama` preset's shapes) with random weights.
 """
 
 from __future__ import annotations
@@ -36,14 +36,13 @@ def rescore(path: Path) -> dict:
     measured = bench["recipes"]["qlora_lab"]
     values = bench["config"]
     values["model"]["name"] = "tinyllama"
-    values["train"]["liger"] = "on"
     run = config_from_dict(values)
     shape = model_shape("tinyllama")
     bin_tokens = run.data.max_seq_len
     # Whether rows share bins (a mask for SDPA), as `train --budget` reads it from the data
     # (data.rows_share_bins): a step whose real tokens fill whole bins held full rows only.
     short = any(t % bin_tokens for t in measured["step_real_tokens"])
-    step = dataclasses.replace(step_shape(run), short_rows=short)
+    step = dataclasses.replace(step_shape(run, liger_installed=True), short_rows=short)
     fewest_bins = math.ceil(max(measured["step_real_tokens"]) / bin_tokens)
     rows = {"as_planned": step}
     if fewest_bins < step.micro_batch_size:

@@ -262,6 +262,44 @@ def test_plan_says_packed_rows_are_counted_as_full_bins(capsys):
     assert "upper bound" not in capsys.readouterr().out
 
 
+def test_compiled_layers_keep_the_compilers_norms_and_liger_only_for_the_loss():
+    # train.liger=auto with train.compile: the compiler's RMSNorm and SwiGLU in the layers
+    # (fused with the residual adds), Liger's fused linear cross-entropy for the head. The
+    # planner counts what train builds: the layers without Liger, the loss with it.
+    from qlora_lab.config import TrainConfig, config_from_dict
+
+    where = {(liger, compile_, graphs): TrainConfig(liger=liger, compile=compile_,
+                                                    cuda_graphs=graphs,
+                                                    gradient_checkpointing=not graphs
+                                                    ).liger_in_layers(True)
+             for liger in ("auto", "on", "loss") for compile_ in (False, True)
+             for graphs in ((False, True) if compile_ else (False,))}
+    assert where == {("auto", False, False): True, ("auto", True, False): False,
+                     ("auto", True, True): False, ("on", False, False): True,
+                     ("on", True, False): True, ("on", True, True): False,
+                     ("loss", False, False): False, ("loss", True, False): False,
+                     ("loss", True, True): False}
+    assert not TrainConfig(liger="off").liger_in_layers(False)
+
+    # "on" plans as the GPU host does, where liger-kernel is installed (this host may lack it).
+    forced = plan_module.step_shape(config_from_dict({"train": {"liger": "on", "compile": True,
+                                                                "cuda_graphs": True,
+                                                                "gradient_checkpointing": False}}))
+    assert not forced.liger and forced.head_liger
+    model = plan_module.model_shape("tinyllama")
+    base = memory.StepShape(32, 1024, fused_loss=True, packed=True, compiled=True,
+                            lora_dropout=False, optimizer="adamw_torch")
+    plans = {name: memory.estimate_peak_memory(model, replace(base, **kw)) for name, kw in (
+        ("loss", {"liger": False, "liger_loss": True}), ("on", {"liger": True}),
+        ("off", {"liger": False}))}
+    terms = {name: {t.name for t in p.terms} for name, p in plans.items()}
+    assert "fused_linear_cross_entropy" in terms["loss"] & terms["on"]
+    assert "fused_linear_cross_entropy" not in terms["off"]
+    # The compiler's norm and SwiGLU keep more per token than Liger's (an fp32 input copy per
+    # norm, silu(gate) beside gate, up and their product): a higher peak, never a lower one.
+    assert plans["loss"].peak_allocated_bytes > plans["on"].peak_allocated_bytes
+
+
 def test_plan_counts_cuda_graph_layers_without_liger():
     # train.cuda_graphs swaps no Liger module into the layers (Liger's backward mutates its
     # saved inputs, which CUDA graph trees refuse to graph): the planner counts them likewise.

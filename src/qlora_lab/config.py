@@ -341,8 +341,13 @@ class TrainConfig:
     fused_loss: compute the LM head and cross-entropy only at supervised (answer) positions, in
         chunks, so the full fp32 logits tensor never exists; uses Liger's fused linear
         cross-entropy on CUDA when liger-kernel is installed and `liger` allows it.
-    liger: `auto` = Liger's Triton kernels (RMSNorm, SwiGLU, fused linear cross-entropy) on
-        CUDA when liger-kernel is installed; applied to this model's modules only.
+    liger: Liger's Triton kernels (RMSNorm, SwiGLU, fused linear cross-entropy) on CUDA when
+        liger-kernel is installed, applied to this model's modules only. `auto`: its fused
+        linear cross-entropy for the head's loss, and its RMSNorm and SwiGLU in the layers
+        unless `compile` is on (the compiler's own, fused with the residual adds, trained 4-6 %
+        faster on an H200: benchmarks/results/fastpath_sweep_h200_run17_liger_loss.json).
+        `on`: all three, compiled or not (an error where Liger cannot run); `loss`: the head's
+        loss only; `off`: none.
     fused_lora: compute each LoRA projection's 4-bit base and adapter (attention and MLP) as
         one autograd function (fusedlora.py): the adapter's matmuls accumulate into the base's
         output and input gradient, so no (tokens x features) tensor is scaled, cloned or summed
@@ -411,7 +416,7 @@ class TrainConfig:
     report_to: str = ""
     packing: bool = True
     fused_loss: bool = True
-    liger: Literal["auto", "on", "off"] = "auto"
+    liger: Literal["auto", "on", "off", "loss"] = "auto"
     fused_lora: bool = True
     activation_offload: bool = False
     data_workers: int = 0
@@ -457,11 +462,19 @@ class TrainConfig:
 
     def liger_in_layers(self, liger_on: bool) -> bool:
         """Whether the layers' RMSNorm and SwiGLU are Liger's, Liger being on (`train` builds
-        them so, `plan` counts them so): not with cuda_graphs. Liger's backward writes into
-        its saved inputs, and CUDA graph trees leave a graph that mutates its inputs ungraphed
-        (run 14 logged "skipping cudagraphs due to mutated inputs" 7 times with them, run 15
-        none without). The head's loss stays Liger's either way."""
-        return liger_on and not self.cuda_graphs
+        them so, `plan` counts them so). The head's loss stays Liger's in every case.
+
+        Not with `liger: loss`, and with `auto` not in compiled layers: the compiler's own
+        norm and SwiGLU, fused with the residual adds beside them, trained faster on an H200
+        (Dolly rows +4.3 %, full rows +6.0 %, for ~0.5 GiB more at 160 rows:
+        benchmarks/results/fastpath_sweep_h200_run17_liger_loss.json); Liger's are opaque
+        kernels the compiler cannot fuse. Never with cuda_graphs: Liger's backward writes
+        into its saved inputs, and CUDA graph trees leave a graph that mutates its inputs
+        ungraphed (run 14 logged "skipping cudagraphs due to mutated inputs" 7 times with
+        them, run 15 none without)."""
+        if not liger_on or self.liger == "loss" or self.cuda_graphs:
+            return False
+        return self.liger == "on" or not self.compile
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ def liger_installed() -> bool:
 
 
 def resolve_liger(setting: str, device: str) -> bool:
-    """`auto`: Liger's Triton kernels when on CUDA and installed; `on` insists, `off` never."""
+    """Whether Liger runs at all (`auto`, `loss`: when on CUDA and installed; `on` insists,
+    `off` never); TrainConfig.liger_in_layers says where."""
     if setting == "off":
         return False
     usable = device == "cuda" and liger_installed()

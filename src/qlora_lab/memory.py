@@ -232,7 +232,10 @@ class StepShape:
     gpus: int = 1
     strategy: str = "ddp"  # or "fsdp"
     fused_loss: bool = False  # loss from the final hidden states (fastpath.SupervisedHeadLoss)
-    liger: bool = False  # Liger kernels: RMSNorm, SwiGLU, fused linear cross-entropy
+    liger: bool = False  # Liger's kernels in the layers and the final norm: RMSNorm, SwiGLU
+    # Liger's fused linear cross-entropy for the head's loss; None = as `liger` (compiled
+    # layers keep the compiler's norm and SwiGLU but the head's loss stays Liger's).
+    liger_loss: bool | None = None
     activation_offload: bool = False
     mlp_tile_tokens: int = 8192
     checkpoint_every: int = 1  # selective checkpointing: every n-th layer
@@ -249,6 +252,10 @@ class StepShape:
     @property
     def tokens(self) -> int:
         return self.micro_batch_size * self.seq_len
+
+    @property
+    def head_liger(self) -> bool:
+        return self.liger if self.liger_loss is None else self.liger_loss
 
 
 @dataclass(frozen=True)
@@ -706,7 +713,7 @@ def _loss_term(m: ModelShape, s: StepShape) -> MemoryTerm:
     # The final norm: its output (what the head reads) and, per its kind, its fp32 input copy;
     # the last layer's output it reads is kept by Liger's norm.
     final = n * h * _final_norm_bytes(m, s)
-    if s.fused_loss and s.liger:
+    if s.fused_loss and s.head_liger:
         # fastpath.SupervisedHeadLoss -> LigerFusedLinearCrossEntropyFunction: every position
         # supervised at worst; the gathered states, the input gradient it computes in forward,
         # one chunk's 16-bit logits (overwritten in place by their gradient), fp32 losses.

@@ -35,11 +35,15 @@ class PlanConfig:
 
 
 def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
-               strategy: str = "ddp") -> memory.StepShape:
-    """The step `train` runs for `cfg` on a GPU (fastpath: what is swapped, fused, tiled)."""
+               strategy: str = "ddp", liger_installed: bool | None = None) -> memory.StepShape:
+    """The step `train` runs for `cfg` on a GPU (fastpath: what is swapped, fused, tiled).
+
+    `liger_installed`: whether liger-kernel is there where train runs (None: as on this host),
+    for planning another host's runs (benchmarks/plan_vs_bench.py plans the H200's)."""
     compute = 4 if cfg.quant.compute_dtype == "float32" else 2
     optimizer = resolve_optimizer(cfg.train.optimizer, device_is_gpu,
                                   fsdp=gpus > 1 and strategy == "fsdp")
+    liger = device_is_gpu and _liger_used(cfg.train.liger, liger_installed)
     return memory.StepShape(
         micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_seq_len,
         bits=cfg.quant.bits, double_quant=cfg.quant.double_quant, compute_bytes=compute,
@@ -48,17 +52,23 @@ def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
         gradient_checkpointing=cfg.train.gradient_checkpointing, gpus=gpus, strategy=strategy,
         # Under FSDP train falls back to the model's own loss (lm_head is sharded there).
         fused_loss=cfg.train.fused_loss and not (gpus > 1 and strategy == "fsdp"),
-        # Without Liger's layer kernels (cuda_graphs) the head's loss, still Liger's, is
-        # counted as the chunked loss: an approximation, not measured.
-        liger=cfg.train.liger_in_layers(device_is_gpu and _liger_used(cfg.train.liger)),
+        liger=cfg.train.liger_in_layers(liger),
+        liger_loss=liger,
         activation_offload=cfg.train.activation_offload,
         checkpoint_every=cfg.train.checkpoint_every, packed=cfg.train.packing,
         compiled=cfg.train.compile, attn_implementation=cfg.model.attn_implementation,
         expandable_segments=memory.expandable_segments(os.environ))
 
 
-def _liger_used(setting: str) -> bool:
-    """As fastpath.resolve_liger decides on CUDA: `auto` = when liger-kernel is installed.
+def _liger_text(step: memory.StepShape) -> str:
+    if step.liger:
+        return "Liger on"
+    return "Liger for the loss" if step.fused_loss and step.head_liger else "Liger off"
+
+
+def _liger_used(setting: str, installed: bool | None = None) -> bool:
+    """As fastpath.resolve_liger decides on CUDA: `auto` and `loss` = when liger-kernel is
+    installed.
 
     `plan` runs where `train` will (or is told with --set train.liger=on/off), and asks
     importlib rather than importing it, so planning stays free of torch.
@@ -67,7 +77,9 @@ def _liger_used(setting: str) -> bool:
 
     if setting == "off":
         return False
-    return setting == "on" or importlib.util.find_spec("liger_kernel") is not None
+    if installed is None:
+        installed = importlib.util.find_spec("liger_kernel") is not None
+    return setting == "on" or installed
 
 
 # --- fitting a run to a budget ----------------------------------------------------------------
@@ -263,7 +275,7 @@ def run_plan(cfg: PlanConfig) -> dict:
     else:
         print(f"model {run.model.name}: micro-batch {step.micro_batch_size} x seq {step.seq_len}, "
               f"{step.bits}-bit base, LoRA r={step.lora_r} ({step.lora_bytes * 8}-bit), "
-              f"{step.optimizer}, Liger {'on' if step.liger else 'off'}, "
+              f"{step.optimizer}, {_liger_text(step)}, "
               f"activations: {_strategy(step)}; peak at {plan.peak_phase}"
               + (f"; per GPU of {step.gpus} ({step.strategy})" if step.gpus > 1 else ""))
         print(_table(plan))
