@@ -5,10 +5,10 @@ new runs).
 
 Every training process has used CUDA's expandable segments since commit d719466 (2026-12-01,
 train.allocator_defaults). This reads the committed H200 runs of `train`'s packed path made
-after it: the fastpath sweep rows of runs 5-16 (each `qlora-lab bench --recipes qlora_lab`
+after it: the fastpath sweep rows of runs 5-17 (each `qlora-lab bench --recipes qlora_lab`
 through setup_training) and qlora_lab's rows of the four-recipe and full-rows benches (runs 7
-and 8, and session 14's two full-rows runs) and of run 15's full-rows bench, and reports peak
-reserved over peak allocated per run. The planner multiplies its allocated estimate by memory.RESERVED_OVER_ALLOCATED_PACKED_EXPANDABLE
+to 9, session 14's two full-rows runs, session 15's) and of run 15's full-rows bench, and
+reports peak reserved over peak allocated per run. The planner multiplies its allocated estimate by memory.RESERVED_OVER_ALLOCATED_PACKED_EXPANDABLE
 for such runs; tests/test_memory.py checks that it covers every ratio here. (The ratio for
 packed runs without expandable segments, 1.3, comes from reserved_ratio_fastpath.json: the lab
 report of 2026-11-28, before d719466.)
@@ -23,11 +23,14 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks/results"
 SWEEPS = [f"fastpath_sweep_h200_run{n}.json" for n in (
     "5_levers", "6_checkpointing", "7_fused_all", "8_optimizers", "9_adapter_first",
     "10_workers", "11_async", "12_small_micro_batches", "13_no_recompute",
-    "15_cuda_graphs", "16_sdpa")]
+    "15_cuda_graphs", "16_sdpa", "17_liger_loss")]
 BENCHES = ["archive/bench_h200_8gib_run7.json",
            "archive/bench_full_rows_h200_8gib_run7_63701ef.json",
-           "archive/bench_full_rows_h200_8gib_run8_42530e8.json", "bench_h200_8gib.json",
-           "bench_full_rows_h200_8gib.json", "bench_full_rows_h200_8gib_rerun.json"]
+           "archive/bench_full_rows_h200_8gib_run8_42530e8.json",
+           "archive/bench_h200_8gib_run8.json",
+           "archive/bench_full_rows_h200_8gib_run9_0704b95.json",
+           "archive/bench_full_rows_h200_8gib_run9_0704b95_rerun.json",
+           "bench_h200_8gib.json", "bench_full_rows_h200_8gib.json"]
 
 
 def _point(source: str, name: str, run: dict) -> dict | None:
