@@ -19,4 +19,10 @@ row() {
   local commit=$(gunzip -c .benchdata/$tgz | git get-tar-commit-id 2>/dev/null)
   echo "=== $name ($tgz = ${commit:-unknown commit}, transformers ${tf:-host}) $(date +%T)"
   (cd $dir && env ${tf:+PYTHONPATH=$tf} "$@" SWEEP_NAME=$name OUT=$OUT bash benchmarks/bench_h200.sh sweep 2>&1 | grep -v "^\s*$" | tail -6)
+  # One log for all rows: a device call brings back at most 8 files, and a row's own log would
+  # make it two (session 15 lost a row's JSON that way).
+  if [ -f "$OUT/$name.log" ]; then
+    { echo "=== $name ($tgz = ${commit:-unknown commit})"; cat "$OUT/$name.log"; } >> "$OUT/ab_rows.log"
+    rm -f "$OUT/$name.log"
+  fi
 }

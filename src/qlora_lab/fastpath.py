@@ -11,6 +11,8 @@ class or function is reassigned, so a plain model loaded in the same process is 
   sequence tiles, each recomputed in backward, so a long row never holds the full
   (tokens x intermediate) activations.
 - Liger RMSNorm for the model's RMSNorm modules.
+  (With compiled layers, `train.liger: auto` keeps neither Liger swap: the compiler fuses the
+  model's own norm and SiLU-mul with the work around them; TrainConfig.liger_in_layers.)
 - `offloaded_checkpoint`: activation checkpointing whose saved layer inputs live in pinned host
   memory (long contexts); the GPU then holds only one layer's activations at a time.
 - `compile_settings`: what the compiled layers compile with while training.
