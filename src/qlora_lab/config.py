@@ -366,11 +366,11 @@ class TrainConfig:
         and once more for evaluation (no grad). On an H200 (TinyLlama, 8 GiB cap, 160 rows per
         micro-batch, varlen attention) the run reached 68.3k real tok/s
         (benchmarks/results/bench_h200_8gib.json). Compiled layers keep the compiler's own
-        RMSNorm and SwiGLU under `liger: auto` (see `liger`). Off by default: 10-30 s of compilation at
-        start, measured on that one GPU only; turn it on for long runs. Checkpointed layers
-        recompute inside their compiled backward (down_proj is not recomputed: +7 % at 160 rows
-        on the H200, benchmarks/results/checkpoint_inside_h200.json), on every torch and
-        transformers version; on torch 2.11 through a checkpoint context that tags every
+        RMSNorm and SwiGLU under `liger: auto` (see `liger`). Off by default: 10-30 s of
+        compilation at start, measured on that one GPU only; turn it on for long runs.
+        Checkpointed layers recompute inside their compiled backward (down_proj is not
+        recomputed: +7 % at 160 rows on the H200, benchmarks/results/checkpoint_inside_h200.json),
+        on every torch and transformers version; on torch 2.11 through a checkpoint context that tags every
         operator for recomputation, without which its compiler kept every projection's output
         (out of 8 GiB at 64 rows: benchmarks/results/checkpoint_placement_h200.json).
     cuda_graphs: with `compile`, replay each compiled layer's forward and backward as CUDA graphs
