@@ -206,6 +206,23 @@ def git_head(where: Path = ROOT, *paths: str) -> tuple[str, bool]:
                                                          *(paths or (".",))))
 
 
+def per_call_us(call, calls: int, rounds: int) -> float:
+    """Host time of one call of `call`, in microseconds: the median over `rounds` rounds of
+    `calls` calls each, after `calls // 10` untimed warm-up calls."""
+    import statistics
+    import time
+
+    for _ in range(max(1, calls // 10)):
+        call()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
 def hardware_label() -> str:
     """'NVIDIA H200', '2 x NVIDIA H200' or 'cpu (16 cores)': the hardware line of a result."""
     import torch

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from fixtures import hardware_label, versions
+from fixtures import hardware_label, per_call_us, versions
 
 import qlora_lab.fusedlora  # noqa: F401  (registers qlora_lab::accumulate_mm)
 
@@ -32,18 +30,6 @@ def _decorated(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 @_decorated.register_fake
 def _(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     return None
-
-
-def per_call_us(call, calls: int, rounds: int) -> float:
-    for _ in range(calls // 10):
-        call()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
 
 
 def main() -> int:

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from fixtures import hardware_label, versions
+from fixtures import hardware_label, per_call_us, versions
 
 from qlora_lab.config import LoraConfig
 from qlora_lab.fastpath import apply_fast_modules
@@ -30,14 +28,7 @@ from qlora_lab.presets import PRESETS
 
 
 def median_ms(call, rounds: int, calls: int) -> float:
-    call()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        times.append((time.perf_counter() - start) / calls * 1e3)
-    return round(statistics.median(times), 3)
+    return round(per_call_us(call, calls, rounds) / 1e3, 3)
 
 
 def build_model():
