@@ -48,7 +48,7 @@ def main() -> None:
         bpe_tokenizer(args.data).save_pretrained(base)
         values = bench["config"]
         values["model"]["name"] = str(base)
-            values["data"]["source"] = str(args.data)
+        values["data"]["source"] = str(args.data)
         run = config_from_dict(values)
         lengths, short = budget_rows(run)  # the rows as `train --budget` reads them, once
         rows = run.train.micro_batch_size
