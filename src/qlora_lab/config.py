@@ -339,13 +339,15 @@ class TrainConfig:
         FlashAttention-2 the bins are flattened into one row, the only layout its packed path
         reads). The rows of a step are the same as without packing; only padding goes.
     fused_loss: compute the LM head and cross-entropy only at supervised (answer) positions, in
-        chunks, so the full fp32 logits tensor never exists; uses Liger's fused linear
-        cross-entropy on CUDA when liger-kernel is installed and `liger` allows it.
+        chunks, with the gradient computed in the forward pass, so the full fp32 logits tensor
+        never exists: Liger's fused linear cross-entropy where `liger` picks it, else
+        qlora-lab's (fusedce.py: the same technique without Liger's three waits for the GPU a
+        step; with `compile` on CUDA each chunk's softmax and gradient is one compiled kernel).
     liger: Liger's Triton kernels (RMSNorm, SwiGLU, fused linear cross-entropy) on CUDA when
-        liger-kernel is installed, applied to this model's modules only. `auto`: its fused
-        linear cross-entropy for the head's loss, and its RMSNorm and SwiGLU in the layers
-        unless `compile` is on (the compiler's own, fused with the residual adds, trained 4-6 %
-        faster on an H200: benchmarks/results/fastpath_sweep_h200_run17_liger_loss.json).
+        liger-kernel is installed, applied to this model's modules only. `auto`: without
+        `compile`, all three; with it, none: the compiler's own norm and SwiGLU, fused with the
+        residual adds, trained 4-6 % faster on an H200
+        (benchmarks/results/fastpath_sweep_h200_run17_liger_loss.json), and fusedce's loss.
         `on`: all three, compiled or not (an error where Liger cannot run); `loss`: the head's
         loss only; `off`: none.
     fused_lora: compute each LoRA projection's 4-bit base and adapter (attention and MLP) as
@@ -463,7 +465,7 @@ class TrainConfig:
 
     def liger_in_layers(self, liger_on: bool) -> bool:
         """Whether the layers' RMSNorm and SwiGLU are Liger's, Liger being on (`train` builds
-        them so, `plan` counts them so). The head's loss stays Liger's in every case.
+        them so, `plan` counts them so). The head's loss: liger_for_loss.
 
         Not with `liger: loss`, and with `auto` not in compiled layers: the compiler's own
         norm and SwiGLU, fused with the residual adds beside them, trained faster on an H200
@@ -476,6 +478,16 @@ class TrainConfig:
         if not liger_on or self.liger == "loss" or self.cuda_graphs:
             return False
         return self.liger == "on" or not self.compile
+
+    def liger_for_loss(self, liger_on: bool) -> bool:
+        """Whether the head's fused loss is Liger's (else fusedce's), Liger being on.
+
+        `on` and `loss`: Liger's. `auto`: Liger's unless `compile` is on; then fusedce's, whose
+        chunk softmax the compiler fuses and which never waits for the GPU (Liger waits three
+        times a step, fusedce.py)."""
+        if not liger_on:
+            return False
+        return self.liger in ("on", "loss") or not self.compile
 
 
 @dataclass(frozen=True)

@@ -701,13 +701,30 @@ class PadCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int = 1
+    positions: bool = False  # add SUPERVISED_POSITIONS (see supervised_positions)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         ids, labels = _right_padded(features, self.pad_token_id, self.pad_to_multiple_of)
         mask = torch.zeros_like(ids)
         for i, f in enumerate(features):
             mask[i, :len(f["input_ids"])] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if self.positions:
+            batch[SUPERVISED_POSITIONS] = supervised_positions(labels)
+        return batch
+
+
+SUPERVISED_POSITIONS = "supervised_positions"
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose next token is supervised, in a batch's (rows x (length - 1))
+    positions laid end to end: where the head's loss is computed (fastpath.SupervisedHeadLoss).
+
+    Found here on the host, from labels the collator has just built; on the GPU finding them
+    is a wait for all the work queued before (the count sizes the loss's tensors).
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).reshape(-1).nonzero().squeeze(-1)
 
 
 def _right_padded(features: list[dict], pad_token_id: int, multiple: int
@@ -862,7 +879,9 @@ class PackedCollator:
     for them bins keep the masked attention square small.
 
     `row_bounds` adds `cu_seq_lens_q`, where each row (and each bin's padding tail) starts in the
-    flattened bins, for varlen attention (attention.py), which then needs no mask.
+    flattened bins, for varlen attention (attention.py), which then needs no mask. `positions`
+    adds SUPERVISED_POSITIONS (supervised_positions); the trainer pops it, as it does
+    `num_real_tokens`.
     """
 
     pad_token_id: int
@@ -870,6 +889,7 @@ class PackedCollator:
     pad_to_multiple_of: int = 1
     flatten: bool = False
     row_bounds: bool = False
+    positions: bool = False
 
     def __call__(self, features: list[dict]) -> dict:
         bins = pack_examples(features, self.bin_tokens)
@@ -891,4 +911,6 @@ class PackedCollator:
                  "num_real_tokens": real}
         if self.row_bounds:
             batch["cu_seq_lens_q"] = row_bounds(positions)
+        if self.positions:
+            batch[SUPERVISED_POSITIONS] = supervised_positions(labels)
         return batch

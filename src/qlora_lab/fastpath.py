@@ -4,8 +4,9 @@ Everything here acts on one model instance (its modules are swapped or wrapped);
 class or function is reassigned, so a plain model loaded in the same process is untouched.
 
 - `SupervisedHeadLoss`: the LM head and cross-entropy run only at supervised (answer) positions,
-  in chunks, so the (tokens x vocab) fp32 logits tensor never exists. On CUDA with liger-kernel
-  it is Liger's fused linear cross-entropy (gradient computed in the forward pass, chunked).
+  in chunks, the gradient computed in the forward pass, so the (tokens x vocab) fp32 logits
+  tensor never exists: Liger's fused linear cross-entropy, or fusedce's, which never waits for
+  the GPU (TrainConfig.liger_for_loss picks).
 - `FusedSwiGLU`: the MLP's SiLU(gate) * up through Liger's Triton kernel (one kernel, and it
   saves two inputs instead of three activations); above `tile_tokens` tokens it runs the MLP in
   sequence tiles, each recomputed in backward, so a long row never holds the full
@@ -39,6 +40,7 @@ from torch.utils.checkpoint import (
 
 from qlora_lab.data import IGNORE_INDEX
 from qlora_lab.errors import UserError
+from qlora_lab.fusedce import linear_cross_entropy
 from qlora_lab.memory import head_loss_chunk_tokens
 
 log = logging.getLogger(__name__)
@@ -99,14 +101,22 @@ class SupervisedHeadLoss:
     as transformers' ForCausalLMLoss does (sum / num_items_in_batch under gradient accumulation,
     else the mean). Dolly answers are ~60 % of a row's tokens, so skipping prompt positions
     also skips ~40 % of the head's matmul.
+
+    The head and loss run as one chunked function that computes the states' gradient in the
+    forward pass: Liger's fused linear cross-entropy (`use_liger`), or fusedce's, which never
+    waits for the GPU, its chunk's softmax compiled with `compiled`. Where the collator
+    gathered the supervised positions on the host (`positions`,
+    data.supervised_positions) the step waits for nothing here; otherwise finding them is one
+    wait, as in transformers' own loss.
     """
 
     def __init__(self, lm_head: nn.Module, use_liger: bool, chunk_tokens: int | None = None,
-                 logits: LogitTransform | None = None):
+                 logits: LogitTransform | None = None, compiled: bool = False):
         self.lm_head = lm_head
         # The planner's chunk (memory.head_loss_chunk_tokens): it models exactly this size.
         self.chunk_tokens = chunk_tokens or head_loss_chunk_tokens(lm_head.weight.shape[0])
         self.logits = logits or LogitTransform()
+        self.compiled = compiled
         self._liger = None
         if use_liger:
             from liger_kernel.transformers.fused_linear_cross_entropy import (
@@ -116,39 +126,30 @@ class SupervisedHeadLoss:
             self._liger = LigerFusedLinearCrossEntropyLoss(
                 ignore_index=IGNORE_INDEX, reduction="sum", softcap=self.logits.softcap)
 
-    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor,
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         # Position t predicts token t+1: drop the last position and the first label.
         targets = labels[:, 1:].reshape(-1)
-        keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # one host sync, as HF's loss
-        count = int(keep.numel())
+        if positions is None:
+            positions = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # a wait for the GPU
+        positions = positions.to(hidden.device, non_blocking=True)
+        count = int(positions.numel())  # a shape: known on the host
         if count == 0:
             # Still touch the graph so every rank runs the same backward under DDP.
             return hidden.sum() * 0.0, 0
         weight = self.lm_head.weight
         # The final norm may hand back fp32 states over a 16-bit head (mixed precision).
-        states = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
+        states = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
         if self.logits.scale != 1.0:
             # (s x h) W^T = s x (h W^T): the model's logit scale, applied before the head.
             states = states * self.logits.scale
         states = states.to(weight.dtype)
-        targets = targets.index_select(0, keep.to(targets.device))
+        targets = targets.index_select(0, positions.to(targets.device))
+        bias = getattr(self.lm_head, "bias", None)
         if self._liger is not None:
-            return self._liger(weight, states, targets, getattr(self.lm_head, "bias", None)), count
-        total = states.new_zeros((), dtype=torch.float32)
-        for start in range(0, count, self.chunk_tokens):
-            part = slice(start, start + self.chunk_tokens)
-            # Checkpointed: the chunk's fp32 logits are rebuilt in backward, never kept.
-            total = total + checkpoint(_chunk_loss, self.lm_head, states[part], targets[part],
-                                       self.logits.softcap, use_reentrant=False)
-        return total, count
-
-
-def _chunk_loss(head: nn.Module, states: torch.Tensor, targets: torch.Tensor,
-                softcap: float | None) -> torch.Tensor:
-    logits = head(states).float()
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+            return self._liger(weight, states, targets, bias), count
+        return linear_cross_entropy(states, weight, bias, targets, self.chunk_tokens,
+                                    self.logits.softcap, compiled=self.compiled), count
 
 
 @dataclass(frozen=True)

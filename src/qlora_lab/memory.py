@@ -684,15 +684,25 @@ def _gradients_at_peak(m: ModelShape, s: StepShape, grads: int, freed_per_layer:
     return per_layer + (layers - 1) * max(0, per_layer - freed_per_layer)
 
 
-# Without Liger, fastpath.SupervisedHeadLoss runs the head in chunks of this many logits (fp32:
-# 256 MiB), so a 256k vocabulary gets 256-token chunks where a 32k one gets 2,048: one chunk's
-# logits, log-softmax and gradient stay under 1 GiB whatever the vocabulary.
-HEAD_LOSS_CHUNK_LOGITS = 1 << 26
+# Without Liger, fastpath.SupervisedHeadLoss runs the head (fusedce.py) in chunks of this many
+# logits, so a 256k vocabulary gets 128-token chunks where a 32k one gets 1,024: one chunk's
+# logits, their fp32 copy and their gradient stay under 256 MiB whatever the vocabulary, and a
+# chunk's matmul (1,024 x 2,048 x 32k for TinyLlama) is still large enough to run at speed.
+HEAD_LOSS_CHUNK_LOGITS = 1 << 25
 
 
 def head_loss_chunk_tokens(vocab_size: int) -> int:
     """Tokens per chunk of the chunked (non-Liger) supervised head loss."""
     return max(64, min(4096, HEAD_LOSS_CHUNK_LOGITS // max(1, vocab_size)))
+
+
+def _head_loss_chunk_bytes(compute_bytes: int, compiled: bool) -> int:
+    """Bytes per logit of one fusedce chunk at its peak: the head's logits, then (eagerly)
+    their fp32 copy, whose softmax becomes the gradient in place and is cast back (no copy
+    for fp32 logits); compiled, one kernel reads the logits and writes the gradient."""
+    if compiled:
+        return 2 * compute_bytes
+    return compute_bytes if compute_bytes == 4 else 2 * compute_bytes + 4
 
 
 def _loss_chunk_rows(m: ModelShape, n: int) -> int:
@@ -723,12 +733,13 @@ def _loss_term(m: ModelShape, s: StepShape) -> MemoryTerm:
                           f"Liger: {rows:,}-token chunks x V x {a} B (never N x V) + N x H x "
                           f"{2 * a} B (states, their gradient) + final norm")
     if s.fused_loss:
-        # Without Liger: the states, their gradient, and one checkpointed chunk rebuilt in
-        # backward: 16-bit and fp32 logits, the log-softmax and its gradient (12 B x V).
+        # fusedce.LinearCrossEntropy: the gathered states, the gradient it computes in forward,
+        # and one chunk's logits and gradient at a time.
         rows = min(n, head_loss_chunk_tokens(v))
+        per = _head_loss_chunk_bytes(a, s.compiled)
         return MemoryTerm("supervised_head_loss",
-                          int(final + 2 * a * n * h + 12 * rows * v),
-                          f"{rows:,}-token chunks x V x 12 B + N x H x {2 * a} B (states, "
+                          int(final + 2 * a * n * h + per * rows * v),
+                          f"{rows:,}-token chunks x V x {per} B + N x H x {2 * a} B (states, "
                           "their gradient) + final norm")
     return MemoryTerm("logits_and_loss", int(final + LOSS_BYTES_PER_V * n * v),
                       "N x V x 12 B (fp32 logits + log-softmax + gradient) + final norm")

@@ -53,7 +53,7 @@ def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
         # Under FSDP train falls back to the model's own loss (lm_head is sharded there).
         fused_loss=cfg.train.fused_loss and not (gpus > 1 and strategy == "fsdp"),
         liger=cfg.train.liger_in_layers(liger),
-        liger_loss=liger,
+        liger_loss=cfg.train.liger_for_loss(liger),
         activation_offload=cfg.train.activation_offload,
         checkpoint_every=cfg.train.checkpoint_every, packed=cfg.train.packing,
         compiled=cfg.train.compile, attn_implementation=cfg.model.attn_implementation,

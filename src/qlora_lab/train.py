@@ -234,8 +234,10 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     head_loss = None
     # FSDP flattens lm_head's weight into shards: there, only the model's own loss sees it whole.
     if cfg.train.fused_loss and not models.fsdp_active():
-        head_loss = (fastpath.SupervisedHeadLoss(model.get_output_embeddings(), use_liger,
-                                                 logits=fastpath.logit_transform(model.config)),
+        head_loss = (fastpath.SupervisedHeadLoss(model.get_output_embeddings(),
+                                                 cfg.train.liger_for_loss(use_liger),
+                                                 logits=fastpath.logit_transform(model.config),
+                                                 compiled=cfg.train.compile and device == "cuda"),
                      fastpath.FinalHiddenStates(model))
     model = models.attach_lora(model, cfg.lora, fused=cfg.train.fused_lora)
     if cfg.train.compile:
@@ -294,16 +296,19 @@ def _batching(cfg: RunConfig, data: PreparedData, tokenizer):
 
 
 def collator_for(cfg: RunConfig, pad_token_id: int):
-    """Packed bins of `data.max_seq_len` tokens per micro-batch, or padded rows."""
+    """Packed bins of `data.max_seq_len` tokens per micro-batch, or padded rows; with the
+    supervised positions for the fused head loss (where train builds one)."""
+    positions = cfg.train.fused_loss and not models.fsdp_active()
     if not cfg.train.packing:
-        return PadCollator(pad_token_id)
+        return PadCollator(pad_token_id, positions=positions)
     bin_tokens = cfg.data.max_seq_len
     # Compiled layers want few shapes: pad every bin to the full length.
     multiple = bin_tokens if cfg.train.compile else 1
     # FlashAttention-2 sees row boundaries only in a batch of one row (PackedCollator.flatten).
     flatten = cfg.model.attn_implementation == "flash_attention_2"
     return PackedCollator(pad_token_id, bin_tokens, pad_to_multiple_of=multiple, flatten=flatten,
-                          row_bounds=cfg.model.attn_implementation == "varlen")
+                          row_bounds=cfg.model.attn_implementation == "varlen",
+                          positions=positions)
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:

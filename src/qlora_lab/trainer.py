@@ -22,12 +22,14 @@ import torch.nn.functional as F
 
 from qlora_lab import checkpoints, faults, models
 from qlora_lab.config import RunConfig, resolve_optimizer
-from qlora_lab.data import IGNORE_INDEX
+from qlora_lab.data import IGNORE_INDEX, SUPERVISED_POSITIONS
 from qlora_lab.errors import UserError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+# What the collators add for the trainer (data.py), never passed to the model.
+BATCH_ONLY_KEYS = ("labels", "num_real_tokens", SUPERVISED_POSITIONS)
 
 
 def optimizer_name(cfg: RunConfig, device: str) -> str:
@@ -226,11 +228,12 @@ def summed_token_loss(model, inputs: dict, head_loss=None) -> tuple[torch.Tensor
     supervised positions, as in training; without it (fused_loss off, FSDP) from the logits.
     """
     labels = inputs["labels"]
-    inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_real_tokens")}
+    positions = inputs.get(SUPERVISED_POSITIONS)
+    inputs = {k: v for k, v in inputs.items() if k not in BATCH_ONLY_KEYS}
     if head_loss is not None:
         model(**inputs, logits_to_keep=1)
         loss_fn, final_states = head_loss
-        return loss_fn(final_states.take(), labels)
+        return loss_fn(final_states.take(), labels, positions)
     logits = model(**inputs).logits[:, :-1]
     targets = labels[:, 1:].to(logits.device)
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
@@ -426,7 +429,9 @@ def trainer_class():
             return loss
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = {k: v for k, v in inputs.items() if k != "num_real_tokens"}
+            positions = inputs.get(SUPERVISED_POSITIONS)
+            inputs = {k: v for k, v in inputs.items()
+                      if k not in BATCH_ONLY_KEYS or k == "labels"}
             if self.head_loss is None or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs.pop("labels")
@@ -434,7 +439,7 @@ def trainer_class():
             # one position only: the loss reads the final norm's output (caught by a hook).
             outputs = model(**inputs, logits_to_keep=1)
             head_loss, final_states = self.head_loss
-            total, count = head_loss(final_states.take(), labels)
+            total, count = head_loss(final_states.take(), labels, positions)
             if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
                 loss = total / num_items_in_batch
                 if self.args.average_tokens_across_devices:
