@@ -5,9 +5,10 @@ new runs).
 
 Every training process has used CUDA's expandable segments since commit d719466 (2026-12-01,
 train.allocator_defaults). This reads the committed H200 runs of `train`'s packed path made
-after it: the fastpath sweep rows of runs 5-17 (each `qlora-lab bench --recipes qlora_lab`
+after it: the fastpath sweep rows of runs 5-18 (each `qlora-lab bench --recipes qlora_lab`
 through setup_training) and qlora_lab's rows of the four-recipe and full-rows benches (runs 7
-to 9, session 14's two full-rows runs, session 15's) and of run 15's full-rows bench, and
+to 10, session 14's two full-rows runs, sessions 15's and 17's) and of run 15's full-rows
+bench, and
 reports peak reserved over peak allocated per run. The planner multiplies its allocated estimate by memory.RESERVED_OVER_ALLOCATED_PACKED_EXPANDABLE
 for such runs; tests/test_memory.py checks that it covers every ratio here. (The ratio for
 packed runs without expandable segments, 1.3, comes from reserved_ratio_fastpath.json: the lab
@@ -23,13 +24,15 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks/results"
 SWEEPS = [f"fastpath_sweep_h200_run{n}.json" for n in (
     "5_levers", "6_checkpointing", "7_fused_all", "8_optimizers", "9_adapter_first",
     "10_workers", "11_async", "12_small_micro_batches", "13_no_recompute",
-    "15_cuda_graphs", "16_sdpa", "17_liger_loss")]
+    "15_cuda_graphs", "16_sdpa", "17_liger_loss", "18_fusedce")]
 BENCHES = ["archive/bench_h200_8gib_run7.json",
            "archive/bench_full_rows_h200_8gib_run7_63701ef.json",
            "archive/bench_full_rows_h200_8gib_run8_42530e8.json",
            "archive/bench_h200_8gib_run8.json",
            "archive/bench_full_rows_h200_8gib_run9_0704b95.json",
            "archive/bench_full_rows_h200_8gib_run9_0704b95_rerun.json",
+           "archive/bench_h200_8gib_run9.json",
+           "archive/bench_full_rows_h200_8gib_run10_799a249.json",
            "bench_h200_8gib.json", "bench_full_rows_h200_8gib.json"]
 
 

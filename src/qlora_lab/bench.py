@@ -620,5 +620,10 @@ def format_table(report: dict) -> str:
                          "attention's fast kernels)")
     lines.append("")
     lines += notes
-    lines.append(f"speedup (qlora_lab / plain real tok/s): {_fmt(report['speedup'], '.2f')}x\n")
+    # One line per baseline that ran (a peer-only run has no plain recipe to divide by).
+    for key, peer in (("speedup", "plain"), ("speedup_vs_unsloth", "unsloth"),
+                      ("speedup_vs_unsloth_packed", "unsloth_packed")):
+        if report.get(key) is not None:
+            lines.append(f"speedup (qlora_lab / {peer} real tok/s): {report[key]:.2f}x")
+    lines.append("")
     return "\n".join(lines)

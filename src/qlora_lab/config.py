@@ -347,8 +347,9 @@ class TrainConfig:
         liger-kernel is installed, applied to this model's modules only. `auto`: without
         `compile`, all three; with it, none: the compiler's own norm and SwiGLU, fused with the
         residual adds, trained 4-6 % faster on an H200
-        (benchmarks/results/fastpath_sweep_h200_run17_liger_loss.json), and fusedce's loss.
-        `on`: all three, compiled or not (an error where Liger cannot run); `loss`: the head's
+        (benchmarks/results/fastpath_sweep_h200_run17_liger_loss.json), and fusedce's loss,
+        as fast as Liger's there (within 0.3 %, fastpath_sweep_h200_run18_fusedce.json) and
+        with no wait for the GPU. `on`: all three, compiled or not (an error where Liger cannot run); `loss`: the head's
         loss only; `off`: none.
     fused_lora: compute each LoRA projection's 4-bit base and adapter (attention and MLP) as
         one autograd function (fusedlora.py): the adapter's matmuls accumulate into the base's
@@ -366,7 +367,7 @@ class TrainConfig:
         loss stay outside compiled code). The number of bins in a micro-batch changes from step
         to step: a layer compiles for the first shape, then once with the bin count dynamic,
         and once more for evaluation (no grad). On an H200 (TinyLlama, 8 GiB cap, 160 rows per
-        micro-batch, varlen attention) the run reached 68.3k real tok/s
+        micro-batch, varlen attention) the run reached 70.2k real tok/s
         (benchmarks/results/bench_h200_8gib.json). Compiled layers keep the compiler's own
         RMSNorm and SwiGLU under `liger: auto` (see `liger`). Off by default: 10-30 s of
         compilation at start, measured on that one GPU only; turn it on for long runs.
