@@ -305,7 +305,7 @@ def _weight_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
     if s.bits == 4 and s.double_quant and s.fused_lora and s.strategy != "fsdp":
         terms.append(MemoryTerm(
             "absmax_fp32_cache", 4 * lin // NF4_BLOCK,
-            f"fused LoRA layers keep the block scales dequantized: {lin:,} / {NF4_BLOCK} x 4 B"))
+            f"{lin:,} / {NF4_BLOCK} block scales x 4 B, kept in fp32 by the fused LoRA layers"))
     terms += [MemoryTerm(
         "embeddings_lm_head_norms", other * a,
         f"({m.embedding_params:,} embedding" + (" + untied lm_head" if m.head_params else
