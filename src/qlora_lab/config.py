@@ -356,8 +356,6 @@ class TrainConfig:
         output and input gradient, so no (tokens x features) tensor is scaled, cloned or summed
         on its own. peft builds the layers (a subclass of its own), so adapter files and peft's
         APIs are unchanged; layers with dropout, DoRA or several adapters run as peft runs them.
-        Each keeps its weight's double-quantized block scales in fp32 (4 B per 64 weights), so
-        a dequantize is one bitsandbytes call, not three (+1.3 % on the H200 at 160 rows).
     activation_offload: keep checkpointed activations in pinned host memory (long contexts).
     data_workers: processes that fetch and pack the next micro-batches while the current one
         trains (PyTorch DataLoader workers, kept for the whole run); 0 = in the training
