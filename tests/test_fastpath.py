@@ -536,6 +536,69 @@ def test_fused_lora_projection_equals_peft_output_and_gradients(tmp_path, dolly_
         torch.testing.assert_close(g_f[name], g_p[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bitsandbytes operators a region dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("bitsandbytes::"):
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_lora_dequantizes_with_its_block_scales_kept_in_fp32(tmp_path, dolly_file):
+    """Double-quantized scales are dequantized once, at build time: a fused forward and
+    backward dequantize the weight twice and its scales never, peft's forward does both,
+    and the weight comes out bit for bit as bitsandbytes' own dequantize gives it."""
+    import bitsandbytes.functional as bnbf
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from qlora_lab.fusedlora import ABSMAX, _dequantize, flat_absmax
+
+    session = _session(tmp_path, dolly_file)
+    layer = session.model.get_decoder().layers[0].mlp.up_proj
+    weight = layer.base_layer.weight
+    assert weight.quant_state.nested  # quant.double_quant, the default
+    absmax = getattr(layer, ABSMAX)
+    assert absmax.dtype == torch.float32 and absmax.numel() == weight.quant_state.absmax.numel()
+    assert torch.equal(_dequantize(weight, absmax, torch.float32),
+                       bnbf.dequantize_4bit(weight, weight.quant_state))
+    assert not any(ABSMAX in k for k in session.model.state_dict())  # never saved
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    with _OpCounter() as fused:
+        layer(x).sum().backward()
+    with _OpCounter() as plain:
+        Linear4bit.forward(layer, x).sum().backward()
+    assert fused.counts == {"bitsandbytes::dequantize_4bit": 2}, fused.counts
+    assert plain.counts.get("bitsandbytes::dequantize_blockwise", 0) >= 1, plain.counts
+    # Without double quantization the scales are fp32 already: nothing is kept.
+    assert flat_absmax(torch.zeros(3)) is None
+
+
+def test_fused_lora_block_scales_follow_a_merge_and_unmerge(tmp_path, dolly_file):
+    """peft's merge and unmerge re-quantize the base weight; the kept scales are the new
+    weight's, so the fused output is still peft's."""
+    from qlora_lab.fusedlora import ABSMAX, flat_absmax
+
+    layer = _session(tmp_path, dolly_file).model.get_decoder().layers[0].mlp.up_proj
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.5)
+    before = layer.base_layer.weight
+    layer.merge()
+    layer.unmerge()
+    assert layer.base_layer.weight is not before
+    assert torch.equal(getattr(layer, ABSMAX), flat_absmax(layer.base_layer.weight))
+    x = torch.randn(2, 5, layer.in_features)
+    (out_p, dx_p, _), (out_f, dx_f, _) = _project_both_ways(layer, x)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_f, dx_p, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_lora_leaves_layers_it_cannot_compute_to_peft(tmp_path, dolly_file):
     from qlora_lab.fusedlora import fusable
 
@@ -750,8 +813,10 @@ def test_train_asks_for_expandable_segments_unless_the_user_chose(monkeypatch):
 
 def _saved_bytes(module, x) -> int:
     """Activation bytes autograd keeps for backward in one forward (each storage once; the
-    module's own weights are not activations, however a function holds on to them)."""
-    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    module's own weights and buffers are not activations, however a function holds on to
+    them)."""
+    state = [*module.parameters(), *module.buffers()]
+    weights = {p.untyped_storage().data_ptr() for p in state}
     storages = {}
 
     def pack(t):

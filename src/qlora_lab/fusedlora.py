@@ -18,6 +18,13 @@ builds them as `fused_layer_class()`, a subclass of its 4-bit LoRA layer whose f
 this function, so adapter files, merging and every peft API are unchanged, and a layer peft
 would compute differently (dropout, DoRA, several adapters, merged, disabled, a bias on
 lora_B) goes through peft's own forward (`fusable`).
+
+Each layer also keeps its weight's block scales (absmax) dequantized to fp32, once: with
+double quantization (`quant.double_quant`, the default) bitsandbytes stores them as 8-bit
+codes and dequantizes them on every call, two more kernels and two more host calls per
+dequantize, three dequantizes per projection a step. The weights are frozen, so the result
+never changes; it costs 4 B per 64 weights (~62 MB for TinyLlama, in the planner's
+`absmax_fp32_cache` term).
 """
 
 from __future__ import annotations
@@ -63,8 +70,28 @@ def applies(module: nn.Module, x: torch.Tensor) -> bool:
 def _fused(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     name = module.active_adapters[0]
     base = module.base_layer
+    absmax = getattr(module, ABSMAX, None)  # None: bitsandbytes' own dequantize
     return LoraLinear4bit.apply(x, base.weight, base.bias, module.lora_A[name].weight,
-                                module.lora_B[name].weight, float(module.scaling[name]))
+                                module.lora_B[name].weight, float(module.scaling[name]), absmax)
+
+
+# The fp32 block scales of a double-quantized layer (a non-persistent buffer: it follows the
+# layer across devices and is never saved, so adapter files are unchanged).
+ABSMAX = "absmax_fp32"
+
+
+def flat_absmax(weight: torch.Tensor) -> torch.Tensor | None:
+    """The fp32 block scales of a double-quantized 4-bit weight, computed as
+    bitsandbytes' dequantize_4bit computes them on each call; None where they are stored
+    in fp32 already."""
+    state = getattr(weight, "quant_state", None)
+    if state is None or not state.nested or weight.device.type == "meta":
+        return None
+    import bitsandbytes.functional as bnbf
+
+    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
+    absmax += state.offset
+    return absmax.float()
 
 
 @functools.cache
@@ -85,6 +112,27 @@ def fused_layer_class() -> type[nn.Module] | None:
         return None
 
     class FusedLoraLinear4bit(Linear4bit):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.keep_absmax()
+
+        def keep_absmax(self) -> None:
+            """(Re)compute the fp32 block scales from the base weight as it is now. Not
+            under FSDP, which shards and moves the weights after the layers are built."""
+            from qlora_lab.models import fsdp_active
+
+            absmax = None if fsdp_active() else flat_absmax(self.get_base_layer().weight)
+            self.register_buffer(ABSMAX, absmax, persistent=False)
+
+        # peft's merge and unmerge re-quantize the base weight into a new one (new scales).
+        def merge(self, *args, **kwargs) -> None:
+            super().merge(*args, **kwargs)
+            self.keep_absmax()
+
+        def unmerge(self, *args, **kwargs) -> None:
+            super().unmerge(*args, **kwargs)
+            self.keep_absmax()
+
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if args or kwargs or not applies(self, x):
                 return super().forward(x, *args, **kwargs)
@@ -117,10 +165,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
-def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
+def _dequantize(weight: torch.Tensor, absmax: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The 4-bit weight in `dtype`. Given the fp32 block scales (`flat_absmax`), bitsandbytes'
+    operator, which its dequantize_4bit calls after dequantizing nested scales; else that
+    function."""
+    state = weight.quant_state
+    if absmax is None:
+        import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype)
+        return bnbf.dequantize_4bit(weight, state).to(dtype)
+    out = torch.ops.bitsandbytes.dequantize_4bit.default(
+        weight, absmax, state.blocksize, state.quant_type, state.shape, state.dtype)
+    return out.to(dtype)
 
 
 # The in-place accumulate as an operator a compiled graph can call (see `_accumulate`). Defined
@@ -164,14 +221,14 @@ class LoraLinear4bit(torch.autograd.Function):
     """y = x W^T + b + s (x A^T) B^T with W 4-bit; gradients for x, A and B (never W)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, absmax):
         dtype = _compute_dtype(x)
         kind = x.device.type
         with torch.autocast(kind, enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
             a = lora_a.to(dtype)
             b_scaled = (lora_b * scale).to(dtype)  # scale folded into B: r x out, not N x out
-            w = _dequantize(weight, dtype)
+            w = _dequantize(weight, absmax, dtype)
             xa = flat @ a.t()
             # The adapter's product first, then the base matmul accumulates onto it: cuBLAS
             # reads the addend in the big matmul's epilogue, under its compute. The other order
@@ -182,14 +239,14 @@ class LoraLinear4bit(torch.autograd.Function):
             else:
                 out = torch.addmm(bias.to(dtype), xa, b_scaled.t())
             _accumulate(out, flat, w.t())
-        ctx.save_for_backward(flat, xa, weight, lora_a, lora_b)
+        ctx.save_for_backward(flat, xa, weight, lora_a, lora_b, absmax)
         ctx.scale, ctx.dtype, ctx.kind = scale, dtype, kind
         ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        flat, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        flat, xa, weight, lora_a, lora_b, absmax = ctx.saved_tensors
         dtype, scale = ctx.dtype, ctx.scale
         with torch.autocast(ctx.kind, enabled=False):
             dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
@@ -199,7 +256,7 @@ class LoraLinear4bit(torch.autograd.Function):
             grad_x = grad_a = grad_b = grad_bias = None
             if ctx.needs_input_grad[0]:
                 grad_x = dxa @ a  # the adapter's part first, as in forward
-                _accumulate(grad_x, dy, _dequantize(weight, dtype))
+                _accumulate(grad_x, dy, _dequantize(weight, absmax, dtype))
                 grad_x = grad_x.view(*grad_out.shape[:-1], flat.shape[-1]).to(ctx.x_dtype)
             if ctx.needs_input_grad[3]:
                 grad_a = (dxa.t() @ flat).to(lora_a.dtype)
@@ -207,4 +264,4 @@ class LoraLinear4bit(torch.autograd.Function):
                 grad_b = (dy.t() @ (xa * scale)).to(lora_b.dtype)  # N x r scaled, not N x out
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum(0)
-        return grad_x, None, grad_bias, grad_a, grad_b, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None

@@ -232,6 +232,7 @@ class StepShape:
     gpus: int = 1
     strategy: str = "ddp"  # or "fsdp"
     fused_loss: bool = False  # loss from the final hidden states (fastpath.SupervisedHeadLoss)
+    fused_lora: bool = False  # train.fused_lora: fusedlora's layers keep fp32 block scales
     liger: bool = False  # Liger's kernels in the layers and the final norm: RMSNorm, SwiGLU
     # Liger's fused linear cross-entropy for the head's loss; None = as `liger` (compiled
     # layers keep the compiler's norm and SwiGLU but the head's loss stays Liger's).
@@ -300,7 +301,12 @@ def _weight_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
                            f"{lin:,} linear weights x {s.compute_bytes} B")
     a = s.compute_bytes
     other = m.embedding_params + m.head_params + m.norm_params + m.linear_bias_params
-    terms = [quant, MemoryTerm(
+    terms = [quant]
+    if s.bits == 4 and s.double_quant and s.fused_lora and s.strategy != "fsdp":
+        terms.append(MemoryTerm(
+            "absmax_fp32_cache", 4 * lin // NF4_BLOCK,
+            f"fused LoRA layers keep the block scales dequantized: {lin:,} / {NF4_BLOCK} x 4 B"))
+    terms += [MemoryTerm(
         "embeddings_lm_head_norms", other * a,
         f"({m.embedding_params:,} embedding" + (" + untied lm_head" if m.head_params else
                                                  ", lm_head tied to it")
