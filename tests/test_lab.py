@@ -90,7 +90,7 @@ def test_feasibility_is_the_planners_and_says_measurement_needs_cuda(report):
                                 bits=p["bits"], lora_r=p["lora_r"], lora_dropout=False,
                                 gradient_checkpointing=p["gradient_checkpointing"],
                                 optimizer=resolve_optimizer("auto", on_cuda=True),
-                                fused_loss=True, packed=True,
+                                fused_loss=True, fused_lora=True, packed=True,
                                 # as plan.step_shape reads it for the run (train's allocator)
                                 expandable_segments=memory.expandable_segments(os.environ))
         plan = memory.estimate_peak_memory(shape, step)
