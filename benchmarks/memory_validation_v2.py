@@ -127,9 +127,14 @@ NEW_FAMILIES = {
 FAMILIES.update(NEW_FAMILIES)
 
 # Diagnostic shapes for --anatomy only, derived from a fit family (never held out): TinyLlama
-# with a GeLU-gated MLP runs transformers' own gated MLP instead of fastpath.FusedSwiGLU.
+# with a GeLU-gated MLP runs transformers' own gated MLP instead of fastpath.FusedSwiGLU;
+# TinyLlama as a Granite model scales its embeddings, residual branches, attention and logits.
 DIAGNOSTIC_FAMILIES = {
     "tinyllama-geglu": ("fit", {**FAMILIES["tinyllama"][1], "hidden_act": "gelu_pytorch_tanh"}),
+    "tinyllama-granite": ("fit", {**FAMILIES["tinyllama"][1], "model_type": "granite",
+                                  "logits_scaling": 8.0, "embedding_multiplier": 12.0,
+                                  "residual_multiplier": 0.22,
+                                  "attention_multiplier": 0.015625}),
 }
 
 # (family, micro_batch rows, seq_len, lora r, activations, bits, extra --set values)

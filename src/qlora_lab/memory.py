@@ -232,7 +232,9 @@ class StepShape:
     gpus: int = 1
     strategy: str = "ddp"  # or "fsdp"
     fused_loss: bool = False  # loss from the final hidden states (fastpath.SupervisedHeadLoss)
-    fused_lora: bool = False  # train.fused_lora: fusedlora's layers keep fp32 block scales
+    # train.fused_lora: fusedlora's layers compute the 4-bit projections (no clone of the base
+    # output, one input gradient) and keep the block scales in fp32
+    fused_lora: bool = False
     liger: bool = False  # Liger's kernels in the layers and the final norm: RMSNorm, SwiGLU
     # Liger's fused linear cross-entropy for the head's loss; None = as `liger` (compiled
     # layers keep the compiler's norm and SwiGLU but the head's loss stays Liger's).
@@ -387,6 +389,14 @@ def _lora_copies_inputs(s: StepShape, autocast: bool = True) -> bool:
     return s.lora_bytes > s.compute_bytes and (s.bits != 4 or not autocast)
 
 
+def _fused_lora(s: StepShape) -> bool:
+    """fusedlora.LoraLinear4bit computes every projection (fusedlora.fusable: a 4-bit base, no
+    dropout). It writes a projection's output once (peft clones the base's output and adds the
+    adapter's as a third tensor) and its input gradient once (peft: the base's, the adapter's
+    and their sum), and casts fp32 adapters inside, keeping no 16-bit copy of them."""
+    return s.fused_lora and s.bits == 4 and not s.lora_dropout and s.strategy != "fsdp"
+
+
 def norms_saved_bytes_per_token(m: ModelShape, s: StepShape, autocast: bool = True) -> float:
     """What a layer's hidden-size norms keep, per token, the layer's own input aside.
 
@@ -519,7 +529,10 @@ def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share
 
     The MLP's backward, at the down projection: its input is freed once lora_A's gradient is
     taken; that input gradient, the 4-bit base's and their sum (3 x a x I: routed, per slot)
-    coexist with the gradient arriving at the layer's output (a x H). Attention's backward
+    coexist with the gradient arriving at the layer's output (a x H). Fused LoRA (_fused_lora)
+    writes one input gradient (a x I); Liger's SiLU-mul then writes its two gradients over its
+    saved inputs, so nothing wider follows. Without Liger, SiLU(gate) x up's autograd backward
+    holds the product's gradient and two more (+ 2 x a x I net, as peft's down projection). Attention's backward
     (SDPA's), the MLP's tensors, its norm's output and the residual sum freed: the residual's
     gradient (a x H), the output's gradient (a x q), dq, dk, dv (a x (q + 2 kv)),
     FlashAttention's fp32 dq accumulator (4 x q) and row sums, and under GQA dk and dv per
@@ -539,6 +552,8 @@ def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share
         in_mlp = saved + 2 * a * h + a * width * mlp_tokens_share
     elif _lora_copies_inputs(s, autocast) and not autocast:
         # the fp32 copy of the down projection's input is freed as its gradients arrive
+        in_mlp = saved + a * h + a * m.intermediate_size * mlp_tokens_share
+    elif _fused_lora(s) and m.mlp == "swiglu" and s.liger:
         in_mlp = saved + a * h + a * m.intermediate_size * mlp_tokens_share
     else:
         in_mlp = saved + a * h + 2 * a * m.intermediate_size * mlp_tokens_share
@@ -583,10 +598,13 @@ def offload_forward_bytes_per_token(m: ModelShape, s: StepShape) -> float:
     once. At the up projection: the attention's residual sum and the MLP's input (2 x a x H),
     the gate output, and the up projection's base output, its clone (peft's 4-bit Linear
     clones it) and the LoRA branch being added (4 x a x I in all). This, not backward, is the
-    peak for long rows (benchmarks/results/archive/bench_context_ours_h200_8gib.json).
+    peak for long rows (benchmarks/results/archive/bench_context_ours_h200_8gib.json). Fused
+    LoRA writes the up projection's output once: the peak moves to Liger's SiLU-mul, gate, up
+    and their product (3 x a x I); without Liger SiLU(gate) is a fourth.
     """
     a = s.compute_bytes
-    return 2 * a * m.hidden_size + 4 * a * m.intermediate_size
+    wide = 3 if _fused_lora(s) and m.mlp == "swiglu" and s.liger else 4
+    return 2 * a * m.hidden_size + wide * a * m.intermediate_size
 
 
 def _mlp_tiled(m: ModelShape, s: StepShape) -> bool:
@@ -670,8 +688,9 @@ def _activation_terms(m: ModelShape, s: StepShape) -> _Activations:
 def _lora_cast_term(m: ModelShape, s: StepShape, layers: int) -> MemoryTerm:
     # fp32 adapters under bf16 autocast: each matmul keeps the 16-bit cast of its weight for
     # backward (checkpointed layers rebuild theirs one layer at a time).
+    # Fused LoRA casts them inside its autograd function and keeps only the fp32 weights.
     extra = m.lora_params(s.lora_r) * s.compute_bytes * layers // m.num_hidden_layers
-    if s.lora_bytes <= s.compute_bytes:
+    if s.lora_bytes <= s.compute_bytes or _fused_lora(s):
         extra = 0
     return MemoryTerm("lora_autocast_casts", extra,
                       f"16-bit casts of {layers} layers' fp32 adapters, kept for backward")
