@@ -823,8 +823,10 @@ def _run_many(spec_file: str) -> None:
             torch.cuda.empty_cache()
 
 
-def _anatomy_spec(text: str, families: dict, bases: dict, work: Path, steps: int) -> dict:
-    """'family,mb,seq,r,activations,bits[,section.key=value]' -> a spec recording its peak."""
+def _anatomy_spec(text: str, families: dict, bases: dict, work: Path, steps: int,
+                  record: bool = True) -> dict:
+    """'family,mb,seq,r,activations,bits[,section.key=value]' -> a spec measuring its peak
+    (`record`: with the allocator's trace of what is alive there)."""
     family, mb, seq, r, strategy, bits, *sets = text.split(",")
     extra: dict = {}
     for item in sets:
@@ -833,7 +835,7 @@ def _anatomy_spec(text: str, families: dict, bases: dict, work: Path, steps: int
                       {"true": True, "false": False}.get(value.lower(), value))
     spec = spec_for(family, families[family][0], bases[family], work, int(mb), int(seq), int(r),
                     strategy, int(bits), extra, steps, "cuda")
-    return {**spec, "anatomy": True}
+    return {**spec, "anatomy": record}
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -854,6 +856,10 @@ def main() -> None:
     parser.add_argument("--anatomy", action="append", default=[], metavar="SPEC",
                         help="what is alive at the peak of one config: 'family,mb,seq,r,"
                         "activations,bits[,section.key=value]' (repeatable; CUDA)")
+    parser.add_argument("--diagnose", action="append", default=[], metavar="SPEC",
+                        help="as --anatomy (diagnostic families too), the peak alone: torch "
+                        "2.11's allocator trace breaks autograd functions under checkpointing "
+                        "(pytorch/pytorch#179536), so fused LoRA runs cannot be traced there")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=6, help="configs measured at once")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per config")
@@ -885,13 +891,15 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("memory_validation_v2 measures CUDA peaks: run it on a GPU (or pass --quick)")
     families = (QUICK_FAMILIES if args.quick else
-                {**FAMILIES, **DIAGNOSTIC_FAMILIES} if args.anatomy else FAMILIES)
+                {**FAMILIES, **DIAGNOSTIC_FAMILIES} if args.anatomy or args.diagnose
+                else FAMILIES)
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     only = set(filter(None, args.only.split(",")))
     work = Path(args.work)
     (work / "models").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    needed = ({a.split(",")[0] for a in args.anatomy} if args.anatomy
+    needed = ({a.split(",")[0] for a in args.anatomy + args.diagnose}
+              if args.anatomy or args.diagnose
               else {f for f, _ in BUDGET_MODELS} if args.budget_fit
               else {c[0] for c in configs if _selected(args.select, c[0], c[4], c[6])})
     bases = {name: build_base(name, arch, work / "models", device)
@@ -902,8 +910,10 @@ def main() -> None:
     report = {"command": "python " + " ".join(sys.argv), "hardware": hardware_label(),
               "versions": versions("liger-kernel"),
               "families": {n: {"split": s, "config": a} for n, (s, a) in families.items()}}
-    if args.anatomy:
-        specs = [_anatomy_spec(text, families, bases, work, args.steps) for text in args.anatomy]
+    if args.anatomy or args.diagnose:
+        specs = [_anatomy_spec(text, families, bases, work, args.steps, record)
+                 for texts, record in ((args.anatomy, True), (args.diagnose, False))
+                 for text in texts]
         card = torch.cuda.get_device_properties(0).total_memory
         report["anatomy"] = run_all(specs, work, args.parallel, card, args.timeout)
     elif args.budget_fit:
