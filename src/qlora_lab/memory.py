@@ -89,6 +89,8 @@ class ModelShape:
         v that attention keeps is a view that keeps the whole projection output alive.
     sliding_window: the window of sliding-window attention layers (0: none); from that length
         on transformers hands SDPA an explicit mask.
+    residual_scaled: the layers scale each branch before the residual add (Granite's
+        residual_multiplier), so backward holds the scaled gradient beside the unscaled one.
     """
 
     vocab_size: int
@@ -118,6 +120,7 @@ class ModelShape:
     final_norm: bool = True
     fused_qkv: bool = False
     sliding_window: int = 0
+    residual_scaled: bool = False
     source: str = "config arithmetic"
 
     def __post_init__(self) -> None:
@@ -161,6 +164,7 @@ class ModelShape:
                    tie_word_embeddings=bool(get("tie_word_embeddings", False)),
                    head_dim=head_dim, linear_bias_params=bias,
                    qk_norm=model_type == "qwen3", sliding_window=sliding_window(config),
+                   residual_scaled=residual_scaled(config),
                    norm_params=(2 * layers + 1) * h
                    + (2 * layers * head_dim if model_type == "qwen3" else 0))
 
@@ -190,6 +194,12 @@ class ModelShape:
         share = self.experts_per_token / self.num_experts if self.num_experts else 0.0
         return (self.linear_params() + self.frozen_params - self.expert_params
                 + self.expert_params * share + self.vocab_size * self.hidden_size)
+
+
+def residual_scaled(config) -> bool:
+    """Whether the config scales the residual branches (Granite's residual_multiplier)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return get("residual_multiplier", None) not in (None, 1, 1.0)
 
 
 def sliding_window(config) -> int:
@@ -566,6 +576,14 @@ def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share
     in_attention = (saved - mlp - a * h * _attention_norms_freed(m, s, autocast)
                     + a * h + a * (2 * m.q_dim + kv_grads) + 4 * m.q_dim
                     + 4 * m.num_attention_heads)
+    if m.residual_scaled:
+        # The branch's gradient is the arriving one times the multiplier, a new a x H beside
+        # it; with fused LoRA a second one is alive at the worst moment. Both measured on
+        # TinyLlama built as a Granite model (memory_validation_v2.py --diagnose: +1.00 and
+        # +2.00 x N x H x a over TinyLlama, peft's and fused LoRA, 16 x 1,024 tokens); the
+        # allocator's trace that would name the second one breaks on torch 2.11 here.
+        extra = (2 if _fused_lora(s) else 1) * a * h
+        in_mlp, in_attention = in_mlp + extra, in_attention + extra
     moments = [in_mlp, in_attention]
     if mlp_tokens_share < 1:
         # Tiled: every tile's input gradient waits for the last tile, then all are concatenated
@@ -800,6 +818,11 @@ def _workspace_term(m: ModelShape, s: StepShape) -> MemoryTerm:
     # before the gradients of that matmul are summed, which is backward's worst moment; it adds
     # to the peak only where it outweighs the I-wide gradients it replaces (a handful of tokens).
     weight = m.largest_linear() * s.compute_bytes
+    if _fused_lora(s):
+        # fusedlora dequantizes the weight beside the input gradient it accumulates onto (the
+        # gradient is written first), so the weight adds to backward's worst moment whole.
+        return MemoryTerm("dequant_workspace", weight,
+                          "largest weight dequantized beside the input gradient (fused LoRA)")
     gradients = 2 * s.compute_bytes * m.intermediate_size * s.tokens
     return MemoryTerm("dequant_workspace", max(0, weight - gradients),
                       "largest weight dequantized, beyond the 2 x N x I x a B of gradients "

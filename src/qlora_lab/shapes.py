@@ -146,6 +146,7 @@ def count_modules(model, name: str) -> memory.ModelShape:
         linear_bias_params=counts["bias"], embedding_params=counts["embedding"],
         head_params=counts["head"], norm_params=counts["norm"], frozen_params=counts["frozen"],
         expert_params=counts["expert"], fp32_params=counts["fp32"],
+        residual_scaled=memory.residual_scaled(config),
         source="meta-device module tree", **layer)
 
 
