@@ -915,7 +915,9 @@ def main() -> None:
                  for texts, record in ((args.anatomy, True), (args.diagnose, False))
                  for text in texts]
         card = torch.cuda.get_device_properties(0).total_memory
-        report["anatomy"] = run_all(specs, work, args.parallel, card, args.timeout)
+        # Peaks alone (--diagnose) are rows as the validation's: --rescore reads them.
+        report["anatomy" if args.anatomy else "rows"] = run_all(specs, work, args.parallel,
+                                                                  card, args.timeout)
     elif args.budget_fit:
         report["budget_fits"] = budget_fit(work, bases, max(args.steps, 6), args.timeout, only,
                                            args.parallel,

@@ -7,7 +7,7 @@ Every training process has used CUDA's expandable segments since commit d719466 
 train.allocator_defaults). This reads the committed H200 runs of `train`'s packed path made
 after it: the fastpath sweep rows of runs 5-18 (each `qlora-lab bench --recipes qlora_lab`
 through setup_training) and qlora_lab's rows of the four-recipe and full-rows benches (runs 7
-to 10, session 14's two full-rows runs, sessions 15's and 17's) and of run 15's full-rows
+to 11, session 14's two full-rows runs, sessions 15's, 17's and 19's) and of run 15's full-rows
 bench, and
 reports peak reserved over peak allocated per run. The planner multiplies its allocated estimate by memory.RESERVED_OVER_ALLOCATED_PACKED_EXPANDABLE
 for such runs; tests/test_memory.py checks that it covers every ratio here. (The ratio for
@@ -33,6 +33,8 @@ BENCHES = ["archive/bench_h200_8gib_run7.json",
            "archive/bench_full_rows_h200_8gib_run9_0704b95_rerun.json",
            "archive/bench_h200_8gib_run9.json",
            "archive/bench_full_rows_h200_8gib_run10_799a249.json",
+           "archive/bench_h200_8gib_run10.json",
+           "archive/bench_full_rows_h200_8gib_run11_46e33b7.json",
            "bench_h200_8gib.json", "bench_full_rows_h200_8gib.json"]
 
 
