@@ -5,7 +5,7 @@ new runs).
 
 Every training process has used CUDA's expandable segments since commit d719466 (2026-12-01,
 train.allocator_defaults). This reads the committed H200 runs of `train`'s packed path made
-after it: the fastpath sweep rows of runs 5-18 (each `qlora-lab bench --recipes qlora_lab`
+after it: the fastpath sweep rows of runs 5-19 (each `qlora-lab bench --recipes qlora_lab`
 through setup_training) and qlora_lab's rows of the four-recipe and full-rows benches (runs 7
 to 11, session 14's two full-rows runs, sessions 15's, 17's and 19's) and of run 15's full-rows
 bench, and
@@ -24,7 +24,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks/results"
 SWEEPS = [f"fastpath_sweep_h200_run{n}.json" for n in (
     "5_levers", "6_checkpointing", "7_fused_all", "8_optimizers", "9_adapter_first",
     "10_workers", "11_async", "12_small_micro_batches", "13_no_recompute",
-    "15_cuda_graphs", "16_sdpa", "17_liger_loss", "18_fusedce")]
+    "15_cuda_graphs", "16_sdpa", "17_liger_loss", "18_fusedce", "19_absmax")]
 BENCHES = ["archive/bench_h200_8gib_run7.json",
            "archive/bench_full_rows_h200_8gib_run7_63701ef.json",
            "archive/bench_full_rows_h200_8gib_run8_42530e8.json",
