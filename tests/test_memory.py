@@ -409,3 +409,74 @@ def test_the_planner_reads_the_allocator_config_train_will_run_with(env, expanda
     ratio = (memory.RESERVED_OVER_ALLOCATED_PACKED_EXPANDABLE if expandable
              else memory.RESERVED_OVER_ALLOCATED_PACKED)
     assert plan.peak_reserved_bytes == int(plan.peak_allocated_bytes * ratio)
+
+
+# --- fused LoRA and scaled residuals (session 19: memory_diagnose_granite_h200.json) -----------
+
+
+def test_fused_lora_holds_one_input_gradient_where_peft_holds_two():
+    """fusedlora writes the down projection's input gradient once; peft holds the base's, the
+    adapter's and their sum. With Liger's SiLU-mul the rebuilt layer's worst moment shrinks by
+    one N x I tensor, and the weight dequantized beside that gradient counts whole."""
+    peft = StepShape(16, 1024, fused_loss=True, liger=True, lora_dropout=False)
+    fused = replace(peft, fused_lora=True)
+    n, a, i = 16 * 1024, 2, TINYLLAMA.intermediate_size
+    per_token = (memory.layer_backward_bytes_per_token(TINYLLAMA, peft)
+                 - memory.layer_backward_bytes_per_token(TINYLLAMA, fused))
+    assert per_token == a * i
+    plan_peft, plan_fused = (estimate_peak_memory(TINYLLAMA, s) for s in (peft, fused))
+    assert _term(plan_fused, "dequant_workspace") == TINYLLAMA.largest_linear() * a
+    assert _term(plan_peft, "dequant_workspace") == 0  # beyond the gradients it replaces
+    assert _term(plan_fused, "recomputed_layer") == _term(plan_peft, "recomputed_layer") - n * a * i
+    # Measured on the H200 (16 x 1,024 TinyLlama): 3.41 GiB fused against 3.50 with peft's layers.
+    assert 0.07 * 2**30 < plan_peft.peak_allocated_bytes - plan_fused.peak_allocated_bytes \
+        < 0.11 * 2**30
+
+
+def test_peft_computes_the_layers_fused_lora_cannot():
+    """Dropout (peft's own forward), 16-bit bases and FSDP keep peft's terms."""
+    base = StepShape(16, 1024, fused_loss=True, liger=True, lora_dropout=False)
+    for other in (replace(base, lora_dropout=True), replace(base, bits=16),
+                  replace(base, gpus=2, strategy="fsdp")):
+        assert (memory.layer_backward_bytes_per_token(TINYLLAMA, replace(other, fused_lora=True))
+                == memory.layer_backward_bytes_per_token(TINYLLAMA, other))
+
+
+def test_fused_lora_keeps_no_16bit_casts_of_fp32_adapters():
+    step = StepShape(8, 1024, gradient_checkpointing=False, fused_loss=True, liger=True,
+                     lora_dropout=False)
+    assert _term(estimate_peak_memory(TINYLLAMA, step), "lora_autocast_casts") > 0
+    fused = estimate_peak_memory(TINYLLAMA, replace(step, fused_lora=True))
+    assert _term(fused, "lora_autocast_casts") == 0
+
+
+def test_scaled_residual_branches_hold_their_scaled_gradient():
+    """Granite multiplies each branch before the residual add: backward holds that gradient
+    beside the arriving one (+1 x N x H x 2 B with peft's layers, +2 fused, as measured)."""
+    granite = {"model_type": "granite", "vocab_size": 49155, "hidden_size": 2048,
+               "intermediate_size": 8192, "num_hidden_layers": 8, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "residual_multiplier": 0.22}
+    shape = ModelShape.from_config(granite)
+    plain = ModelShape.from_config({**granite, "residual_multiplier": 1.0})
+    assert shape.residual_scaled and not plain.residual_scaled
+    assert not TINYLLAMA.residual_scaled
+    step = StepShape(16, 1024, fused_loss=True, liger=True, lora_dropout=False)
+    for fused, tensors in ((False, 1), (True, 2)):
+        s = replace(step, fused_lora=fused)
+        extra = (memory.layer_backward_bytes_per_token(shape, s)
+                 - memory.layer_backward_bytes_per_token(plain, s))
+        assert extra == tensors * 2 * 2048
+
+
+def test_the_census_reads_scaled_residuals_from_the_config():
+    from transformers import AutoConfig
+
+    from qlora_lab.shapes import census
+
+    config = AutoConfig.for_model("granite", vocab_size=256, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  residual_multiplier=0.22)
+    assert census(config, "granite-tiny").residual_scaled
+    config.residual_multiplier = 1.0
+    assert not census(config, "granite-tiny").residual_scaled
