@@ -542,11 +542,11 @@ def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share
     coexist with the gradient arriving at the layer's output (a x H). Fused LoRA (_fused_lora)
     writes one input gradient (a x I); Liger's SiLU-mul then writes its two gradients over its
     saved inputs, so nothing wider follows. Without Liger, SiLU(gate) x up's autograd backward
-    holds the product's gradient and two more (+ 2 x a x I net, as peft's down projection). Attention's backward
-    (SDPA's), the MLP's tensors, its norm's output and the residual sum freed: the residual's
-    gradient (a x H), the output's gradient (a x q), dq, dk, dv (a x (q + 2 kv)),
-    FlashAttention's fp32 dq accumulator (4 x q) and row sums, and under GQA dk and dv per
-    query head before they are summed per key-value head (2 x a x q).
+    holds the product's gradient and two more (+ 2 x a x I net, as peft's down projection).
+    Attention's backward (SDPA's), the MLP's tensors, its norm's output and the residual sum
+    freed: the residual's gradient (a x H), the output's gradient (a x q), dq, dk, dv
+    (a x (q + 2 kv)), FlashAttention's fp32 dq accumulator (4 x q) and row sums, and under GQA
+    dk and dv per query head before they are summed per key-value head (2 x a x q).
     With the MLP in tiles, the end of its backward: the tiles' input gradients and their
     concatenation (2 x a x H) beside the arriving one. Where LoRA copies its inputs, the down
     projection's forward (or recomputation), its input and the MLP's still referenced: on a
