@@ -1,4 +1,4 @@
-"""The planner against real peaks of `train`'s own setup, on six model families (issue #14).
+"""The planner against real peaks of `train`'s own setup, on eleven model families (issue #14).
 
     python benchmarks/memory_validation_v2.py --out $OUT/memory_validation_v2.json   # H200, ~6 min
     python benchmarks/memory_validation_v2.py --quick --out /tmp/mv2.json             # CPU smoke
@@ -6,6 +6,8 @@
     python benchmarks/memory_validation_v2.py --rescore benchmarks/results/memory_validation_v2.json \
         --out benchmarks/results/memory_validation_v2.json                 # CPU, after a planner change
     python benchmarks/memory_validation_v2.py --anatomy tinyllama,16,1024,16,ckpt,4 --out $OUT/a.json
+    python benchmarks/memory_validation_v2.py --diagnose tinyllama-granite,16,1024,16,ckpt,4 \
+        --out $OUT/d.json                                   # the peak alone, rows as above
 
 Every measured run goes through `qlora_lab.train.setup_training(cfg)`, the function `train`
 calls (model load and quantization, fast path, LoRA, packing collator, Trainer), then
@@ -23,7 +25,8 @@ families are reported separately. `--rescore` re-predicts a result file with the
 (the measured peaks do not depend on it), so the planner can be revised without a GPU; it writes
 the measured file's schema with `"rescored": true` and the planner's commit. `--anatomy` records
 the allocator's trace of one config and reports what is alive at its peak, grouped by the code
-that allocated it: how the planner's terms were found (run it on fit families only).
+that allocated it: how the planner's terms were found (run it on fit families only; torch 2.11's
+trace fails on fused LoRA, so there `--diagnose` measures the peak of such a config alone).
 """
 
 from __future__ import annotations
