@@ -893,16 +893,15 @@ def main() -> None:
     device = "cpu" if args.quick else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("memory_validation_v2 measures CUDA peaks: run it on a GPU (or pass --quick)")
+    single = args.anatomy + args.diagnose  # configs named on the command line
     families = (QUICK_FAMILIES if args.quick else
-                {**FAMILIES, **DIAGNOSTIC_FAMILIES} if args.anatomy or args.diagnose
-                else FAMILIES)
+                {**FAMILIES, **DIAGNOSTIC_FAMILIES} if single else FAMILIES)
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     only = set(filter(None, args.only.split(",")))
     work = Path(args.work)
     (work / "models").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    needed = ({a.split(",")[0] for a in args.anatomy + args.diagnose}
-              if args.anatomy or args.diagnose
+    needed = ({a.split(",")[0] for a in single} if single
               else {f for f, _ in BUDGET_MODELS} if args.budget_fit
               else {c[0] for c in configs if _selected(args.select, c[0], c[4], c[6])})
     bases = {name: build_base(name, arch, work / "models", device)
@@ -913,7 +912,7 @@ def main() -> None:
     report = {"command": "python " + " ".join(sys.argv), "hardware": hardware_label(),
               "versions": versions("liger-kernel"),
               "families": {n: {"split": s, "config": a} for n, (s, a) in families.items()}}
-    if args.anatomy or args.diagnose:
+    if single:
         specs = [_anatomy_spec(text, families, bases, work, args.steps, record)
                  for texts, record in ((args.anatomy, True), (args.diagnose, False))
                  for text in texts]

@@ -147,7 +147,7 @@ class ModelShape:
         Presets are planned this way, without torch; tests/test_plan.py checks the counts
         against the module tree transformers builds for each family this accepts.
         """
-        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        get = _getter(config)
         h, layers = get("hidden_size"), get("num_hidden_layers")
         heads = get("num_attention_heads")
         kv_heads = get("num_key_value_heads") or heads
@@ -196,16 +196,21 @@ class ModelShape:
                 + self.expert_params * share + self.vocab_size * self.hidden_size)
 
 
+def _getter(config):
+    """`get(key, default)` over a config object or its dict."""
+    return config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+
+
 def residual_scaled(config) -> bool:
     """Whether the config scales the residual branches (Granite's residual_multiplier)."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    get = _getter(config)
     return get("residual_multiplier", None) not in (None, 1, 1.0)
 
 
 def sliding_window(config) -> int:
     """The window of a config's sliding-window attention layers, 0 when no layer slides
     (Qwen2 names a window but, with use_sliding_window off, uses it in no layer)."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    get = _getter(config)
     window = get("sliding_window") or 0
     layer_types = get("layer_types") or ()
     if (layer_types and "sliding_attention" not in layer_types) or get("use_sliding_window",
@@ -314,6 +319,7 @@ def _weight_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
     a = s.compute_bytes
     other = m.embedding_params + m.head_params + m.norm_params + m.linear_bias_params
     terms = [quant]
+    # Every fused layer keeps them, with dropout too (its forward then falls back to peft's).
     if s.bits == 4 and s.double_quant and s.fused_lora and s.strategy != "fsdp":
         terms.append(MemoryTerm(
             "absmax_fp32_cache", 4 * lin // NF4_BLOCK,
@@ -405,6 +411,12 @@ def _fused_lora(s: StepShape) -> bool:
     adapter's as a third tensor) and its input gradient once (peft: the base's, the adapter's
     and their sum), and casts fp32 adapters inside, keeping no 16-bit copy of them."""
     return s.fused_lora and s.bits == 4 and not s.lora_dropout and s.strategy != "fsdp"
+
+
+def _fused_lora_into_liger_swiglu(m: ModelShape, s: StepShape) -> bool:
+    # fastpath.FusedSwiGLU with Liger's SiLU-mul over fused LoRA projections: gate and up are
+    # written once each, and Liger writes their gradients over its saved inputs.
+    return _fused_lora(s) and m.mlp == "swiglu" and s.liger
 
 
 def norms_saved_bytes_per_token(m: ModelShape, s: StepShape, autocast: bool = True) -> float:
@@ -563,7 +575,7 @@ def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share
     elif _lora_copies_inputs(s, autocast) and not autocast:
         # the fp32 copy of the down projection's input is freed as its gradients arrive
         in_mlp = saved + a * h + a * m.intermediate_size * mlp_tokens_share
-    elif _fused_lora(s) and m.mlp == "swiglu" and s.liger:
+    elif _fused_lora_into_liger_swiglu(m, s):
         in_mlp = saved + a * h + a * m.intermediate_size * mlp_tokens_share
     else:
         in_mlp = saved + a * h + 2 * a * m.intermediate_size * mlp_tokens_share
@@ -621,7 +633,7 @@ def offload_forward_bytes_per_token(m: ModelShape, s: StepShape) -> float:
     and their product (3 x a x I); without Liger SiLU(gate) is a fourth.
     """
     a = s.compute_bytes
-    wide = 3 if _fused_lora(s) and m.mlp == "swiglu" and s.liger else 4
+    wide = 3 if _fused_lora_into_liger_swiglu(m, s) else 4
     return 2 * a * m.hidden_size + wide * a * m.intermediate_size
 
 
