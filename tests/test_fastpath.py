@@ -787,6 +787,99 @@ def test_varlen_kernel_equals_masked_sdpa_on_the_gpu(kv_heads):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
+def test_cudnn_attention_keeps_sdpas_masks_for_packed_and_padded_rows(tmp_path, dolly_file):
+    # Registered under its own name, the function must still get the block-diagonal mask of
+    # packed bins and the padding mask of padded rows (transformers builds no mask for a name
+    # without a mask function), and hand those calls to SDPA: the same loss and gradients.
+    from qlora_lab import attention
+
+    sdpa = _session(tmp_path / "sdpa", dolly_file)
+    other = _session(tmp_path / "cudnn", dolly_file)
+    other.model.set_attn_implementation(attention.register_cudnn())
+    assert other.model.config._attn_implementation == attention.CUDNN
+    seen = []
+
+    def spy(module, q, k, v, attention_mask, **kwargs):
+        seen.append(attention_mask is not None)
+        return attention.cudnn_attention(module, q, k, v, attention_mask, **kwargs)
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(attention.CUDNN, spy)
+    try:
+        rows = sdpa.data.train[:5]
+        bin_tokens = max(len(r["input_ids"]) for r in rows) + 8  # several rows share bins
+        for batch in (PackedCollator(0, bin_tokens)(rows), PadCollator(0)(rows)):
+            seen.clear()
+            loss_c, grads_c = _loss_and_grads(other, batch)
+            loss_s, grads_s = _loss_and_grads(sdpa, batch)
+            assert seen and all(seen)  # every layer got a mask
+            assert loss_c == pytest.approx(loss_s, rel=1e-6)
+            assert grads_c.keys() == grads_s.keys() and grads_c
+            for name in grads_c:
+                torch.testing.assert_close(grads_c[name], grads_s[name], msg=name)
+    finally:
+        AttentionInterface.register(attention.CUDNN, attention.cudnn_attention)
+
+
+def test_cudnn_attention_setting_is_checked_before_loading(tmp_path, dolly_file):
+    from qlora_lab.attention import resolve_cudnn_attention
+    from qlora_lab.errors import UserError
+
+    assert not resolve_cudnn_attention("auto", "cpu", compiled=True)
+    assert not resolve_cudnn_attention("auto", "cuda", compiled=False)  # eager SDPA has cuDNN
+    assert not resolve_cudnn_attention("off", "cuda", compiled=True)
+    with pytest.raises(UserError, match="cudnn_attention.*needs CUDA"):
+        resolve_cudnn_attention("on", "cpu", compiled=True)
+    with pytest.raises(UserError, match="cudnn_attention.*needs train.compile"):
+        resolve_cudnn_attention("on", "cuda", compiled=False)
+    cfg = tiny_config(tmp_path / "run", dolly_file)
+    cfg = replace(cfg, train=replace(cfg.train, cudnn_attention="on"))
+    with pytest.raises(UserError, match="cudnn_attention.*needs CUDA"):
+        setup_training(cfg)
+    assert not (tmp_path / "run" / "adapter").exists()
+    session = _session(tmp_path / "auto", dolly_file)  # auto on a CPU: SDPA, as before
+    assert session.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_heads", [8, 2], ids=["mha", "gqa"])
+def test_cudnn_attention_equals_sdpa_on_the_gpu_eager_and_compiled(kv_heads):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from qlora_lab import attention
+
+    if attention.plan_cudnn(grouped=kv_heads != 8) is None:
+        pytest.skip("cuDNN's attention failed its probe on this GPU")
+    torch.manual_seed(0)
+
+    class Module(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = 8 // kv_heads
+
+    module = Module()
+    q = torch.randn(2, 8, 512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, kv_heads, 512, 64, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+
+    def run(fn):
+        for t in (q, k, v):
+            t.grad = None
+        out, _ = fn(module, q, k, v, None, scaling=0.125)
+        out.float().pow(2).sum().backward()
+        return [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with sdpa_kernel(SDPBackend.MATH):
+        want = run(sdpa_attention_forward)
+    for fn in (attention.cudnn_attention, torch.compile(attention.cudnn_attention)):
+        for got, ref in zip(run(fn), want):
+            torch.testing.assert_close(got, ref, rtol=3e-2, atol=3e-2)
+
+
 def test_bench_loss_check_runs_its_padded_reference_with_sdpa_under_varlen(tmp_path, dolly_file):
     from qlora_lab.bench import loss_check
 

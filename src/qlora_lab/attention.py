@@ -238,3 +238,133 @@ def sdpa_instead(model):
     finally:
         if varlen:
             model.set_attn_implementation(VARLEN)
+
+
+# --- cuDNN's attention in compiled layers ------------------------------------------------------
+#
+# Eagerly, SDPA on an H200 (torch 2.11) runs cuDNN's attention kernels for unmasked causal rows.
+# Inside compiled layers it runs FlashAttention-2's, whatever SDPA's backend order says (one
+# TinyLlama-shaped layer on 32 full rows of 1,024 tokens: benchmarks/results/
+# attention_in_layer_h200.json), and cuDNN's forward + backward take 1.85 ms there against
+# FlashAttention-2's 2.68. So for compiled training on such rows `train` calls cuDNN's kernel
+# itself, through torch's own operator (its autograd formula is torch's; the compiler keeps the
+# call as it is); every other call is SDPA's.
+
+CUDNN = "qlora_cudnn_sdpa"  # the name registered with transformers' attention interfaces
+
+
+@dataclass(frozen=True)
+class CudnnCall:
+    """How this process calls cuDNN's attention, decided once (`plan_cudnn`)."""
+
+    repeat_kv: bool  # give each query head its own K/V copy (this torch/cuDNN cannot group heads)
+
+
+_CUDNN_PLAN: dict[bool, CudnnCall | None] = {}  # by whether K/V heads are grouped
+
+
+def plan_cudnn(grouped: bool) -> CudnnCall | None:
+    """Whether and how this process can call cuDNN's attention (decided once per process): CUDA,
+    torch's operator, and a small forward and backward that match SDPA's math in fp32. None
+    where not, so a kernel that computes something else never reaches training."""
+    if not torch.cuda.is_available() or not hasattr(torch.ops.aten,
+                                                    "_scaled_dot_product_cudnn_attention"):
+        return None
+    if grouped not in _CUDNN_PLAN:
+        _CUDNN_PLAN[grouped] = _probe_cudnn(grouped)
+    return _CUDNN_PLAN[grouped]
+
+
+def _cudnn_call(query, key, value, scaling, repeat_kv: bool) -> torch.Tensor:
+    if repeat_kv and key.shape[1] != query.shape[1]:
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    # compute_log_sumexp: backward needs it; the recomputed forward of a checkpointed layer
+    # runs with grad enabled too.
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(
+        query, key, value, None, torch.is_grad_enabled(), 0.0, True, False, scale=scaling)[0]
+
+
+def _probe_cudnn(grouped: bool) -> CudnnCall | None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kv_heads = 2 if grouped else 4
+
+    def rand(heads):
+        return torch.randn(2, heads, 256, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    q, k, v, grad = rand(4), rand(kv_heads), rand(kv_heads), rand(4)
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=grouped)
+    ref.backward(grad.float())
+    expected = [ref.detach()] + [t.grad for t in leaves]
+    for repeat in ((False, True) if grouped else (False,)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        try:
+            out = _cudnn_call(*leaves, None, repeat)
+            out.backward(grad)
+        except (RuntimeError, ValueError):
+            continue
+        got = [out.detach()] + [t.grad for t in leaves]
+        if all(g is not None and g.shape == e.shape
+               and torch.allclose(g.float(), e, atol=3e-2, rtol=3e-2)
+               for g, e in zip(got, expected)):
+            return CudnnCall(repeat)
+    return None
+
+
+def cudnn_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                    is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function contract: unmasked causal self-attention through
+    cuDNN's kernel (`plan_cudnn`), anything else (a mask, dropout, cached keys, softcapping,
+    a position bias, CPU) through transformers' SDPA function unchanged."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    call = _CUDNN_PLAN.get(key.shape[1] != query.shape[1])
+    if (call is None or attention_mask is not None or dropout or not causal or not query.is_cuda
+            or query.shape[2] <= 1 or key.shape[2] != query.shape[2]
+            or any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux"))):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    out = _cudnn_call(query, key, value, scaling, call.repeat_kv)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_cudnn() -> str:
+    """Register `cudnn_attention` with transformers (idempotent), with SDPA's mask function, so
+    packed bins get the same block-diagonal mask (and then SDPA) as under `sdpa`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(CUDNN, cudnn_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CUDNN, sdpa_mask)
+    return CUDNN
+
+
+def resolve_cudnn_attention(setting: str, device: str, compiled: bool) -> bool:
+    """`train.cudnn_attention`: whether compiled layers call cuDNN's attention directly.
+
+    `auto`: compiled layers on a GPU of compute capability 9.x (H100, H200), the one kind it
+    was measured on; eager layers already get cuDNN from SDPA there. `on` insists on CUDA and
+    compiled layers."""
+    if setting == "off":
+        return False
+    usable = device == "cuda" and compiled and hasattr(torch.ops.aten,
+                                                       "_scaled_dot_product_cudnn_attention")
+    if setting == "on":
+        if not usable:
+            why = "needs CUDA" if device != "cuda" else "needs train.compile"
+            raise UserError(f"train.cudnn_attention = 'on' {why} — set it to 'auto' or 'off'")
+        return True
+    return usable and torch.cuda.get_device_capability()[0] == 9
+
+
+def use_cudnn(model) -> bool:
+    """Switch a loaded model's `sdpa` attention to `cudnn_attention` for training; False (and
+    the model unchanged) where the probe found no usable kernel."""
+    heads = model.config.num_attention_heads
+    if plan_cudnn(grouped=getattr(model.config, "num_key_value_heads", heads) != heads) is None:
+        return False
+    model.set_attn_implementation(register_cudnn())
+    return True
