@@ -8,7 +8,8 @@ first in training gained nothing end to end (fastpath_sweep_h200_run16_sdpa.json
 kernel the compiled layers ran was not checked. This compiles one TinyLlama-shaped decoder
 layer (transformers' own, SDPA, bf16, no quantization: the attention call is what differs) and
 runs forward + backward on (32, 1024) tokens under each backend order, with the profiler's
-attention kernels and their time per layer call.
+attention kernels and their time per layer call; then the same layer with the attention
+function `train.cudnn_attention` installs (attention.cudnn_attention).
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ from fixtures import hardware_label, versions
 ROWS, LENGTH = 32, 1024
 
 
-def layer_and_inputs():
+def layer_and_inputs(attn: str = "sdpa"):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
                          num_key_value_heads=4, num_hidden_layers=1, vocab_size=32000,
                          max_position_embeddings=2048)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn
     layer = LlamaDecoderLayer(config, 0).cuda().to(torch.bfloat16)
     rotary = LlamaRotaryEmbedding(config).cuda()
     hidden = torch.randn(ROWS, LENGTH, 2048, device="cuda", dtype=torch.bfloat16,
@@ -58,11 +59,11 @@ def attention_kernels(step) -> dict:
     return kernels
 
 
-def run(order, compiled: bool, iters: int) -> dict:
+def run(order, compiled: bool, iters: int, attn: str = "sdpa") -> dict:
     from torch.nn.attention import sdpa_kernel
 
     torch._dynamo.reset()
-    layer, hidden, positions, emb = layer_and_inputs()
+    layer, hidden, positions, emb = layer_and_inputs(attn)
     fn = torch.compile(layer) if compiled else layer
     grad = torch.randn_like(hidden)
 
@@ -98,6 +99,15 @@ def main() -> int:
         for name, order in orders.items():
             key = f"{'compiled' if compiled else 'eager'}_{name}"
             results[key] = run(order, compiled, args.iters)
+            print(key, results[key], flush=True)
+    # What `train.cudnn_attention` installs: cuDNN's operator called by the attention function.
+    from qlora_lab import attention
+
+    if attention.plan_cudnn(grouped=True) is not None:
+        for compiled in (False, True):
+            key = f"{'compiled' if compiled else 'eager'}_train_cudnn_attention"
+            results[key] = run(orders["flash_first"], compiled, args.iters,
+                               attention.register_cudnn())
             print(key, results[key], flush=True)
     report = {"what": __doc__.splitlines()[0], "command": "python " + " ".join(sys.argv),
               "rows": ROWS, "length": LENGTH, "results": results,
