@@ -305,8 +305,11 @@ def _probe_cudnn(grouped: bool) -> CudnnCall | None:
         except (RuntimeError, ValueError):
             continue
         got = [out.detach()] + [t.grad for t in leaves]
+        # Relative to each tensor's norm: bf16 kernels round (and sum grouped heads' gradients)
+        # in their own order, so single elements can differ by a few units in the last place
+        # (up to 0.04 measured on an H200), while a wrong kernel is off by its whole size.
         if all(g is not None and g.shape == e.shape
-               and torch.allclose(g.float(), e, atol=3e-2, rtol=3e-2)
+               and float((g.float() - e).norm() / e.norm()) < 2e-2
                for g, e in zip(got, expected)):
             return CudnnCall(repeat)
     return None

@@ -231,7 +231,9 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
         if attention.use_cudnn(model):
             log.info("attention: compiled layers call cuDNN's attention for unmasked rows "
                      "(train.cudnn_attention)")
-        elif cfg.train.cudnn_attention == "on":
+        elif cfg.train.cudnn_attention == "auto":
+            log.info("attention: cuDNN's attention failed its probe on this GPU; SDPA")
+        else:
             raise UserError("train.cudnn_attention = 'on', but cuDNN's attention failed its "
                             "probe on this GPU (an error, or results unlike SDPA's) — set it "
                             "to 'auto' or 'off'")
