@@ -8,8 +8,9 @@ first in training gained nothing end to end (fastpath_sweep_h200_run16_sdpa.json
 kernel the compiled layers ran was not checked. This compiles one TinyLlama-shaped decoder
 layer (transformers' own, SDPA, bf16, no quantization: the attention call is what differs) and
 runs forward + backward on (32, 1024) tokens under each backend order, with the profiler's
-attention kernels and their time per layer call; then the same layer with the attention
-function `train.cudnn_attention` installs (attention.cudnn_attention).
+attention kernels and their time per layer call; then the same layer with an attention
+function that calls cuDNN's operator itself (`_train_cudnn_attention` rows: what session 20's
+`train.cudnn_attention` did, reverted after its end-to-end A/B).
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ def layer_and_inputs(attn: str = "sdpa"):
     positions = torch.arange(LENGTH, device="cuda")[None].expand(ROWS, -1)
     cos, sin = rotary(hidden, positions)
     return layer, hidden, positions, (cos.to(torch.bfloat16), sin.to(torch.bfloat16))
+
+
+CUDNN_OP = "bench_cudnn_op"
+
+
+def cudnn_op_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                       **kwargs):
+    """Causal attention through torch's cuDNN operator (no mask here: full rows)."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        query, key, value, None, torch.is_grad_enabled(), 0.0, True, False, scale=scaling)[0]
+    return out.transpose(1, 2).contiguous(), None
 
 
 def attention_kernels(step) -> dict:
@@ -100,15 +112,16 @@ def main() -> int:
             key = f"{'compiled' if compiled else 'eager'}_{name}"
             results[key] = run(order, compiled, args.iters)
             print(key, results[key], flush=True)
-    # What `train.cudnn_attention` installs: cuDNN's operator called by the attention function.
-    from qlora_lab import attention
+    # cuDNN's operator called from the attention function (what session 20's
+    # train.cudnn_attention did before it was reverted: benchmarks/results/
+    # fastpath_sweep_h200_run22_cudnn.json).
+    from transformers import AttentionInterface
 
-    if attention.plan_cudnn(grouped=True) is not None:
-        for compiled in (False, True):
-            key = f"{'compiled' if compiled else 'eager'}_train_cudnn_attention"
-            results[key] = run(orders["flash_first"], compiled, args.iters,
-                               attention.register_cudnn())
-            print(key, results[key], flush=True)
+    AttentionInterface.register(CUDNN_OP, cudnn_op_attention)
+    for compiled in (False, True):
+        key = f"{'compiled' if compiled else 'eager'}_train_cudnn_attention"
+        results[key] = run(orders["flash_first"], compiled, args.iters, CUDNN_OP)
+        print(key, results[key], flush=True)
     report = {"what": __doc__.splitlines()[0], "command": "python " + " ".join(sys.argv),
               "rows": ROWS, "length": LENGTH, "results": results,
               "hardware": hardware_label(), "versions": versions(),

@@ -158,10 +158,6 @@ LADDER = [
       "train.liger=loss"]),
     ("full rows: 32 rows, checkpointing + compile + SDPA, Liger for the loss only",
      ["train.micro_batch_size=32", "train.compile=true", "train.liger=loss"]),
-    # 43 (session 20): row 40 with SDPA inside the compiled layers (FlashAttention-2 there);
-    # row 40 itself calls cuDNN's attention on Hopper since train.cudnn_attention (auto).
-    ("full rows: 32 rows, checkpointing + compile + SDPA, cuDNN attention off",
-     ["train.micro_batch_size=32", "train.compile=true", "train.cudnn_attention=off"]),
 ]
 
 

@@ -351,14 +351,6 @@ class TrainConfig:
         as fast as Liger's there (within 0.3 %, fastpath_sweep_h200_run18_fusedce.json) and
         with no wait for the GPU. `on`: all three, compiled or not (an error where Liger cannot run); `loss`: the head's
         loss only; `off`: none.
-    cudnn_attention: with `compile` and `sdpa` attention, call cuDNN's attention kernel for
-        unmasked causal rows (rows that fill their bins) instead of SDPA, which inside compiled
-        layers runs FlashAttention-2 whatever its backend order (one TinyLlama-shaped layer,
-        32 full rows of 1,024 tokens, H200: attention forward + backward 1.85 ms against 2.68,
-        benchmarks/results/attention_in_layer_h200.json). Masked calls (packed bins of short
-        rows) stay SDPA's. `auto` = on GPUs of compute capability 9.x (H100, H200), the one
-        kind measured, when a small probe call matches SDPA's math; `on` insists (CUDA and
-        `compile`); `off` = SDPA everywhere.
     fused_lora: compute each LoRA projection's 4-bit base and adapter (attention and MLP) as
         one autograd function (fusedlora.py): the adapter's matmuls accumulate into the base's
         output and input gradient, so no (tokens x features) tensor is scaled, cloned or summed
@@ -431,7 +423,6 @@ class TrainConfig:
     packing: bool = True
     fused_loss: bool = True
     liger: Literal["auto", "on", "off", "loss"] = "auto"
-    cudnn_attention: Literal["auto", "on", "off"] = "auto"
     fused_lora: bool = True
     activation_offload: bool = False
     data_workers: int = 0

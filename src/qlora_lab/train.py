@@ -198,9 +198,6 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
                         f"{os.environ['WORLD_SIZE']}) — set it false for multi-GPU runs")
     if cfg.train.cuda_graphs and device != "cuda":
         raise UserError("train.cuda_graphs = true needs CUDA — set it false on CPU")
-    # `on` where it cannot run fails here, before loading (resolve_cudnn_attention says why).
-    cudnn = (cfg.model.attn_implementation == "sdpa" and attention.resolve_cudnn_attention(
-        cfg.train.cudnn_attention, device, cfg.train.compile))
 
     model_path = models.resolve_model_path(cfg.model.name)
     safety.require_safetensors(Path(model_path), "base model", cfg.model.allow_pickle,
@@ -227,16 +224,6 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
                      "(the default model.attn_implementation) needs no mask for them; on such "
                      "rows (1,024 tokens, an H200) it trained 5-6 %% faster than varlen "
                      "(docs/performance.md)")
-    if cudnn:
-        if attention.use_cudnn(model):
-            log.info("attention: compiled layers call cuDNN's attention for unmasked rows "
-                     "(train.cudnn_attention)")
-        elif cfg.train.cudnn_attention == "auto":
-            log.info("attention: cuDNN's attention failed its probe on this GPU; SDPA")
-        else:
-            raise UserError("train.cudnn_attention = 'on', but cuDNN's attention failed its "
-                            "probe on this GPU (an error, or results unlike SDPA's) — set it "
-                            "to 'auto' or 'off'")
     use_liger = fastpath.resolve_liger(cfg.train.liger, device)
     # Before LoRA: same module names either way.
     fastpath.apply_fast_modules(model, cfg.train.liger_in_layers(use_liger))
