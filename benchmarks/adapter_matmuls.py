@@ -22,12 +22,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
-
 from attention_kernels import timed
-from fixtures import hardware_label, versions
+from fixtures import write_result
 
 TOKENS, HIDDEN, RANK = 29_696, 2048, 16
 PROJECTIONS = {"q/o (2048 -> 2048)": (2048, 2048), "k/v (2048 -> 256)": (2048, 256),
@@ -77,8 +75,8 @@ def projection(d_in: int, d_out: int, iters: int) -> dict:
                              "dxa_A_alone": timed(lambda: (dy[:, :RANK] @ a), iters)},
            "adapter_grads_ms": {"dA = dxa^T x": timed(lambda: dy[:, :RANK].t() @ x, iters),
                                 "dB = dy^T xa": timed(lambda: dy.t() @ x[:, :RANK], iters)},
-           "max_rel_diff_k_concat": float(((k_concat_in_place().float() - ref).abs().max()
-                                           / ref.abs().max()))}
+           "max_rel_diff_k_concat": float((k_concat_in_place().float() - ref).abs().max()
+                                           / ref.abs().max())}
     for group in ("forward_ms", "input_grad_ms", "adapter_grads_ms"):
         out[group] = {k: round(v, 3) for k, v in out[group].items()}
     print(json.dumps(out), flush=True)
@@ -109,10 +107,8 @@ def main() -> int:
     report = {"what": __doc__.splitlines()[0], "command": "python " + " ".join(sys.argv),
               "projections": {name: projection(*dims, args.iters)
                               for name, dims in PROJECTIONS.items()},
-              "qkv": qkv(args.iters),
-              "hardware": hardware_label(), "versions": versions(),
-              "seconds": round(time.time() - started, 1)}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+              "qkv": qkv(args.iters)}
+    write_result(args.out, report, started)
     return 0
 
 

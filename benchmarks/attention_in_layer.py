@@ -16,15 +16,12 @@ function that calls cuDNN's operator itself (`_train_cudnn_attention` rows: what
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
-
 from attention_kernels import timed
-from fixtures import hardware_label, versions
+from fixtures import write_result
 
 ROWS, LENGTH = 32, 1024
 
@@ -123,10 +120,8 @@ def main() -> int:
         results[key] = run(orders["flash_first"], compiled, args.iters, CUDNN_OP)
         print(key, results[key], flush=True)
     report = {"what": __doc__.splitlines()[0], "command": "python " + " ".join(sys.argv),
-              "rows": ROWS, "length": LENGTH, "results": results,
-              "hardware": hardware_label(), "versions": versions(),
-              "seconds": round(time.time() - started, 1)}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+              "rows": ROWS, "length": LENGTH, "results": results}
+    write_result(args.out, report, started)
     return 0
 
 

@@ -22,14 +22,12 @@ compared with it (`max_abs_diff_vs_first`). A candidate that fails records its e
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-from fixtures import bpe_tokenizer, hardware_label, versions
+from fixtures import bpe_tokenizer, write_result
 
 HEADS, KV_HEADS, DIM = 32, 4, 64
 
@@ -186,10 +184,8 @@ def main() -> int:
     report = {"what": __doc__.splitlines()[0], "command": "python " + " ".join(sys.argv),
               "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM},
               "dolly_160_rows": packed_case(dolly_lengths(Path(args.data), args.rows), args.iters),
-              "full_rows_32": full_case(32, args.iters),
-              "hardware": hardware_label(), "versions": versions(),
-              "seconds": round(time.time() - started, 1)}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+              "full_rows_32": full_case(32, args.iters)}
+    write_result(args.out, report, started)
     return 0
 
 

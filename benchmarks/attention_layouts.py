@@ -23,15 +23,13 @@ Outputs are checked against the reference of the same layout (`max_abs_diff`).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-
 from attention_kernels import DIM, HEADS, KV_HEADS, dolly_lengths, flash2, timed
-from fixtures import hardware_label, versions
+from fixtures import write_result
 
 BIN = 1024
 SCALE = DIM ** -0.5
@@ -224,10 +222,8 @@ def main() -> int:
     report = {"what": __doc__.splitlines()[0], "command": "python " + " ".join(sys.argv),
               "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "bin": BIN},
               "micro_batches": [case(lengths[i * args.rows:(i + 1) * args.rows], args.iters)
-                                for i in range(args.batches)],
-              "hardware": hardware_label(), "versions": versions(),
-              "seconds": round(time.time() - started, 1)}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+                                for i in range(args.batches)]}
+    write_result(args.out, report, started)
     return 0
 
 

@@ -25,7 +25,8 @@ from qlora_lab.child import versions as _child_versions
 from qlora_lab.presets import PRESETS
 
 __all__ = ["GIB", "ROOT", "apply_memory_cap", "bpe_tokenizer", "default_data", "full_rows",
-           "hardware_label", "random_model", "tinyllama_random", "versions"]
+           "hardware_label", "random_model", "tinyllama_random", "versions",
+           "write_result"]
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -231,6 +232,19 @@ def hardware_label() -> str:
         return f"cpu ({os.cpu_count()} cores)"
     count, name = torch.cuda.device_count(), torch.cuda.get_device_name(0)
     return name if count == 1 else f"{count} x {name}"
+
+
+def write_result(out: str | Path, report: dict, started: float) -> None:
+    """Write a benchmark's result file: `report`, then the hardware, the versions, the commit
+    measured (and whether the tree differed from it) and the seconds since `started`
+    (time.time()), as indented JSON."""
+    import time
+
+    commit, dirty = git_head()
+    report = {**report, "hardware": hardware_label(), "versions": versions(),
+              "commit": commit + (" (modified)" if dirty else ""),
+              "seconds": round(time.time() - started, 1)}
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:
