@@ -603,6 +603,16 @@ def test_inconsistent_choices(tmp_path, data_file, values, fragment):
     check_outcome(lambda: setup_training(cfg), tmp_path, [fragment])
 
 
+@pytest.mark.parametrize("key", ["source", "eval_source"])
+def test_a_missing_data_file_is_the_first_error_before_the_model(tmp_path, data_file, key):
+    # A hub model this offline machine cannot reach: the wrong data path must still be what
+    # the user hears first (before a tokenizer download, or a hub error about the model).
+    cfg = tiny_config(tmp_path / "out", data_file)
+    cfg = replace(cfg, model=replace(cfg.model, name="no-such-org/no-such-model"),
+                  data=replace(cfg.data, **{key: str(tmp_path / "missing.jsonl")}))
+    check_outcome(lambda: setup_training(cfg), tmp_path, ["missing.jsonl does not exist"])
+
+
 # --- adapters ----------------------------------------------------------------------------------
 
 

@@ -12,6 +12,8 @@ Public API:
 - `source_rows(cfg)`: the rows of the source a DataConfig names, as `train` reads them.
 - `check_sources(cfg)`: read every source a run trains on (`data.source`, or each `data.mix`
   entry with its own settings), so a wrong name fails before any slow work starts.
+- `check_local_files(cfg)`: only that each local data file is there, reading nothing (`train`
+  calls it before it touches the model).
 - `mix_counts` and `draw_mix`: how many rows, and which, a weighted mix takes from each source.
 """
 
@@ -248,17 +250,9 @@ def read_rows(source: str, hub_config: str = "", split: str = "train",
     neither (`split_key` names the config key that chose `split`, for error messages).
     """
     path = Path(source).expanduser()
-    is_file_like = path.suffix.lower() in LOCAL_SUFFIXES
-    if path.is_dir() and not is_file_like:
+    if path.is_dir() and path.suffix.lower() not in LOCAL_SUFFIXES:
         rows = list(_iter_dataset(source, hub_config, split, split_key))
-    elif is_file_like or path.exists():
-        if path.is_dir():
-            raise UserError(f"data file {short_path(source)} is a directory — pass a "
-                            ".jsonl/.json/.csv/.parquet file inside it")
-        if not path.is_file():
-            raise UserError(f"data file {short_path(source)} does not exist — pass an existing "
-                            ".jsonl/.json/.csv/.parquet file, a dataset folder or a hub dataset "
-                            "name")
+    elif _names_a_file(source):
         if hub_config or split != "train":
             given = f"{split_key} = {split!r}" if split != "train" else ""
             given = given or f"data.hub_config = {hub_config!r}"
@@ -271,6 +265,35 @@ def read_rows(source: str, hub_config: str = "", split: str = "train",
         raise UserError(f"data source {short_path(source)} has no rows — add rows or pick another "
                         "file")
     return rows
+
+
+def _names_a_file(source: str) -> bool:
+    """Whether `source` is a local file (a file's suffix, or something at that path that is not
+    a dataset folder), not a hub dataset name; raises where that file is not there."""
+    path = Path(source).expanduser()
+    is_file_like = path.suffix.lower() in LOCAL_SUFFIXES
+    if path.is_dir() and not is_file_like:
+        return False
+    if not (is_file_like or path.exists()):
+        return False
+    if path.is_dir():
+        raise UserError(f"data file {short_path(source)} is a directory — pass a "
+                        ".jsonl/.json/.csv/.parquet file inside it")
+    if not path.is_file():
+        raise UserError(f"data file {short_path(source)} does not exist — pass an existing "
+                        ".jsonl/.json/.csv/.parquet file, a dataset folder or a hub dataset "
+                        "name")
+    return True
+
+
+def check_local_files(cfg: DataConfig) -> None:
+    """Fail on a local data file that is not there (`data.source`, `data.eval_source`, each
+    `data.mix` entry) without reading anything: `train` checks this before it touches the model,
+    so a wrong path is the first error, not a model download or a hub error."""
+    for sub, _ in cfg.mix_sources() or [(cfg, 1.0)]:
+        _names_a_file(sub.source)
+    if cfg.eval_source:
+        _names_a_file(cfg.eval_source)
 
 
 def _read_file(path: Path, source: str) -> list[Row]:

@@ -43,6 +43,7 @@ from qlora_lab import (
     models,
     rundir,
     safety,
+    sources,
 )
 from qlora_lab.config import RunConfig, resolve_optimizer, save_config
 from qlora_lab.data import (
@@ -199,6 +200,7 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     if cfg.train.cuda_graphs and device != "cuda":
         raise UserError("train.cuda_graphs = true needs CUDA — set it false on CPU")
 
+    sources.check_local_files(cfg.data)  # a wrong data path first, before the model
     model_path = models.resolve_model_path(cfg.model.name)
     safety.require_safetensors(Path(model_path), "base model", cfg.model.allow_pickle,
                                allow_hint="set model.allow_pickle: true")
