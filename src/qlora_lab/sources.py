@@ -249,16 +249,13 @@ def read_rows(source: str, hub_config: str = "", split: str = "train",
     `hub_config` and `split` pick the part of a hub dataset or dataset folder to read; a file has
     neither (`split_key` names the config key that chose `split`, for error messages).
     """
-    path = Path(source).expanduser()
-    if path.is_dir() and path.suffix.lower() not in LOCAL_SUFFIXES:
-        rows = list(_iter_dataset(source, hub_config, split, split_key))
-    elif _names_a_file(source):
+    if _names_a_file(source):
         if hub_config or split != "train":
             given = f"{split_key} = {split!r}" if split != "train" else ""
             given = given or f"data.hub_config = {hub_config!r}"
             raise UserError(f"{given} applies to hub datasets and dataset folders, but "
                             f"{short_path(source)} is a file — leave it unset for files")
-        rows = _read_file(path, source)
+        rows = _read_file(Path(source).expanduser(), source)
     else:
         rows = list(_iter_dataset(source, hub_config, split, split_key))
     if not rows:
