@@ -158,6 +158,13 @@ LADDER = [
       "train.liger=loss"]),
     ("full rows: 32 rows, checkpointing + compile + SDPA, Liger for the loss only",
      ["train.micro_batch_size=32", "train.compile=true", "train.liger=loss"]),
+    # 43-44 (session 21): gate and up each on its own, against rows 14 and 40 (one function,
+    # adapters in the base matmuls' K: train.joint_lora, the default).
+    ("160 rows + compile + varlen, gate and up each on its own",
+     ["train.micro_batch_size=160", "train.compile=true", "model.attn_implementation=varlen",
+      "train.joint_lora=false"]),
+    ("full rows: 32 rows, checkpointing + compile + SDPA, gate and up each on its own",
+     ["train.micro_batch_size=32", "train.compile=true", "train.joint_lora=false"]),
 ]
 
 

@@ -536,6 +536,74 @@ def test_fused_lora_projection_equals_peft_output_and_gradients(tmp_path, dolly_
         torch.testing.assert_close(g_f[name], g_p[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_joint_gate_up_equals_each_projection_alone(tmp_path, dolly_file):
+    """gate and up as one function (adapters in the base matmuls' K, one input gradient)
+    give each projection's own output and every gradient; the MLP takes that path."""
+    from qlora_lab.fusedlora import project_together
+
+    mlp = _session(tmp_path, dolly_file).model.get_decoder().layers[0].mlp
+    assert isinstance(mlp, fastpath.FusedSwiGLU) and mlp.joint_lora
+    pair = (mlp.gate_proj, mlp.up_proj)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in pair:
+            m.lora_B["default"].weight.normal_(0, 0.05)
+    x = torch.randn(3, 7, mlp.gate_proj.in_features)
+    results = []
+    for run in (lambda v: project_together(pair, v), lambda v: [m(v) for m in pair]):
+        for m in pair:
+            m.zero_grad(set_to_none=True)
+        xi = x.detach().clone().requires_grad_(True)
+        outs = run(xi)
+        sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() * (i + 1)
+            for i, o in enumerate(outs)).backward()
+        grads = {f"{i}.{n}": p.grad.clone() for i, m in enumerate(pair)
+                 for n, p in m.named_parameters() if p.grad is not None}
+        results.append(([o.detach() for o in outs], xi.grad.clone(), grads, outs[0].grad_fn))
+    (outs_j, dx_j, g_j, fn_j), (outs_s, dx_s, g_s, fn_s) = results
+    assert "LoraJoint4bit" in type(fn_j).__name__ and "LoraLinear4bit" in type(fn_s).__name__
+    for a, b in zip(outs_j, outs_s):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_j, dx_s, rtol=1e-5, atol=1e-5)
+    assert g_j.keys() == g_s.keys() and len(g_j) == 4  # A and B of both
+    for name in g_s:
+        torch.testing.assert_close(g_j[name], g_s[name], rtol=1e-5, atol=1e-6, msg=name)
+    # Anything else (here a plain Linear beside a fused layer) runs each module on its own.
+    plain = torch.nn.Linear(x.shape[-1], 5)
+    out = project_together((mlp.gate_proj, plain), x)
+    torch.testing.assert_close(out[1], plain(x))
+
+
+@pytest.mark.parametrize("ranks", [(4, 8), (40, 40)])  # 12 and 80 adapter columns: 64 and 128
+def test_joint_projections_with_unequal_ranks_equal_the_formula(tmp_path, dolly_file, ranks):
+    """Each adapter lands in its own columns of the padded K, whatever the ranks."""
+    from qlora_lab.fusedlora import ABSMAX, LoraJoint4bit, _dequantize
+
+    mlp = _session(tmp_path, dolly_file).model.get_decoder().layers[0].mlp
+    pair = (mlp.gate_proj, mlp.up_proj)
+    d_in = mlp.gate_proj.in_features
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, d_in, requires_grad=True)
+    adapters = [(torch.randn(r, d_in, requires_grad=True),
+                 torch.randn(m.out_features, r, requires_grad=True), scale)
+                for r, m, scale in zip(ranks, pair, (0.5, 2.0))]
+    per = []
+    for m, (a, b, scale) in zip(pair, adapters):
+        per += [m.base_layer.weight, getattr(m, ABSMAX), a, b, scale]
+    outs = LoraJoint4bit.apply(x, 2, *per)
+    weights = [_dequantize(m.base_layer.weight, getattr(m, ABSMAX), torch.float32) for m in pair]
+    xr = x.detach().clone().requires_grad_(True)
+    refs = [xr @ w.t() + scale * (xr @ a.t()) @ b.t() for w, (a, b, scale) in zip(weights, adapters)]
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
+    params = [t for a, b, _ in adapters for t in (a, b)]
+    got = torch.autograd.grad(sum((o * (i + 1)).sum() for i, o in enumerate(outs)), [x, *params])
+    want = torch.autograd.grad(sum((r * (i + 1)).sum() for i, r in enumerate(refs)),
+                               [xr, *params])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
+
+
 class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the bitsandbytes operators a region dispatches."""
 

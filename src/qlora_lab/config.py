@@ -358,6 +358,11 @@ class TrainConfig:
         APIs are unchanged; layers with dropout, DoRA or several adapters run as peft runs them.
         Each keeps its weight's double-quantized block scales in fp32 (4 B per 64 weights), so
         a dequantize is one bitsandbytes call, not three (+1.3 % on the H200 at 160 rows).
+    joint_lora: with `fused_lora`, an MLP's gate and up projections, which read the same
+        input, as one function (fusedlora.LoraJoint4bit) whose adapters ride in the base
+        matmuls' inner dimension: x A^T for both adapters at once, then per projection one
+        matmul [x | x A^T | 0] [W | sB | 0]^T, so no (tokens x intermediate) product is written
+        and read back; backward shares one input gradient. Off: each projection on its own.
     activation_offload: keep checkpointed activations in pinned host memory (long contexts).
     data_workers: processes that fetch and pack the next micro-batches while the current one
         trains (PyTorch DataLoader workers, kept for the whole run); 0 = in the training
@@ -424,6 +429,7 @@ class TrainConfig:
     fused_loss: bool = True
     liger: Literal["auto", "on", "off", "loss"] = "auto"
     fused_lora: bool = True
+    joint_lora: bool = True
     activation_offload: bool = False
     data_workers: int = 0
     compile: bool = False

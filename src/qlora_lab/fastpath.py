@@ -40,6 +40,7 @@ from torch.utils.checkpoint import (
 
 from qlora_lab.data import IGNORE_INDEX
 from qlora_lab.errors import UserError
+from qlora_lab import fusedlora
 from qlora_lab.fusedce import linear_cross_entropy
 from qlora_lab.memory import head_loss_chunk_tokens
 
@@ -184,16 +185,22 @@ class FusedSwiGLU(nn.Module):
     original names, so adapter files are identical to the plain path's.
     """
 
-    def __init__(self, mlp: nn.Module, use_liger: bool, tile_tokens: int):
+    def __init__(self, mlp: nn.Module, use_liger: bool, tile_tokens: int,
+                 joint_lora: bool = True):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn = mlp.act_fn
         self.use_liger = use_liger
         self.tile_tokens = tile_tokens
+        self.joint_lora = joint_lora
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        # With train.fused_lora the projections are fusedlora's layers (models.attach_lora).
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        # With train.fused_lora the projections are fusedlora's layers (models.attach_lora);
+        # with train.joint_lora gate and up, which read the same x, are one function.
+        if self.joint_lora:
+            gate, up = fusedlora.project_together((self.gate_proj, self.up_proj), x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         if self.use_liger:
             from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
@@ -230,17 +237,19 @@ def _is_rms_norm(module: nn.Module) -> bool:
             and getattr(module, "weight", None) is not None)
 
 
-def apply_fast_modules(model: nn.Module, use_liger: bool, tile_tokens: int = 8192) -> dict:
+def apply_fast_modules(model: nn.Module, use_liger: bool, tile_tokens: int = 8192,
+                       joint_lora: bool = True) -> dict:
     """Swap this model's MLPs (and, with Liger, its RMSNorms) in place; returns counts.
 
     Call before attaching LoRA: peft then finds the same projections under the same names.
+    `joint_lora`: the MLPs compute gate and up as one function where fused LoRA applies.
     """
     swapped = {"mlp": 0, "rms_norm": 0}
     act = getattr(model.config, "hidden_act", None)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if _is_swiglu_mlp(child) and act in ("silu", "swish"):
-                setattr(parent, name, FusedSwiGLU(child, use_liger, tile_tokens))
+                setattr(parent, name, FusedSwiGLU(child, use_liger, tile_tokens, joint_lora))
                 swapped["mlp"] += 1
             elif use_liger and _is_rms_norm(child):
                 setattr(parent, name, _liger_rms_norm(child))

@@ -112,6 +112,10 @@ def fused_layer_class() -> type[nn.Module] | None:
         return None
 
     class FusedLoraLinear4bit(Linear4bit):
+        # What project_together checks: a compiled layer traces that call, and dynamo breaks
+        # the graph on fused_layer_class() (its class statement), not on an attribute.
+        qlora_lab_fused = True
+
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.keep_absmax()
@@ -265,3 +269,98 @@ class LoraLinear4bit(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+# --- projections that read one input, as one function ---------------------------------------
+
+
+def _rank_columns(rank_total: int) -> int:
+    """The width given to the adapters' columns beside x: a multiple of 64. cuBLAS ran K =
+    2,048 + 16 19 % slower than 2,048 on an H200 (benchmarks/results/adapter_matmuls_h200.json);
+    the zero columns keep the extra K a whole tile."""
+    return -(-rank_total // 64) * 64
+
+
+def project_together(modules, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each module's output for the same input x (gate and up of an MLP).
+
+    Where every module is a fused layer (`fused_layer_class`) that `applies` to x and none
+    has a bias: one LoraJoint4bit call; else each module's own forward.
+    """
+    if not all(getattr(m, "qlora_lab_fused", False) and applies(m, x)
+               and m.base_layer.bias is None for m in modules):
+        return [m(x) for m in modules]
+    per = []
+    for m in modules:
+        name = m.active_adapters[0]
+        per += [m.base_layer.weight, getattr(m, ABSMAX, None), m.lora_A[name].weight,
+                m.lora_B[name].weight, float(m.scaling[name])]
+    return list(LoraJoint4bit.apply(x, len(modules), *per))
+
+
+class LoraJoint4bit(torch.autograd.Function):
+    """y_p = x W_p^T + s_p (x A_p^T) B_p^T for projections p that read the same x, W_p 4-bit;
+    gradients for x and every A_p, B_p.
+
+    Forward folds each adapter into its base matmul along K: x A^T for all the adapters at
+    once (A stacked), then per projection one matmul [x | x A^T | 0] [W_p | s_p B_p in its
+    columns | 0]^T. No (tokens x out) product is written and read back, which is what
+    LoraLinear4bit's accumulate costs; the adapter's sum is taken in the matmul's fp32
+    accumulator with the base's. The zero columns pad K to a whole tile (`_rank_columns`).
+
+    Backward is LoraLinear4bit's, shared: dy_p sB_p for each projection, side by side, times
+    the stacked A in one matmul, and each dy_p W_p accumulated onto it (one dx for the group).
+    """
+
+    @staticmethod
+    def forward(ctx, x, count, *per):
+        dtype = _compute_dtype(x)
+        kind = x.device.type
+        weights, absmaxes, las, lbs, scales = (per[i::5] for i in range(5))
+        ranks = [a.shape[0] for a in las]
+        with torch.autocast(kind, enabled=False):
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            a = torch.cat([la.to(dtype) for la in las])
+            width = _rank_columns(a.shape[0])
+            xa = flat @ a.t()
+            wide_x = torch.cat([flat, xa, flat.new_zeros(flat.shape[0], width - a.shape[0])], 1)
+            outs, at = [], 0
+            for weight, absmax, lb, scale, rank in zip(weights, absmaxes, lbs, scales, ranks):
+                w = _dequantize(weight, absmax, dtype)
+                wide_w = torch.cat([w, w.new_zeros(w.shape[0], at), (lb * scale).to(dtype),
+                                    w.new_zeros(w.shape[0], width - at - rank)], 1)
+                outs.append((wide_x @ wide_w.t()).view(*x.shape[:-1], w.shape[0]))
+                at += rank
+        # x and the r-wide products, not the wide buffer: its zero columns would be kept too.
+        ctx.save_for_backward(flat, xa, *weights, *absmaxes, *las, *lbs)
+        ctx.count, ctx.scales, ctx.ranks = count, scales, ranks
+        ctx.dtype, ctx.kind, ctx.x_dtype, ctx.d_in = dtype, kind, x.dtype, x.shape[-1]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n, dtype, d_in = ctx.count, ctx.dtype, ctx.d_in
+        flat, xa, *rest = ctx.saved_tensors
+        weights, absmaxes, las, lbs = (rest[i * n:(i + 1) * n] for i in range(4))
+        grad_a, grad_b = [None] * n, [None] * n
+        with torch.autocast(ctx.kind, enabled=False):
+            dys = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
+            b_scaled = [(lb * s).to(dtype) for lb, s in zip(lbs, ctx.scales)]
+            dxa = torch.cat([dy @ b for dy, b in zip(dys, b_scaled)], 1)  # N x (sum of ranks)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                a = torch.cat([la.to(dtype) for la in las])
+                grad_x = dxa @ a  # the adapters' part first, as LoraLinear4bit does
+                for dy, weight, absmax in zip(dys, weights, absmaxes):
+                    _accumulate(grad_x, dy, _dequantize(weight, absmax, dtype))
+                grad_x = grad_x.view(*grads[0].shape[:-1], d_in).to(ctx.x_dtype)
+            if any(ctx.needs_input_grad[4::5]):
+                grad_a = [g.to(la.dtype) for g, la in
+                          zip((dxa.t() @ flat).split(ctx.ranks), las)]  # all A's at once
+            for i, xa_i in enumerate(xa.split(ctx.ranks, 1)):
+                if ctx.needs_input_grad[2 + 5 * i + 3]:
+                    grad_b[i] = (dys[i].t() @ (xa_i * ctx.scales[i])).to(lbs[i].dtype)
+        out = [grad_x, None]
+        for i in range(n):
+            out += [None, None, grad_a[i], grad_b[i], None]
+        return tuple(out)

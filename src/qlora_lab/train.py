@@ -228,7 +228,8 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
                      "(docs/performance.md)")
     use_liger = fastpath.resolve_liger(cfg.train.liger, device)
     # Before LoRA: same module names either way.
-    fastpath.apply_fast_modules(model, cfg.train.liger_in_layers(use_liger))
+    fastpath.apply_fast_modules(model, cfg.train.liger_in_layers(use_liger),
+                                joint_lora=cfg.train.joint_lora)
     models.prepare_for_training(model, cfg.train.gradient_checkpointing,
                                 cfg.train.checkpoint_every)
     if cfg.train.activation_offload:
