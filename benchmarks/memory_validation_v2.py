@@ -444,7 +444,11 @@ def spec_for(family: str, split: str, base: Path, work: Path | None, mb: int, se
                      # What the committed measurements ran: `auto` meant bitsandbytes' paged
                      # 8-bit AdamW on CUDA until session 10 (now torch's fused AdamW). Pinned,
                      # so a rescore predicts the state those runs held.
-                     "optimizer": "paged_adamw_8bit" if device == "cuda" else "adamw_torch"}}
+                     "optimizer": "paged_adamw_8bit" if device == "cuda" else "adamw_torch",
+                     # Likewise gate and up each on its own: train.joint_lora (session 21)
+                     # came after these rows were measured; its term is checked against the
+                     # sweep's rows (fastpath_sweep_h200_run23_joint*.json), not these.
+                     "joint_lora": False}}
     for key, value in sets.items():
         section, name = key.split(".")
         run.setdefault(section, {})[name] = value

@@ -36,6 +36,9 @@ def rescore(path: Path) -> dict:
     measured = bench["recipes"]["qlora_lab"]
     values = bench["config"]
     values["model"]["name"] = "tinyllama"
+    # A run's resolved config names every setting of its day: one it lacks came later, and
+    # the run had that setting's old behaviour (train.joint_lora: gate and up each alone).
+    values["train"].setdefault("joint_lora", False)
     run = config_from_dict(values)
     shape = model_shape("tinyllama")
     bin_tokens = run.data.max_seq_len

@@ -250,6 +250,8 @@ class StepShape:
     # train.fused_lora: fusedlora's layers compute the 4-bit projections (no clone of the base
     # output, one input gradient) and keep the block scales in fp32
     fused_lora: bool = False
+    # train.joint_lora: gate and up as one function over a wide input (fusedlora.LoraJoint4bit)
+    joint_lora: bool = False
     liger: bool = False  # Liger's kernels in the layers and the final norm: RMSNorm, SwiGLU
     # Liger's fused linear cross-entropy for the head's loss; None = as `liger` (compiled
     # layers keep the compiler's norm and SwiGLU but the head's loss stays Liger's).
@@ -411,6 +413,19 @@ def _fused_lora(s: StepShape) -> bool:
     adapter's as a third tensor) and its input gradient once (peft: the base's, the adapter's
     and their sum), and casts fp32 adapters inside, keeping no 16-bit copy of them."""
     return s.fused_lora and s.bits == 4 and not s.lora_dropout and s.strategy != "fsdp"
+
+
+def joint_input_bytes_per_token(m: ModelShape, s: StepShape) -> float:
+    """fusedlora.LoraJoint4bit's wide input [x | x A^T | 0] (H + both adapters' columns,
+    padded to 64) where it computes an MLP's gate and up (train.joint_lora, fastpath.
+    FusedSwiGLU); 0 elsewhere. Compiled, it is alive at the layer's worst moment: on the H200
+    the peak rose by one (tokens x (2,048 + 64)) bf16 tensor, +0.12 GiB at 160 Dolly rows and
+    +0.13 GiB at 32 full rows (benchmarks/results/fastpath_sweep_h200_run23_joint*.json).
+    Eagerly it lives only while gate and up are computed, before the MLP's worst moment."""
+    if not (s.joint_lora and s.compiled and _fused_lora(s) and m.mlp == "swiglu"):
+        return 0.0
+    columns = -(-2 * s.lora_r // 64) * 64
+    return s.compute_bytes * (m.hidden_size + columns)
 
 
 def _fused_lora_into_liger_swiglu(m: ModelShape, s: StepShape) -> bool:
@@ -579,6 +594,7 @@ def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share
         in_mlp = saved + a * h + a * m.intermediate_size * mlp_tokens_share
     else:
         in_mlp = saved + a * h + 2 * a * m.intermediate_size * mlp_tokens_share
+    in_mlp += joint_input_bytes_per_token(m, s)
     if s.lora_dropout and m.mlp != "moe":
         # the down projection's dropped-out input and mask go with its input
         in_mlp -= (a + 1) * m.intermediate_size * mlp_tokens_share

@@ -52,7 +52,7 @@ def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
         gradient_checkpointing=cfg.train.gradient_checkpointing, gpus=gpus, strategy=strategy,
         # Under FSDP train falls back to the model's own loss (lm_head is sharded there).
         fused_loss=cfg.train.fused_loss and not (gpus > 1 and strategy == "fsdp"),
-        fused_lora=cfg.train.fused_lora,
+        fused_lora=cfg.train.fused_lora, joint_lora=cfg.train.joint_lora,
         liger=cfg.train.liger_in_layers(liger),
         liger_loss=cfg.train.liger_for_loss(liger),
         activation_offload=cfg.train.activation_offload,
