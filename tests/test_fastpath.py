@@ -574,6 +574,38 @@ def test_joint_gate_up_equals_each_projection_alone(tmp_path, dolly_file):
     torch.testing.assert_close(out[1], plain(x))
 
 
+def test_attention_q_k_v_run_as_one_group_and_leave_nothing_behind(tmp_path, dolly_file):
+    """q, k and v (train.joint_lora) compute in one call when attention asks for q: the step
+    equals each projection alone, nothing stays kept after the attention's forward, and a
+    member called on another tensor (cross-attention) stops the group, still exact."""
+    from qlora_lab.fusedlora import GROUP
+
+    joint = _session(tmp_path / "j", dolly_file)
+    alone = _session(tmp_path / "a", dolly_file, joint_lora=False)
+    attn = joint.model.get_decoder().layers[0].self_attn
+    group, index = getattr(attn.q_proj, GROUP)
+    assert index == 0 and [getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")] == \
+        list(group.modules)
+    assert getattr(alone.model.get_decoder().layers[0].self_attn.q_proj, GROUP, None) is None
+    batch = PackedCollator(joint.tokenizer.pad_token_id, 256)(joint.data.train[:5])
+    seen = []
+    hook = attn.k_proj.register_forward_hook(lambda m, a, out: seen.append(out.grad_fn))
+    loss_j, grads_j = _loss_and_grads(joint, batch)
+    hook.remove()
+    loss_a, grads_a = _loss_and_grads(alone, batch)
+    assert seen and all("LoraJoint4bit" in type(f).__name__ for f in seen)
+    assert group.on and group.kept == [None, None, None]
+    assert loss_j == pytest.approx(loss_a, rel=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_j[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+    x, other = torch.randn(2, 3, attn.q_proj.in_features), torch.randn(2, 5, attn.q_proj.in_features)
+    with torch.no_grad():
+        q, k, v = attn.q_proj(x), attn.k_proj(other), attn.v_proj(other)
+        assert not group.on and group.kept == [None, None, None]
+        for out, m, inp in ((q, attn.q_proj, x), (k, attn.k_proj, other), (v, attn.v_proj, other)):
+            torch.testing.assert_close(out, m.forward_alone(inp), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("ranks", [(4, 8), (40, 40)])  # 12 and 80 adapter columns: 64 and 128
 def test_joint_projections_with_unequal_ranks_equal_the_formula(tmp_path, dolly_file, ranks):
     """Each adapter lands in its own columns of the padded K, whatever the ranks."""
@@ -589,7 +621,7 @@ def test_joint_projections_with_unequal_ranks_equal_the_formula(tmp_path, dolly_
                 for r, m, scale in zip(ranks, pair, (0.5, 2.0))]
     per = []
     for m, (a, b, scale) in zip(pair, adapters):
-        per += [m.base_layer.weight, getattr(m, ABSMAX), a, b, scale]
+        per += [m.base_layer.weight, getattr(m, ABSMAX), a, b, scale, None]
     outs = LoraJoint4bit.apply(x, 2, *per)
     weights = [_dequantize(m.base_layer.weight, getattr(m, ABSMAX), torch.float32) for m in pair]
     xr = x.detach().clone().requires_grad_(True)
@@ -974,7 +1006,8 @@ def test_compiled_layers_trace_whole_with_fused_lora_and_varlen(tmp_path, dolly_
     rows = session.data.train[:5]
     batch = session.trainer.data_collator(rows)
     assert ("cu_seq_lens_q" in batch) == (attn == "varlen")
-    _loss_and_grads(session, batch)
+    with fastpath.compile_settings():  # as Trainer.train runs it (QloraTrainer.train)
+        _loss_and_grads(session, batch)
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
     assert not breaks, breaks
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
@@ -1008,8 +1041,9 @@ def test_compiled_layers_compile_once_per_grad_mode(tmp_path, dolly_file, checkp
     # 4, 3 and 2 bins (dynamo specializes a dimension of 1: one bin would be a graph of its own)
     batches = [session.trainer.data_collator(rows[:n]) for n in (12, 8, 5)]
     assert len({b["input_ids"].shape[0] for b in batches}) == 3, "bin counts must differ"
-    for batch in batches:
-        _loss_and_grads(session, batch)
+    with fastpath.compile_settings():  # as Trainer.train runs it (QloraTrainer.train)
+        for batch in batches:
+            _loss_and_grads(session, batch)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     session.model.eval()
     with torch.no_grad():

@@ -426,16 +426,38 @@ def compile_settings(cuda_graphs: bool = False):
     (tests/test_fastpath.py::test_compiled_layers_save_no_dequantized_weight). A scoped
     setting, not a global one: read by every compilation inside the block, recompiles too.
 
+    Side effects in a checkpointed region's forward are not replayed in its recomputation
+    (`GROUP_SIDE_EFFECTS`, where this torch has the setting): fusedlora.ProjectionGroup's.
+
     With `cuda_graphs` (train.cuda_graphs) inductor wraps each graph compiled in the block in
     its CUDA graph trees, as torch.compile's `reduce-overhead` mode does; inductor reads the
     setting when it compiles a graph, so graphs compiled outside (or under `without_cuda_graphs`)
     run without.
     """
+    import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    with functorch_config.patch(cse=False), inductor_config.patch({"triton.cudagraphs": cuda_graphs}):
+    side_effects = ({GROUP_SIDE_EFFECTS: True} if hasattr(dynamo_config, GROUP_SIDE_EFFECTS)
+                    else {})
+    with functorch_config.patch(cse=False), dynamo_config.patch(side_effects), \
+            inductor_config.patch({"triton.cudagraphs": cuda_graphs}):
         yield
+
+
+# fusedlora.ProjectionGroup keeps q's siblings' outputs between calls: Python state the
+# compiler sees mutated inside a checkpointed region. Its net effect on a layer's forward is
+# nil (every kept output is taken by its member before the layer returns), so nothing needs
+# replaying when backward recomputes the layer; without this setting dynamo breaks the graph
+# there and the layer runs uncompiled.
+GROUP_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
+def compiled_layers_take_projection_groups() -> bool:
+    """Whether this torch compiles a checkpointed layer whose q/k/v form a ProjectionGroup."""
+    import torch._dynamo.config as dynamo_config
+
+    return hasattr(dynamo_config, GROUP_SIDE_EFFECTS)
 
 
 @contextmanager

@@ -138,6 +138,12 @@ def fused_layer_class() -> type[nn.Module] | None:
             self.keep_absmax()
 
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            member = getattr(self, GROUP, None)  # (its ProjectionGroup, its index there)
+            if member is not None and not (args or kwargs):
+                return member[0].output(member[1], x)
+            return self.forward_alone(x, *args, **kwargs)
+
+        def forward_alone(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if args or kwargs or not applies(self, x):
                 return super().forward(x, *args, **kwargs)
             return _fused(self, x)
@@ -284,23 +290,75 @@ def _rank_columns(rank_total: int) -> int:
 def project_together(modules, x: torch.Tensor) -> list[torch.Tensor]:
     """Each module's output for the same input x (gate and up of an MLP).
 
-    Where every module is a fused layer (`fused_layer_class`) that `applies` to x and none
-    has a bias: one LoraJoint4bit call; else each module's own forward.
+    Where every module is a fused layer (`fused_layer_class`) that `applies` to x: one
+    LoraJoint4bit call; else each module's own forward.
     """
-    if not all(getattr(m, "qlora_lab_fused", False) and applies(m, x)
-               and m.base_layer.bias is None for m in modules):
-        return [m(x) for m in modules]
+    if not all(getattr(m, "qlora_lab_fused", False) and applies(m, x) for m in modules):
+        return [m.forward_alone(x) if hasattr(m, "forward_alone") else m(x) for m in modules]
     per = []
     for m in modules:
         name = m.active_adapters[0]
         per += [m.base_layer.weight, getattr(m, ABSMAX, None), m.lora_A[name].weight,
-                m.lora_B[name].weight, float(m.scaling[name])]
+                m.lora_B[name].weight, float(m.scaling[name]), m.base_layer.bias]
     return list(LoraJoint4bit.apply(x, len(modules), *per))
 
 
+# Where a fused layer keeps its ProjectionGroup and its index there (a plain attribute: not a
+# submodule, so the group's other members are not registered twice in the model's tree).
+GROUP = "_qlora_lab_group"
+GROUPED = (("q_proj", "k_proj", "v_proj"),)
+
+
+class ProjectionGroup:
+    """Projections that a module calls one after another on the same input: an attention
+    module's q, k and v, which transformers' attention calls each on the hidden states.
+
+    The first member called computes every member's output in one LoraJoint4bit call and
+    keeps the others' outputs with that input; a member called next with the same tensor gets
+    its kept output. A member called with a different tensor (cross-attention: k and v read
+    another sequence) drops what was kept and the group stops: each member alone from then on.
+    """
+
+    def __init__(self, modules):
+        self.modules = tuple(modules)
+        self.kept: list = [None] * len(self.modules)  # (input, output) per member
+        self.on = True
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        kept = self.kept[index]
+        if kept is not None:
+            self.kept[index] = None
+            if kept[0] is x:
+                return kept[1]
+            self.kept = [None] * len(self.modules)
+            self.on = False
+        if not self.on:
+            return self.modules[index].forward_alone(x)
+        outs = project_together(self.modules, x)
+        for i, out in enumerate(outs):
+            if i != index:
+                self.kept[i] = (x, out)
+        return outs[index]
+
+
+def group_projections(model: nn.Module) -> int:
+    """Give each module's q, k and v projections a ProjectionGroup where all three are fused
+    layers (train.joint_lora); returns how many groups."""
+    count = 0
+    for parent in model.modules():
+        for names in GROUPED:
+            members = [getattr(parent, n, None) for n in names]
+            if all(getattr(m, "qlora_lab_fused", False) for m in members):
+                group = ProjectionGroup(members)
+                for i, m in enumerate(members):
+                    setattr(m, GROUP, (group, i))
+                count += 1
+    return count
+
+
 class LoraJoint4bit(torch.autograd.Function):
-    """y_p = x W_p^T + s_p (x A_p^T) B_p^T for projections p that read the same x, W_p 4-bit;
-    gradients for x and every A_p, B_p.
+    """y_p = x W_p^T + b_p + s_p (x A_p^T) B_p^T for projections p that read the same x, W_p
+    4-bit; gradients for x and every A_p, B_p (and bias, were it trained).
 
     Forward folds each adapter into its base matmul along K: x A^T for all the adapters at
     once (A stacked), then per projection one matmul [x | x A^T | 0] [W_p | s_p B_p in its
@@ -316,7 +374,7 @@ class LoraJoint4bit(torch.autograd.Function):
     def forward(ctx, x, count, *per):
         dtype = _compute_dtype(x)
         kind = x.device.type
-        weights, absmaxes, las, lbs, scales = (per[i::5] for i in range(5))
+        weights, absmaxes, las, lbs, scales, biases = (per[i::6] for i in range(6))
         ranks = [a.shape[0] for a in las]
         with torch.autocast(kind, enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -325,15 +383,19 @@ class LoraJoint4bit(torch.autograd.Function):
             xa = flat @ a.t()
             wide_x = torch.cat([flat, xa, flat.new_zeros(flat.shape[0], width - a.shape[0])], 1)
             outs, at = [], 0
-            for weight, absmax, lb, scale, rank in zip(weights, absmaxes, lbs, scales, ranks):
+            for weight, absmax, lb, scale, rank, bias in zip(weights, absmaxes, lbs, scales,
+                                                             ranks, biases):
                 w = _dequantize(weight, absmax, dtype)
                 wide_w = torch.cat([w, w.new_zeros(w.shape[0], at), (lb * scale).to(dtype),
                                     w.new_zeros(w.shape[0], width - at - rank)], 1)
-                outs.append((wide_x @ wide_w.t()).view(*x.shape[:-1], w.shape[0]))
+                out = (wide_x @ wide_w.t() if bias is None
+                       else torch.addmm(bias.to(dtype), wide_x, wide_w.t()))
+                outs.append(out.view(*x.shape[:-1], w.shape[0]))
                 at += rank
         # x and the r-wide products, not the wide buffer: its zero columns would be kept too.
         ctx.save_for_backward(flat, xa, *weights, *absmaxes, *las, *lbs)
         ctx.count, ctx.scales, ctx.ranks = count, scales, ranks
+        ctx.has_bias = [b is not None for b in biases]
         ctx.dtype, ctx.kind, ctx.x_dtype, ctx.d_in = dtype, kind, x.dtype, x.shape[-1]
         return tuple(outs)
 
@@ -354,13 +416,16 @@ class LoraJoint4bit(torch.autograd.Function):
                 for dy, weight, absmax in zip(dys, weights, absmaxes):
                     _accumulate(grad_x, dy, _dequantize(weight, absmax, dtype))
                 grad_x = grad_x.view(*grads[0].shape[:-1], d_in).to(ctx.x_dtype)
-            if any(ctx.needs_input_grad[4::5]):
+            if any(ctx.needs_input_grad[4::6]):
                 grad_a = [g.to(la.dtype) for g, la in
                           zip((dxa.t() @ flat).split(ctx.ranks), las)]  # all A's at once
+            grad_bias = [None] * n
             for i, xa_i in enumerate(xa.split(ctx.ranks, 1)):
-                if ctx.needs_input_grad[2 + 5 * i + 3]:
+                if ctx.needs_input_grad[2 + 6 * i + 3]:
                     grad_b[i] = (dys[i].t() @ (xa_i * ctx.scales[i])).to(lbs[i].dtype)
+                if ctx.has_bias[i] and ctx.needs_input_grad[2 + 6 * i + 5]:
+                    grad_bias[i] = dys[i].sum(0)
         out = [grad_x, None]
         for i in range(n):
-            out += [None, None, grad_a[i], grad_b[i], None]
+            out += [None, None, grad_a[i], grad_b[i], None, grad_bias[i]]
         return tuple(out)

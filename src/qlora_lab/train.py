@@ -40,6 +40,7 @@ from qlora_lab import (
     fastpath,
     faults,
     fsio,
+    fusedlora,
     models,
     rundir,
     safety,
@@ -243,6 +244,10 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
                                                  compiled=cfg.train.compile and device == "cuda"),
                      fastpath.FinalHiddenStates(model))
     model = models.attach_lora(model, cfg.lora, fused=cfg.train.fused_lora)
+    if cfg.train.fused_lora and cfg.train.joint_lora and (
+            not cfg.train.compile or fastpath.compiled_layers_take_projection_groups()):
+        log.info("train.joint_lora: %d attention q/k/v groups as one function each",
+                 fusedlora.group_projections(model))
     if cfg.train.compile:
         # transformers' own checkpointing only: the offloaded and the reentrant (FSDP)
         # checkpoint functions stay where transformers calls them.

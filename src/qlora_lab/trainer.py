@@ -275,6 +275,7 @@ def trainer_class():
     - `train`: Trainer's, inside `fastpath.compile_settings()`, so every layer compiled while
       training (recompiles too) compiles with them; with `cuda_graphs` (train.cuda_graphs) the
       training graphs replay as CUDA graphs, evaluation's (`evaluation_loop`) never do.
+      `evaluate` called on its own runs inside them too (without CUDA graphs).
     - `training_step`: report each loss to the NaN/inf guard (faults.NonFiniteLossGuard), and
       count the real tokens of packed batches (they have no attention_mask for Trainer to sum).
     - `compute_loss` (Trainer's documented override point): with `head_loss`, the loss comes
@@ -316,6 +317,14 @@ def trainer_class():
 
             with compile_settings(self.cuda_graphs):
                 return super().train(*args, **kwargs)
+
+        def evaluate(self, *args, **kwargs):
+            # Called on its own too (after training): the compiled layers then compile (or
+            # run) with training's settings as well, without CUDA graphs.
+            from qlora_lab.fastpath import compile_settings
+
+            with compile_settings():
+                return super().evaluate(*args, **kwargs)
 
         def _save_checkpoint(self, model, trial):
             root, step = Path(self.args.output_dir), self.state.global_step
