@@ -229,6 +229,27 @@ def test_planner_bounds_the_h200_fast_path_peaks_given_the_bins():
         assert exact and all(0 <= p["allocated_error"] <= 0.10 for p in exact), entry["file"]
 
 
+def test_joint_lora_wide_inputs_are_what_the_h200_peak_grew_by():
+    """train.joint_lora keeps a wide input per group (gate/up, q/k/v) at a compiled layer's
+    peak: the planner's difference on vs off is the one the H200 measured, 32 full rows."""
+    report = committed_result("fastpath_sweep_h200_run24_joint_qkv_full.json")
+    on, off = report["rows"]
+    assert "train.joint_lora=false" in off["set"] and "train.joint_lora=false" not in on["set"]
+    measured = on["peak_allocated_bytes"] - off["peak_allocated_bytes"]
+    step = replace(STEP, micro_batch_size=32, packed=True, fused_loss=True, compiled=True,
+                   fused_lora=True, lora_dropout=False, optimizer="adamw_torch",
+                   short_rows=False, expandable_segments=True)
+    peaks = [estimate_peak_memory(TINYLLAMA, replace(step, joint_lora=j)).peak_allocated_bytes
+             for j in (True, False)]
+    # two groups of (32 x 1,024 tokens) x (2,048 + 64) bf16: 0.258 GiB; measured 0.253
+    assert peaks[0] - peaks[1] == 2 * 32 * 1024 * (2048 + 64) * 2
+    assert abs((peaks[0] - peaks[1]) - measured) <= 0.05 * measured
+    # Not compiled, or peft's layers: nothing wide at the peak.
+    for other in (replace(step, compiled=False), replace(step, fused_lora=False)):
+        assert (estimate_peak_memory(TINYLLAMA, replace(other, joint_lora=True)).peak_allocated_bytes
+                == estimate_peak_memory(TINYLLAMA, other).peak_allocated_bytes)
+
+
 # --- packed micro-batches: planned as the bins they fill ----------------------------------------
 
 

@@ -358,14 +358,16 @@ class TrainConfig:
         APIs are unchanged; layers with dropout, DoRA or several adapters run as peft runs them.
         Each keeps its weight's double-quantized block scales in fp32 (4 B per 64 weights), so
         a dequantize is one bitsandbytes call, not three (+1.3 % on the H200 at 160 rows).
-    joint_lora: with `fused_lora`, an MLP's gate and up projections, which read the same
-        input, as one function (fusedlora.LoraJoint4bit) whose adapters ride in the base
-        matmuls' inner dimension: x A^T for both adapters at once, then per projection one
-        matmul [x | x A^T | 0] [W | sB | 0]^T, so no (tokens x intermediate) product is written
-        and read back; backward shares one input gradient. On an H200 (compiled, 8 GiB cap)
-        +4.4 % tok/s at 160 Dolly rows and +2.6 % on full rows, for one more (tokens x hidden)
-        tensor at the peak (+0.12 GiB; benchmarks/results/fastpath_sweep_h200_run23_joint*.json).
-        Off: each projection on its own.
+    joint_lora: with `fused_lora`, projections that read the same input as one function
+        (fusedlora.LoraJoint4bit): an MLP's gate and up, and attention's q, k and v where they
+        are separate projections (fusedlora.ProjectionGroup: the first one called computes all
+        three). The adapters ride in the base matmuls' inner dimension: x A^T for the group's
+        adapters at once, then per projection one matmul [x | x A^T | 0] [W | sB | 0]^T, so no
+        (tokens x out) product is written and read back; backward shares one input gradient.
+        On an H200 (compiled, 8 GiB cap, TinyLlama) gate/up +4.4 % tok/s at 160 Dolly rows and
+        +2.6 % on full rows, q/k/v +1.0 % and +2.0 % more, for one more (tokens x hidden)
+        tensor per group at the peak (+0.12 GiB each; benchmarks/results/
+        fastpath_sweep_h200_run23_joint*.json, run25_qkv_ab.json). Off: each projection alone.
     activation_offload: keep checkpointed activations in pinned host memory (long contexts).
     data_workers: processes that fetch and pack the next micro-batches while the current one
         trains (PyTorch DataLoader workers, kept for the whole run); 0 = in the training

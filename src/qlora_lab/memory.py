@@ -416,16 +416,18 @@ def _fused_lora(s: StepShape) -> bool:
 
 
 def joint_input_bytes_per_token(m: ModelShape, s: StepShape) -> float:
-    """fusedlora.LoraJoint4bit's wide input [x | x A^T | 0] (H + both adapters' columns,
-    padded to 64) where it computes an MLP's gate and up (train.joint_lora, fastpath.
-    FusedSwiGLU); 0 elsewhere. Compiled, it is alive at the layer's worst moment: on the H200
-    the peak rose by one (tokens x (2,048 + 64)) bf16 tensor, +0.12 GiB at 160 Dolly rows and
-    +0.13 GiB at 32 full rows (benchmarks/results/fastpath_sweep_h200_run23_joint*.json).
-    Eagerly it lives only while gate and up are computed, before the MLP's worst moment."""
-    if not (s.joint_lora and s.compiled and _fused_lora(s) and m.mlp == "swiglu"):
+    """fusedlora.LoraJoint4bit's wide inputs [x | x A^T | 0] (H + the group's adapter
+    columns, padded to 64) where it computes projections that read one input
+    (train.joint_lora): an MLP's gate and up (fastpath.FusedSwiGLU) and attention's separate
+    q, k and v (fusedlora.ProjectionGroup); 0 elsewhere. Compiled, each is alive at the layer's
+    worst moment: on the H200 each group raised the peak by one (tokens x (2,048 + 64)) bf16
+    tensor, +0.12 GiB at 160 Dolly rows and +0.13 GiB at 32 full rows (TinyLlama; benchmarks/
+    results/fastpath_sweep_h200_run23_joint*.json, run24_joint_qkv*.json). Eagerly a wide input
+    lives only while its group is computed, before the layer's worst moment."""
+    if not (s.joint_lora and s.compiled and _fused_lora(s)):
         return 0.0
-    columns = -(-2 * s.lora_r // 64) * 64
-    return s.compute_bytes * (m.hidden_size + columns)
+    groups = ([2] if m.mlp == "swiglu" else []) + ([] if m.fused_qkv else [3])
+    return sum(s.compute_bytes * (m.hidden_size + -(-n * s.lora_r // 64) * 64) for n in groups)
 
 
 def _fused_lora_into_liger_swiglu(m: ModelShape, s: StepShape) -> bool:
