@@ -25,6 +25,7 @@ each forward twice (checkpointed) and each backward once: `train_ms` = 2 forward
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -183,39 +184,40 @@ def group_case(name: str, variant: str):
     return torch.compile(run, fullgraph=True, dynamic=False), inputs, as_ + bs
 
 
+def measure(fn, inputs, params, iters: int) -> tuple[dict, torch.Tensor, list]:
+    """One case's timings, its output and its gradients (inputs first, then parameters)."""
+    out = fn(*inputs)
+    grad_out = torch.randn_like(out)
+
+    def step():
+        fn(*inputs).backward(grad_out)
+
+    def forward():  # with the graph built, as the recomputation inside backward runs it
+        fn(*inputs)
+
+    step()
+    grads = [p.grad.float().clone() for p in list(inputs) + params]
+    for p in list(inputs) + params:
+        p.grad = None
+    fwd_ms, step_ms = timed(forward, iters), timed(step, iters)
+    return ({"forward_ms": round(fwd_ms, 3), "forward_backward_ms": round(step_ms, 3),
+             "train_ms": round(fwd_ms + step_ms, 3)}, out.float(), grads)
+
+
 def group(name: str, iters: int) -> dict:
     result, ref = {}, None
     variants = ("product", "wide", "wide_fwd") + (("wide_each",) if name == "qkv" else ())
     for variant in variants:
         torch.manual_seed(0)  # the same weights and inputs for every variant
-        fn, inputs, params = group_case(name, variant)
-        out = fn(*inputs)
-        grad_out = torch.randn_like(out)
-
-        def step():
-            y = fn(*inputs)
-            y.backward(grad_out)
-
-        def forward():  # with the graph built, as the recomputation inside backward runs it
-            fn(*inputs)
-
-        step()
-        grads = [p.grad.float().clone() for p in list(inputs) + params]
-        for p in list(inputs) + params:
-            p.grad = None
-        fwd_ms, step_ms = timed(forward, iters), timed(step, iters)
-        row = {"forward_ms": round(fwd_ms, 3), "forward_backward_ms": round(step_ms, 3),
-               "train_ms": round(fwd_ms + step_ms, 3)}
+        row, out, grads = measure(*group_case(name, variant), iters)
         if ref is None:
-            ref = (out.float(), grads)
+            ref = (out, grads)
         else:
-            row["max_rel_diff_out"] = float((out.float() - ref[0]).abs().max()
-                                            / ref[0].abs().max())
+            row["max_rel_diff_out"] = float((out - ref[0]).abs().max() / ref[0].abs().max())
             row["max_rel_diff_grads"] = max(float((g - r).abs().max() / r.abs().max())
                                             for g, r in zip(grads, ref[1]))
         result[variant] = row
         print(name, variant, json.dumps(row), flush=True)
-        del fn, inputs, params, out, grad_out
         torch.cuda.empty_cache()
     return result
 
@@ -224,11 +226,11 @@ def bare(iters: int) -> dict:
     out = {}
     for d_in, d_out in ((2048, 2048), (2048, 256), (2048, 5632), (5632, 2048)):
         row = {}
+        dy = rand(TOKENS, d_out)
         for extra in (0, 16, 64, 128):
             x, w = rand(TOKENS, d_in + extra), rand(d_out, d_in + extra, scale=0.02)
-            dy = rand(TOKENS, d_out)
-            row[f"K+{extra}"] = round(timed(lambda: x @ w.t(), iters), 3)
-            row[f"dgrad N+{extra}"] = round(timed(lambda: dy @ w, iters), 3)
+            row[f"K+{extra}"] = round(timed(functools.partial(torch.mm, x, w.t()), iters), 3)
+            row[f"dgrad N+{extra}"] = round(timed(functools.partial(torch.mm, dy, w), iters), 3)
         out[f"{d_in}->{d_out}"] = row
         print(d_in, d_out, json.dumps(row), flush=True)
     return out

@@ -38,9 +38,9 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from qlora_lab import fusedlora
 from qlora_lab.data import IGNORE_INDEX
 from qlora_lab.errors import UserError
-from qlora_lab import fusedlora
 from qlora_lab.fusedce import linear_cross_entropy
 from qlora_lab.memory import head_loss_chunk_tokens
 

@@ -25,6 +25,13 @@ codes and dequantizes them on every call, two more kernels and two more host cal
 dequantize, three dequantizes per projection a step. The weights are frozen, so the result
 never changes; it costs 4 B per 64 weights (~62 MB for TinyLlama, in the planner's
 `absmax_fp32_cache` term).
+
+Projections that read the same input (an MLP's gate and up, attention's q, k and v) run as one
+function with `train.joint_lora`: `LoraJoint4bit` folds each adapter into its base matmul along
+K ([x | x A^T | 0] [W | sB | 0]^T), so no product is written and read back at all, and x A^T is
+one matmul for the group. fastpath.FusedSwiGLU calls it for gate and up; attention modules call
+q, k and v one by one, so those three share a `ProjectionGroup` that computes them together on
+the first call (`group_projections`).
 """
 
 from __future__ import annotations
