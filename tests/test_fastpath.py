@@ -954,21 +954,15 @@ def test_fused_lora_keeps_no_more_for_backward_than_peft(tmp_path, dolly_file, a
         assert kept_fused < kept_peft
 
 
-def test_joint_projections_under_bf16_autocast_stay_within_bf16_rounding(tmp_path, dolly_file):
-    """As on a GPU (bf16 inputs and compute, fp32 adapters, bf16 autocast), with nonzero
-    adapters (the bench's loss check runs with B = 0, where adapters add nothing): gate/up and
-    q/k/v as one function each stay within bf16 rounding of the fp32 arithmetic in outputs and
-    every gradient, and their outputs no further from it than peft's (the adapter's sum is
-    taken in the matmul's fp32 accumulator, where peft rounds the base's and the adapter's
-    outputs to bf16 and adds them in bf16)."""
+def _joint_against_fp32(layer, device: str) -> None:
+    """gate/up and q/k/v of one decoder layer, each group as one function (bf16 inputs and
+    compute, fp32 adapters under bf16 autocast, nonzero adapters), against peft's layers and
+    the fp32 arithmetic on the same 4-bit weights: within bf16 rounding in outputs and every
+    gradient, outputs no further from fp32 than peft's."""
     from peft.tuners.lora.bnb import Linear4bit
 
     from qlora_lab.fusedlora import ABSMAX, _dequantize, project_together
 
-    cfg = tiny_config(tmp_path / "run", dolly_file)
-    cfg = replace(cfg, quant=replace(cfg.quant, compute_dtype="bfloat16"),
-                  data=replace(cfg.data, eval_fraction=0.0))
-    layer = setup_training(cfg).model.get_decoder().layers[0]
     torch.manual_seed(0)
 
     def exact(group, v):  # fp32 throughout, from the same 4-bit weights
@@ -984,14 +978,14 @@ def test_joint_projections_under_bf16_autocast_stay_within_bf16_rounding(tmp_pat
         with torch.no_grad():
             for m in group:
                 m.lora_B["default"].weight.normal_(0, 0.05)
-        x = torch.randn(4, 16, group[0].in_features, dtype=torch.bfloat16)
+        x = torch.randn(4, 16, group[0].in_features, dtype=torch.bfloat16, device=device)
         runs = []
         for run in (lambda v, g=group: project_together(g, v),
                     lambda v, g=group: [Linear4bit.forward(m, v) for m in g], exact):
             for m in group:
                 m.zero_grad(set_to_none=True)
             xi = x.detach().clone().requires_grad_(True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run is not exact):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=run is not exact):
                 outs = run(group, xi) if run is exact else run(xi)
             sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs)).backward()
             grads = [p.grad for m in group for p in m.parameters() if p.grad is not None]
@@ -1005,6 +999,27 @@ def test_joint_projections_under_bf16_autocast_stay_within_bf16_rounding(tmp_pat
             assert err_joint < 1.5e-2, (i, float(err_joint))  # a few bf16 roundings
             if i < len(group):  # outputs: one rounding, where peft rounds three times
                 assert err_joint <= err_peft, (i, float(err_joint), float(err_peft))
+
+
+def test_joint_projections_under_bf16_autocast_stay_within_bf16_rounding(tmp_path, dolly_file):
+    """As on a GPU, on the CPU (the bench's loss check runs with B = 0, where adapters add
+    nothing): see _joint_against_fp32."""
+    cfg = tiny_config(tmp_path / "run", dolly_file)
+    cfg = replace(cfg, quant=replace(cfg.quant, compute_dtype="bfloat16"),
+                  data=replace(cfg.data, eval_fraction=0.0))
+    _joint_against_fp32(setup_training(cfg).model.get_decoder().layers[0], "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_joint_projections_on_the_gpu_stay_within_bf16_rounding(tmp_path, dolly_file):
+    """The same on CUDA: cuBLAS's bf16 matmuls, bitsandbytes' CUDA dequantize."""
+    cfg = tiny_config(tmp_path / "run", dolly_file, device="cuda")
+    cfg = replace(cfg, quant=replace(cfg.quant, compute_dtype="bfloat16"),
+                  data=replace(cfg.data, eval_fraction=0.0))
+    layer = setup_training(cfg).model.get_decoder().layers[0]
+    assert layer.mlp.gate_proj.base_layer.weight.device.type == "cuda"
+    _joint_against_fp32(layer, "cuda")
 
 
 def test_fused_lora_under_bf16_autocast_matches_peft_within_bf16_rounding(tmp_path, dolly_file):
