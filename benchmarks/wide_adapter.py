@@ -35,6 +35,7 @@ from attention_kernels import timed
 from fixtures import write_result
 
 from qlora_lab.fusedlora import _accumulate
+from qlora_lab.memory import rank_columns
 
 TOKENS, HIDDEN, INTER, KV, RANK, SCALE = 29_696, 2048, 5632, 256, 16, 2.0
 
@@ -42,10 +43,6 @@ TOKENS, HIDDEN, INTER, KV, RANK, SCALE = 29_696, 2048, 5632, 256, 16, 2.0
 def rand(*shape, scale=1.0, grad=False):
     t = torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale
     return t.requires_grad_(grad)
-
-
-def padded(rank_total: int) -> int:
-    return -(-rank_total // 64) * 64
 
 
 class Product(torch.autograd.Function):
@@ -79,7 +76,7 @@ class Wide(torch.autograd.Function):
         ws, bs = wb[0::2], wb[1::2]
         tokens, d_in = x.shape
         rank_total = a_stack.shape[0]
-        pad = padded(rank_total)
+        pad = rank_columns(rank_total)
         xa = x @ a_stack.t()
         xw = torch.cat([x, xa, x.new_zeros(tokens, pad - rank_total)], 1)
         outs, wides, at = [], [], 0
@@ -101,7 +98,7 @@ class Wide(torch.autograd.Function):
         n = len(dys)
         ws, bs = wb[:n], wb[n:]
         d_in, rank_total = ctx.d_in, a_stack.shape[0]
-        pad = padded(rank_total)
+        pad = rank_columns(rank_total)
         x, xa = xw[:, :d_in], xw[:, d_in:d_in + rank_total]
         grads_b, at = [], 0
         if ctx.wide_backward:

@@ -438,7 +438,7 @@ def compile_settings(cuda_graphs: bool = False):
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    side_effects = ({GROUP_SIDE_EFFECTS: True} if hasattr(dynamo_config, GROUP_SIDE_EFFECTS)
+    side_effects = ({GROUP_SIDE_EFFECTS: True} if compiled_layers_take_projection_groups()
                     else {})
     with functorch_config.patch(cse=False), dynamo_config.patch(side_effects), \
             inductor_config.patch({"triton.cudagraphs": cuda_graphs}):

@@ -41,6 +41,8 @@ import functools
 import torch
 from torch import nn
 
+from qlora_lab.memory import rank_columns
+
 
 def fusable(module: nn.Module) -> bool:
     """Whether `module` is a peft LoRA layer over a bitsandbytes 4-bit Linear that this
@@ -287,13 +289,6 @@ class LoraLinear4bit(torch.autograd.Function):
 # --- projections that read one input, as one function ---------------------------------------
 
 
-def _rank_columns(rank_total: int) -> int:
-    """The width given to the adapters' columns beside x: a multiple of 64. cuBLAS ran K =
-    2,048 + 16 19 % slower than 2,048 on an H200 (benchmarks/results/adapter_matmuls_h200.json);
-    the zero columns keep the extra K a whole tile."""
-    return -(-rank_total // 64) * 64
-
-
 def project_together(modules, x: torch.Tensor) -> list[torch.Tensor]:
     """Each module's output for the same input x (gate and up of an MLP).
 
@@ -313,7 +308,7 @@ def project_together(modules, x: torch.Tensor) -> list[torch.Tensor]:
 # Where a fused layer keeps its ProjectionGroup and its index there (a plain attribute: not a
 # submodule, so the group's other members are not registered twice in the model's tree).
 GROUP = "_qlora_lab_group"
-GROUPED = (("q_proj", "k_proj", "v_proj"),)
+QKV = ("q_proj", "k_proj", "v_proj")
 
 
 class ProjectionGroup:
@@ -353,13 +348,12 @@ def group_projections(model: nn.Module) -> int:
     layers (train.joint_lora); returns how many groups."""
     count = 0
     for parent in model.modules():
-        for names in GROUPED:
-            members = [getattr(parent, n, None) for n in names]
-            if all(getattr(m, "qlora_lab_fused", False) for m in members):
-                group = ProjectionGroup(members)
-                for i, m in enumerate(members):
-                    setattr(m, GROUP, (group, i))
-                count += 1
+        members = [getattr(parent, n, None) for n in QKV]
+        if all(getattr(m, "qlora_lab_fused", False) for m in members):
+            group = ProjectionGroup(members)
+            for i, m in enumerate(members):
+                setattr(m, GROUP, (group, i))
+            count += 1
     return count
 
 
@@ -371,7 +365,7 @@ class LoraJoint4bit(torch.autograd.Function):
     once (A stacked), then per projection one matmul [x | x A^T | 0] [W_p | s_p B_p in its
     columns | 0]^T. No (tokens x out) product is written and read back, which is what
     LoraLinear4bit's accumulate costs; the adapter's sum is taken in the matmul's fp32
-    accumulator with the base's. The zero columns pad K to a whole tile (`_rank_columns`).
+    accumulator with the base's. The zero columns pad K to a whole tile (memory.rank_columns).
 
     Backward is LoraLinear4bit's, shared: dy_p sB_p for each projection, side by side, times
     the stacked A in one matmul, and each dy_p W_p accumulated onto it (one dx for the group).
@@ -386,7 +380,7 @@ class LoraJoint4bit(torch.autograd.Function):
         with torch.autocast(kind, enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
             a = torch.cat([la.to(dtype) for la in las])
-            width = _rank_columns(a.shape[0])
+            width = rank_columns(a.shape[0])
             xa = flat @ a.t()
             wide_x = torch.cat([flat, xa, flat.new_zeros(flat.shape[0], width - a.shape[0])], 1)
             outs, at = [], 0

@@ -250,7 +250,8 @@ class StepShape:
     # train.fused_lora: fusedlora's layers compute the 4-bit projections (no clone of the base
     # output, one input gradient) and keep the block scales in fp32
     fused_lora: bool = False
-    # train.joint_lora: gate and up as one function over a wide input (fusedlora.LoraJoint4bit)
+    # train.joint_lora: gate/up and q/k/v as one function each over a wide input
+    # (fusedlora.LoraJoint4bit)
     joint_lora: bool = False
     liger: bool = False  # Liger's kernels in the layers and the final norm: RMSNorm, SwiGLU
     # Liger's fused linear cross-entropy for the head's loss; None = as `liger` (compiled
@@ -415,6 +416,13 @@ def _fused_lora(s: StepShape) -> bool:
     return s.fused_lora and s.bits == 4 and not s.lora_dropout and s.strategy != "fsdp"
 
 
+def rank_columns(rank_total: int) -> int:
+    """The width fusedlora.LoraJoint4bit gives a group's adapter columns beside x: a multiple
+    of 64. cuBLAS ran K = 2,048 + 16 19 % slower than 2,048 on an H200 (benchmarks/results/
+    adapter_matmuls_h200.json); the zero columns keep the extra K a whole tile."""
+    return -(-rank_total // 64) * 64
+
+
 def joint_input_bytes_per_token(m: ModelShape, s: StepShape) -> float:
     """fusedlora.LoraJoint4bit's wide inputs [x | x A^T | 0] (H + the group's adapter
     columns, padded to 64) where it computes projections that read one input
@@ -427,7 +435,7 @@ def joint_input_bytes_per_token(m: ModelShape, s: StepShape) -> float:
     if not (s.joint_lora and s.compiled and _fused_lora(s)):
         return 0.0
     groups = ([2] if m.mlp == "swiglu" else []) + ([] if m.fused_qkv else [3])
-    return sum(s.compute_bytes * (m.hidden_size + -(-n * s.lora_r // 64) * 64) for n in groups)
+    return sum(s.compute_bytes * (m.hidden_size + rank_columns(n * s.lora_r)) for n in groups)
 
 
 def _fused_lora_into_liger_swiglu(m: ModelShape, s: StepShape) -> bool:
