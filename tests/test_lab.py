@@ -224,6 +224,21 @@ def test_output_dir_with_foreign_files_is_refused(tmp_path, capsys):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_users_runs_folder_and_report_are_never_the_labs_to_delete(tmp_path, capsys):
+    mine = tmp_path / "runs" / "my-finetune" / "adapter_model.safetensors"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("weights")
+    (tmp_path / "report.json").write_text('{"my": "own report"}')
+    assert main(["lab", "--quick", "--output-dir", str(tmp_path)]) == 2
+    assert "holds files that no lab run wrote" in capsys.readouterr().err
+    # A lab's report beside a runs/ folder the lab did not make: still refused.
+    (tmp_path / "report.json").write_text('{"config": {}, "complete": true}')
+    assert main(["lab", "--quick", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "runs was not written by a lab run" in err and "\n" not in err
+    assert mine.read_text() == "weights"
+
+
 def test_bad_budget_is_one_line(capsys):
     assert main(["lab", "--quick", "--budget", "lots"]) == 2
     assert "--budget" in capsys.readouterr().err

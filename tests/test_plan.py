@@ -88,6 +88,40 @@ def test_plan_errors_are_one_line(capsys):
     assert "fits" in err and "\n" not in err
 
 
+@pytest.mark.parametrize("budget, says", [
+    ("8", "write it with a unit"),  # not 8 bytes
+    ("8ib", "write it with a unit"), ("", "write it with a unit"),
+    ("0GiB", "no memory at all"), ("9" * 400 + "GiB", "larger than any memory")])
+def test_budget_without_a_unit_or_out_of_range_is_one_line(budget, says, capsys):
+    assert main(["plan", "--model", "tinyllama", "--budget", budget]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "\n" not in err and len(err) < 300  # a huge value is not echoed
+
+
+def test_plan_output_replaces_only_what_it_is_told_to(tmp_path, capsys):
+    notes, link = tmp_path / "notes.txt", tmp_path / "link.yaml"
+    notes.write_text("mine")
+    link.symlink_to(notes)
+    for target in (notes, link):
+        assert main(["plan", "--model", "tiny-random", "--output", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "already exists — pass --overwrite" in err and "\n" not in err
+    assert notes.read_text() == "mine"
+    # With --overwrite the link itself is replaced by the config; what it pointed to is kept.
+    assert main(["plan", "--model", "tiny-random", "--output", str(link), "--overwrite"]) == 0
+    assert "config written to" in capsys.readouterr().out
+    assert not link.is_symlink() and notes.read_text() == "mine"
+    from qlora_lab.config import load_run_config
+    assert load_run_config(link).model.name == "tiny-random"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+    for args, says in ((["--output", ""], "--output is empty"),
+                       (["--output", str(tmp_path)], "is a directory"),
+                       (["--gpus", "1", "--strategy", "fsdp"], "--gpus 2 or more"),
+                       (["--gpus", "10" + "0" * 20], "from 1 to")):
+        assert main(["plan", "--model", "tiny-random", *args]) == 2
+        assert says in capsys.readouterr().err
+
+
 def test_oom_advice_names_the_nearest_fitting_config():
     from qlora_lab.config import config_from_dict
     from qlora_lab.plan import nearest_fit_advice

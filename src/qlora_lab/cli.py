@@ -132,6 +132,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--model", help="preset, hub id, local dir or .gguf file")
     p.add_argument("--budget", help="VRAM budget, e.g. 8GiB; search for the config that fits")
     p.add_argument("--output", help="write the fitted config as YAML that train accepts")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the run is spread over (per-GPU "
                    "memory is reported)")
@@ -320,7 +321,7 @@ def _command(args) -> int:
 
         allocator_defaults()  # before anything (the budget fit's card query) starts CUDA
         cfg = train_config_from_args(args)
-        if args.budget:
+        if args.budget is not None:
             from qlora_lab.memory import GIB, parse_bytes
 
             try:
@@ -346,7 +347,8 @@ def _command(args) -> int:
 
         run_plan(PlanConfig(run=train_config_from_args(args), gpus=args.gpus,
                             strategy=args.strategy, budget=args.budget,
-                            output=args.output, as_json=args.json))
+                            output=args.output, overwrite=args.overwrite,
+                            as_json=args.json))
     elif args.command == "eval":
         from qlora_lab.evaluate import EvalConfig, run_eval
 
@@ -377,7 +379,7 @@ def _command(args) -> int:
         # quick=None: --quick picks the preset (lab_config's first argument), not one field.
         given = given_fields(args, LabConfig, quick=None,
                              command=shlex.join(["qlora-lab", *args.argv]))
-        if args.budget:
+        if args.budget is not None:
             from qlora_lab.memory import parse_bytes
 
             try:

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from qlora_lab import fsio
 from qlora_lab.errors import UserError
 
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
@@ -804,7 +805,9 @@ def to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write `cfg` as YAML atomically: a kill leaves the old file or the new one, never a
+    truncated config for `--resume` to read, and a symlink at `path` is replaced, not followed."""
+    fsio.write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load_run_config(path: str | Path) -> RunConfig:

