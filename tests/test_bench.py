@@ -238,6 +238,14 @@ def test_steps_must_exceed_warmup(tmp_path, dolly_file, capsys):
     code = main(["bench", "--model", "tiny-random", "--data", str(dolly_file), "--steps", "5",
                  "--plain-steps", "2", "--output-dir", str(tmp_path / "out")])
     assert code == 2 and "--plain-steps 2" in capsys.readouterr().err
+    code = main(["bench", "--model", "tiny-random", "--data", str(dolly_file),
+                 "--warmup-steps", "-1", "--output-dir", str(tmp_path / "out")])
+    assert code == 2 and "--warmup-steps -1 must be 0 or more" in capsys.readouterr().err
+    # Checked before any recipe trains, not after the first one's minutes.
+    code = main(["bench", "--model", "tiny-random", "--data", str(dolly_file),
+                 "--context-lengths=-5,0", "--output-dir", str(tmp_path / "out")])
+    assert code == 2 and "--context-lengths -5 is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # --- the unsloth_packed recipe's spec, without unsloth (it runs on the GPU host only) ----------

@@ -53,6 +53,28 @@ def test_malformed_set_and_missing_file(tmp_path):
         load_yaml(bad)
 
 
+@pytest.mark.parametrize("text, fragment", [
+    ("lora:\n\tr: 8\n", "line 2, column 1: found character '\\t'"),
+    ("lora: [1, 2\n", "line 2, column 1: expected ',' or ']'"),
+    ("lora:\n  r: 8\nlora:\n  alpha: 4\n", "line 3: key 'lora' is given twice"),
+    ("lora:\n  r: 8\n  r: 64\n", "line 3: key 'r' is given twice"),
+    ("{lora: {r: 8}, lora: {r: 16}}\n", "line 1: key 'lora' is given twice"),
+])
+def test_yaml_mistakes_name_their_line(tmp_path, text, fragment):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_yaml(bad)
+    assert fragment in str(err.value) and str(bad) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_an_anchor_used_twice_is_not_a_duplicate(tmp_path):
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("lora: &l {r: 8, alpha: 16}\nother: [*l, *l]\n")
+    assert load_yaml(ok)["lora"] == {"r": 8, "alpha": 16}
+
+
 @pytest.mark.parametrize("value", ["[q_proj,v_proj]", "[q_proj, v_proj]", "q_proj,v_proj"])
 def test_set_takes_lists(value):
     cfg = config_from_dict(parse_overrides([f"lora.target_modules={value}"]))

@@ -239,6 +239,24 @@ def test_a_users_runs_folder_and_report_are_never_the_labs_to_delete(tmp_path, c
     assert mine.read_text() == "weights"
 
 
+@pytest.mark.parametrize("pair, fragment", [
+    ("micro_batches=0", "micro_batches = 0 is out of range"),
+    ("seq_lens=3", "seq_lens = 3 is out of range"), ("ranks=100000", "ranks = 100000"),
+    ("seeds=-1", "seeds = -1"), ("learning_rates=0", "learning_rates = 0.0"),
+    ("stability_steps=0", "stability_steps = 0"), ("repeats=0", "repeats = 0"),
+    ("workers=-5", "workers = -5"), ("spike_factor=-1", "spike_factor = -1.0"),
+    ("target_eval_loss=-5", "a positive loss, or none"),
+    ("target_eval_loss=nan", "expected a number or none"),
+    ("optimizers=sgd", "'sgd' is unknown"),
+])
+def test_lab_settings_out_of_range_are_refused_before_any_run(pair, fragment, tmp_path, capsys):
+    out = tmp_path / "lab"
+    assert main(["lab", "--quick", "--output-dir", str(out), "--set", pair]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err
+    assert not out.exists()
+
+
 def test_bad_budget_is_one_line(capsys):
     assert main(["lab", "--quick", "--budget", "lots"]) == 2
     assert "--budget" in capsys.readouterr().err

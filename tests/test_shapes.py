@@ -183,6 +183,35 @@ def test_plan_cli_gives_a_number_or_one_line_never_a_traceback(model_type, tmp_p
         assert proc.returncode == 2 and len(errors) == 1, proc.stderr
 
 
+@pytest.mark.parametrize("change, fragment", [
+    ({"num_attention_heads": 0}, "config.json"),  # transformers' own check divides by it
+    ({"hidden_size": 66}, "not a multiple of the number of attention heads"),
+    ({"num_hidden_layers": "2"}, "num_hidden_layers"),
+    ({"hidden_size": 0}, "hidden_size = 0"), ({"vocab_size": 0}, "vocab_size = 0"),
+    ({"intermediate_size": -1}, "intermediate_size = -1"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads = 3, which does not divide"),
+])
+def test_a_config_no_model_can_have_is_one_line(tmp_path, change, fragment):
+    import json as json_module
+
+    values = {**_config("llama").to_dict(), **change}
+    (tmp_path / "config.json").write_text(json_module.dumps(values))
+    proc = _cli("plan", "--model", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [error] = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert fragment in error, error
+
+
+@pytest.mark.parametrize("content", [b"not a gguf\n", b"GGUF\x03\x00\x00\x00"])
+def test_a_file_that_is_not_gguf_is_one_line(tmp_path, content):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(content)
+    proc = _cli("plan", "--model", str(fake))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [error] = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert f"cannot read {fake} as a GGUF model" in error
+
+
 @pytest.mark.parametrize("model_type", ["gemma2", "phi3", "qwen3_moe", "gpt2"])
 @pytest.mark.parametrize("field, values", [("seq_len", [256, 512, 1024, 4096, 16384]),
                                            ("micro_batch_size", [1, 2, 4, 16, 64]),

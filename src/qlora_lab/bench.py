@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_lab import child, fsio
-from qlora_lab.config import RunConfig, config_from_dict, to_dict
+from qlora_lab.config import MAX_SEQ_LEN, RunConfig, config_from_dict, to_dict
 from qlora_lab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,9 @@ class BenchConfig:
     command: str = ""
 
     def __post_init__(self) -> None:
-        if self.warmup_steps < 0 or self.steps <= self.warmup_steps:
+        if self.warmup_steps < 0:
+            raise UserError(f"--warmup-steps {self.warmup_steps} must be 0 or more")
+        if self.steps <= self.warmup_steps:
             raise UserError(f"--steps {self.steps} must exceed the {self.warmup_steps} warmup "
                             f"steps — pass --steps {self.warmup_steps + 1} or more")
         if self.memory_cap_bytes is not None and self.memory_cap_bytes <= 0:
@@ -120,6 +122,11 @@ class BenchConfig:
         if self.plain_runs < 1:
             raise UserError(f"--plain-runs {self.plain_runs} must be at least 1 (3 or more for a "
                             "median that one slow run cannot move)")
+        for length in self.context_lengths:
+            # data.max_seq_len's range: checked now, not after the first recipe's minutes.
+            if not 8 <= length <= MAX_SEQ_LEN:
+                raise UserError(f"--context-lengths {length} is out of range — give lengths "
+                                f"from 8 to {MAX_SEQ_LEN} tokens")
         unknown = [r for r in self.recipes if r not in RECIPES]
         if unknown or not self.recipes:
             raise UserError(f"--recipes {','.join(self.recipes)}: unknown {unknown} — pick from "

@@ -540,6 +540,9 @@ def check_path_text(text: str, what: str) -> str:
     Python raises ValueError or OSError(ENAMETOOLONG) for such paths at the first stat, deep
     inside whatever touches them first.
     """
+    if not text.strip():
+        # "" would be read as the current folder (a model dir, an output dir) or ignored.
+        raise UserError(f"{what} is empty — pass a path or a name")
     encoded = text.encode("utf-8", "surrogateescape")
     if "\0" in text:
         raise UserError(f"{what} = {_short(text)} holds a NUL byte, which no path can — fix it")
@@ -706,6 +709,29 @@ def _deeper_than(text: str, limit: int) -> bool:
     return False
 
 
+def _duplicate_key(node: yaml.Node, seen: set[int]) -> tuple[str, yaml.Mark] | None:
+    """The first scalar key given twice in one mapping, with where its second copy starts."""
+    if id(node) in seen:  # an alias: the anchored node was checked where it was defined
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys: set[str] = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in keys and key.tag != "tag:yaml.org,2002:merge":
+                    return key.value, key.start_mark
+                keys.add(key.value)
+            found = _duplicate_key(value, seen)
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _duplicate_key(item, seen)
+            if found is not None:
+                return found
+    return None
+
+
 def parse_yaml_text(text: str, where: str) -> Any:
     """Parse YAML data (never code: safe tags only) within size and alias-expansion bounds."""
     if len(text) > MAX_YAML_BYTES:
@@ -722,7 +748,19 @@ def parse_yaml_text(text: str, where: str) -> Any:
             raise UserError(f"{where} expands to more than {MAX_YAML_NODES} values through "
                             "YAML aliases (&anchor/*alias) — write the values out, without "
                             "nested aliases")
+        duplicate = _duplicate_key(node, set())
+        if duplicate is not None:
+            # PyYAML keeps the last of two equal keys; the first setting would vanish unsaid.
+            key, mark = duplicate
+            raise InvalidYaml(f"{where} line {mark.line + 1}: key {_short(key)} is given twice "
+                              "in the same section — keep one")
         return loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        # Where and what: PyYAML's first line ("while scanning ...") says neither.
+        mark = exc.problem_mark or exc.context_mark
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = exc.problem or exc.context or type(exc).__name__
+        raise InvalidYaml(f"{where} is not valid YAML:{at}: {problem[:200]}") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InvalidYaml(f"{where} is not valid YAML: {first[:200]}") from None

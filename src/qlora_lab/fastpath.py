@@ -80,8 +80,10 @@ class FinalHiddenStates:
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
         norm = getattr(decoder, "norm", None)
         if norm is None:
-            raise UserError(f"train.fused_loss needs a decoder with a final `norm` module; "
-                            f"{type(model).__name__} has none — set train.fused_loss to false")
+            raise UserError("train.fused_loss reads the decoder's final norm where Llama-style "
+                            f"families keep it (a module named `norm`), and "
+                            f"{type(model).__name__} names its own otherwise or has none — set "
+                            "train.fused_loss to false")
         self.states: torch.Tensor | None = None
         norm.register_forward_hook(self._keep)
 

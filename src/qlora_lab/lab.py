@@ -34,11 +34,18 @@ import os
 import shutil
 import statistics
 import time
+import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qlora_lab import child, fsio, memory
-from qlora_lab.config import RunConfig, config_from_dict
+from qlora_lab.config import (
+    MAX_LORA_RANK,
+    MAX_SEQ_LEN,
+    RunConfig,
+    TrainConfig,
+    config_from_dict,
+)
 from qlora_lab.errors import TrainingInterrupted, UserError
 from qlora_lab.lab_runs import RunBook, free_memory, long_rows_file, time_generation
 
@@ -118,6 +125,43 @@ class LabConfig:
         if unknown:
             raise UserError(f"quant variant {min(unknown)!r} is unknown — use "
                             + ", ".join(QUANT_VARIANTS))
+        # Ranges, checked here rather than by the runs: a bad value would otherwise surface
+        # minutes later as a failed run, or as a report of nonsense (micro-batch 0 "fits").
+        for name, low, high in RANGES:
+            for value in _as_tuple(getattr(self, name)):
+                if not low <= value <= high:
+                    raise UserError(f"lab setting {name} = {value!r} is out of range — give "
+                                    f"{_range_text(low, high)}")
+        if self.target_eval_loss is not None and not self.target_eval_loss > 0:
+            raise UserError(f"lab setting target_eval_loss = {self.target_eval_loss!r} is out of "
+                            "range — give a positive loss, or none")
+        known = typing.get_args(typing.get_type_hints(TrainConfig)["optimizer"])
+        for optimizer in self.optimizers:
+            if optimizer not in known or optimizer == "auto":
+                raise UserError(f"lab setting optimizers: {optimizer!r} is unknown — use "
+                                + ", ".join(o for o in known if o != "auto"))
+
+
+# (setting, lowest, highest) for every numeric lab setting; a tuple's items each.
+RANGES = (
+    ("seq_lens", 8, MAX_SEQ_LEN), ("micro_batches", 1, 4096), ("ranks", 1, MAX_LORA_RANK),
+    ("measure_configs", 0, 1000), ("measure_steps", 1, 10**6),
+    ("budgets_bytes", 1, 2**60), ("throughput_seq_len", 8, MAX_SEQ_LEN),
+    ("throughput_steps", 1, 10**6), ("rows_per_step", 1, 10**6), ("eval_steps", 1, 10**6),
+    ("eval_rows", 1, 10**6), ("learning_rate", 1e-12, 10.0), ("learning_rates", 1e-12, 10.0),
+    ("seeds", 0, 2**32 - 1), ("stability_steps", 1, 10**6), ("spike_factor", 1.0, 1e6),
+    ("seq_len", 8, MAX_SEQ_LEN), ("quality_steps", 1, 10**6), ("max_new_tokens", 1, 10**5),
+    ("decode_tokens", 1, 10**5), ("batch_sizes", 1, 4096), ("repeats", 1, 1000),
+    ("workers", 1, 256))
+
+
+def _as_tuple(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _range_text(low, high) -> str:
+    return f"a number from {low:g} to {high:g}" if isinstance(low, float) else (
+        f"a whole number from {low} to {high}")
 
 
 # --quick: the tiny random model everywhere, budgets small enough that `train --budget` picks a
@@ -181,7 +225,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         except (ValueError, UserError):
             raw = pair.partition("=")[2]
             shown = ("comma-separated values or a [list]" if isinstance(default, tuple)
-                     else type(default).__name__)
+                     else "a number or none" if default is None else type(default).__name__)
             raise UserError(f"lab --set {pair[:80]!r}: {raw[:80]!r} is not a valid value for {key} "
                             f"(expected {shown}, e.g. {key}={_example(default)})") from None
         values[key] = value

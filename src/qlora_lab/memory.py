@@ -799,8 +799,9 @@ def _loss_term(m: ModelShape, s: StepShape) -> MemoryTerm:
     n, a, h, v = s.tokens, s.compute_bytes, m.hidden_size, m.vocab_size
     if s.fused_loss and not m.final_norm:
         # As train refuses it (fastpath.FinalHiddenStates reads the decoder's final `norm`).
-        raise UserError("train.fused_loss needs a decoder with a final `norm` module and this "
-                        "model has none — set train.fused_loss to false")
+        raise UserError("train.fused_loss reads the decoder's final norm where Llama-style "
+                        "families keep it (a module named `norm`), and this model names its own "
+                        "otherwise or has none — set train.fused_loss to false")
     # The final norm: its output (what the head reads) and, per its kind, its fp32 input copy;
     # the last layer's output it reads is kept by Liger's norm.
     final = n * h * _final_norm_bytes(m, s)

@@ -129,7 +129,13 @@ def convert_gguf(gguf: Path) -> Path:
     def build(tmp: Path) -> None:
         log.info("converting %s to safetensors in %s (once)", gguf.name, target)
         kwargs = dict(gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32,
+                                                         **kwargs)
+        except Exception as exc:  # noqa: BLE001 - gguf's reader fails with struct/Value/Key errors
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"cannot read {gguf} as a GGUF model ({first}) — pass a GGUF file "
+                            "written by llama.cpp's converter") from None
         state = model.state_dict()
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # tied: stored once, as the embedding

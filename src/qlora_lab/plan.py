@@ -287,6 +287,12 @@ def run_plan(cfg: PlanConfig) -> dict:
                        f"{step.seq_len}-token bin, an upper bound (160 Dolly rows fill ~30 "
                        "bins of 1,024); `train --budget` plans the bins the run's rows fill")
         result["packed_note"] = packed_note
+    lora_note = None
+    if run.lora.target_modules.strip() != "all-linear":
+        # The shape knows linears by size, not by name: a subset of them is bounded from above.
+        lora_note = (f"lora.target_modules = {run.lora.target_modules}: LoRA counted on every "
+                     "linear layer, an upper bound (train checks the names)")
+        result["lora_note"] = lora_note
     if cfg.output is not None:
         try:
             Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
@@ -304,8 +310,9 @@ def run_plan(cfg: PlanConfig) -> dict:
               f"activations: {_strategy(step)}; peak at {plan.peak_phase}"
               + (f"; per GPU of {step.gpus} ({step.strategy})" if step.gpus > 1 else ""))
         print(_table(plan))
-        if packed_note:
-            print(f"  {packed_note}")
+        for note in (packed_note, lora_note):
+            if note:
+                print(f"  {note}")
         if cfg.budget is not None:
             print(f"fits {cfg.budget}: micro-batch {result['chosen']['micro_batch_size']}, "
                   f"activations: {_strategy(step)}"

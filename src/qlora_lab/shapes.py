@@ -22,9 +22,7 @@ def model_shape(name: str, trust_remote_code: bool = False) -> memory.ModelShape
         return memory.ModelShape.from_config(preset.arch)
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
-        from qlora_lab import models
-
-        path = Path(models.resolve_model_path(name))
+        return census(_gguf_config(path), name, trust_remote_code)
     if (path / "config.json").is_file() or path.exists():
         return census(_local_config(path, trust_remote_code), name, trust_remote_code)
     from transformers import AutoConfig
@@ -38,8 +36,13 @@ def model_shape(name: str, trust_remote_code: bool = False) -> memory.ModelShape
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+    """The gist of `exc` in one line; a first line that ends in ':' (huggingface_hub's
+    validation errors) takes the line that says what failed."""
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not text:
+        return type(exc).__name__
+    line = text[0] if not text[0].endswith(":") or len(text) < 2 else f"{text[0]} {text[1]}"
+    return line[:200]
 
 
 def _local_config(path: Path, trust_remote_code: bool):
@@ -50,9 +53,24 @@ def _local_config(path: Path, trust_remote_code: bool):
                         "save_pretrained, a .gguf file, a hub id or a preset")
     try:
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any refusal of the file is the file's fault
+        # transformers' config validation raises huggingface_hub's StrictDataclass errors
+        # (plain Exceptions) and ZeroDivisionError (0 heads), besides the usual ValueError.
         raise UserError(f"cannot read {path / 'config.json'} ({_first_line(exc)}) — pass a "
                         "config.json that transformers' AutoConfig reads") from None
+
+
+def _gguf_config(path: Path):
+    """A GGUF file's architecture from its metadata alone: the planner dequantizes nothing."""
+    from transformers import AutoConfig
+
+    if not path.is_file():
+        raise UserError(f"GGUF file {path} does not exist — pass the path of a .gguf file")
+    try:
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # noqa: BLE001 - gguf's reader fails with struct/Value/Key errors
+        raise UserError(f"cannot read {path} as a GGUF model ({_first_line(exc)}) — pass a "
+                        "GGUF file written by llama.cpp's converter") from None
 
 
 # --- counting a model from its module tree ------------------------------------------------------
@@ -72,6 +90,9 @@ def census(config, name: str, trust_remote_code: bool = False) -> memory.ModelSh
     import torch
     from transformers import AutoModelForCausalLM
 
+    problem = _size_problem(config)
+    if problem:
+        raise UserError(f"{name}: its config has {problem} — fix its config.json")
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -81,6 +102,27 @@ def census(config, name: str, trust_remote_code: bool = False) -> memory.ModelSh
                         f"({type(exc).__name__}: {_first_line(exc)}) — the planner counts "
                         "models that AutoModelForCausalLM.from_config builds") from None
     return count_modules(model, name)
+
+
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads")
+
+
+def _size_problem(config) -> str | None:
+    """A size no model can have, which transformers builds anyway into zero-size tensors (and
+    the planner would count as a model): 0 or negative widths, heads that do not group."""
+    for key in SIZE_KEYS:
+        value = getattr(config, key, None)
+        if value is None:  # absent from this family, or derived later (GPT-2's n_inner)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{key} = {value!r} (a positive whole number is needed)"
+    heads, groups = (getattr(config, "num_attention_heads", None),
+                     getattr(config, "num_key_value_heads", None))
+    if isinstance(heads, int) and isinstance(groups, int) and heads % groups:
+        return (f"num_key_value_heads = {groups}, which does not divide num_attention_heads = "
+                f"{heads}")
+    return None
 
 
 def count_modules(model, name: str) -> memory.ModelShape:
