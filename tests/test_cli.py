@@ -3,10 +3,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import DOLLY_ROWS, write_jsonl
 
 from qlora_lab.cli import main
-
-from conftest import DOLLY_ROWS, write_jsonl
 
 
 def _run(*args, cwd=None):

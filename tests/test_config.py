@@ -1,8 +1,14 @@
 import pytest
 import yaml
 
-from qlora_lab.config import (DEFAULT_DATA, DEFAULT_MODEL, RunConfig, config_from_dict,
-                              load_yaml, parse_overrides)
+from qlora_lab.config import (
+    DEFAULT_DATA,
+    DEFAULT_MODEL,
+    RunConfig,
+    config_from_dict,
+    load_yaml,
+    parse_overrides,
+)
 from qlora_lab.errors import UserError
 
 

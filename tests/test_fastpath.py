@@ -9,13 +9,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import DOLLY_ROWS, tiny_config, write_jsonl
 
 from qlora_lab import fastpath
-from qlora_lab.data import (IGNORE_INDEX, PackedCollator, PadCollator, pack_examples,
-                            pack_stats)
+from qlora_lab.data import IGNORE_INDEX, PackedCollator, PadCollator, pack_examples, pack_stats
 from qlora_lab.train import setup_training
-
-from conftest import DOLLY_ROWS, tiny_config, write_jsonl
 
 
 def _session(tmp_path, data, **train):

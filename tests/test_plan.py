@@ -200,7 +200,7 @@ def test_committed_budget_fit_uses_the_card_and_is_this_planners_choice():
 def test_rows_share_bins_decides_whether_attention_needs_a_mask():
     from qlora_lab.data import rows_share_bins
 
-    rows = lambda *lengths: [{"input_ids": [0] * n} for n in lengths]  # noqa: E731
+    rows = lambda *lengths: [{"input_ids": [0] * n} for n in lengths]
     assert rows_share_bins(rows(300, 500, 1024), 1024, packing=True)  # 300 + 500 share a bin
     assert not rows_share_bins(rows(600, 700, 1024), 1024, packing=True)  # one row per bin
     assert not rows_share_bins(rows(1024, 1024), 1024, packing=False)  # all full: no padding

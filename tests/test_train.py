@@ -3,12 +3,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import DOLLY_ROWS, tiny_config, write_jsonl
 from safetensors.torch import load_file
 
 from qlora_lab.errors import UserError
 from qlora_lab.train import run_train, setup_training
-
-from conftest import DOLLY_ROWS, tiny_config, write_jsonl
 
 
 def _base_state(model) -> dict:
@@ -88,8 +87,9 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path, trained
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(trained_run / "config.yaml", run / "config.yaml")
     shutil.copytree(trained_run / "checkpoints/checkpoint-3", run / "checkpoints/checkpoint-3")
-    from qlora_lab.config import load_run_config
     from dataclasses import replace
+
+    from qlora_lab.config import load_run_config
     cfg = load_run_config(run / "config.yaml")
     cfg = replace(cfg, train=replace(cfg.train, output_dir=str(run)))
     summary = run_train(cfg, resume=True)
