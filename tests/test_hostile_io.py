@@ -168,6 +168,34 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.mark.parametrize("intruder", ["file in the dir", "a file", "a symlink"])
+def test_a_new_dir_filled_meanwhile_is_never_replaced(tmp_path, intruder):
+    """merge's publish: minutes pass between its empty-dir check and its rename."""
+    target = tmp_path / "out"
+    with pytest.raises(fsio.TargetTaken) as err, fsio.staged_dir(target, replace=False) as tmp:
+        (tmp / "model.safetensors").write_text("result")
+        if intruder == "file in the dir":
+            target.mkdir()
+            (target / "notes.txt").write_text("mine")
+        elif intruder == "a file":
+            target.write_text("mine")
+        else:
+            target.symlink_to(tmp_path)
+    kept = Path(str(err.value).split("the result is in ")[1].split(":")[0])
+    assert (kept / "model.safetensors").read_text() == "result"  # minutes of work kept
+    assert target.is_symlink() or (target / "notes.txt" if target.is_dir() else target
+                                   ).read_text() == "mine"
+
+
+def test_a_new_dir_may_replace_an_empty_one(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    with fsio.staged_dir(target, replace=False) as tmp:
+        (tmp / "a").write_text("x")
+    assert (target / "a").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging dir left
+
+
 def test_current_umask_reads_without_changing_it(umask):
     assert fsio.current_umask() == umask
     assert fsio.current_umask() == umask

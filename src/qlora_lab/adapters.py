@@ -305,7 +305,8 @@ def load_adapter_model(ref: AdapterRef, device: str, compute_dtype: str = "auto"
     """Base (quantized as in training) + the adapter, unmerged, in eval mode; and the tokenizer."""
     from peft import PeftModel
 
-    model_cfg = ModelConfig(name=ref.base_model, trust_remote_code=ref.trust_remote_code)
+    model_cfg = ModelConfig(name=ref.base_model, trust_remote_code=ref.trust_remote_code,
+                            allow_pickle=ref.allow_pickle)
     quant = QuantConfig(bits=ref.quant.bits, quant_type=ref.quant.quant_type,
                         double_quant=ref.quant.double_quant, compute_dtype=compute_dtype)
     base_path = models.resolve_model_path(ref.base_model)

@@ -20,6 +20,7 @@ Two more properties every writer here keeps:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -144,15 +145,45 @@ def publish_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class TargetTaken(UserError):
+    """`publish_new_dir` found its target filled meanwhile; the finished result was kept."""
+
+
+def publish_new_dir(staging: Path, target: Path) -> None:
+    """Move a fully written `staging` dir to `target`, which must be absent or an empty dir.
+
+    One rename decides, atomically: the kernel replaces an empty dir and refuses anything else
+    (a dir that filled up while `staging` was written, a file, a symlink). Refused, `staging`
+    stays where it is, named in the error, and `target` is untouched.
+    """
+    set_umask_modes(staging)
+    fsync_tree(staging)
+    try:
+        os.rename(staging, target)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise TargetTaken(f"{target} was filled by something else while this was written — "
+                          f"nothing there was touched; the result is in {staging}: move it "
+                          "where you want it") from None
+    _fsync_path(target.parent)
+
+
 @contextlib.contextmanager
-def staged_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty temp dir beside `target`; on success it becomes `target` atomically."""
+def staged_dir(target: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temp dir beside `target`; on success it becomes `target` atomically.
+
+    replace=False: `target` may only be absent or empty then (`publish_new_dir`); what appeared
+    there meanwhile is never deleted, and the finished result is kept for the user to move.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
     try:
         yield staging
-        publish_dir(staging, target)
+        (publish_dir if replace else publish_new_dir)(staging, target)
+    except TargetTaken:
+        raise  # the finished result stays in `staging`, which the message names
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -88,7 +88,8 @@ def _probe_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 def _dequantized_base(ref: adapters.AdapterRef, base_path: str, device: str,
                       load_dtype: str = "auto"):
     """The base as training saw it, dense, in `load_dtype` (the training compute dtype)."""
-    model_cfg = ModelConfig(name=ref.base_model, trust_remote_code=ref.trust_remote_code)
+    model_cfg = ModelConfig(name=ref.base_model, trust_remote_code=ref.trust_remote_code,
+                            allow_pickle=ref.allow_pickle)
     quant = QuantConfig(bits=ref.quant.bits, quant_type=ref.quant.quant_type,
                         double_quant=ref.quant.double_quant, compute_dtype=load_dtype)
     base = models.load_base_model(base_path, model_cfg, quant, device)
@@ -107,7 +108,10 @@ def merge_adapter(ref: adapters.AdapterRef, base_path: str, device: str,
     dense = _dequantized_base(ref, base_path, device, load_dtype)
     if dtype is not None:
         dense = dense.to(_merge_dtype(dense.dtype, dtype))
-    merged = PeftModel.from_pretrained(dense, str(ref.adapter_dir)).merge_and_unload()
+    with adapters.explain_load_errors(f"adapter {ref.adapter_dir} onto {ref.base_model}",
+                                      "pass the base it was trained on with --model, or re-run "
+                                      "train"):
+        merged = PeftModel.from_pretrained(dense, str(ref.adapter_dir)).merge_and_unload()
     if dtype is not None:
         merged = merged.to(dtype)
     return merged.eval()
@@ -158,8 +162,9 @@ def run_merge(cfg: MergeConfig) -> dict:
     max_diff = (reference - _probe_logits(merged, probe_ids)).abs().max().item()
 
     # Built in a temp dir beside the target, fsynced and renamed: a crash never leaves half a
-    # model under the target name.
-    with fsio.staged_dir(out) as tmp:
+    # model under the target name. The target was new or empty when checked, minutes ago; what
+    # appeared there since is not ours to replace (replace=False).
+    with fsio.staged_dir(out, replace=False) as tmp:
         merged.config.use_cache = True
         merged.save_pretrained(tmp)  # safetensors: transformers 5 writes nothing else
         tokenizer.save_pretrained(tmp)

@@ -274,6 +274,7 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
     except OSError as exc:
         raise UserError(f"could not load model {path}: {str(exc).splitlines()[0]} — check the "
                         "name, or use a preset (" + ", ".join(PRESETS) + ")") from None
+    keep_cpu_4bit_layout_where_unpackable(model)
     return model
 
 
@@ -318,6 +319,24 @@ def keep_cpu_4bit_layout(model) -> None:
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+# bitsandbytes' CPU repack (functional._convert_weight_packed_for_cpu) tiles the output rows by 32
+# and reshapes the block scales by whole blocks along the input: other widths crash it.
+CPU_REPACK_ROWS = 32
+
+
+def keep_cpu_4bit_layout_where_unpackable(model) -> None:
+    """For inference: keep bitsandbytes' CPU repack (faster decoding) on the 4-bit layers it can
+    repack, and turn it off on the others, which would crash on their first eval-mode forward
+    (a model of hidden size 96 did: "shape '[96, 1]' is invalid for input of size 144")."""
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        blocksize = getattr(state, "blocksize", 64)
+        if (module.out_features % CPU_REPACK_ROWS or module.in_features % blocksize):
             module.support_avx512bf16_for_cpu = False
 
 
