@@ -304,6 +304,24 @@ def test_tampered_adapters_are_refused_before_the_base_loads(trained_run, tmp_pa
                    f"could not load adapter {adapter}", fragment, "re-run train")
 
 
+def test_an_adapter_for_a_deeper_base_is_refused_not_half_loaded(trained_run, tmp_path):
+    """peft skips weights whose module the base lacks, with a warning; we refuse them."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_run / "adapter", adapter)
+    _edit_tensors(adapter, lambda t: t.update(
+        {k.replace("layers.1.", "layers.7."): t.pop(k) for k in list(t) if "layers.1." in k}))
+    targets = json.loads((adapter / adapters.ADAPTER_CONFIG).read_text())["target_modules"]
+    if isinstance(targets, list):  # full module paths: they name layer 7 too
+        _edit(adapter / adapters.ADAPTER_CONFIG,
+              target_modules=[t.replace("layers.1.", "layers.7.") for t in targets])
+    for action in (lambda: load_for_inference(GenerateConfig(adapter=str(adapter))),
+                   lambda: run_merge(MergeConfig(adapter=str(adapter),
+                                                 output_dir=str(tmp_path / "merged")))):
+        one_line_error(action, f"could not load adapter {adapter}", "model.layers.7.",
+                       "which the base model does not have")
+    assert not (tmp_path / "merged").exists()
+
+
 @pytest.mark.parametrize("targets", [
     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj",

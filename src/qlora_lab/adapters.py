@@ -241,6 +241,25 @@ def check_weights_match_config(adapter_dir: Path, cfg: dict) -> None:
                                      f"{ADAPTER_CONFIG} target_modules lists")
 
 
+def check_modules_exist(adapter_dir: Path, base) -> None:
+    """Every module the adapter has weights for exists in `base`.
+
+    peft skips adapter weights whose module the base lacks with a warning, so an adapter for a
+    deeper model (layers 2-3 of 4 on a 2-layer base) would load half of itself and say nothing
+    that a one-line error would. A pickled adapter (--allow-pickle) has no header to read here.
+    """
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return
+    names = {name for name, _ in base.named_modules()}
+    for tensor in safety.tensor_shapes(weights, "re-run train"):
+        match = LORA_TENSOR.fullmatch(tensor)
+        if match is not None and match["module"] not in names:
+            raise UserError(f"could not load adapter {adapter_dir}: {ADAPTER_WEIGHTS} has "
+                            f"weights for {match['module']}, which the base model does not "
+                            "have — pass the base it was trained on with --model")
+
+
 def _check_adapter_files(adapter_dir: Path, allow_pickle: bool) -> None:
     weights = adapter_dir / "adapter_model.safetensors"
     if weights.is_file():
@@ -317,6 +336,7 @@ def load_adapter_model(ref: AdapterRef, device: str, compute_dtype: str = "auto"
                                           ref.trust_remote_code)
         base = models.load_base_model(base_path, model_cfg, quant, device)
     check_base_matches(ref, base.config)
+    check_modules_exist(ref.adapter_dir, base)
     with explain_load_errors(f"adapter {ref.adapter_dir} onto {ref.base_model}",
                              "pass the base it was trained on with --model, or re-run train"):
         model = PeftModel.from_pretrained(base, str(ref.adapter_dir), is_trainable=False)

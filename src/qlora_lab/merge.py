@@ -106,6 +106,7 @@ def merge_adapter(ref: adapters.AdapterRef, base_path: str, device: str,
     from peft import PeftModel
 
     dense = _dequantized_base(ref, base_path, device, load_dtype)
+    adapters.check_modules_exist(ref.adapter_dir, dense)
     if dtype is not None:
         dense = dense.to(_merge_dtype(dense.dtype, dtype))
     with adapters.explain_load_errors(f"adapter {ref.adapter_dir} onto {ref.base_model}",
