@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import stat
 from pathlib import Path
@@ -392,6 +393,22 @@ def test_output_path_problems(tmp_path, tiny_dir, capsys):
     assert main(["-q", "export", "--model-dir", str(tiny_dir), "--gguf", str(existing),
                  "--overwrite"]) == 0
     assert existing.read_bytes()[:4] == b"GGUF"
+
+
+def test_overwrite_never_replaces_the_inputs_own_files(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for adapter, target in ((run, run / "adapter" / "adapter_model.safetensors"),
+                            (run / "adapter", run / "config.yaml")):
+        assert "not an earlier export" in one_line_error(
+            ["export", "--adapter", str(adapter), "--gguf", str(target), "--overwrite"], capsys)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # A GGUF inside the run folder is an export of it: written, then replaced by request.
+    gguf = run / "model.gguf"
+    for extra in ([], ["--overwrite"]):
+        assert main(["-q", "export", "--adapter", str(run), "--gguf", str(gguf), *extra]) == 0
+        assert gguf.read_bytes()[:4] == b"GGUF"
 
 
 def test_export_logs_no_gguf_chatter(tmp_path, tiny_dir, caplog):

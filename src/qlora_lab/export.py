@@ -459,8 +459,39 @@ def write_gguf(path: Path, model, model_type: str, vocab: GGUFVocab, file_type: 
     return len(plan)
 
 
+def check_not_an_input(out: Path, cfg: ExportConfig) -> None:
+    """--overwrite replaces an earlier export, never what this export reads.
+
+    A new file inside the run or model folder is fine (`--gguf run/model.gguf`), and so is an
+    earlier GGUF there; an existing file of another kind inside an input (the adapter's
+    weights, the run's config) is the source itself, which the GGUF would destroy.
+    """
+    if not os.path.lexists(out):
+        return
+    target = out.resolve()
+    for given in (cfg.adapter, cfg.model_dir, cfg.model):
+        if not given or not Path(given).expanduser().exists():
+            continue  # a preset or hub id: nothing on disk of the user's to protect
+        source = Path(given).expanduser().resolve()
+        if source.name == "adapter":  # a run's adapter dir: the run's files are inputs too
+            source = source.parent
+        inside = target == source or source in target.parents
+        if inside and not _is_gguf(target):
+            raise UserError(f"--gguf {out} is a file of the input {given}, not an earlier "
+                            "export — pass another path (nothing was written)")
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def run_export(cfg: ExportConfig) -> dict:
     out = Path(cfg.gguf).expanduser()
+    check_not_an_input(out, cfg)
     check_output_file(out, cfg.overwrite)
     model, tokenizer, model_type, source = _load_dense(cfg)
     vocab = describe_tokenizer(tokenizer, model.config.vocab_size, source)
