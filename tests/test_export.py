@@ -411,6 +411,25 @@ def test_overwrite_never_replaces_the_inputs_own_files(tiny_run, tmp_path, capsy
         assert gguf.read_bytes()[:4] == b"GGUF"
 
 
+def test_a_model_dir_missing_a_weight_is_refused_not_filled_with_noise(tiny_dir, tmp_path,
+                                                                         capsys):
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_dir, damaged)
+    tensors = load_file(damaged / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    for args in (["generate", "--model-dir", str(damaged), "--prompt", "hi"],
+                 ["export", "--model-dir", str(damaged), "--gguf", str(tmp_path / "x.gguf")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err  # transformers' loading bar may come first
+        [error] = [line for line in err.splitlines() if line.startswith("qlora-lab ")]
+        assert "has no weights for model.layers.0.self_attn.q_proj.weight" in error, error
+        assert "Traceback" not in err
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_export_logs_no_gguf_chatter(tmp_path, tiny_dir, caplog):
     """gguf's writer logs INFO lines on every file; the CLI keeps its warnings only."""
     caplog.set_level(logging.INFO)

@@ -270,10 +270,20 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
             bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=resolve_quant_storage(quant, dtype, fsdp))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                           **kwargs)
     except OSError as exc:
         raise UserError(f"could not load model {path}: {str(exc).splitlines()[0]} — check the "
                         "name, or use a preset (" + ", ".join(PRESETS) + ")") from None
+    # transformers initializes a weight the files lack at random and only prints a table: a
+    # damaged or mismatched model would then train or answer from noise (tied heads and
+    # non-persistent buffers are not reported missing).
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"model {path} has no weights for {missing[0]}{more} — its weight files "
+                        "are incomplete or belong to another architecture; restore them or "
+                        "pass another model")
     keep_cpu_4bit_layout_where_unpackable(model)
     return model
 
