@@ -252,3 +252,139 @@ def test_preset_adapters_name_their_hub_base(trained_run, tmp_path, preset, hub)
     # qlora-lab itself still reloads the preset (offline for smollm2-135m), not the hub repo.
     assert json.loads((adapter / adapters.BASE_INFO_FILE).read_text())["model"] == preset
     assert adapters.resolve_adapter(str(adapter)).base_model == preset
+
+
+# --- refused before a traceback: bad prompts, flags and chat templates ---------------------------
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the input was checked")
+
+
+def _one_error_line(capsys) -> str:
+    """The one error line on stderr (transformers' weight-loading progress bar may share it)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines()
+             if line.strip() and not line.startswith("Loading weights")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# Python decodes argv, and stdin under a C locale, with surrogateescape: b"\xff\xfe" arrives as
+# lone surrogates, which the tokenizer cannot encode.
+@pytest.mark.parametrize("source", ["--prompt", "stdin"])
+def test_non_utf8_prompt_is_one_line_before_loading(monkeypatch, capsys, source):
+    import io
+
+    from qlora_lab import models
+
+    monkeypatch.setattr(models, "load_base_model", _must_not_load)
+    bad = b"\xff\xfe bad".decode("utf-8", "surrogateescape")
+    argv = ["generate", "--model", "tiny-random"]
+    if source == "--prompt":
+        argv += ["--prompt", bad]
+    else:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(
+            io.BytesIO(b"\xff\xfe bad"), encoding="utf-8", errors="surrogateescape"))
+    assert main(argv) == 2
+    err = _one_error_line(capsys)
+    assert f"{'--prompt' if source == '--prompt' else 'the prompt on stdin'} is not UTF-8" in err
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_chat_refuses_a_non_utf8_message_and_goes_on(trained_run, monkeypatch, capsys, errors):
+    import io
+
+    from qlora_lab import generate
+
+    # Strict (a UTF-8 locale) used to end the chat at the bad line as if at EOF.
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(
+        io.BytesIO(b"hi\n\xff\xfe bad\nhello\n"), encoding="utf-8", errors=errors))
+    seen, real = [], generate.generate_reply
+
+    def recording_reply(loaded, messages, cfg, streamer=None):
+        seen.append([m["content"] for m in messages])
+        return real(loaded, messages, cfg, streamer)
+
+    monkeypatch.setattr(generate, "generate_reply", recording_reply)
+    assert main(["-q", "generate", "--adapter", str(trained_run), "--chat",
+                 "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("you> ") == 4  # hi, the bad line, hello, then EOF
+    errors_seen = [line for line in captured.err.splitlines() if "error" in line]
+    assert len(errors_seen) == 1 and "the message is not UTF-8 text" in errors_seen[0]
+    # The refused line never reached the model, and the history holds only the good turns.
+    assert [turns[::2] for turns in seen] == [["hi"], ["hi", "hello"]]
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"seed": 2**32}, "--seed 4294967296 must be an integer in [0, 2**32 - 1]"),
+    ({"seed": -1}, "--seed -1 must be an integer in [0, 2**32 - 1]"),
+    ({"temperature": float("nan")}, "--temperature nan must be >= 0 and finite"),
+    ({"temperature": float("inf")}, "--temperature inf must be >= 0 and finite"),
+    ({"temperature": -1.0}, "--temperature -1.0 must be >= 0"),
+    ({"model_dir": "merged", "model": "tiny-random"},
+     "--model-dir is a whole model: pass it without --model"),
+])
+def test_bad_generate_flags_are_refused(kwargs, fragment):
+    with pytest.raises(UserError) as info:
+        GenerateConfig(**{"model": "tiny-random", **kwargs})
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_generate_flag_bounds_are_allowed():
+    # The ends of each range are valid, as train.seed's are.
+    for seed in (0, 2**32 - 1):
+        assert GenerateConfig(model="tiny-random", seed=seed).seed == seed
+    assert GenerateConfig(model="tiny-random", temperature=0.0).temperature == 0.0
+
+
+@pytest.mark.parametrize("argv", [
+    ["--temperature", "1", "--seed", "99999999999999999999999"],  # overflowed torch.manual_seed
+    ["--temperature", "nan"],  # was silently greedy
+    ["--model-dir", "merged"],  # --model was silently ignored
+])
+def test_bad_generate_flags_are_one_line_before_loading(monkeypatch, capsys, argv):
+    from qlora_lab import models
+
+    monkeypatch.setattr(models, "load_base_model", _must_not_load)
+    assert main(["generate", "--model", "tiny-random", "--prompt", "hi", *argv]) == 2
+    assert "qlora-lab generate: error: --" in _one_error_line(capsys)
+
+
+@pytest.fixture
+def chat_run(trained_run, tmp_path):
+    """A copy of the trained run recorded as trained with the run folder's chat template."""
+    from conftest import CHATML
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    info_path = run / "adapter" / adapters.BASE_INFO_FILE
+    info = json.loads(info_path.read_text())
+    (run / "chat_template.jinja").write_text(CHATML)
+    info_path.write_text(json.dumps({**info, "template": "chat"}))
+    return run
+
+
+def test_a_broken_chat_template_file_is_one_line(chat_run, capsys):
+    template = chat_run / "chat_template.jinja"
+    template.write_text("{% for %}")
+    assert main(["-q", "generate", "--adapter", str(chat_run), "--prompt", "hi",
+                 "--max-new-tokens", "2"]) == 2
+    err = _one_error_line(capsys)
+    assert f"chat template {template} cannot render the prompt" in err and "fix the" in err
+
+
+def test_chat_template_errors_are_user_errors(chat_run):
+    from conftest import CHATML
+
+    loaded = load_for_inference(GenerateConfig(adapter=str(chat_run)))
+    cfg = GenerateConfig(adapter=str(chat_run), max_new_tokens=2)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert loaded.template == "chat" and loaded.tokenizer.chat_template == CHATML
+    assert isinstance(generate_reply(loaded, msgs, cfg), str)  # the good template renders
+    # A template may refuse a conversation with raise_exception(): its message is kept.
+    loaded.tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(UserError, match=r"chat_template.jinja cannot render the prompt "
+                                        r"\(roles must alternate\)"):
+        generate_reply(loaded, msgs, cfg)

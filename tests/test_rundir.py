@@ -77,6 +77,26 @@ def test_overwrite_clears_a_run_but_keeps_files_it_did_not_write(tmp_path, dolly
     assert rundir.is_run_dir(tmp_path / "run")
 
 
+def test_a_replacing_run_that_fails_before_its_first_checkpoint_gives_the_run_back(
+        tmp_path, trained_run):
+    from conftest import snapshot
+
+    from qlora_lab.errors import LossNotFinite
+
+    cfg = copy_run(trained_run, tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    diverging = replace(cfg, train=replace(cfg.train, learning_rate=1e30, warmup_ratio=0.0,
+                                           lr_scheduler="constant"))
+    with pytest.raises(LossNotFinite):
+        run_train(diverging, overwrite=True)
+    after = {k: v for k, v in snapshot(tmp_path / "run").items() if k != rundir.LOCK}
+    assert after == before  # adapter, checkpoints, summary, config: all back as they were
+    assert not list((tmp_path / "run").glob(".tmp-*"))
+    # A replacing run that succeeds leaves nothing of the earlier one aside.
+    assert run_train(cfg, overwrite=True)["steps"] == 6
+    assert not list((tmp_path / "run").glob(".tmp-*"))
+
+
 def test_overwrite_refuses_a_symlinked_output_dir(tmp_path, dolly_file, trained_run):
     copy_run(trained_run, tmp_path / "real")
     (tmp_path / "link").symlink_to(tmp_path / "real")

@@ -542,7 +542,7 @@ def check_path_text(text: str, what: str) -> str:
     """
     if not text.strip():
         # "" would be read as the current folder (a model dir, an output dir) or ignored.
-        raise UserError(f"{what} is empty — pass a path or a name")
+        raise UserError(f"{what} is empty — pass a non-empty path or name")
     encoded = text.encode("utf-8", "surrogateescape")
     if "\0" in text:
         raise UserError(f"{what} = {_short(text)} holds a NUL byte, which no path can — fix it")

@@ -9,6 +9,7 @@ length transformers only warns, and the model continues at positions it was neve
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from qlora_lab import adapters, models, safety
 from qlora_lab.config import ModelConfig, QuantConfig
 from qlora_lab.data import render_prompt, resolve_template
 from qlora_lab.errors import UserError
+from qlora_lab.sources import first_line
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ class GenerateConfig:
     """adapter: a run's output dir or adapter dir. model_dir: a merged model (from `merge`).
     model: the base, for a bare model run or to override the adapter's recorded base.
     temperature: 0 = greedy (deterministic); > 0 samples with top_p.
+    seed: seeds torch for sampling; [0, 2**32 - 1], the range train.seed allows.
     allow_pickle: accept pickle weights (.bin) where safetensors are missing; they can run code.
     trust_remote_code: let a base recorded with trust_remote_code run its repo's code.
     """
@@ -49,10 +52,18 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise UserError(f"--max-new-tokens {self.max_new_tokens} must be a positive integer")
-        if self.temperature < 0:
-            raise UserError(f"--temperature {self.temperature} must be >= 0 (0 = greedy)")
+        # NaN fails every comparison, so `< 0` alone lets it through (and `> 0` then picks greedy).
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UserError(f"--temperature {self.temperature} must be >= 0 and finite "
+                            "(0 = greedy)")
+        # torch.manual_seed overflows past 64 bits; train's seed range keeps the two alike.
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed {self.seed} must be an integer in [0, 2**32 - 1]")
         if sum(x is not None for x in (self.adapter, self.model_dir)) > 1:
             raise UserError("pass either --adapter or --model-dir, not both")
+        if self.model_dir is not None and self.model is not None:
+            # A merged dir is base and adapter in one: there is no base for --model to replace.
+            raise UserError("--model-dir is a whole model: pass it without --model")
         if self.adapter is None and self.model_dir is None and self.model is None:
             raise UserError("nothing to run — pass --adapter DIR (a trained run), --model-dir "
                             "DIR (a merged model) or --model NAME (a base model)")
@@ -83,7 +94,8 @@ def load_for_inference(cfg: GenerateConfig) -> LoadedModel:
         info = adapters.read_base_info(Path(path)) if cfg.model_dir else {}
         # A merged model is already dense; a bare base is loaded in 4-bit like training would.
         quant = QuantConfig(bits=16) if cfg.model_dir else QuantConfig()
-        model_cfg = ModelConfig(name=name, trust_remote_code=cfg.trust_remote_code)
+        model_cfg = ModelConfig(name=name, trust_remote_code=cfg.trust_remote_code,
+                                allow_pickle=cfg.allow_pickle)
         with adapters.explain_load_errors(f"model {name}", "pass a folder written by "
                                           "`qlora-lab merge` or save_pretrained"):
             model = models.load_base_model(path, model_cfg, quant, device)
@@ -116,11 +128,34 @@ def fit_new_tokens(model_config, prompt_tokens: int, max_new_tokens: int) -> int
     return max_new_tokens
 
 
+def _template_source(tokenizer) -> str:
+    """Where the tokenizer's chat template was read from, for an error that names the file."""
+    folder = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    if (folder / "chat_template.jinja").is_file():
+        return str(folder / "chat_template.jinja")
+    if (folder / "tokenizer_config.json").is_file():
+        return f"the chat_template in {folder / 'tokenizer_config.json'}"
+    return f"the chat template of tokenizer {tokenizer.name_or_path}"
+
+
+def render_chat(loaded: LoadedModel, messages: list[dict]) -> str:
+    """The prompt text; a broken chat template is the user's file to fix, not a traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        return render_prompt(messages, loaded.tokenizer, loaded.template,
+                             add_generation_prompt=True)
+    except TemplateError as exc:  # a syntax error, or the template's own raise_exception()
+        raise UserError(f"chat template {_template_source(loaded.tokenizer)} cannot render the "
+                        f"prompt ({first_line(exc)}) — fix the template, or restore the base "
+                        "model's copy") from None
+
+
 @torch.inference_mode()
 def generate_reply(loaded: LoadedModel, messages: list[dict], cfg: GenerateConfig,
                    streamer=None) -> str:
     tok = loaded.tokenizer
-    text = render_prompt(messages, tok, loaded.template, add_generation_prompt=True)
+    text = render_chat(loaded, messages)
     enc = tok(text, add_special_tokens=False, return_tensors="pt").to(loaded.model.device)
     max_new_tokens = fit_new_tokens(loaded.model.config, enc["input_ids"].shape[1],
                                     cfg.max_new_tokens)
@@ -148,9 +183,23 @@ def read_prompt(cfg: GenerateConfig) -> str:
             raise UserError(f"prompt file {path} is not UTF-8 text — re-save it as UTF-8") from None
     else:
         prompt = _read_stdin()
+    if cfg.prompt is not None:
+        require_utf8(prompt, "--prompt")
     if not prompt.strip():
         raise UserError("the prompt is empty — give some text to answer")
     return prompt.strip()
+
+
+def require_utf8(text: str, what: str) -> None:
+    """Refuse text holding lone surrogates, which no tokenizer can encode.
+
+    Python decodes argv, and stdin under a C/POSIX locale, with surrogateescape: bytes that are
+    not UTF-8 arrive as lone surrogates instead of raising UnicodeDecodeError.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{what} is not UTF-8 text — re-encode it as UTF-8") from None
 
 
 def _stdin_open() -> bool:
@@ -167,6 +216,7 @@ def _read_stdin() -> str:
         raise UserError("the prompt on stdin is not UTF-8 text — re-encode it as UTF-8") from None
     except (OSError, ValueError):
         text = ""  # fd 0 closed under a live sys.stdin: EBADF
+    require_utf8(text, "the prompt on stdin")
     if not text.strip():
         raise UserError("no prompt (stdin is a terminal, closed or empty) — pass --prompt TEXT, "
                         "--prompt-file F, pipe text on stdin, or use --chat")
@@ -187,6 +237,10 @@ def chat_loop(loaded: LoadedModel, cfg: GenerateConfig) -> None:
     """Interactive multi-turn chat; tokens stream as they are generated."""
     from transformers import TextStreamer
 
+    # Under a UTF-8 locale stdin decodes strictly, and input() would end the chat on a bad byte
+    # as if at EOF (UnicodeDecodeError is a ValueError); escaped, it is one refused message.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict] = []
     print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits", flush=True)
     while True:
@@ -201,12 +255,18 @@ def chat_loop(loaded: LoadedModel, cfg: GenerateConfig) -> None:
             continue
         if not line.strip():
             continue
+        try:
+            require_utf8(line, "the message")
+        except UserError as exc:  # one bad line: say so, keep the session
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            continue
         history.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
         streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
         try:
             reply = generate_reply(loaded, history, cfg, streamer=streamer)
-        except UserError as exc:  # the history outgrew the context: say so, keep the session
+        except UserError as exc:  # the history outgrew the context, or the template refused
+            # it: say so, keep the session
             history.pop()
             print(f"\nerror: {exc}", file=sys.stderr, flush=True)
             continue

@@ -72,9 +72,14 @@ def write_marker(out: Path, extra_entries=()) -> None:
     fsio.write_text(out / MARKER, json.dumps({"tool": "qlora-lab", "entries": entries}) + "\n")
 
 
+def _run_entries(out: Path) -> list[str]:
+    """What a run wrote at the top of `out`, its marker last."""
+    return sorted(_listed_entries(out) | set(RUN_ENTRIES) - {MARKER}) + [MARKER]
+
+
 def clear_run(out: Path) -> None:
     """Delete what an earlier run wrote in `out` (never anything else; links are unlinked)."""
-    for name in sorted(_listed_entries(out) | set(RUN_ENTRIES) - {MARKER}) + [MARKER]:
+    for name in _run_entries(out):
         path = out / name
         if path.is_symlink() or path.is_file():
             path.unlink(missing_ok=True)
@@ -84,6 +89,34 @@ def clear_run(out: Path) -> None:
     if leftover:
         log.info("--overwrite kept %d entries no qlora-lab run wrote in %s: %s", len(leftover),
                  out, ", ".join(sorted(leftover)[:5]))
+
+
+# --overwrite moves the earlier run here rather than deleting it: a new run that fails before
+# its first checkpoint (a NaN loss, a full disk) gives it back. A `.tmp-` name: a run killed
+# meanwhile leaves it for the next start's fsio.remove_stale.
+REPLACED = f"{fsio.TMP_PREFIX}replaced-run"
+
+
+def set_aside_run(out: Path) -> Path:
+    """Move what an earlier run wrote in `out` into `out/REPLACED`; return that folder."""
+    aside = out / REPLACED
+    aside.mkdir()
+    for name in _run_entries(out):
+        if os.path.lexists(out / name):
+            os.rename(out / name, aside / name)  # same folder: a rename, no copy
+    leftover = [p.name for p in out.iterdir() if p.name not in (LOCK, REPLACED)]
+    if leftover:
+        log.info("--overwrite kept %d entries no qlora-lab run wrote in %s: %s", len(leftover),
+                 out, ", ".join(sorted(leftover)[:5]))
+    return aside
+
+
+def restore_run(out: Path, aside: Path) -> None:
+    """Undo `set_aside_run`: delete what the new run wrote, put the earlier run back."""
+    clear_run(out)
+    for path in aside.iterdir():
+        os.rename(path, out / path.name)
+    aside.rmdir()
 
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:

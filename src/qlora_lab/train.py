@@ -25,6 +25,7 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -168,6 +169,7 @@ class TrainingSession:
     callbacks: tuple
     started: float  # perf_counter() when setup began, for wall_seconds
     lock: rundir.RunLock | None = None
+    replaced: Path | None = None  # the earlier run --overwrite set aside (rundir.set_aside_run)
 
 
 def setup_training(cfg: RunConfig, resume: str | bool | None = None,
@@ -261,29 +263,39 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     args = build_training_args(cfg, out, device, dtype, has_eval=bool(data.eval),
                                resuming=checkpoint is not None)
 
+    replaced = None
     if _is_main_process():
+        # Leftovers of a killed run first (a run it had set aside included), then the earlier
+        # run aside, so that the new run's failure before its first checkpoint can return it.
+        stale = fsio.remove_stale(out)
         if claim.replace_run:
-            rundir.clear_run(out)
-        rundir.write_marker(out)  # first: from here on the folder is this run's to replace
-        for stale in fsio.remove_stale(out) + fsio.remove_stale(out / CHECKPOINTS):
-            log.info("removed %s, left behind by a killed run", stale)
-        if resume:
-            _trim_metrics(out / "metrics.jsonl",
-                          checkpoints.global_step(Path(checkpoint)) if checkpoint else None)
-        _write_config(cfg, out)
-        rundir.write_marker(out, tokenizer.save_pretrained(out))
-    callbacks = make_callbacks(out)
-    trainer = trainer_class()(model=model, args=args, train_dataset=train_rows,
-                               eval_dataset=eval_rows or None, data_collator=collator,
-                               callbacks=list(callbacks), head_loss=head_loss,
-                               cuda_graphs=cfg.train.cuda_graphs)
+            replaced = rundir.set_aside_run(out)
+    try:
+        if _is_main_process():
+            rundir.write_marker(out)  # first: from here on the folder is this run's to replace
+            for path in stale + fsio.remove_stale(out / CHECKPOINTS):
+                log.info("removed %s, left behind by a killed run", path)
+            if resume:
+                _trim_metrics(out / "metrics.jsonl",
+                              checkpoints.global_step(Path(checkpoint)) if checkpoint else None)
+            _write_config(cfg, out)
+            rundir.write_marker(out, tokenizer.save_pretrained(out))
+        callbacks = make_callbacks(out)
+        trainer = trainer_class()(model=model, args=args, train_dataset=train_rows,
+                                   eval_dataset=eval_rows or None, data_collator=collator,
+                                   callbacks=list(callbacks), head_loss=head_loss,
+                                   cuda_graphs=cfg.train.cuda_graphs)
+    except BaseException:
+        if replaced is not None:
+            rundir.restore_run(out, replaced)
+        raise
     if trainer.is_fsdp_enabled:
         # Trainer applies peft's wrap policy and the quant-storage precision only when training
         # starts; an evaluation before that (eval_on_start) would wrap the model without them.
         from transformers.integrations.fsdp import update_fsdp_plugin_peft
         update_fsdp_plugin_peft(model, trainer.accelerator)
     return TrainingSession(cfg, out, trainer, model, tokenizer, data, device, dtype, checkpoint,
-                           callbacks, started, claim.lock)
+                           callbacks, started, claim.lock, replaced)
 
 
 def _batching(cfg: RunConfig, data: PreparedData, tokenizer):
@@ -441,7 +453,7 @@ def run_train(cfg: RunConfig, resume: str | bool | None = None, overwrite: bool 
                         "adapter is in %s) — pass --overwrite to train it again", claim.out,
                         finished["steps"], claim.out / "adapter")
             return finished
-        return train_session(setup_training(cfg, resume, overwrite, claim))
+        return _replacing(setup_training(cfg, resume, overwrite, claim))
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(f"CUDA out of memory ({_oom_detail(exc)}) with micro_batch_size "
                           f"{cfg.train.micro_batch_size} x max_seq_len {cfg.data.max_seq_len} — "
@@ -453,6 +465,32 @@ def run_train(cfg: RunConfig, resume: str | bool | None = None, overwrite: bool 
     finally:
         if claim.lock is not None:
             claim.lock.release()
+
+
+def _replacing(session: TrainingSession) -> dict:
+    """Train; under --overwrite, drop the earlier run once this one has something to keep.
+
+    A failure before this run's first checkpoint puts the earlier run back, as if the command
+    had never run. Once this run has a checkpoint (or was stopped by a signal, which writes one)
+    it is the one to resume, and the earlier run goes.
+    """
+    if session.replaced is None:
+        return train_session(session)
+    try:
+        summary = train_session(session)
+    except TrainingInterrupted:
+        shutil.rmtree(session.replaced, ignore_errors=True)
+        raise
+    except BaseException:
+        if checkpoints.list_all(session.out / CHECKPOINTS):
+            shutil.rmtree(session.replaced, ignore_errors=True)
+        else:
+            rundir.restore_run(session.out, session.replaced)
+            log.warning("the earlier run in %s was put back: this one failed before its first "
+                        "checkpoint", session.out)
+        raise
+    shutil.rmtree(session.replaced, ignore_errors=True)
+    return summary
 
 
 def _write_failure_message(exc: OSError, out: Path) -> str:
