@@ -97,6 +97,19 @@ def test_a_replacing_run_that_fails_before_its_first_checkpoint_gives_the_run_ba
     assert not list((tmp_path / "run").glob(".tmp-*"))
 
 
+def test_a_tilde_output_dir_is_one_folder_in_home(tmp_path, dolly_file, monkeypatch):
+    """Trainer expands `~` itself: the marker, lock and adapter must land where it writes."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config("~/runs/x", dolly_file, max_steps=3)
+    assert run_train(cfg)["steps"] == 3
+    run = tmp_path / "home" / "runs" / "x"
+    assert rundir.is_run_dir(run) and (run / "adapter").is_dir()
+    assert (run / "checkpoints" / "checkpoint-3").is_dir()
+    assert not (tmp_path / "~").exists()
+    assert run_train(cfg, resume=True)["steps"] == 3  # finished: found, not trained again
+
+
 def test_overwrite_refuses_a_symlinked_output_dir(tmp_path, dolly_file, trained_run):
     copy_run(trained_run, tmp_path / "real")
     (tmp_path / "link").symlink_to(tmp_path / "real")

@@ -95,7 +95,7 @@ def claim_output_dir(cfg: RunConfig, resume: str | bool | None, overwrite: bool)
     Under torchrun/accelerate only rank 0 judges, locks and later writes the output dir: another
     rank could otherwise find rank 0's fresh files and refuse a "non-empty" dir.
     """
-    out = Path(cfg.train.output_dir)
+    out = Path(cfg.train.output_dir).expanduser()  # as Trainer expands it: one folder
     replace_run, lock = False, None
     if _is_main_process():
         replace_run = rundir.check_output_dir(out, resume=bool(resume), overwrite=overwrite)
