@@ -122,16 +122,16 @@ def test_category_counts_add_up_and_both_columns_exist(compare_report):
     n_rows = len(DOLLY_ROWS)
     assert compare_report["rows"] == n_rows
     for result in models.values():
-        cats = result["categories"]
-        assert cats["all"]["n"] == n_rows
-        assert sum(s["n"] for name, s in cats.items() if name != "all") == n_rows
-        assert set(cats) == {"all", "classification", "closed_qa", "open_qa", "uncategorized"}
+        cats, overall = result["categories"], result["overall"]
+        assert overall["n"] == n_rows
+        assert sum(s["n"] for s in cats.values()) == n_rows
+        assert set(cats) == {"classification", "closed_qa", "open_qa", "uncategorized"}
         # exact match only where answers are labels or short facts, and overall over those rows
         assert cats["open_qa"]["exact_match"] is None
         assert cats["uncategorized"]["exact_match"] is None
         assert cats["classification"]["exact_match"] is not None
-        assert cats["all"]["exact_match_n"] == 6
-        assert all(0.0 <= s["rouge_l"] <= 1.0 for s in cats.values())
+        assert overall["exact_match_n"] == 6
+        assert all(0.0 <= s["rouge_l"] <= 1.0 for s in [overall, *cats.values()])
         assert math.isclose(result["perplexity"], math.exp(result["loss"]))
     # the adapter changed something: base and fine-tuned are different models
     assert models["base"]["loss"] != models["fine-tuned"]["loss"]
@@ -226,7 +226,7 @@ def test_max_rows_and_default_output_dir(trained_run, eval_data, tmp_path):
     report = run_eval(EvalConfig(model="tiny-random", data=str(eval_data), max_rows=5,
                                  max_new_tokens=2, output_dir=str(tmp_path)))
     assert list(report["models"]) == ["model"]
-    assert report["models"]["model"]["categories"]["all"]["n"] == 5
+    assert report["models"]["model"]["overall"]["n"] == 5
     assert report["max_new_tokens"] == 2
 
 
@@ -248,7 +248,7 @@ def test_cli_writes_report_and_exits_0(trained_run, eval_data, tmp_path, capsys)
                  "--output-dir", str(out)])
     assert code == 0
     assert (out / "eval.json").is_file() and (out / "eval.md").is_file()
-    assert "| ROUGE-L F1: all | 4 |" in capsys.readouterr().out
+    assert "| ROUGE-L F1 (overall) | 4 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("make_data, fragment", [
@@ -274,3 +274,145 @@ def test_compare_base_needs_an_adapter(eval_data, capsys):
     assert main(["eval", "--model", "tiny-random", "--data", str(eval_data),
                  "--compare-base"]) == 2
     assert "--compare-base needs --adapter" in capsys.readouterr().err
+
+
+# --- the overall row, rows against the model's context, flags, failures that write nothing -----
+
+
+def test_overall_scores_never_collide_with_a_category_named_all():
+    from qlora_lab.evaluate import EvalRow, markdown_table, score_answers
+
+    cats = ["all", "all", "closed_qa", "x|y\nz"]
+    rows = [EvalRow(f"d.jsonl:{i}", cat, [], [], "yes") for i, cat in enumerate(cats, 1)]
+    result = {"loss": 1.0, "perplexity": math.e, "answer_tokens": 4,
+              **score_answers(rows, ["yes", "no", "yes", "no"])}
+    assert result["overall"]["n"] == 4 and result["categories"]["all"]["n"] == 2
+    assert sum(s["n"] for s in result["categories"].values()) == 4
+    assert result["overall"]["rouge_l"] == 0.5 and result["categories"]["all"]["rouge_l"] == 0.5
+    assert result["overall"]["exact_match_n"] == 1  # closed_qa alone has exact match
+    table = markdown_table({"model": result})
+    assert "| ROUGE-L F1 (overall) | 4 |" in table and "| ROUGE-L F1: all | 2 |" in table
+    lines = table.splitlines()
+    assert len({line.split(" | ")[0] for line in lines}) == len(lines)  # no metric twice
+    assert len(lines) == 2 + 2 + 1 + 3 + 2  # header, loss, ppl, overall + 3 categories, 2 EM
+    assert {line.replace("\\|", "").count("|") for line in lines} == {4}  # one cell per column
+
+
+def test_answer_batches_keep_every_answer_within_the_context():
+    from qlora_lab.evaluate import answer_batches
+
+    lengths = [10, 95, 10, 60, 10, 99, 10]
+    batches = answer_batches(lengths, 100, 20, 2)
+    assert sorted(i for _, idx in batches for i in idx) == list(range(len(lengths)))
+    for cap, idx in batches:
+        assert 1 <= len(idx) <= 2
+        # each row gets what `generate` would give it alone: a long prompt beside it in the
+        # batch never shortens its answer, and no answer runs past the context
+        assert all(cap == min(20, 100 - lengths[i]) for i in idx)
+    assert answer_batches(lengths, None, 20, 8) == [(20, list(range(len(lengths))))]
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_any_work(tmp_path, capsys,
+                                                                     monkeypatch):
+    from qlora_lab import evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("a row was evaluated before every row was checked")
+
+    monkeypatch.setattr(evaluate, "heldout_loss", never)
+    monkeypatch.setattr(evaluate, "generate_batch", never)
+    # tiny-random reads 4,096 tokens, one per byte
+    data = write_jsonl(tmp_path / "long.jsonl",
+                       [DOLLY_ROWS[0], {**DOLLY_ROWS[1], "instruction": "x " * 3000}])
+    out = tmp_path / "report"
+    argv = ["-q", "eval", "--model", "tiny-random", "--data", str(data), "--max-new-tokens", "1",
+            "--output-dir", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"qlora-lab eval: error: {data}:2: the prompt is 6,")
+    assert "at most 4,096 (max_position_embeddings)" in err and "--skip-long-rows" in err
+    assert not out.exists()  # nothing written, not even the folder
+
+    monkeypatch.undo()
+    assert main([*argv, "--skip-long-rows"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert (report["rows"], report["long_rows_skipped"]) == (1, 1)
+    assert "--skip-long-rows" in report["command"]
+
+
+def test_rows_are_cut_to_a_short_context_and_long_prompts_skipped(tuned, tmp_path):
+    from types import SimpleNamespace
+
+    from qlora_lab.errors import UserError
+    from qlora_lab.evaluate import encode_rows
+
+    context = 200
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        DOLLY_ROWS[0], {**DOLLY_ROWS[1], "instruction": "x" * 500},
+        {**DOLLY_ROWS[2], "response": "y " * 300}])  # its prompt fits, its answer does not
+    config = SimpleNamespace(max_position_embeddings=context)
+    small = SimpleNamespace(tokenizer=tuned.tokenizer, template=tuned.template,
+                            model=SimpleNamespace(config=config))
+    cfg = EvalConfig(model="tiny-random", data=str(data), skip_long_rows=True)
+    rows = load_eval_rows(cfg)[0]
+    encoded = encode_rows(small, rows, cfg)
+    assert encoded.long_rows_skipped == 1 and encoded.bad_rows_skipped == 0
+    assert [r.where for r in encoded.rows] == [f"{data}:1", f"{data}:3"]
+    assert all(n < context for n in encoded.prompt_tokens)
+    assert encoded.max_seq_len == context
+    assert all(len(e["input_ids"]) <= context for e in encoded.examples)
+    assert any(label != -100 for label in encoded.examples[1]["labels"])  # the answer kept some
+    with pytest.raises(UserError, match=f"{data}:2: the prompt is .* at most 200"):
+        encode_rows(small, rows, EvalConfig(model="tiny-random", data=str(data)))
+
+
+def test_eval_accepts_the_flags_its_errors_recommend(trained_run, eval_data, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    adapter = tmp_path / "adapter"  # pickle weights only, a base recorded with remote code
+    shutil.copytree(trained_run / "adapter", adapter)
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    info = json.loads((adapter / "qlora_lab_base.json").read_text())
+    (adapter / "qlora_lab_base.json").write_text(json.dumps({**info, "trust_remote_code": True}))
+    out = tmp_path / "report"
+    argv = ["-q", "eval", "--adapter", str(adapter), "--data", str(eval_data), "--max-rows", "1",
+            "--max-new-tokens", "1", "--output-dir", str(out)]
+    for flag in ("--allow-pickle", "--trust-remote-code"):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"pass {flag}" in err, err
+        assert not out.exists()
+        argv.append(flag)  # follow the advice
+    assert main(argv) == 0
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["config"]["allow_pickle"] and saved["config"]["trust_remote_code"]
+
+
+def test_model_dir_with_model_is_refused_in_one_line(eval_data, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval", "--model-dir", str(tmp_path), "--model", "tiny-random", "--data",
+                 str(eval_data), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model-dir is a whole model" in err
+    assert not out.exists()
+
+
+def test_a_chat_template_that_does_not_parse_is_named_not_the_data(trained_run, eval_data,
+                                                                   tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    info_path = run / "adapter" / "qlora_lab_base.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "template": "chat"}))
+    (run / "chat_template.jinja").write_text("{% if %}broken")
+    assert main(["-q", "eval", "--adapter", str(run), "--data", str(eval_data),
+                 "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"qlora-lab eval: error: the chat template in {run}/chat_template.jinja "
+                          "does not parse")
+    assert str(eval_data) not in err
+    assert not (run / "eval").exists()

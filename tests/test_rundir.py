@@ -309,15 +309,18 @@ def test_disk_full_while_checkpointing_is_one_line_and_resumable(tmp_path, dolly
     (OSError(27, "File too large"), True),
     (RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed "
                   "writing file data/0: file write failed"), True),
+    # tokenizers' save and safetensors' writer, as a full tmpfs made them fail
+    (Exception("No space left on device (os error 28)"), True),
+    (Exception("Error while serializing: I/O error: disk quota exceeded (os error 122)"), True),
     (OSError(13, "Permission denied"), False),
     (RuntimeError("checkpoint adapter is missing lora_A weights"), False),
 ])
 def test_only_a_write_failure_gets_the_free_disk_space_advice(exc, disk):
     """Anything else raised while checkpointing is a bug: it keeps its traceback instead of
     being told to free disk space."""
-    from qlora_lab.trainer import _is_write_failure
+    from qlora_lab.trainer import is_write_failure
 
-    assert _is_write_failure(exc) is disk
+    assert is_write_failure(exc) is disk
 
 
 # --- 11. accepted inputs that ended in tracebacks ------------------------------------------------

@@ -107,12 +107,17 @@ def _add_eval(sub) -> None:
     p.add_argument("--compare-base", action="store_true",
                    help="also evaluate the adapter's base (adapter off) and report deltas")
     p.add_argument("--max-rows", type=int, help="only the first N rows (default: all)")
-    p.add_argument("--max-new-tokens", type=int, help="generation cap per answer (default: the longest reference in tokens, + 8)")
+    p.add_argument("--max-new-tokens", type=int, help="generation cap per answer (default: the "
+                   "longest reference in tokens, + 8)")
     p.add_argument("--output-dir", help="report dir (default: <run dir>/eval, or ./eval)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed rows (and report how many) instead of stopping")
+    p.add_argument("--skip-long-rows", action="store_true",
+                   help="skip rows whose prompt does not fit the model's context (and report "
+                   "how many) instead of stopping")
     p.add_argument("--columns", help="rename the file's columns to schema fields first, as "
                    "train's data.columns does (e.g. instruction=question,response=answer)")
+    _add_safety_flags(p)
 
 
 def _add_safety_flags(p) -> None:
@@ -238,7 +243,7 @@ def train_config_from_args(args):
 
     source = args.config
     cfg = build(load_yaml(args.config) if args.config else {})
-    saved = Path(cfg.train.output_dir) / "config.yaml"
+    saved = Path(cfg.train.output_dir).expanduser() / "config.yaml"
     if getattr(args, "resume", None) and not args.config and saved.is_file():
         source = str(saved)
         cfg = build(load_yaml(saved))  # resume repeats the saved run unless told otherwise

@@ -140,6 +140,8 @@ class LoraConfig:
         _require(0 < self.alpha <= MAX_LORA_ALPHA, "lora.alpha", self.alpha,
                  f"a positive integer <= {MAX_LORA_ALPHA}")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a float in [0, 1)")
+        _require(bool(self.target_modules.replace(",", "").strip()), "lora.target_modules",
+                 self.target_modules, "'all-linear' or layer names, e.g. q_proj,v_proj")
 
 
 # The fields of each data schema (data.py reads them): the names `data.columns` maps onto.

@@ -59,8 +59,8 @@ from qlora_lab.data import (
 from qlora_lab.errors import LossNotFinite, OutOfMemory, TrainingInterrupted, UserError
 from qlora_lab.trainer import (
     CHECKPOINTS,
-    WRITE_FAILURE_ERRNOS,
     build_training_args,
+    is_write_failure,
     make_callbacks,
     optimizer_name,
     trainer_class,
@@ -95,6 +95,9 @@ def claim_output_dir(cfg: RunConfig, resume: str | bool | None, overwrite: bool)
     Under torchrun/accelerate only rank 0 judges, locks and later writes the output dir: another
     rank could otherwise find rank 0's fresh files and refuse a "non-empty" dir.
     """
+    if resume and overwrite:
+        raise UserError("--resume continues the run in the output dir and --overwrite replaces "
+                        "it — pass one of them")
     out = Path(cfg.train.output_dir).expanduser()  # as Trainer expands it: one folder
     replace_run, lock = False, None
     if _is_main_process():
@@ -458,8 +461,12 @@ def run_train(cfg: RunConfig, resume: str | bool | None = None, overwrite: bool 
         raise OutOfMemory(f"CUDA out of memory ({_oom_detail(exc)}) with micro_batch_size "
                           f"{cfg.train.micro_batch_size} x max_seq_len {cfg.data.max_seq_len} — "
                           f"{oom_advice(cfg)}") from None
-    except OSError as exc:
-        if exc.errno not in WRITE_FAILURE_ERRNOS:  # a full disk, quota, size limit, ro mount
+    except (UserError, TrainingInterrupted):
+        raise
+    except Exception as exc:
+        # A full disk, quota, size limit or read-only mount; the tokenizer's and safetensors'
+        # writers report it as their own exception types, naming only "os error 28".
+        if not is_write_failure(exc):
             raise
         raise UserError(_write_failure_message(exc, claim.out)) from None
     finally:
@@ -493,9 +500,10 @@ def _replacing(session: TrainingSession) -> dict:
     return summary
 
 
-def _write_failure_message(exc: OSError, out: Path) -> str:
-    where = exc.filename or out
-    return (f"could not write {where} ({exc.strerror}); nothing finished was lost, and what was "
+def _write_failure_message(exc: Exception, out: Path) -> str:
+    where = getattr(exc, "filename", None) or out
+    reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:120]
+    return (f"could not write {where} ({reason}); nothing finished was lost, and what was "
             f"half-written is removed at the next start — free space, then continue with: "
             f"qlora-lab train --output-dir {shlex.quote(str(out))} --resume")
 

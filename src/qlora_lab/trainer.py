@@ -190,12 +190,14 @@ def make_callbacks(out: Path):
 
 # How a full disk, a quota, a file-size limit or a read-only mount reads once torch's zip
 # writer or safetensors has wrapped the OSError (their messages carry the OS's words).
-WRITE_FAILURE_TEXT = ("file write failed", "no space left", "file too large", "quota exceeded",
+# Rust writers (tokenizers, safetensors) name only the errno: "(os error 28)" is ENOSPC.
+WRITE_FAILURE_TEXT = ("file write failed", "no space left", "os error 28", "os error 122",
+                      "file too large", "quota exceeded",
                       "read-only file system", "unexpected pos", "input/output error")
 WRITE_FAILURE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
-def _is_write_failure(exc: BaseException) -> bool:
+def is_write_failure(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno is not None:
         return exc.errno in WRITE_FAILURE_ERRNOS
     text = str(exc).lower()
@@ -338,7 +340,7 @@ def trainer_class():
                 super()._save_checkpoint(model, trial)
             except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as either
                 shutil.rmtree(self._staging_dir, ignore_errors=True)
-                if not _is_write_failure(exc):
+                if not is_write_failure(exc):
                     raise  # not the disk: a bug, whose traceback is the useful part
                 raise _checkpoint_write_failed(root, step, exc) from None
             finally:
