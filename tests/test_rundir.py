@@ -110,6 +110,22 @@ def test_a_tilde_output_dir_is_one_folder_in_home(tmp_path, dolly_file, monkeypa
     assert run_train(cfg, resume=True)["steps"] == 3  # finished: found, not trained again
 
 
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_adapter(tmp_path,
+                                                                             trained_run):
+    """Killed between checkpoint-6 (max_steps) and writing adapter/: Trainer resumed there would
+    train a seventh step; the last checkpoint is the result instead."""
+    cfg = copy_run(trained_run, tmp_path / "run")
+    run = tmp_path / "run"
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").unlink()
+    summary = run_train(cfg, resume=True)
+    assert summary["steps"] == 6 and summary["resumed_from"].endswith("checkpoint-6")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "checkpoint-3", "checkpoint-6"]
+    name = "adapter_model.safetensors"
+    assert (run / "adapter" / name).read_bytes() == (trained_run / "adapter" / name).read_bytes()
+
+
 def test_overwrite_refuses_a_symlinked_output_dir(tmp_path, dolly_file, trained_run):
     copy_run(trained_run, tmp_path / "real")
     (tmp_path / "link").symlink_to(tmp_path / "real")

@@ -273,6 +273,18 @@ def check_resume_config(out: Path, cfg: RunConfig) -> None:
                         "change); drop the change, or start a new run with another --output-dir")
 
 
+def checkpoint_is_final(checkpoint: str | None) -> bool:
+    """Whether `checkpoint` was written at the run's last step (its max_steps)."""
+    if checkpoint is None:
+        return False
+    try:
+        state = json.loads((Path(checkpoint) / checkpoints.STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    max_steps = state.get("max_steps") if isinstance(state, dict) else None
+    return isinstance(max_steps, int) and max_steps > 0 and state["global_step"] >= max_steps
+
+
 def finished_summary(out: Path, checkpoint: str | None) -> dict | None:
     """The saved summary when `checkpoint` is the end of a run that completed, else None.
 

@@ -28,6 +28,7 @@ import shlex
 import shutil
 import signal
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -518,17 +519,49 @@ def _final_eval_loss(trainer) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
+def _take_final_checkpoint(session: TrainingSession):
+    """The run's last checkpoint as its result: a run killed after writing it, before its adapter.
+
+    Trainer resumed there would train one step past max_steps (it checks the limit only after a
+    step). The checkpoint holds the final adapter weights and trainer state: loading them
+    (peft's own loader) gives what the uninterrupted run would have written.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    checkpoint = Path(session.checkpoint)
+    weights = load_file(checkpoint / checkpoints.ADAPTER_FILE)
+    loaded = set_peft_model_state_dict(session.model, weights)
+    if getattr(loaded, "unexpected_keys", None):
+        raise UserError(f"--resume: {checkpoint} holds adapter weights this model does not have "
+                        f"({loaded.unexpected_keys[0]}) — resume it with the config it was "
+                        "written with")
+    session.trainer.state = TrainerState.load_from_json(str(checkpoint / checkpoints.STATE_FILE))
+    log.info("%s is the run's last step (%d): its adapter is written from it, nothing trained",
+             checkpoint, session.trainer.state.global_step)
+    losses = [r["loss"] for r in session.trainer.state.log_history if "loss" in r]
+    # The mean logged loss: Trainer's training_loss of a run logged every step.
+    return types.SimpleNamespace(training_loss=sum(losses) / len(losses) if losses else None)
+
+
 def train_session(session: TrainingSession) -> dict:
     """Train a set-up session to the end, then write the adapter and summary.json."""
     cfg, trainer, out, device = session.cfg, session.trainer, session.out, session.device
     speed_cb, stopper = session.callbacks[1], session.callbacks[2]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    try:
-        with stopper.installed():
-            result = trainer.train(resume_from_checkpoint=session.checkpoint)
-    except faults.NonFiniteLoss as exc:
-        raise LossNotFinite(_non_finite_message(exc, session)) from None
+    # (Under FSDP the weights are loaded into the wrapped model by Trainer alone.)
+    if rundir.checkpoint_is_final(session.checkpoint) and not trainer.is_fsdp_enabled:
+        result = _take_final_checkpoint(session)
+        speed_cb.start_time, speed_cb.start_tokens = (time.perf_counter(),
+                                                      trainer.state.num_input_tokens_seen)
+    else:
+        try:
+            with stopper.installed():
+                result = trainer.train(resume_from_checkpoint=session.checkpoint)
+        except faults.NonFiniteLoss as exc:
+            raise LossNotFinite(_non_finite_message(exc, session)) from None
     if stopper.stopped_at_step is not None and trainer.state.global_step < trainer.state.max_steps:
         signum = getattr(signal, stopper.signal_name)
         raise TrainingInterrupted(_interrupted_message(session, stopper), 128 + signum)
