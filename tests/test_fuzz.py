@@ -457,7 +457,7 @@ def test_bad_output_dirs(tmp_path, data_file, trained_run, case):
         _earlier_run(out, trained_run)
         fragment = f"output dir {out} is not empty"
     elif case == "resume-nothing":
-        resume, fragment = True, f"--resume: no checkpoint in {out / 'checkpoints'}"
+        resume, fragment = True, f"--resume: output dir {out} does not exist"
     elif case == "resume-foreign":
         out.mkdir()
         (out / "notes.txt").write_text("precious")
@@ -785,7 +785,7 @@ def test_cli_prints_one_error_line(tmp_path, trained_run, capsys, monkeypatch, c
         "config-python-tag": ([*train, "--config", "c.yaml"], "c.yaml is not valid YAML"),
         "output-not-empty": (train, "output dir out is not empty"),
         "output-under-a-file": ([*train[:-1], "d.jsonl/out"], "is not writable"),
-        "resume-nothing": ([*train, "--resume"], "--resume: no checkpoint in out"),
+        "resume-nothing": ([*train, "--resume"], "--resume: output dir out does not exist"),
         "data-deep-nesting": ([*train[:5], "deep.jsonl", *train[6:]], "deep.jsonl:1: invalid JSON"),
         "generate-corrupt-adapter": (["-q", "generate", "--adapter", "a", "--prompt", "hi"],
                                      "adapter_model.safetensors is truncated"),

@@ -126,6 +126,26 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_adapter(tmp_
     assert (run / "adapter" / name).read_bytes() == (trained_run / "adapter" / name).read_bytes()
 
 
+def test_resume_refuses_a_checkpoint_trained_on_other_rows(tmp_path):
+    from conftest import DOLLY_ROWS, snapshot, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS * 2)
+    cfg = tiny_config(tmp_path / "run", data, max_steps=4, save_steps=2, eval_steps=2)
+    run_train(cfg)
+    run = tmp_path / "run"
+    for stopped_after_2 in (run / "checkpoints" / "checkpoint-4", run / "adapter"):
+        shutil.rmtree(stopped_after_2)
+    (run / "summary.json").unlink()
+    write_jsonl(data, DOLLY_ROWS[:8] * 2)  # the user edits the file between the two runs
+    before = snapshot(run)
+    with pytest.raises(UserError, match="trained on other rows than the data now gives"):
+        run_train(cfg, resume=True)
+    assert {k: v for k, v in snapshot(run).items() if k != rundir.LOCK} == {
+        k: v for k, v in before.items() if k != rundir.LOCK}
+    write_jsonl(data, DOLLY_ROWS * 2)  # the same rows again: it continues
+    assert run_train(cfg, resume=True)["resumed_from"].endswith("checkpoint-2")
+
+
 def test_overwrite_refuses_a_symlinked_output_dir(tmp_path, dolly_file, trained_run):
     copy_run(trained_run, tmp_path / "real")
     (tmp_path / "link").symlink_to(tmp_path / "real")

@@ -315,9 +315,10 @@ def check_base_matches(ref: AdapterRef, config) -> None:
     actual = fingerprint(config)
     for key, expected in ref.fingerprint.items():
         if expected != actual.get(key):
+            # repr: a record edited to "64" must not read as "64, but it has 64"
             raise UserError(f"adapter {ref.adapter_dir} was trained on a different base ({key} = "
-                            f"{expected}, but {ref.base_model} has {actual.get(key)}) — pass the "
-                            "base it was trained on with --model")
+                            f"{expected!r}, but {ref.base_model} has {actual.get(key)!r}) — pass "
+                            "the base it was trained on with --model")
 
 
 def load_adapter_model(ref: AdapterRef, device: str, compute_dtype: str = "auto"):

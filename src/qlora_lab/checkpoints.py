@@ -191,10 +191,37 @@ def global_step(path: Path) -> int:
 LAYOUT_FILE = "qlora_lab_layout.json"
 
 
-def write_layout(path: Path, world_size: int) -> None:
-    """Record how many processes wrote a checkpoint: its data position is counted per process."""
-    (Path(path) / LAYOUT_FILE).write_text(json.dumps({"world_size": world_size}) + "\n",
-                                          encoding="utf-8")
+def write_layout(path: Path, world_size: int, rows: str | None = None) -> None:
+    """Record how many processes wrote a checkpoint (its data position is counted per process)
+    and which training rows it stands in (`rows_fingerprint`)."""
+    layout = {"world_size": world_size, **({"rows": rows} if rows else {})}
+    (Path(path) / LAYOUT_FILE).write_text(json.dumps(layout) + "\n", encoding="utf-8")
+
+
+def rows_fingerprint(rows: list[dict]) -> str:
+    """A digest of the tokenized training rows in order: what a checkpoint's data position
+    counts through. An edited data file, another template or another split changes it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for row in rows:
+        for key in ("input_ids", "labels"):
+            digest.update(json.dumps(row.get(key), separators=(",", ":")).encode())
+        digest.update(b";")
+    return digest.hexdigest()[:16]
+
+
+def check_rows(path: Path, rows: str) -> None:
+    """Refuse to resume a checkpoint trained on other rows: its saved position would point at
+    rows it never saw, silently. Checkpoints from before the record are accepted."""
+    try:
+        written = json.loads((Path(path) / LAYOUT_FILE).read_text(encoding="utf-8")).get("rows")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(written, str) and written != rows:
+        raise UserError(f"--resume: {path} was trained on other rows than the data now gives "
+                        "(the data file, its filters or the template changed) — restore the "
+                        "data it was trained on, or start again with --overwrite")
 
 
 def check_layout(path: Path, world_size: int) -> None:

@@ -777,6 +777,9 @@ def parse_yaml_text(text: str, where: str) -> Any:
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise UserError(f"config file {path} is not a regular file (a folder, a device or a "
+                        "pipe) — pass a YAML file to --config")
     if not path.is_file():
         raise UserError(f"config file {path} does not exist — pass an existing YAML file to --config")
     try:

@@ -264,6 +264,9 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     if cfg.train.cuda_graphs:
         fastpath.keep_grads_out_of_graph_pool(model)
     train_rows, eval_rows, collator = _batching(cfg, data, tokenizer)
+    rows = checkpoints.rows_fingerprint(data.train)
+    if checkpoint is not None:
+        checkpoints.check_rows(Path(checkpoint), rows)  # before anything is written
     args = build_training_args(cfg, out, device, dtype, has_eval=bool(data.eval),
                                resuming=checkpoint is not None)
 
@@ -288,7 +291,7 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
         trainer = trainer_class()(model=model, args=args, train_dataset=train_rows,
                                    eval_dataset=eval_rows or None, data_collator=collator,
                                    callbacks=list(callbacks), head_loss=head_loss,
-                                   cuda_graphs=cfg.train.cuda_graphs)
+                                   cuda_graphs=cfg.train.cuda_graphs, rows_fingerprint=rows)
     except BaseException:
         if replaced is not None:
             rundir.restore_run(out, replaced)

@@ -296,7 +296,8 @@ def trainer_class():
     class QloraTrainer(Trainer):
         _staging_dir: Path | None = None
 
-        def __init__(self, *args, head_loss=None, cuda_graphs: bool = False, **kwargs):
+        def __init__(self, *args, head_loss=None, cuda_graphs: bool = False,
+                     rows_fingerprint: str | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             from transformers.trainer_callback import ProgressCallback
 
@@ -310,6 +311,7 @@ def trainer_class():
                     self.callback_handler.callbacks.remove(cb)
             self.head_loss = head_loss
             self.cuda_graphs = cuda_graphs
+            self.rows_fingerprint = rows_fingerprint  # recorded in each checkpoint's layout
             self.loss_guard = faults.NonFiniteLossGuard()
             self.add_callback(self.loss_guard)
 
@@ -348,7 +350,8 @@ def trainer_class():
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 checkpoints.write_layout(checkpoints.staging_dir(root, step)
-                                         / checkpoints.name_for(step), self.args.world_size)
+                                         / checkpoints.name_for(step), self.args.world_size,
+                                         self.rows_fingerprint)
                 published = checkpoints.publish(root, step)
                 # Trainer's own rotation ran inside the staging dir, where it had nothing to do.
                 checkpoints.prune(root, self.args.save_total_limit, published)
