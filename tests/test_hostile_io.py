@@ -277,6 +277,7 @@ TAMPERED = {
     "modules-to-save": (_config(modules_to_save=["lm_head"]), "modules_to_save = ['lm_head']"),
     "rank-pattern": (_config(rank_pattern={"q_proj": 4}), "rank_pattern = {'q_proj': 4}"),
     "bias": (_config(bias="all"), "bias = 'all' is not supported"),
+    "rslora-not-a-bool": (_config(use_rslora="yes"), "use_rslora = 'yes' must be true or false"),
     "peft-type": (_config(peft_type="IA3"), "peft_type = 'IA3' is not supported"),
     "alpha-huge": (_config(lora_alpha=1e30), "lora_alpha = 1e+30 must be a positive number"),
     "alpha-nan": (_config(lora_alpha=float("nan")), "lora_alpha = nan must be"),

@@ -182,6 +182,10 @@ def check_peft_config(adapter_dir: Path, cfg: dict) -> None:
         if cfg.get(key):
             raise _config_error(adapter_dir, key, cfg[key], "is a peft option qlora-lab never "
                                 "writes and does not support (load it with peft directly)")
+    # rsLoRA only changes the scale (alpha / sqrt(r)), which every path reads from peft's layer;
+    # a non-boolean would be read as truthy by peft, silently.
+    if type(cfg.get("use_rslora", False)) is not bool:
+        raise _config_error(adapter_dir, "use_rslora", cfg["use_rslora"], "must be true or false")
     if cfg.get("bias", "none") != "none":
         raise _config_error(adapter_dir, "bias", cfg["bias"], "is not supported (only 'none')")
     targets = cfg.get("target_modules")
