@@ -686,6 +686,12 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     eval_convs = eval_convs[: cfg.max_eval_rows]
     train = _encode(train_convs, tokenizer, template, cfg, stats)
     evals = _encode(eval_convs, tokenizer, template, cfg, stats)
+    if not train and not train_convs and eval_convs:
+        # The held-out share took every row: nothing was filtered.
+        raise UserError(f"data source {short_path(cfg.mix or cfg.source)} has "
+                        f"{len(eval_convs)} usable row(s) and data.eval_fraction = "
+                        f"{cfg.eval_fraction} holds out all of them — lower data.eval_fraction "
+                        "or add rows")
     if not train:
         raise UserError(f"data source {short_path(cfg.mix or cfg.source)} left no trainable rows "
                         f"after filtering ({stats}) — raise data.max_seq_len or check the rows")

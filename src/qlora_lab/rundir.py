@@ -130,9 +130,6 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> bool:
                         f"real folder {out.resolve()} to --output-dir")
     if out.exists() and not out.is_dir():
         raise UserError(f"output dir {out} is a file — pass a directory to --output-dir")
-    if resume and not os.path.lexists(out):
-        raise UserError(f"--resume: output dir {out} does not exist — pass the --output-dir of "
-                        "the run to continue, or train without --resume")
     try:
         existing = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
         # Resuming rewrites only a run's own files, and its config.yaml must parse as a run

@@ -17,6 +17,7 @@ loss stops before it reaches the weights or a checkpoint (faults.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -88,6 +89,7 @@ class RunClaim:
     replace_run: bool  # --overwrite must clear an earlier run once loading has succeeded
     checkpoint: str | None  # what --resume continues from
     lock: rundir.RunLock | None  # held by rank 0 until the run ends
+    created: bool = False  # this run made `out`: a failure before any write removes it again
 
 
 def claim_output_dir(cfg: RunConfig, resume: str | bool | None, overwrite: bool) -> RunClaim:
@@ -100,7 +102,10 @@ def claim_output_dir(cfg: RunConfig, resume: str | bool | None, overwrite: bool)
         raise UserError("--resume continues the run in the output dir and --overwrite replaces "
                         "it — pass one of them")
     out = Path(cfg.train.output_dir).expanduser()  # as Trainer expands it: one folder
-    replace_run, lock = False, None
+    if resume is True and not os.path.lexists(out):
+        raise UserError(f"--resume: output dir {out} does not exist — pass the --output-dir of "
+                        "the run to continue, or train without --resume")
+    replace_run, lock, created = False, None, not os.path.lexists(out)
     if _is_main_process():
         replace_run = rundir.check_output_dir(out, resume=bool(resume), overwrite=overwrite)
         lock = rundir.RunLock(out).acquire()
@@ -115,7 +120,7 @@ def claim_output_dir(cfg: RunConfig, resume: str | bool | None, overwrite: bool)
         if lock is not None:
             lock.release()
         raise
-    return RunClaim(out, replace_run, checkpoint, lock)
+    return RunClaim(out, replace_run, checkpoint, lock, created and _is_main_process())
 
 
 def _peak_memory(device: str) -> dict:
@@ -476,6 +481,12 @@ def run_train(cfg: RunConfig, resume: str | bool | None = None, overwrite: bool 
     finally:
         if claim.lock is not None:
             claim.lock.release()
+        if (claim.created and claim.out.is_dir()
+                and {p.name for p in claim.out.iterdir()} <= {rundir.LOCK}):
+            # A mistake found before the first write leaves no empty folder behind.
+            (claim.out / rundir.LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                claim.out.rmdir()
 
 
 def _replacing(session: TrainingSession) -> dict:
