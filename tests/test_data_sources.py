@@ -324,3 +324,111 @@ def test_a_hub_cache_snapshot_folder_may_link_to_its_blobs(tmp_path, tok):
     (snapshot / "train.jsonl").symlink_to(blob)
     data = _prepare(tok, source=str(snapshot), eval_fraction=0.0)
     assert len(data.train) == 4
+
+
+# --- a folder's files are read as the same files given directly ---------------------------------
+
+# Rows whose answers are JSON text, as in the demo data: `datasets` parsed them into dicts.
+JSON_ANSWERS = [{**r, "response": json.dumps({"sum": r["response"]})} for r in DOLLY_ROWS]
+CSV_HEADER = "instruction,context,response\n"
+
+
+def _csv(rows) -> str:
+    return CSV_HEADER + "".join(f"{r['instruction']},,{r['response'].split()[-1]}\n" for r in rows)
+
+
+@pytest.mark.parametrize("name, content, skippable", [
+    ("train.jsonl", "".join(json.dumps(r) + "\n" for r in JSON_ANSWERS[:5]).encode()
+     + b'{"instruction": "caf\xe9", "context": "", "response": "ok"}\n', False),
+    ("train.jsonl", "".join(json.dumps(r) + "\n" for r in JSON_ANSWERS[:5]).encode()
+     + b"[1, 2]\n" + json.dumps(JSON_ANSWERS[5]).encode() + b"\n", True),
+    ("train.jsonl", "".join(json.dumps(r) + "\n" for r in JSON_ANSWERS[:5]).encode()
+     + json.dumps({**DOLLY_ROWS[5], "response": 123}).encode() + b"\n", True),
+    ("train.csv", (_csv(DOLLY_ROWS[:4]) + "a,b,c,surplus\n" + _csv(DOLLY_ROWS[5:7])[len(CSV_HEADER):]
+                   ).encode(), True),
+    ("train.csv", _csv(DOLLY_ROWS[:4]).encode() + b"caf\xe9,,ok\n", False),
+], ids=["jsonl-not-utf8", "jsonl-row-not-an-object", "jsonl-response-int", "csv-ragged-row",
+        "csv-not-utf8"])
+def test_a_bad_row_in_a_folder_is_reported_as_in_the_file(tmp_path, tok, name, content,
+                                                           skippable):
+    """The same one-line error, naming the file in the folder and its 1-based line, and
+    --skip-bad-rows skipping the same rows, as when the file is given directly."""
+    folder = tmp_path / "handed"
+    folder.mkdir()
+    (folder / name).write_bytes(content)
+    (tmp_path / name).write_bytes(content)
+    for skip in (False, True):
+        outcomes = []
+        for source in (folder, tmp_path / name):
+            try:
+                data = _prepare(tok, source=str(source), skip_bad_rows=skip, eval_fraction=0.0)
+                outcomes.append((data.stats["bad_rows_skipped"], _decoded(tok, data.train)))
+            except UserError as err:
+                outcomes.append(str(err).replace(str(folder / name), str(tmp_path / name)))
+        via_folder, via_file = outcomes
+        assert via_folder == via_file
+        if skip and skippable:
+            assert via_folder[0] == 1
+        else:
+            assert f"{tmp_path / name}:6: " in via_folder and "\n" not in via_folder, via_folder
+
+
+def test_a_folder_with_an_empty_file_names_it(tmp_path, tok):
+    folder = tmp_path / "handed"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("")
+    with pytest.raises(UserError, match=rf"data source {folder} has no rows in "
+                       rf"{folder / 'train.jsonl'} — add rows"):
+        _prepare(tok, source=str(folder))
+
+
+def test_a_folder_of_unsupported_files_is_refused_as_the_file_is(tmp_path, tok):
+    folder = tmp_path / "handed"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hi\n")
+    with pytest.raises(UserError, match=r"notes.txt has an unsupported suffix '.txt'"):
+        _prepare(tok, source=str(folder / "notes.txt"))
+    with pytest.raises(UserError, match=rf"data file {folder / 'notes.txt'} in dataset folder "
+                       rf"{folder} has an unsupported suffix '.txt' — a folder's data files "
+                       r"take the suffixes a file does \(.jsonl, .json, .csv, .parquet\)"):
+        _prepare(tok, source=str(folder))
+
+
+def _split_files(folder) -> dict[str, set[str]]:
+    return {split: {r.where.rsplit(":", 1)[0] for r in read_rows(str(folder), split=split)}
+            for split in ("train", "validation", "test")}
+
+
+def test_a_folder_keeps_splits_named_by_files_and_folders(tmp_path, tok):
+    """As `load_dataset` names them: dev is the validation split; subfolders named for a split
+    take precedence over files named for one."""
+    folder = tmp_path / "handed"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", DOLLY_ROWS[:6])
+    write_jsonl(folder / "dev.jsonl", DOLLY_ROWS[6:9])
+    write_jsonl(folder / "test.jsonl", DOLLY_ROWS[9:])
+    assert _split_files(folder) == {"train": {str(folder / "train.jsonl")},
+                                    "validation": {str(folder / "dev.jsonl")},
+                                    "test": {str(folder / "test.jsonl")}}
+    data = _prepare(tok, source=str(folder), eval_split="validation")
+    assert (len(data.train), len(data.eval)) == (6, 3)
+    with pytest.raises(UserError, match=r"data.split = 'dev' is not a split of .*handed \(its "
+                       r"splits: train, validation, test\)"):
+        read_rows(str(folder), split="dev")
+    for split in ("train", "validation", "test"):
+        (folder / split).mkdir()
+        write_jsonl(folder / split / "part1.jsonl", DOLLY_ROWS[:2])
+    assert _split_files(folder) == {split: {str(folder / split / "part1.jsonl")}
+                                    for split in ("train", "validation", "test")}
+
+
+def test_a_folder_config_with_reader_options_is_read_by_datasets(tmp_path):
+    """`field: data` is an option of `datasets`' JSON reader, which ours does not take."""
+    folder = tmp_path / "handed"
+    folder.mkdir()
+    (folder / "rows.json").write_text(json.dumps({"data": DOLLY_ROWS[:3], "ids": [1, 2, 3]}))
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: wrapped\n  data_files: rows.json\n  field: data\n---\n")
+    rows = read_rows(str(folder), hub_config="wrapped")
+    assert [r.values for r in rows] == DOLLY_ROWS[:3]
+    assert rows[0].where == f"{folder}[wrapped:train]:row 0"

@@ -1,11 +1,13 @@
 """Where rows come from: local files, dataset folders, hub datasets, and weighted mixes of them.
 
-A source is a local .jsonl/.json/.csv/.parquet file, or a hub dataset or local dataset folder read
-by `datasets` (data files, with a README declaring configs or not, or one written by
-`save_to_disk`); `data.hub_config` picks its config and `data.split` its split. Every row comes
-back as a `Row` that says where it came from (`file:line`); a row that fails to parse carries its
-UserError instead of values, so `--skip-bad-rows` can count it. What the rows mean (schemas,
-prompts, masks) is data.py's business, not this module's.
+A source is a local .jsonl/.json/.csv/.parquet file, a hub dataset read by `datasets`, or a local
+dataset folder: data files, with a README declaring configs or not, or one written by
+`save_to_disk`; `data.hub_config` picks its config and `data.split` its split. `datasets` says
+which files of a folder make up a split, and the reader of a file given directly reads them, so a
+folder's bad row is named and skipped as a file's is. Every row comes back as a `Row` that says
+where it came from (`file:line`); a row that fails to parse carries its UserError instead of
+values, so `--skip-bad-rows` can count it. What the rows mean (schemas, prompts, masks) is
+data.py's business, not this module's.
 
 Public API:
 - `read_rows(source, hub_config, split)`: all rows of one source.
@@ -20,6 +22,7 @@ Public API:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -132,11 +135,19 @@ def _iter_parquet(path: Path) -> Iterator[Row]:
         yield Row(f"{path}:row {i}", item)
 
 
-def _iter_dataset(name: str, hub_config: str, split: str, split_key: str) -> Iterator[Row]:
-    """Rows of one split of a hub dataset or a local dataset folder (`datasets` reads both)."""
+def _read_dataset(name: str, hub_config: str, split: str, split_key: str) -> list[Row]:
+    """Rows of one split of a hub dataset or a local dataset folder.
+
+    A folder's data files are read by `_read_file`, as the same files given directly are:
+    `datasets`' readers stop at the first bad row with a traceback or a multi-line log and lose
+    the file and line, guess types (a JSON-looking string becomes a dict, so the wrong row is
+    blamed), and number rows from 0. `datasets` still reads hub datasets, folders written by
+    `save_to_disk`, and folders whose README gives its readers options (a `field`, a `sep`).
+    """
     import datasets
 
     path = Path(name).expanduser()
+    files = None
     try:
         if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
             ds = datasets.load_from_disk(str(path))  # written by save_to_disk: no configs
@@ -149,14 +160,68 @@ def _iter_dataset(name: str, hub_config: str, split: str, split_key: str) -> Ite
         else:
             if path.is_dir():
                 _check_folder_card(path)
-            ds = datasets.load_dataset(name, hub_config or None, split=split)
+                files = _folder_files(path, name, hub_config, split, split_key)
+            if files is None:
+                ds = datasets.load_dataset(name, hub_config or None, split=split)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 — network, offline, no such dataset/config/split
         raise _dataset_error(name, hub_config, split, split_key, exc) from None
+    if files is not None:
+        rows = [row for file in files for row in _read_file(file, str(file))]
+        if not rows:
+            raise UserError(f"data source {short_path(name)} has no rows in "
+                            f"{short_path(', '.join(map(str, files)))} — add rows or pick "
+                            "another file")
+        return rows
     label = name if (split, hub_config) == ("train", "") else f"{name}[{hub_config}:{split}]"
-    for i, item in enumerate(ds):
-        yield Row(f"{label}:row {i}", item)
+    return [Row(f"{label}:row {i}", item) for i, item in enumerate(ds)]
+
+
+# The fields every `datasets` builder config has; any other field set away from its default is a
+# reader option (a README config's `field: data`, `sep: ";"`), which only `datasets` applies.
+_PLAIN_CONFIG_FIELDS = {"name", "version", "data_dir", "data_files", "description"}
+
+
+def _folder_files(folder: Path, name: str, hub_config: str, split: str,
+                  split_key: str) -> list[Path] | None:
+    """The data files of one split of a dataset folder, as the folder's `name` spells them; None
+    where its config gives reader options, so `datasets` must read it.
+
+    `datasets` resolves the split, reading nothing: a README's configs, else
+    data/train-00000-of-00001.* shards, else subfolders named for a split (train/, test/), else
+    files named for one (train.jsonl, dev.jsonl), else every data file of the most common format
+    as `train`. Their suffixes follow the rule
+    for a file given directly, so a folder of notes.txt is refused as notes.txt is, not trained
+    on line by line as plain text.
+    """
+    import datasets
+
+    config = datasets.load_dataset_builder(str(folder), hub_config or None).config
+    splits = {str(key): value for key, value in (config.data_files or {}).items()}
+    if split not in splits:
+        raise _not_a_split(name, split, list(splits), split_key)
+    files = [_as_given(folder, Path(file)) for file in splits[split]]
+    for file in files:
+        if file.suffix.lower() not in LOCAL_SUFFIXES:
+            raise UserError(f"data file {short_path(str(file))} in dataset folder "
+                            f"{short_path(name)} has an unsupported suffix {file.suffix!r} — "
+                            f"a folder's data files take the suffixes a file does "
+                            f"({', '.join(LOCAL_SUFFIXES)}): convert it, or move it out")
+    defaults = type(config)()
+    if any(getattr(config, f.name) != getattr(defaults, f.name)
+           for f in dataclasses.fields(config) if f.name not in _PLAIN_CONFIG_FIELDS):
+        return None
+    return files
+
+
+def _as_given(folder: Path, file: Path) -> Path:
+    """`file`, which `datasets` names by an absolute path, under `folder` as the user spelled it
+    (`data/train.jsonl`, not `/home/me/project/data/train.jsonl`), for error messages."""
+    for base in (folder.absolute(), folder.resolve()):
+        if file.is_relative_to(base):
+            return folder / file.relative_to(base)
+    return file
 
 
 def _check_folder_card(folder: Path) -> None:
@@ -257,7 +322,7 @@ def read_rows(source: str, hub_config: str = "", split: str = "train",
                             f"{short_path(source)} is a file — leave it unset for files")
         rows = _read_file(Path(source).expanduser(), source)
     else:
-        rows = list(_iter_dataset(source, hub_config, split, split_key))
+        rows = _read_dataset(source, hub_config, split, split_key)
     if not rows:
         raise UserError(f"data source {short_path(source)} has no rows — add rows or pick another "
                         "file")
