@@ -110,7 +110,7 @@ def test_output_dir_is_never_clobbered(tmp_path, dolly_file, trained_run):
     with pytest.raises(UserError, match="no qlora-lab run wrote"):
         setup_training(tiny_config(foreign, dolly_file), overwrite=True)
     assert (foreign / "notes.txt").read_text() == "precious"
-    with pytest.raises(UserError, match="no checkpoint"):
+    with pytest.raises(UserError, match="output dir .*fresh does not exist"):
         setup_training(tiny_config(tmp_path / "fresh", dolly_file), resume=True)
 
 
