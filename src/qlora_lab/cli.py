@@ -432,6 +432,12 @@ def _setup_logging(quiet: bool) -> None:
     # built-in CPU path it falls back to is the one we test with.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if quiet:
+        # -q is "only warnings and results": transformers' weight-loading bar is neither, and
+        # it would stand above a one-line error on stderr.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     # transformers >= 5.20 renamed gradient_checkpointing_* to activation_checkpointing_*; peft
     # and our code use the old names, which 5.17 (still supported) has alone. The warning is
     # for library authors, not for someone running a fine-tune.

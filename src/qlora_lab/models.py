@@ -269,12 +269,23 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
             load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=resolve_quant_storage(quant, dtype, fsdp))
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    # Its multi-line load report is replaced by the one-line verdicts below.
+    hf_logging.set_verbosity_error()
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
                                                            **kwargs)
     except OSError as exc:
         raise UserError(f"could not load model {path}: {str(exc).splitlines()[0]} — check the "
                         "name, or use a preset (" + ", ".join(PRESETS) + ")") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    unused = sorted(info.get("unexpected_keys") or ())
+    if unused:
+        log.warning("model %s holds %d weight(s) its architecture does not use (first: %s); "
+                    "they are ignored", path, len(unused), unused[0])
     # transformers initializes a weight the files lack at random and only prints a table: a
     # damaged or mismatched model would then train or answer from noise (tied heads and
     # non-persistent buffers are not reported missing).
