@@ -372,7 +372,7 @@ def test_a_broken_chat_template_file_is_one_line(chat_run, capsys):
     assert main(["-q", "generate", "--adapter", str(chat_run), "--prompt", "hi",
                  "--max-new-tokens", "2"]) == 2
     err = _one_error_line(capsys)
-    assert f"chat template {template} cannot render the prompt" in err and "fix the" in err
+    assert f"the chat template in {template} cannot render the prompt" in err and "fix the" in err
 
 
 def test_chat_template_errors_are_user_errors(chat_run):

@@ -50,6 +50,13 @@ from qlora_lab.data import (
     row_to_messages,
 )
 from qlora_lab.errors import UserError
+from qlora_lab.generate import (
+    GenerateConfig,
+    load_for_inference,
+    model_context,
+    stop_token_ids,
+    template_source,
+)
 from qlora_lab.sources import bad_row, first_line, read_rows
 
 log = logging.getLogger(__name__)
@@ -223,12 +230,6 @@ def load_eval_rows(cfg: EvalConfig) -> tuple[list[EvalRow], int]:
 # --- rows against the model ----------------------------------------------------------------------
 
 
-def model_context(model) -> int | None:
-    """The most tokens the model reads (`max_position_embeddings`); None if its config says not."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    return limit if isinstance(limit, int) else None
-
-
 @dataclass(frozen=True)
 class EncodedRows:
     """The rows to evaluate, checked against the loaded model, and what every column shares."""
@@ -249,11 +250,7 @@ def _check_chat_template(loaded, row: EvalRow) -> None:
     try:
         render_prompt(row.prompt, loaded.tokenizer, loaded.template, add_generation_prompt=True)
     except TemplateSyntaxError as exc:
-        where = Path(getattr(loaded.tokenizer, "name_or_path", "") or ".")
-        source = next((str(where / name) for name in ("chat_template.jinja",
-                                                      "tokenizer_config.json")
-                       if (where / name).is_file()), f"the tokenizer of {where}")
-        raise UserError(f"the chat template in {source} does not parse ({first_line(exc)}, "
+        raise UserError(f"{template_source(loaded.tokenizer)} does not parse ({first_line(exc)}, "
                         f"template line {exc.lineno}) — fix the template there, or restore it "
                         "from the base model; the data is not at fault") from None
     except TemplateError:
@@ -295,7 +292,7 @@ def encode_rows(loaded, rows: list[EvalRow], cfg: EvalConfig) -> EncodedRows:
     generation and a report computed past the context. The loss rows are cut to the context for
     the same reason.
     """
-    context = model_context(loaded.model)
+    context = model_context(loaded.model.config)
     max_seq_len = cfg.max_seq_len if context is None else min(cfg.max_seq_len, context)
     _check_chat_template(loaded, rows[0])
     kept, examples, lengths, bad, long, stats = [], [], [], 0, 0, Counter()
@@ -376,7 +373,7 @@ def answer_token_cap(loaded, rows: list[EvalRow], max_new_tokens: int | None) ->
     tok = loaded.tokenizer
     longest = max(len(tok(row.reference, add_special_tokens=False)["input_ids"]) for row in rows)
     cap = longest + ANSWER_END_TOKENS
-    context = model_context(loaded.model)
+    context = model_context(loaded.model.config)
     return min(cap, context) if context is not None else cap
 
 
@@ -444,8 +441,6 @@ def generate_batch(loaded, prompts: list[list], max_new_tokens: int) -> list[str
     on the left so every answer starts right after its own prompt; the attention mask hides the
     padding, and generate derives position ids from it.
     """
-    from qlora_lab.generate import stop_token_ids
-
     tok = loaded.tokenizer
     enc = encode_prompts(loaded, prompts)
     out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
@@ -464,7 +459,7 @@ def evaluate_model(loaded, encoded: EncodedRows, cfg: EvalConfig, label: str) ->
     loss, n_tokens = heldout_loss(loaded.model, encoded.examples, loaded.tokenizer.pad_token_id,
                                   cfg.loss_batch_size)
     predictions: list[str] = [""] * len(rows)
-    batches = answer_batches(encoded.prompt_tokens, model_context(loaded.model),
+    batches = answer_batches(encoded.prompt_tokens, model_context(loaded.model.config),
                              cfg.max_new_tokens, cfg.generate_batch_size)
     with tqdm(total=len(rows), desc=f"generating ({label})", unit="row") as bar:
         for cap, idx in batches:
@@ -602,8 +597,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     every row is checked against the model before any is evaluated; and nothing is written, the
     output dir included, until every number exists (files are replaced atomically).
     """
-    from qlora_lab.generate import GenerateConfig, load_for_inference
-
     started = time.perf_counter()
     rows, skipped = load_eval_rows(cfg)
     out, bound = _check_output_dir(cfg)
@@ -617,7 +610,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     encoded = encode_rows(loaded, rows, cfg)
     # The command and config are recorded as given; the cap they resolve to is recorded too.
     max_new_tokens = answer_token_cap(loaded, encoded.rows, cfg.max_new_tokens)
-    context = model_context(loaded.model)
+    context = model_context(loaded.model.config)
     room = [context - n for n in encoded.prompt_tokens] if context is not None else []
     short = sum(r < max_new_tokens for r in room)
     if short:

@@ -112,10 +112,17 @@ def stop_token_ids(loaded: LoadedModel) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def model_context(model_config) -> int | None:
+    """The most tokens the model reads (`max_position_embeddings`); None if its config says not.
+    `generate` and `eval` both hold prompts to it."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
 def fit_new_tokens(model_config, prompt_tokens: int, max_new_tokens: int) -> int:
     """New tokens that fit after the prompt in the model's context (at most `max_new_tokens`)."""
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
+    limit = model_context(model_config)
+    if limit is None:
         return max_new_tokens  # the config states no limit; trust the caller
     if prompt_tokens >= limit:
         raise UserError(f"the prompt is {prompt_tokens} tokens, but the model reads at most "
@@ -128,13 +135,13 @@ def fit_new_tokens(model_config, prompt_tokens: int, max_new_tokens: int) -> int
     return max_new_tokens
 
 
-def _template_source(tokenizer) -> str:
-    """Where the tokenizer's chat template was read from, for an error that names the file."""
+def template_source(tokenizer) -> str:
+    """The tokenizer's chat template, named by the file it was read from, for errors that point
+    at the file to fix (`generate` and `eval`)."""
     folder = Path(getattr(tokenizer, "name_or_path", "") or ".")
-    if (folder / "chat_template.jinja").is_file():
-        return str(folder / "chat_template.jinja")
-    if (folder / "tokenizer_config.json").is_file():
-        return f"the chat_template in {folder / 'tokenizer_config.json'}"
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            return f"the chat template in {folder / name}"
     return f"the chat template of tokenizer {tokenizer.name_or_path}"
 
 
@@ -146,7 +153,7 @@ def render_chat(loaded: LoadedModel, messages: list[dict]) -> str:
         return render_prompt(messages, loaded.tokenizer, loaded.template,
                              add_generation_prompt=True)
     except TemplateError as exc:  # a syntax error, or the template's own raise_exception()
-        raise UserError(f"chat template {_template_source(loaded.tokenizer)} cannot render the "
+        raise UserError(f"{template_source(loaded.tokenizer)} cannot render the "
                         f"prompt ({first_line(exc)}) — fix the template, or restore the base "
                         "model's copy") from None
 
