@@ -382,10 +382,13 @@ class TrainConfig:
         loss stay outside compiled code). The number of bins in a micro-batch changes from step
         to step: a layer compiles for the first shape, then once with the bin count dynamic,
         and once more for evaluation (no grad). On an H200 (TinyLlama, 8 GiB cap, 160 rows per
-        micro-batch, varlen attention) the run reached 70.6k real tok/s
-        (benchmarks/results/bench_h200_8gib.json). Compiled layers keep the compiler's own
+        micro-batch, varlen attention) the run reached 74.4k real tok/s
+        (benchmarks/results/bench_h200_8gib.json); on full 1,024-token rows 73.4k against 25.0k
+        uncompiled (benchmarks/results/bench_full_rows_eager_h200_8gib.json: the uncompiled path
+        is bound by the host's kernel launches). Compiled layers keep the compiler's own
         RMSNorm and SwiGLU under `liger: auto` (see `liger`). Off by default: 10-30 s of
-        compilation at start, measured on that one GPU only; turn it on for long runs.
+        compilation at start, measured on that one GPU only; turn it on for GPU runs longer
+        than a minute.
         Checkpointed layers recompute inside their compiled backward (down_proj is not
         recomputed: +7 % at 160 rows on the H200, benchmarks/results/checkpoint_inside_h200.json),
         on every torch and transformers version; on torch 2.11 through a checkpoint context that tags every
