@@ -184,6 +184,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`: t itself where it is already. Tensor.to returns t then too, but through
+    the dispatcher: uncompiled, the fused functions made ~7,100 such calls a step at 32 full
+    rows on the H200 (benchmarks/results/profile_step_h200_full_rows_eager.json), host time
+    in a path the host bounds."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _dequantize(weight: torch.Tensor, absmax: torch.Tensor | None,
                 dtype: torch.dtype) -> torch.Tensor:
     """The 4-bit weight in `dtype`. Given the fp32 block scales (`flat_absmax`), bitsandbytes'
@@ -193,10 +201,10 @@ def _dequantize(weight: torch.Tensor, absmax: torch.Tensor | None,
     if absmax is None:
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight, state).to(dtype)
+        return _as(bnbf.dequantize_4bit(weight, state), dtype)
     out = torch.ops.bitsandbytes.dequantize_4bit.default(
         weight, absmax, state.blocksize, state.quant_type, state.shape, state.dtype)
-    return out.to(dtype)
+    return _as(out, dtype)
 
 
 # The in-place accumulate as an operator a compiled graph can call (see `_accumulate`). Defined
@@ -244,9 +252,9 @@ class LoraLinear4bit(torch.autograd.Function):
         dtype = _compute_dtype(x)
         kind = x.device.type
         with torch.autocast(kind, enabled=False):
-            flat = x.reshape(-1, x.shape[-1]).to(dtype)
-            a = lora_a.to(dtype)
-            b_scaled = (lora_b * scale).to(dtype)  # scale folded into B: r x out, not N x out
+            flat = _as(x.reshape(-1, x.shape[-1]), dtype)
+            a = _as(lora_a, dtype)
+            b_scaled = _as(lora_b * scale, dtype)  # scale folded into B: r x out, not N x out
             w = _dequantize(weight, absmax, dtype)
             xa = flat @ a.t()
             # The adapter's product first, then the base matmul accumulates onto it: cuBLAS
@@ -256,7 +264,7 @@ class LoraLinear4bit(torch.autograd.Function):
             if bias is None:
                 out = xa @ b_scaled.t()
             else:
-                out = torch.addmm(bias.to(dtype), xa, b_scaled.t())
+                out = torch.addmm(_as(bias, dtype), xa, b_scaled.t())
             _accumulate(out, flat, w.t())
         ctx.save_for_backward(flat, xa, weight, lora_a, lora_b, absmax)
         ctx.scale, ctx.dtype, ctx.kind = scale, dtype, kind
@@ -268,19 +276,19 @@ class LoraLinear4bit(torch.autograd.Function):
         flat, xa, weight, lora_a, lora_b, absmax = ctx.saved_tensors
         dtype, scale = ctx.dtype, ctx.scale
         with torch.autocast(ctx.kind, enabled=False):
-            dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-            a = lora_a.to(dtype)
-            b_scaled = (lora_b * scale).to(dtype)
+            dy = _as(grad_out.reshape(-1, grad_out.shape[-1]), dtype)
+            a = _as(lora_a, dtype)
+            b_scaled = _as(lora_b * scale, dtype)
             dxa = dy @ b_scaled  # N x r: the gradient reaching A's output
             grad_x = grad_a = grad_b = grad_bias = None
             if ctx.needs_input_grad[0]:
                 grad_x = dxa @ a  # the adapter's part first, as in forward
                 _accumulate(grad_x, dy, _dequantize(weight, absmax, dtype))
-                grad_x = grad_x.view(*grad_out.shape[:-1], flat.shape[-1]).to(ctx.x_dtype)
+                grad_x = _as(grad_x.view(*grad_out.shape[:-1], flat.shape[-1]), ctx.x_dtype)
             if ctx.needs_input_grad[3]:
-                grad_a = (dxa.t() @ flat).to(lora_a.dtype)
+                grad_a = _as(dxa.t() @ flat, lora_a.dtype)
             if ctx.needs_input_grad[4]:
-                grad_b = (dy.t() @ (xa * scale)).to(lora_b.dtype)  # N x r scaled, not N x out
+                grad_b = _as(dy.t() @ (xa * scale), lora_b.dtype)  # N x r scaled, not N x out
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
@@ -366,6 +374,9 @@ class LoraJoint4bit(torch.autograd.Function):
     columns | 0]^T. No (tokens x out) product is written and read back, which is what
     LoraLinear4bit's accumulate costs; the adapter's sum is taken in the matmul's fp32
     accumulator with the base's. The zero columns pad K to a whole tile (memory.rank_columns).
+    That form is for compiled code, which builds the wide operands inside its fused kernels;
+    uncompiled, each projection accumulates onto its adapter's product (LoraLinear4bit's
+    form, the shared x A^T sliced), since eager concatenation copies x and every weight.
 
     Backward is LoraLinear4bit's, shared: dy_p sB_p for each projection, side by side, times
     the stacked A in one matmul, and each dy_p W_p accumulated onto it (one dx for the group).
@@ -378,19 +389,34 @@ class LoraJoint4bit(torch.autograd.Function):
         weights, absmaxes, las, lbs, scales, biases = (per[i::6] for i in range(6))
         ranks = [a.shape[0] for a in las]
         with torch.autocast(kind, enabled=False):
-            flat = x.reshape(-1, x.shape[-1]).to(dtype)
-            a = torch.cat([la.to(dtype) for la in las])
-            width = rank_columns(a.shape[0])
+            flat = _as(x.reshape(-1, x.shape[-1]), dtype)
+            a = torch.cat([_as(la, dtype) for la in las])
             xa = flat @ a.t()
-            wide_x = torch.cat([flat, xa, flat.new_zeros(flat.shape[0], width - a.shape[0])], 1)
+            # Compiled, the wide operands are built inside the graph, fused with the kernels that
+            # produce x and dequantize W. Uncompiled, each cat is a copy of x and of every
+            # dequantized weight per call (24 ms a step of CatArrayBatchedCopy at 32 full rows
+            # on the H200, profile_step_h200_full_rows_eager.json): there each projection
+            # accumulates onto its adapter's product as LoraLinear4bit does, x A^T still shared.
+            wide = torch.compiler.is_compiling()
+            if wide:
+                width = rank_columns(a.shape[0])
+                wide_x = torch.cat([flat, xa, flat.new_zeros(flat.shape[0],
+                                                             width - a.shape[0])], 1)
             outs, at = [], 0
             for weight, absmax, lb, scale, rank, bias in zip(weights, absmaxes, lbs, scales,
                                                              ranks, biases):
                 w = _dequantize(weight, absmax, dtype)
-                wide_w = torch.cat([w, w.new_zeros(w.shape[0], at), (lb * scale).to(dtype),
-                                    w.new_zeros(w.shape[0], width - at - rank)], 1)
-                out = (wide_x @ wide_w.t() if bias is None
-                       else torch.addmm(bias.to(dtype), wide_x, wide_w.t()))
+                b_scaled = _as(lb * scale, dtype)
+                if wide:
+                    wide_w = torch.cat([w, w.new_zeros(w.shape[0], at), b_scaled,
+                                        w.new_zeros(w.shape[0], width - at - rank)], 1)
+                    out = (wide_x @ wide_w.t() if bias is None
+                           else torch.addmm(_as(bias, dtype), wide_x, wide_w.t()))
+                else:
+                    xa_p = xa[:, at:at + rank]
+                    out = (xa_p @ b_scaled.t() if bias is None
+                           else torch.addmm(_as(bias, dtype), xa_p, b_scaled.t()))
+                    _accumulate(out, flat, w.t())
                 outs.append(out.view(*x.shape[:-1], w.shape[0]))
                 at += rank
         # x and the r-wide products, not the wide buffer: its zero columns would be kept too.
@@ -407,23 +433,23 @@ class LoraJoint4bit(torch.autograd.Function):
         weights, absmaxes, las, lbs = (rest[i * n:(i + 1) * n] for i in range(4))
         grad_a, grad_b = [None] * n, [None] * n
         with torch.autocast(ctx.kind, enabled=False):
-            dys = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grads]
-            b_scaled = [(lb * s).to(dtype) for lb, s in zip(lbs, ctx.scales)]
+            dys = [_as(g.reshape(-1, g.shape[-1]), dtype) for g in grads]
+            b_scaled = [_as(lb * s, dtype) for lb, s in zip(lbs, ctx.scales)]
             dxa = torch.cat([dy @ b for dy, b in zip(dys, b_scaled)], 1)  # N x (sum of ranks)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                a = torch.cat([la.to(dtype) for la in las])
+                a = torch.cat([_as(la, dtype) for la in las])
                 grad_x = dxa @ a  # the adapters' part first, as LoraLinear4bit does
                 for dy, weight, absmax in zip(dys, weights, absmaxes):
                     _accumulate(grad_x, dy, _dequantize(weight, absmax, dtype))
-                grad_x = grad_x.view(*grads[0].shape[:-1], d_in).to(ctx.x_dtype)
+                grad_x = _as(grad_x.view(*grads[0].shape[:-1], d_in), ctx.x_dtype)
             if any(ctx.needs_input_grad[4::6]):
-                grad_a = [g.to(la.dtype) for g, la in
+                grad_a = [_as(g, la.dtype) for g, la in
                           zip((dxa.t() @ flat).split(ctx.ranks), las)]  # all A's at once
             grad_bias = [None] * n
             for i, xa_i in enumerate(xa.split(ctx.ranks, 1)):
                 if ctx.needs_input_grad[2 + 6 * i + 3]:
-                    grad_b[i] = (dys[i].t() @ (xa_i * ctx.scales[i])).to(lbs[i].dtype)
+                    grad_b[i] = _as(dys[i].t() @ (xa_i * ctx.scales[i]), lbs[i].dtype)
                 if ctx.has_bias[i] and ctx.needs_input_grad[2 + 6 * i + 5]:
                     grad_bias[i] = dys[i].sum(0)
         out = [grad_x, None]
