@@ -3,7 +3,8 @@
 #   bash benchmarks/bench_h200.sh [sweep|final|small|profile|context|fullrows|gputest|levers|budget|all]
 #   (all = sweep, final, small)
 # fullrows: ours against unsloth on rows that fill every 1024-token bin (fixtures.py full-rows),
-#   FULL="--set k=v ..." for our flags; gputest: the CUDA-only tests (pytest -m gpu).
+#   FULL="--set k=v ..." for our flags, FULL_RECIPES=qlora_lab for ours alone, FULL_NAME names
+#   the result file; gputest: the CUDA-only tests (pytest -m gpu).
 # levers: issue #15's lever rows at 160 rows per micro-batch (fused LoRA, varlen, Flex), 12
 #   steps with 5 untimed (compiled layers compile for the first shapes), then a profile of
 #   the varlen row; one device call.
@@ -105,9 +106,9 @@ if [[ $phase == fullrows ]]; then
   timeout ${FULL_TIMEOUT:-300} python3 -m qlora_lab bench --model $MODEL --data $FULLDATA \
     --memory-cap 8GiB --set train.grad_accum_steps=1 --set data.max_seq_len=1024 \
     --set train.micro_batch_size=32 --peer-micro-batch 32 ${FULL:-} --steps ${FULL_STEPS:-8} --warmup-steps ${WARMUP:-2} \
-    --recipes qlora_lab,unsloth --output-dir /tmp/bench-full 2>&1 | grep -v "it/s\]" | tail -12
-  cp /tmp/bench-full/bench.json "$OUT/bench_full_rows_h200_8gib.json"
-  cp /tmp/bench-full/bench.md "$OUT/bench_full_rows_h200_8gib.md"
+    --recipes ${FULL_RECIPES:-qlora_lab,unsloth} --output-dir /tmp/bench-full 2>&1 | grep -v "it/s\]" | tail -12
+  cp /tmp/bench-full/bench.json "$OUT/${FULL_NAME:-bench_full_rows_h200_8gib}.json"
+  cp /tmp/bench-full/bench.md "$OUT/${FULL_NAME:-bench_full_rows_h200_8gib}.md"
 fi
 if [[ $phase == gputest ]]; then
   python3 -m pytest --version >/dev/null 2>&1 && \

@@ -130,3 +130,14 @@ def test_deep_yaml_is_refused_whatever_the_recursion_limit():
         assert parse_yaml_text(nested(MAX_YAML_DEPTH - 1), "config.yaml") is not None
     finally:
         sys.setrecursionlimit(original)
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), (True, True), (False, False)])
+def test_compile_takes_a_bool_or_auto(value, expected):
+    assert config_from_dict({"train": {"compile": value}}).train.compile == expected
+
+
+def test_compile_refuses_other_words_in_one_line():
+    with pytest.raises(UserError, match=r"train\.compile = 'yes' has the wrong type: expected "
+                                        r"bool or 'auto'"):
+        config_from_dict({"train": {"compile": "yes"}})

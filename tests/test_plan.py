@@ -364,3 +364,46 @@ def test_plan_counts_cuda_graph_layers_without_liger():
     plain = plan_module.step_shape(config_from_dict({"train": train}))
     graphed = plan_module.step_shape(config_from_dict({"train": {**train, "cuda_graphs": True}}))
     assert plain.liger and not graphed.liger
+
+
+def test_compile_auto_resolves_as_train_runs_it_and_the_planner_follows():
+    """train.compile: auto compiles for one process on CUDA with triton, not with offloaded
+    activations (whose long rows need the uncompiled tiled MLP); plan resolves it the same way,
+    candidate by candidate in a budget search."""
+    from qlora_lab.config import TrainConfig, config_from_dict, resolve_compile
+
+    auto = TrainConfig()
+    assert auto.compile == "auto"
+    assert resolve_compile(auto, on_cuda=True, triton_installed=True)
+    assert not resolve_compile(auto, on_cuda=False, triton_installed=True)  # CPU
+    assert not resolve_compile(auto, on_cuda=True, triton_installed=False)
+    assert not resolve_compile(auto, on_cuda=True, processes=2, triton_installed=True)
+    assert not resolve_compile(replace(auto, activation_offload=True), on_cuda=True,
+                               triton_installed=True)
+    for given in (True, False):  # explicit settings are kept, wherever they run
+        assert resolve_compile(TrainConfig(compile=given), on_cuda=False) is given
+    with pytest.raises(ValueError, match="unresolved"):  # "auto" read as a bool would be "on"
+        auto.liger_in_layers(True)
+
+    cfg = config_from_dict({})
+    assert plan_module.step_shape(cfg, triton_installed=True).compiled
+    assert not plan_module.step_shape(cfg, triton_installed=False).compiled
+    assert not plan_module.step_shape(cfg, device_is_gpu=False, triton_installed=True).compiled
+    assert not plan_module.step_shape(cfg, gpus=2, triton_installed=True).compiled
+    offload = config_from_dict({"train": {"activation_offload": True}})
+    assert not plan_module.step_shape(offload, triton_installed=True).compiled
+    # A budget search that falls back to offloading plans those candidates uncompiled.
+    model = plan_module.model_shape("tinyllama")
+    base = memory.StepShape(1, 65536, fused_loss=True, packed=True, compiled=True,
+                            lora_dropout=False, optimizer="adamw_torch")
+    seen = []
+
+    def compiled(offload: bool) -> bool:
+        seen.append(offload)
+        return not offload
+
+    best, cands = fit_to_budget(model, base, 8 * memory.GIB, micro_batches=(1,),
+                                compiled=compiled)
+    assert seen == [False, True] and best is not None and best.activation_offload
+    tiled = estimate_peak_memory(model, replace(base, activation_offload=True, compiled=False))
+    assert best.peak_allocated_bytes == tiled.peak_allocated_bytes

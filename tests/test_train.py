@@ -146,3 +146,23 @@ def test_data_workers_out_of_range_is_one_line_naming_the_key(tmp_path, dolly_fi
         config_from_dict({"train": {"data_workers": -1}})
     with pytest.raises(UserError, match="train.data_workers"):
         config_from_dict({"train": {"data_workers": "two"}})
+
+
+def test_compile_auto_runs_uncompiled_on_cpu_and_the_run_keeps_auto(tmp_path):
+    """`train.compile: auto` (the default) resolves where the run starts: off on CPU. The run
+    folder keeps `auto`, so a resume on a GPU host resolves it there."""
+    import yaml
+
+    data = write_jsonl(tmp_path / "d.jsonl", DOLLY_ROWS)
+    cfg = tiny_config(tmp_path / "run", data)
+    assert cfg.train.compile == "auto"
+    session = setup_training(cfg)
+    try:
+        assert session.cfg.train.compile is False
+        layer = session.model.get_decoder().layers[0]
+        assert not hasattr(layer, "_compiled_call_impl") or layer._compiled_call_impl is None
+        written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+        assert written["train"]["compile"] == "auto"
+    finally:
+        if session.lock is not None:
+            session.lock.release()

@@ -56,6 +56,35 @@ def resolve_optimizer(setting: str, on_cuda: bool, fsdp: bool = False) -> str:
     return setting
 
 
+def resolve_compile(train: TrainConfig, on_cuda: bool, processes: int = 1,
+                    triton_installed: bool | None = None) -> bool:
+    """`train.compile`, with `auto` resolved as `train` runs it (and `plan` predicts it).
+
+    auto: on for one process on CUDA with triton (inductor's GPU code generator), unless
+    activations are offloaded. Uncompiled, the GPU waits on the host's kernel launches: full
+    1,024-token rows on an H200 trained at 25.0k tok/s against 73.4k compiled
+    (benchmarks/results/bench_full_rows_eager_h200_8gib.json, bench_full_rows_h200_8gib.json),
+    for 10-30 s of compilation at start. Offloaded activations are for the longest rows, where
+    the uncompiled MLP runs in tiles (the compiled layers do not); multi-process runs (DDP,
+    FSDP) were measured uncompiled only. On CPU the compiler would spend minutes compiling a
+    step the CPU's arithmetic bounds anyway. `triton_installed`: None = as on this host.
+    """
+    if train.compile != "auto":
+        return bool(train.compile)
+    if not on_cuda or processes > 1 or train.activation_offload:
+        return False
+    if triton_installed is None:
+        import importlib.util
+
+        triton_installed = importlib.util.find_spec("triton") is not None
+    return triton_installed
+
+
+def with_compile(cfg: RunConfig, compiled: bool) -> RunConfig:
+    """`cfg` with `train.compile` resolved (resolve_compile) to what runs."""
+    return replace(cfg, train=replace(cfg.train, compile=compiled))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which base model to fine-tune.
@@ -379,16 +408,19 @@ class TrainConfig:
         {adapter_first,workers}.json), but one 10-step run measured no faster, with two slow
         steps (fastpath_sweep_h200_run10_workers.json), so it stays off by default.
     compile: torch.compile each decoder layer (one region per layer, so packed-row masks and the
-        loss stay outside compiled code). The number of bins in a micro-batch changes from step
+        loss stay outside compiled code). `auto` (the default): on for one process on CUDA with
+        triton installed, unless `activation_offload` (config.resolve_compile; `plan` predicts
+        the same). The number of bins in a micro-batch changes from step
         to step: a layer compiles for the first shape, then once with the bin count dynamic,
-        and once more for evaluation (no grad). On an H200 (TinyLlama, 8 GiB cap, 160 rows per
-        micro-batch, varlen attention) the run reached 74.4k real tok/s
+        and once more for evaluation (no grad), 10-30 s in all. On an H200 (TinyLlama, 8 GiB
+        cap, 160 rows per micro-batch, varlen attention) the run reached 74.4k real tok/s
         (benchmarks/results/bench_h200_8gib.json); on full 1,024-token rows 73.4k against 25.0k
         uncompiled (benchmarks/results/bench_full_rows_eager_h200_8gib.json: the uncompiled path
         is bound by the host's kernel launches). Compiled layers keep the compiler's own
-        RMSNorm and SwiGLU under `liger: auto` (see `liger`). Off by default: 10-30 s of
-        compilation at start, measured on that one GPU only; turn it on for GPU runs longer
-        than a minute.
+        RMSNorm and SwiGLU under `liger: auto` (see `liger`). Off under `auto` on CPU (minutes
+        of compilation for a step the CPU's arithmetic bounds), for multi-GPU runs (measured
+        uncompiled only) and with `activation_offload` (the longest rows, where the uncompiled
+        MLP runs in tiles and the compiled one does not); `true` compiles there too.
         Checkpointed layers recompute inside their compiled backward (down_proj is not
         recomputed: +7 % at 160 rows on the H200, benchmarks/results/checkpoint_inside_h200.json),
         on every torch and transformers version; on torch 2.11 through a checkpoint context that tags every
@@ -443,7 +475,7 @@ class TrainConfig:
     joint_lora: bool = True
     activation_offload: bool = False
     data_workers: int = 0
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"
     cuda_graphs: bool = False
     checkpoint_every: int = 1
 
@@ -473,8 +505,9 @@ class TrainConfig:
                  self.data_workers, f"an integer in [0, {MAX_DATA_WORKERS}]")
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every,
                  "a positive integer (1 = every layer)")
-        _require(self.compile or not self.cuda_graphs, "train.cuda_graphs", self.cuda_graphs,
-                 "false unless train.compile is true (it graphs the compiled layers)")
+        _require(self.compile is not False or not self.cuda_graphs, "train.cuda_graphs",
+                 self.cuda_graphs, "false unless train.compile is true or auto (it graphs the "
+                 "compiled layers)")
         _require(not (self.cuda_graphs and self.gradient_checkpointing), "train.cuda_graphs",
                  self.cuda_graphs, "false while train.gradient_checkpointing is true (a layer "
                  "recomputed inside backward would start a new graph generation and overwrite "
@@ -497,7 +530,7 @@ class TrainConfig:
         them, run 15 none without)."""
         if not liger_on or self.liger == "loss" or self.cuda_graphs:
             return False
-        return self.liger == "on" or not self.compile
+        return self.liger == "on" or not self._compiled()
 
     def liger_for_loss(self, liger_on: bool) -> bool:
         """Whether the head's fused loss is Liger's (else fusedce's), Liger being on.
@@ -507,7 +540,13 @@ class TrainConfig:
         times a step, fusedce.py)."""
         if not liger_on:
             return False
-        return self.liger in ("on", "loss") or not self.compile
+        return self.liger in ("on", "loss") or not self._compiled()
+
+    def _compiled(self) -> bool:
+        if self.compile == "auto":  # "auto" is truthy: reading it unresolved would mean "on"
+            raise ValueError("train.compile is unresolved ('auto'): resolve it first "
+                             "(config.resolve_compile, config.with_compile)")
+        return self.compile
 
 
 @dataclass(frozen=True)
@@ -592,7 +631,18 @@ def check_type(key: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return check_type(key, value, inner[0])
+        if len(inner) == 1:
+            return check_type(key, value, inner[0])
+        for arm in inner:  # bool | Literal["auto"]: the first arm that takes the value
+            try:
+                return check_type(key, value, arm)
+            except UserError:
+                pass
+        names = " or ".join(
+            ", ".join(repr(c) for c in typing.get_args(a)) if typing.get_origin(a) is Literal
+            else getattr(a, "__name__", str(a)) for a in inner)
+        raise UserError(f"config key {key} = {_short(value)} has the wrong type: expected "
+                        f"{names}")
     if annotation is bool:
         if isinstance(value, bool):
             return value

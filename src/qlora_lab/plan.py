@@ -14,7 +14,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qlora_lab import memory
-from qlora_lab.config import RunConfig, resolve_optimizer, save_config
+from qlora_lab.config import (
+    RunConfig,
+    resolve_compile,
+    resolve_optimizer,
+    save_config,
+    with_compile,
+)
 from qlora_lab.errors import NothingFits, UserError
 from qlora_lab.memory import ModelShape, StepShape, estimate_peak_memory
 from qlora_lab.shapes import model_shape
@@ -37,11 +43,15 @@ class PlanConfig:
 
 
 def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
-               strategy: str = "ddp", liger_installed: bool | None = None) -> memory.StepShape:
+               strategy: str = "ddp", liger_installed: bool | None = None,
+               triton_installed: bool | None = None) -> memory.StepShape:
     """The step `train` runs for `cfg` on a GPU (fastpath: what is swapped, fused, tiled).
 
-    `liger_installed`: whether liger-kernel is there where train runs (None: as on this host),
-    for planning another host's runs (benchmarks/plan_vs_bench.py plans the H200's)."""
+    `liger_installed`, `triton_installed`: whether liger-kernel and triton are there where
+    train runs (None: as on this host), for planning another host's runs
+    (benchmarks/plan_vs_bench.py plans the H200's). `train.compile: auto` resolves as train
+    resolves it (config.resolve_compile), with a GPU of compute capability 7.0 or newer."""
+    cfg = with_compile(cfg, resolve_compile(cfg.train, device_is_gpu, gpus, triton_installed))
     compute = 4 if cfg.quant.compute_dtype == "float32" else 2
     optimizer = resolve_optimizer(cfg.train.optimizer, device_is_gpu,
                                   fsdp=gpus > 1 and strategy == "fsdp")
@@ -133,7 +143,8 @@ STRATEGIES = ((False, 1, False), (True, 4, False), (True, 2, False), (True, 1, F
 
 def fit_to_budget(model: ModelShape, base: StepShape, budget_bytes: int,
                   micro_batches=(1, 2, 4, 8, 16, 32), optimizers: tuple[str, ...] | None = None,
-                  bins: Callable[[int], int] | None = None
+                  bins: Callable[[int], int] | None = None,
+                  compiled: Callable[[bool], bool] | None = None
                   ) -> tuple[Candidate | None, list[Candidate]]:
     """Search micro-batch x checkpointing x optimizer at the needed sequence length.
 
@@ -141,24 +152,29 @@ def fit_to_budget(model: ModelShape, base: StepShape, budget_bytes: int,
     allocator's overhead is inside the budget too. Returns the fastest feasible candidate.
     `bins` maps a micro-batch of rows to the sequences it holds (packed: its bins); without it
     each row is a full sequence of seq_len tokens, an upper bound for packed rows.
+    `compiled` maps whether a candidate offloads activations to whether its layers are
+    compiled (`train.compile: auto` compiles only without offload); None: as `base`.
     """
     # The optimizer the run resolves to (apply_candidate keeps `auto`): a search over others
     # would pick one the run does not use.
     optimizers = optimizers or (base.optimizer,)
-    cands = _candidates(model, base, budget_bytes, micro_batches, optimizers, False, bins)
+    compiled = compiled or (lambda offload: base.compiled)
+    cands = _candidates(model, base, budget_bytes, micro_batches, optimizers, False, bins,
+                        compiled(False))
     if not any(c.fits for c in cands) and base.fused_loss:
         # Offloading checkpoints to host memory is the last resort: it was measured for long
         # rows (98,304 tokens in 8 GiB), not for speed, so it is chosen only when nothing else
         # fits.
-        cands += _candidates(model, base, budget_bytes, micro_batches, optimizers, True, bins)
+        cands += _candidates(model, base, budget_bytes, micro_batches, optimizers, True, bins,
+                             compiled(True))
     feasible = [c for c in cands if c.fits]
     best = max(feasible, key=lambda c: c.predicted_tokens_per_s, default=None)
     return best, cands
 
 
 def _candidates(model: ModelShape, base: StepShape, budget_bytes: int, micro_batches,
-                optimizers, offload: bool, bins: Callable[[int], int] | None
-                ) -> list[Candidate]:
+                optimizers, offload: bool, bins: Callable[[int], int] | None,
+                compiled: bool) -> list[Candidate]:
     cands = []
     for mb in micro_batches:
         sequences = bins(mb) if bins else mb
@@ -167,7 +183,8 @@ def _candidates(model: ModelShape, base: StepShape, budget_bytes: int, micro_bat
                 continue
             for opt in optimizers:
                 step = replace(base, micro_batch_size=sequences, gradient_checkpointing=ckpt,
-                               optimizer=opt, checkpoint_every=every, activation_offload=offload)
+                               optimizer=opt, checkpoint_every=every, activation_offload=offload,
+                               compiled=compiled)
                 plan = estimate_peak_memory(model, step)
                 cands.append(Candidate(mb, step.seq_len, ckpt, opt, plan.peak_allocated_bytes,
                                        predicted_throughput(model, step),
@@ -216,8 +233,10 @@ def fit_config(cfg: RunConfig, budget_bytes: int, gpus: int = 1, strategy: str =
     rows = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     largest = min(rows, 1024 if bins else 64)
     micro_batches = tuple(d for d in range(1, largest + 1) if rows % d == 0)
-    best, cands = fit_to_budget(shape, base, budget_bytes, micro_batches=micro_batches,
-                                bins=bins)
+    best, cands = fit_to_budget(
+        shape, base, budget_bytes, micro_batches=micro_batches, bins=bins,
+        compiled=lambda offload: resolve_compile(replace(cfg.train, activation_offload=offload),
+                                                 True, gpus))
     if best is None:
         fallback = shorter_seq_fallback(shape, base, budget_bytes)
         hint = (f"; data.max_seq_len = {fallback.seq_len} with micro-batch "

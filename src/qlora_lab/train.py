@@ -49,7 +49,13 @@ from qlora_lab import (
     safety,
     sources,
 )
-from qlora_lab.config import RunConfig, resolve_optimizer, save_config
+from qlora_lab.config import (
+    RunConfig,
+    resolve_compile,
+    resolve_optimizer,
+    save_config,
+    with_compile,
+)
 from qlora_lab.data import (
     PackedCollator,
     PadCollator,
@@ -211,6 +217,12 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
                         f"{os.environ['WORLD_SIZE']}) — set it false for multi-GPU runs")
     if cfg.train.cuda_graphs and device != "cuda":
         raise UserError("train.cuda_graphs = true needs CUDA — set it false on CPU")
+    written = cfg  # the run folder keeps the setting as given: `auto` resolves where it resumes
+    cfg = with_compile(cfg, resolve_compile(cfg.train, compiler_has_gpu(device),
+                                            int(os.environ.get("WORLD_SIZE", "1"))))
+    if written.train.compile == "auto":
+        log.info("train.compile: auto -> %s", "on (decoder layers compiled)" if cfg.train.compile
+                 else "off (on for one process on CUDA with triton, without activation_offload)")
 
     sources.check_local_files(cfg.data)  # a wrong data path first, before the model
     model_path = models.resolve_model_path(cfg.model.name)
@@ -290,7 +302,7 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
             if resume:
                 _trim_metrics(out / "metrics.jsonl",
                               checkpoints.global_step(Path(checkpoint)) if checkpoint else None)
-            _write_config(cfg, out)
+            _write_config(written, out)
             rundir.write_marker(out, tokenizer.save_pretrained(out))
         callbacks = make_callbacks(out)
         trainer = trainer_class()(model=model, args=args, train_dataset=train_rows,
@@ -308,6 +320,12 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
         update_fsdp_plugin_peft(model, trainer.accelerator)
     return TrainingSession(cfg, out, trainer, model, tokenizer, data, device, dtype, checkpoint,
                            callbacks, started, claim.lock, replaced)
+
+
+def compiler_has_gpu(device: str) -> bool:
+    """Whether torch.compile's GPU code generator serves this device: CUDA of compute
+    capability 7.0 or newer (triton's floor; older cards fail at the first compiled call)."""
+    return device == "cuda" and torch.cuda.get_device_capability() >= (7, 0)
 
 
 def _batching(cfg: RunConfig, data: PreparedData, tokenizer):
