@@ -112,8 +112,10 @@ if [[ $phase == fullrows ]]; then
 fi
 if [[ $phase == gputest ]]; then
   python3 -m pytest --version >/dev/null 2>&1 && \
-    timeout 120 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -8 \
-    || echo "gputest: no pytest on this host"
+    timeout ${GPUTEST_TIMEOUT:-120} python3 -m pytest -q -m gpu tests/ -p no:cacheprovider \
+      --continue-on-collection-errors 2>&1 | tail -8 \
+    || echo "gputest: failures above, or no pytest on this host"
+  # (a test module whose imports the host lacks, e.g. rouge_score, is reported and skipped)
 fi
 if [[ $phase == profile ]]; then
   # Where a step of the best config spends GPU time (PROFILE="--set k=v ..." overrides it).

@@ -178,26 +178,26 @@ def main() -> int:
                         help="untimed steps first (compiled rows recompile per new shape)")
     parser.add_argument("--memory-cap", default="8GiB")
     parser.add_argument("--work", default="/tmp/fastpath-sweep")
-    parser.add_argument("--variants", help="comma-separated ladder indices (default: all)")
+    parser.add_argument("--variants", help="comma-separated ladder indices, run in this order; "
+                        "one may repeat (A/B/A/B on one machine); default: all")
     args = parser.parse_args()
-    chosen = ({int(v) for v in args.variants.split(",")} if args.variants
-              else set(range(len(LADDER))))
+    order = ([int(v) for v in args.variants.split(",")] if args.variants
+             else list(range(len(LADDER))))
     rows = []
-    for i, (name, sets) in enumerate(LADDER):
-        if i not in chosen:
-            continue
+    for run, i in enumerate(order):
+        name, sets = LADDER[i]
         cmd = [sys.executable, "-m", "qlora_lab", "bench", "--recipes", "qlora_lab",
                "--model", args.model, "--data", args.data, "--steps", str(args.steps),
                "--warmup-steps", str(args.warmup_steps),
-               "--memory-cap", args.memory_cap, "--output-dir", f"{args.work}/{i}",
+               "--memory-cap", args.memory_cap, "--output-dir", f"{args.work}/{run}-{i}",
                "--set", "train.grad_accum_steps=1", "--set", "data.max_seq_len=1024"]
         for s in sets:
             cmd += ["--set", s]
         started = time.perf_counter()
         proc = subprocess.run(cmd, check=False)
-        row = {"variant": name, "set": sets, "exit_code": proc.returncode,
+        row = {"index": i, "variant": name, "set": sets, "exit_code": proc.returncode,
                "wall_seconds": round(time.perf_counter() - started, 1)}
-        result = Path(f"{args.work}/{i}/bench.json")
+        result = Path(f"{args.work}/{run}-{i}/bench.json")
         if proc.returncode == 0 and result.is_file():
             r = json.loads(result.read_text())["recipes"]["qlora_lab"]
             row.update({k: r.get(k) for k in ("real_tokens_per_s", "mean_step_seconds",

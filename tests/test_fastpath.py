@@ -12,6 +12,7 @@ import torch
 from conftest import DOLLY_ROWS, tiny_config, write_jsonl
 
 from qlora_lab import fastpath
+from qlora_lab.config import with_compile
 from qlora_lab.data import IGNORE_INDEX, PackedCollator, PadCollator, pack_examples, pack_stats
 from qlora_lab.train import setup_training
 
@@ -130,7 +131,7 @@ def test_attention_never_crosses_rows_in_a_pack(tmp_path, dolly_file, attn, flat
 def test_flash_attention_packs_each_micro_batch_into_one_row(tmp_path, dolly_file):
     from qlora_lab.train import collator_for
 
-    cfg = tiny_config(tmp_path / "run", dolly_file)
+    cfg = with_compile(tiny_config(tmp_path / "run", dolly_file), False)
     flash = replace(cfg, model=replace(cfg.model, attn_implementation="flash_attention_2"))
     assert not collator_for(cfg, 0).flatten and collator_for(flash, 0).flatten
     rows = [{"input_ids": [5] * n, "labels": [7] * n} for n in (200, 150, 120, 90)]
@@ -1151,7 +1152,7 @@ def test_cuda_graphs_need_compiled_layers():
 
     # (on CPU, tests/test_fuzz.py::test_inconsistent_choices: "needs CUDA", nothing written)
     with pytest.raises(UserError, match=r"train\.cuda_graphs = True .*train\.compile is true"):
-        TrainConfig(cuda_graphs=True)
+        TrainConfig(compile=False, cuda_graphs=True, gradient_checkpointing=False)
     with pytest.raises(UserError, match=r"train\.cuda_graphs = True .*gradient_checkpointing"):
         TrainConfig(compile=True, cuda_graphs=True)
     assert TrainConfig(compile=True, cuda_graphs=True, gradient_checkpointing=False).cuda_graphs

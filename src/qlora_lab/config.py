@@ -530,7 +530,7 @@ class TrainConfig:
         them, run 15 none without)."""
         if not liger_on or self.liger == "loss" or self.cuda_graphs:
             return False
-        return self.liger == "on" or not self._compiled()
+        return self.liger == "on" or not self.compiled()
 
     def liger_for_loss(self, liger_on: bool) -> bool:
         """Whether the head's fused loss is Liger's (else fusedce's), Liger being on.
@@ -540,9 +540,10 @@ class TrainConfig:
         times a step, fusedce.py)."""
         if not liger_on:
             return False
-        return self.liger in ("on", "loss") or not self._compiled()
+        return self.liger in ("on", "loss") or not self.compiled()
 
-    def _compiled(self) -> bool:
+    def compiled(self) -> bool:
+        """`compile` once resolved (config.with_compile); an error while it is `auto`."""
         if self.compile == "auto":  # "auto" is truthy: reading it unresolved would mean "on"
             raise ValueError("train.compile is unresolved ('auto'): resolve it first "
                              "(config.resolve_compile, config.with_compile)")

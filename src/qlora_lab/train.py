@@ -347,13 +347,14 @@ def _batching(cfg: RunConfig, data: PreparedData, tokenizer):
 
 def collator_for(cfg: RunConfig, pad_token_id: int):
     """Packed bins of `data.max_seq_len` tokens per micro-batch, or padded rows; with the
-    supervised positions for the fused head loss (where train builds one)."""
+    supervised positions for the fused head loss (where train builds one). `cfg` with
+    `train.compile` resolved (config.with_compile): compiled layers get full-length bins."""
     positions = cfg.train.fused_loss and not models.fsdp_active()
     if not cfg.train.packing:
         return PadCollator(pad_token_id, positions=positions)
     bin_tokens = cfg.data.max_seq_len
     # Compiled layers want few shapes: pad every bin to the full length.
-    multiple = bin_tokens if cfg.train.compile else 1
+    multiple = bin_tokens if cfg.train.compiled() else 1
     # FlashAttention-2 sees row boundaries only in a batch of one row (PackedCollator.flatten).
     flatten = cfg.model.attn_implementation == "flash_attention_2"
     return PackedCollator(pad_token_id, bin_tokens, pad_to_multiple_of=multiple, flatten=flatten,
