@@ -380,6 +380,9 @@ def test_compile_auto_resolves_as_train_runs_it_and_the_planner_follows():
     assert not resolve_compile(auto, on_cuda=True, processes=2, triton_installed=True)
     assert not resolve_compile(replace(auto, activation_offload=True), on_cuda=True,
                                triton_installed=True)
+    # One row a micro-batch saves memory; compiled, its bin would be padded to full length.
+    assert not resolve_compile(replace(auto, micro_batch_size=1), on_cuda=True,
+                               triton_installed=True)
     for given in (True, False):  # explicit settings are kept, wherever they run
         assert resolve_compile(TrainConfig(compile=given), on_cuda=False) is given
     with pytest.raises(ValueError, match="unresolved"):  # "auto" read as a bool would be "on"
@@ -396,14 +399,15 @@ def test_compile_auto_resolves_as_train_runs_it_and_the_planner_follows():
     model = plan_module.model_shape("tinyllama")
     base = memory.StepShape(1, 65536, fused_loss=True, packed=True, compiled=True,
                             lora_dropout=False, optimizer="adamw_torch")
-    seen = []
+    seen = set()
 
-    def compiled(offload: bool) -> bool:
-        seen.append(offload)
+    def compiled(offload: bool, rows: int) -> bool:
+        seen.add((offload, rows))
         return not offload
 
     best, cands = fit_to_budget(model, base, 8 * memory.GIB, micro_batches=(1,),
                                 compiled=compiled)
-    assert seen == [False, True] and best is not None and best.activation_offload
+    assert seen == {(False, 1), (True, 1)} and best is not None and best.activation_offload
     tiled = estimate_peak_memory(model, replace(base, activation_offload=True, compiled=False))
     assert best.peak_allocated_bytes == tiled.peak_allocated_bytes
+

@@ -60,18 +60,24 @@ def resolve_compile(train: TrainConfig, on_cuda: bool, processes: int = 1,
                     triton_installed: bool | None = None) -> bool:
     """`train.compile`, with `auto` resolved as `train` runs it (and `plan` predicts it).
 
-    auto: on for one process on CUDA with triton (inductor's GPU code generator), unless
-    activations are offloaded. Uncompiled, the GPU waits on the host's kernel launches: full
-    1,024-token rows on an H200 trained at 25.0k tok/s against 73.4k compiled
-    (benchmarks/results/bench_full_rows_eager_h200_8gib.json, bench_full_rows_h200_8gib.json),
-    for 10-30 s of compilation at start. Offloaded activations are for the longest rows, where
-    the uncompiled MLP runs in tiles (the compiled layers do not); multi-process runs (DDP,
-    FSDP) were measured uncompiled only. On CPU the compiler would spend minutes compiling a
-    step the CPU's arithmetic bounds anyway. `triton_installed`: None = as on this host.
+    auto: on for one process on CUDA with triton (inductor's GPU code generator), for
+    micro-batches of more than one row without offloaded activations. Uncompiled, the GPU waits
+    on the host's kernel launches: full 1,024-token rows on an H200 trained at 24.8k tok/s
+    against 75.4k compiled (benchmarks/results/bench_full_rows_eager_h200_8gib.json,
+    bench_full_rows_h200_8gib.json), for 10-30 s of compilation at start. Not for one row a
+    micro-batch, the setting that saves memory: compiled layers pad each bin to
+    data.max_seq_len (one shape to compile), which for a single short row is mostly padding
+    (1 x 2,048 on Dolly rows: 1.36 GiB compiled against 1.06 uncompiled on the H200,
+    benchmarks/results/bench_1x2048_compiled_h200_8gib.json). Not with offloaded activations,
+    for the longest rows, where the uncompiled MLP runs in tiles (the compiled layers do not).
+    Multi-process runs (DDP, FSDP) were measured uncompiled only. On CPU the compiler would
+    spend minutes compiling a step the CPU's arithmetic bounds anyway. `triton_installed`:
+    None = as on this host.
     """
     if train.compile != "auto":
         return bool(train.compile)
-    if not on_cuda or processes > 1 or train.activation_offload:
+    if (not on_cuda or processes > 1 or train.activation_offload
+            or train.micro_batch_size == 1):
         return False
     if triton_installed is None:
         import importlib.util
@@ -409,18 +415,20 @@ class TrainConfig:
         steps (fastpath_sweep_h200_run10_workers.json), so it stays off by default.
     compile: torch.compile each decoder layer (one region per layer, so packed-row masks and the
         loss stay outside compiled code). `auto` (the default): on for one process on CUDA with
-        triton installed, unless `activation_offload` (config.resolve_compile; `plan` predicts
-        the same). The number of bins in a micro-batch changes from step
+        triton installed, for micro-batches of more than one row, unless `activation_offload`
+        (config.resolve_compile; `plan` predicts the same). The number of bins in a micro-batch changes from step
         to step: a layer compiles for the first shape, then once with the bin count dynamic,
         and once more for evaluation (no grad), 10-30 s in all. On an H200 (TinyLlama, 8 GiB
         cap, 160 rows per micro-batch, varlen attention) the run reached 74.4k real tok/s
-        (benchmarks/results/bench_h200_8gib.json); on full 1,024-token rows 73.4k against 25.0k
+        (benchmarks/results/bench_h200_8gib.json); on full 1,024-token rows 75.4k against 24.8k
         uncompiled (benchmarks/results/bench_full_rows_eager_h200_8gib.json: the uncompiled path
         is bound by the host's kernel launches). Compiled layers keep the compiler's own
         RMSNorm and SwiGLU under `liger: auto` (see `liger`). Off under `auto` on CPU (minutes
         of compilation for a step the CPU's arithmetic bounds), for multi-GPU runs (measured
-        uncompiled only) and with `activation_offload` (the longest rows, where the uncompiled
-        MLP runs in tiles and the compiled one does not); `true` compiles there too.
+        uncompiled only), at one row a micro-batch (compiled layers pad each bin to
+        data.max_seq_len: 1 x 2,048 Dolly rows took 1.36 GiB compiled, 1.06 uncompiled) and
+        with `activation_offload` (the longest rows, where the uncompiled MLP runs in tiles
+        and the compiled one does not); `true` compiles there too.
         Checkpointed layers recompute inside their compiled backward (down_proj is not
         recomputed: +7 % at 160 rows on the H200, benchmarks/results/checkpoint_inside_h200.json),
         on every torch and transformers version; on torch 2.11 through a checkpoint context that tags every

@@ -144,7 +144,7 @@ STRATEGIES = ((False, 1, False), (True, 4, False), (True, 2, False), (True, 1, F
 def fit_to_budget(model: ModelShape, base: StepShape, budget_bytes: int,
                   micro_batches=(1, 2, 4, 8, 16, 32), optimizers: tuple[str, ...] | None = None,
                   bins: Callable[[int], int] | None = None,
-                  compiled: Callable[[bool], bool] | None = None
+                  compiled: Callable[[bool, int], bool] | None = None
                   ) -> tuple[Candidate | None, list[Candidate]]:
     """Search micro-batch x checkpointing x optimizer at the needed sequence length.
 
@@ -152,21 +152,22 @@ def fit_to_budget(model: ModelShape, base: StepShape, budget_bytes: int,
     allocator's overhead is inside the budget too. Returns the fastest feasible candidate.
     `bins` maps a micro-batch of rows to the sequences it holds (packed: its bins); without it
     each row is a full sequence of seq_len tokens, an upper bound for packed rows.
-    `compiled` maps whether a candidate offloads activations to whether its layers are
-    compiled (`train.compile: auto` compiles only without offload); None: as `base`.
+    `compiled` maps a candidate's (offloaded activations?, rows a micro-batch) to whether its
+    layers are compiled (`train.compile: auto` compiles neither offloaded runs nor one row a
+    micro-batch); None: as `base`.
     """
     # The optimizer the run resolves to (apply_candidate keeps `auto`): a search over others
     # would pick one the run does not use.
     optimizers = optimizers or (base.optimizer,)
-    compiled = compiled or (lambda offload: base.compiled)
+    compiled = compiled or (lambda offload, rows: base.compiled)
     cands = _candidates(model, base, budget_bytes, micro_batches, optimizers, False, bins,
-                        compiled(False))
+                        compiled)
     if not any(c.fits for c in cands) and base.fused_loss:
         # Offloading checkpoints to host memory is the last resort: it was measured for long
         # rows (98,304 tokens in 8 GiB), not for speed, so it is chosen only when nothing else
         # fits.
         cands += _candidates(model, base, budget_bytes, micro_batches, optimizers, True, bins,
-                             compiled(True))
+                             compiled)
     feasible = [c for c in cands if c.fits]
     best = max(feasible, key=lambda c: c.predicted_tokens_per_s, default=None)
     return best, cands
@@ -174,7 +175,7 @@ def fit_to_budget(model: ModelShape, base: StepShape, budget_bytes: int,
 
 def _candidates(model: ModelShape, base: StepShape, budget_bytes: int, micro_batches,
                 optimizers, offload: bool, bins: Callable[[int], int] | None,
-                compiled: bool) -> list[Candidate]:
+                compiled: Callable[[bool, int], bool]) -> list[Candidate]:
     cands = []
     for mb in micro_batches:
         sequences = bins(mb) if bins else mb
@@ -184,7 +185,7 @@ def _candidates(model: ModelShape, base: StepShape, budget_bytes: int, micro_bat
             for opt in optimizers:
                 step = replace(base, micro_batch_size=sequences, gradient_checkpointing=ckpt,
                                optimizer=opt, checkpoint_every=every, activation_offload=offload,
-                               compiled=compiled)
+                               compiled=compiled(offload, mb))
                 plan = estimate_peak_memory(model, step)
                 cands.append(Candidate(mb, step.seq_len, ckpt, opt, plan.peak_allocated_bytes,
                                        predicted_throughput(model, step),
@@ -235,8 +236,8 @@ def fit_config(cfg: RunConfig, budget_bytes: int, gpus: int = 1, strategy: str =
     micro_batches = tuple(d for d in range(1, largest + 1) if rows % d == 0)
     best, cands = fit_to_budget(
         shape, base, budget_bytes, micro_batches=micro_batches, bins=bins,
-        compiled=lambda offload: resolve_compile(replace(cfg.train, activation_offload=offload),
-                                                 True, gpus))
+        compiled=lambda offload, rows: resolve_compile(
+            replace(cfg.train, activation_offload=offload, micro_batch_size=rows), True, gpus))
     if best is None:
         fallback = shorter_seq_fallback(shape, base, budget_bytes)
         hint = (f"; data.max_seq_len = {fallback.seq_len} with micro-batch "
