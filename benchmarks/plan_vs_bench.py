@@ -42,10 +42,11 @@ def rescore(path: Path) -> dict:
     run = config_from_dict(values)
     shape = model_shape("tinyllama")
     bin_tokens = run.data.max_seq_len
+    # The H200 had liger-kernel and triton: `train.compile: auto` resolved on, as train ran it.
     # Whether rows share bins (a mask for SDPA), as `train --budget` reads it from the data
     # (data.rows_share_bins): a step whose real tokens fill whole bins held full rows only.
     short = any(t % bin_tokens for t in measured["step_real_tokens"])
-    step = dataclasses.replace(step_shape(run, liger_installed=True), short_rows=short)
+    step = dataclasses.replace(step_shape(run, liger_installed=True, triton_installed=True), short_rows=short)
     fewest_bins = math.ceil(max(measured["step_real_tokens"]) / bin_tokens)
     rows = {"as_planned": step}
     if fewest_bins < step.micro_batch_size:
