@@ -185,7 +185,8 @@ def trl_worker(out: Path, train: Path, steps: int, max_seq_len: int, fp32_adapte
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from qlora_lab.models import lora_targets, resolve_device, resolve_model_path
+    from qlora_lab.config import LoraConfig as OurLora
+    from qlora_lab.models import resolve_device, resolve_model_path
 
     started = time.perf_counter()
     device = resolve_device("auto")
@@ -211,7 +212,8 @@ def trl_worker(out: Path, train: Path, steps: int, max_seq_len: int, fp32_adapte
         dataloader_pin_memory=device == "cuda")
     peft_config = LoraConfig(r=hp["lora_r"], lora_alpha=hp["lora_alpha"],
                              lora_dropout=hp["lora_dropout"],
-                             target_modules=lora_targets(hp["lora_target_modules"]),
+                             target_modules=OurLora(target_modules=hp["lora_target_modules"]).target_names()
+                             or "all-linear",
                              bias="none", task_type="CAUSAL_LM")
     model = load_4bit_base(path, hp, device)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,

@@ -74,6 +74,7 @@ def test_config_arithmetic_equals_the_module_tree(model_type):
                  "norm_params", "tie_word_embeddings", "qk_norm", "mlp", "norms_per_layer",
                  "norm_kind", "q_dim", "kv_dim"):
         assert getattr(arithmetic, name) == getattr(tree, name), name
+    assert sorted(arithmetic.linear_names) == sorted(tree.linear_names)
 
 
 @pytest.mark.parametrize("preset", ["tinyllama", "smollm2-135m", "tiny-random"])
@@ -89,6 +90,85 @@ def test_every_preset_is_counted_as_transformers_builds_it(preset):
     arithmetic = memory.ModelShape.from_config(PRESETS[preset].arch)
     assert _counted(tree) == _counted(arithmetic)
     assert tree.linears == arithmetic.linears
+    assert sorted(tree.linear_names) == sorted(arithmetic.linear_names)
+
+
+@pytest.mark.parametrize("model_type, targets", [
+    ("llama", "q_proj,v_proj"), ("qwen2", "down_proj"), ("phi3", "qkv_proj,o_proj"),
+    ("gpt2", "c_attn,c_proj"),  # GPT-2's c_proj is both attention's and the MLP's output
+    ("qwen2_moe", "gate_proj"),  # the shared expert's and every routed expert's
+])
+def test_lora_on_named_targets_is_planned_as_train_adapts_them(model_type, targets):
+    """The planner's adapters are the trainable parameters models.attach_lora makes (the
+    setup `train` uses), name for name; fewer targets plan fewer bytes at the peak."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lab.config import LoraConfig
+    from qlora_lab.models import attach_lora
+    from qlora_lab.shapes import adapting
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, target_modules=targets)
+    model = attach_lora(AutoModelForCausalLM.from_config(_config(model_type)), lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    every, some = _census(model_type), adapting(_census(model_type), lora, model_type)
+    assert some.lora_params(8) == trainable
+    assert some.lora_params(8) < every.lora_params(8)
+    assert some.linears == every.linears  # all of them are still quantized
+    step = memory.StepShape(4, 128, lora_r=8, lora_dropout=True)
+    assert (memory.estimate_peak_memory(some, step).peak_allocated_bytes
+            < memory.estimate_peak_memory(every, step).peak_allocated_bytes)
+
+
+def test_a_preset_plans_named_targets_like_its_module_tree():
+    from qlora_lab.config import LoraConfig
+    from qlora_lab.shapes import adapting
+
+    lora = LoraConfig(target_modules="q_proj,k_proj,v_proj,o_proj")
+    arithmetic = adapting(memory.ModelShape.from_config(_config("llama")), lora, "llama")
+    assert arithmetic.adapted == adapting(_census("llama"), lora, "llama").adapted
+    assert adapting(_census("llama"), LoraConfig(), "llama").adapted is None  # all-linear
+
+
+@pytest.mark.parametrize("targets", ["q_proj,nope", "lm_head", "self_attn.q_proj"])
+def test_a_target_no_linear_has_is_refused_by_plan_as_train_refuses_it(targets, tmp_path):
+    # Names are last components (peft's suffix match of a list); lm_head is no adapted linear.
+    _config("llama").save_pretrained(tmp_path)
+    proc = _cli("plan", "--model", str(tmp_path), "--set", f"lora.target_modules={targets}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [error] = [line for line in proc.stderr.splitlines() if "error:" in line]
+    wrong = [t for t in targets.split(",") if t != "q_proj"]
+    assert f"lora.target_modules names {', '.join(wrong)}, which match no linear" in error
+    assert "down_proj, gate_proj, k_proj" in error
+
+
+def test_learned_position_tables_are_read_from_the_module_tree():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_lab.shapes import learned_position_limit
+
+    assert _census("gpt2", n_positions=96).position_limit == 96
+    assert all(_census(t).position_limit == 0 for t in ("llama", "phi3", "qwen3_moe"))
+    # OPT's table has two rows of offset: its limit is the config's, not the table's size.
+    opt = AutoConfig.for_model("opt", vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                               ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32,
+                               max_position_embeddings=48)
+    model = AutoModelForCausalLM.from_config(opt)
+    assert learned_position_limit(model) == 48 < model.get_decoder().embed_positions.num_embeddings
+
+
+def test_plan_refuses_rows_past_a_learned_position_table(tmp_path):
+    _config("gpt2", n_positions=128).save_pretrained(tmp_path)
+    fine = _cli("plan", "--model", str(tmp_path), "--json", "--set", "train.fused_loss=false",
+                "--set", "data.max_seq_len=128")
+    assert fine.returncode == 0, fine.stderr[-2000:]
+    proc = _cli("plan", "--model", str(tmp_path), "--set", "train.fused_loss=false",
+                "--set", "data.max_seq_len=129")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [error] = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert "data.max_seq_len = 129 is past the 128 positions" in error
+    assert "set data.max_seq_len to 128 or less" in error
 
 
 def test_tied_head_is_counted_once():

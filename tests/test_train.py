@@ -166,3 +166,43 @@ def test_compile_auto_runs_uncompiled_on_cpu_and_the_run_keeps_auto(tmp_path):
     finally:
         if session.lock is not None:
             session.lock.release()
+
+
+def _tiny_gpt2(folder, n_positions: int):
+    """A 2-layer GPT-2 (learned positions, Conv1D projections) with the byte tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qlora_lab.models import build_byte_tokenizer
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300,
+                               n_positions=n_positions, bos_token_id=1, eos_token_id=2)
+                    ).save_pretrained(folder)
+    build_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_rows_past_a_learned_position_table_are_refused_before_training(tmp_path, dolly_file):
+    # GPT-2's position table failed on the first longer row, mid-run, with an IndexError.
+    from dataclasses import replace
+
+    from conftest import check_outcome
+
+    base = _tiny_gpt2(tmp_path / "gpt2", n_positions=64)
+    long_rows = write_jsonl(tmp_path / "long.jsonl",
+                            [{**r, "response": r["response"] * 8} for r in DOLLY_ROWS])
+    cfg = tiny_config(tmp_path / "run", long_rows, max_steps=2, fused_loss=False)
+    cfg = replace(cfg, model=replace(cfg.model, name=str(base)))
+    check_outcome(lambda: run_train(replace(cfg, data=replace(cfg.data, max_seq_len=65))),
+                  tmp_path, ["data.max_seq_len = 65 is past the 64 positions",
+                             "set data.max_seq_len to 64 or less"])
+    assert not (tmp_path / "run" / "adapter").exists()
+    # At the limit it trains, rows truncated to the table; LoRA on GPT-2's Conv1D by name.
+    cfg = replace(cfg, data=replace(cfg.data, max_seq_len=64),
+                  lora=replace(cfg.lora, target_modules="c_attn"),
+                  train=replace(cfg.train, output_dir=str(tmp_path / "run2")))
+    run_train(cfg)
+    from safetensors.torch import load_file as load
+
+    names = load(tmp_path / "run2" / "adapter" / "adapter_model.safetensors").keys()
+    assert names and all("c_attn" in n for n in names)

@@ -178,6 +178,17 @@ class LoraConfig:
         _require(bool(self.target_modules.replace(",", "").strip()), "lora.target_modules",
                  self.target_modules, "'all-linear' or layer names, e.g. q_proj,v_proj")
 
+    def target_names(self) -> list[str] | None:
+        """The comma-separated module names as a list; None for `all-linear`.
+
+        peft reads a bare string as a regular expression that must match a module's full name,
+        so `q_proj` alone would match nothing; a list matches name suffixes, which is what
+        users mean (models.attach_lora passes it; the planner adapts the same linears).
+        """
+        if self.target_modules.strip() == "all-linear":
+            return None
+        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
 
 # The fields of each data schema (data.py reads them): the names `data.columns` maps onto.
 SCHEMA_FIELDS = {

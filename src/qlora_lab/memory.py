@@ -22,7 +22,7 @@ Measured against real runs of `train`'s own setup: benchmarks/memory_validation_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 from qlora_lab.errors import UserError
@@ -91,6 +91,12 @@ class ModelShape:
         on transformers hands SDPA an explicit mask.
     residual_scaled: the layers scale each branch before the residual add (Granite's
         residual_multiplier), so backward holds the scaled gradient beside the unscaled one.
+    linear_names: (last name component, in_features, out_features, count) of the same linears,
+        for `lora.target_modules` by name (empty: names unknown).
+    adapted: the linears LoRA adapts, as `linears`; None: all of them (`all-linear`). Only the
+        adapters' own terms read it: every linear is quantized either way.
+    position_limit: the rows a learned position table can index (GPT-2's n_positions); 0 when
+        positions are computed (RoPE, ALiBi) and a longer row still runs.
     """
 
     vocab_size: int
@@ -121,6 +127,9 @@ class ModelShape:
     fused_qkv: bool = False
     sliding_window: int = 0
     residual_scaled: bool = False
+    linear_names: tuple[tuple[str, int, int, int], ...] = ()
+    adapted: tuple[tuple[int, int, int], ...] | None = None
+    position_limit: int = 0
     source: str = "config arithmetic"
 
     def __post_init__(self) -> None:
@@ -130,9 +139,14 @@ class ModelShape:
         if not self.linears:
             i, q, kv = self.intermediate_size, self.q_dim, self.kv_dim
             # q, k, v, o projections; gate, up, down.
-            counts = _count([(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)], layers)
+            named = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                     "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+            counts = _count(list(named.values()), layers)
             object.__setattr__(self, "linears",
                                tuple((a, b, n) for (a, b), n in sorted(counts.items())))
+            if not self.linear_names:
+                object.__setattr__(self, "linear_names",
+                                   tuple((k, a, b, layers) for k, (a, b) in named.items()))
         defaults = {"embedding_params": self.vocab_size * h,
                     "head_params": 0 if self.tie_word_embeddings else self.vocab_size * h,
                     "norm_params": (self.norms_per_layer * layers + 1) * h}
@@ -179,15 +193,33 @@ class ModelShape:
     def linear_params(self) -> int:
         return sum(a * b * n for a, b, n in self.linears)
 
+    @property
+    def adapted_linears(self) -> tuple[tuple[int, int, int], ...]:
+        return self.linears if self.adapted is None else self.adapted
+
+    def adapting(self, names: Sequence[str]) -> ModelShape:
+        """This shape with LoRA on the linears whose last name component is in `names` (as
+        peft matches a list of target modules). Names must be known (`linear_names`); one no
+        linear has raises ValueError naming it."""
+        known = {n for n, _, _, _ in self.linear_names}
+        missing = sorted(set(names) - known)
+        if missing or not self.linear_names:
+            raise ValueError(", ".join(missing) or "any name")
+        counts: dict[tuple[int, int], int] = {}
+        for name, a, b, n in self.linear_names:
+            if name in names:
+                counts[(a, b)] = counts.get((a, b), 0) + n
+        return replace(self, adapted=tuple((a, b, n) for (a, b), n in sorted(counts.items())))
+
     def lora_params(self, r: int) -> int:
-        return sum(r * (a + b) * n for a, b, n in self.linears)
+        return sum(r * (a + b) * n for a, b, n in self.adapted_linears)
 
     def largest_linear(self) -> int:
         return max(a * b for a, b, _ in self.linears)
 
     def layer_linear_inputs(self) -> float:
         """Sum of in_features over one layer's adapted linears (LoRA dropout copies these)."""
-        return sum(a * n for a, _, n in self.linears) / self.num_hidden_layers
+        return sum(a * n for a, _, n in self.adapted_linears) / self.num_hidden_layers
 
     def active_params(self) -> float:
         """Parameters one token runs through (routed experts: the active share)."""
@@ -352,7 +384,8 @@ def _lora_terms(m: ModelShape, s: StepShape) -> list[MemoryTerm]:
 
 def _lora_tensor_sizes(m: ModelShape, r: int) -> list[tuple[int, int]]:
     """(elements, count) of every LoRA tensor: A is r x in, B is out x r, per adapted linear."""
-    return [(r * i, n) for i, _, n in m.linears] + [(o * r, n) for _, o, n in m.linears]
+    return ([(r * i, n) for i, _, n in m.adapted_linears]
+            + [(o * r, n) for _, o, n in m.adapted_linears])
 
 
 def _optimizer_state(m: ModelShape, s: StepShape) -> tuple[int, str]:
@@ -539,7 +572,7 @@ def lora_saved_bytes_per_token(m: ModelShape, s: StepShape, autocast: bool = Tru
     under autocast, fp32 outside it (the offloaded recomputation).
     """
     a = s.compute_bytes
-    adapters = sum(n for _, _, n in m.linears) / m.num_hidden_layers
+    adapters = sum(n for _, _, n in m.adapted_linears) / m.num_hidden_layers
     inputs = m.layer_linear_inputs()
     copy = (s.lora_bytes if not autocast else a) if _lora_copies_inputs(s, autocast) else 0
     kept = (4 if copy == 4 else a) * s.lora_r * adapters + copy * inputs
@@ -634,7 +667,7 @@ def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share
         if not autocast:
             moments.append(saved + refs + 2 * a * h + 2 * 4 * h)
         else:
-            widest = max(i for i, _, _ in m.linears)
+            widest = max(i for i, _, _ in m.adapted_linears)
             share = mlp_tokens_share if widest == m.intermediate_size else 1.0
             moments.append(saved + refs + 4 * widest * share + 2 * a * h)
     return max(moments)

@@ -367,7 +367,7 @@ def attach_lora(model, lora: LoraConfig, fused: bool = False):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    targets = lora_targets(lora.target_modules)
+    targets = lora.target_names() or "all-linear"
     missing = [] if targets == "all-linear" else sorted(set(targets) - _linear_names(model))
     if missing:
         raise UserError(f"config key lora.target_modules names {', '.join(missing)[:200]}, which "
@@ -383,21 +383,11 @@ def attach_lora(model, lora: LoraConfig, fused: bool = False):
                           autocast_adapter_dtype=(lora.weight_dtype == "float32"))
 
 
-def lora_targets(target_modules: str) -> str | list[str]:
-    """`all-linear`, or the comma-separated module names as a list.
-
-    peft reads a bare string as a regular expression that must match a module's full name, so
-    `q_proj` alone would match nothing; a list matches name suffixes, which is what users mean.
-    """
-    if target_modules.strip() == "all-linear":
-        return "all-linear"
-    return [name.strip() for name in target_modules.split(",") if name.strip()]
-
-
 def _linear_names(model) -> set[str]:
-    """Last name components of the model's linear layers (4-bit ones included), lm_head aside."""
-    names = set()
-    for full_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and full_name.split(".")[-1] != "lm_head":
-            names.add(full_name.split(".")[-1])
-    return names
+    """Last name components of the model's linear layers (4-bit ones and GPT-2's Conv1D
+    included: peft adapts both), the output head aside (as shapes.census counts them)."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return {full_name.split(".")[-1] for full_name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head}

@@ -23,7 +23,7 @@ from qlora_lab.config import (
 )
 from qlora_lab.errors import NothingFits, UserError
 from qlora_lab.memory import ModelShape, StepShape, estimate_peak_memory
-from qlora_lab.shapes import model_shape
+from qlora_lab.shapes import adapting, check_position_limit, model_shape
 
 
 @dataclass(frozen=True)
@@ -217,6 +217,15 @@ def apply_candidate(cfg: RunConfig, cand: Candidate) -> RunConfig:
     return replace(cfg, train=train, data=replace(cfg.data, max_seq_len=cand.seq_len))
 
 
+def planned_shape(cfg: RunConfig) -> memory.ModelShape:
+    """The model `train` would build for `cfg`, as the planner counts it: LoRA where
+    `lora.target_modules` puts it; a row longer than a learned position table is refused, as
+    train refuses it."""
+    shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
+    check_position_limit(shape.position_limit, cfg.data.max_seq_len, cfg.model.name)
+    return adapting(shape, cfg.lora, cfg.model.name)
+
+
 def fit_config(cfg: RunConfig, budget_bytes: int, gpus: int = 1, strategy: str = "ddp",
                short_rows: bool = True, bins: Callable[[int], int] | None = None
                ) -> tuple[RunConfig, Candidate, list]:
@@ -224,7 +233,7 @@ def fit_config(cfg: RunConfig, budget_bytes: int, gpus: int = 1, strategy: str =
     mask (data.rows_share_bins); unknown (`plan` reads no data), assume they do, which costs
     more memory with selective checkpointing. bins: packed, the bins a micro-batch of n rows
     fills (train.fit_to_card reads them off the run's rows); unknown, each row a full bin."""
-    shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
+    shape = planned_shape(cfg)
     base = replace(step_shape(cfg, gpus=gpus, strategy=strategy), short_rows=short_rows)
     # Only micro-batches that divide the rows per optimizer step: the search trades micro-batch
     # for accumulation and must not change the effective batch (which changes the optimization).
@@ -296,7 +305,7 @@ def run_plan(cfg: PlanConfig) -> dict:
         result["budget_bytes"] = budget
         result["chosen"] = best.__dict__
         result["candidates"] = [c.__dict__ for c in cands]
-    shape = model_shape(run.model.name, run.model.trust_remote_code)
+    shape = planned_shape(run)
     step = step_shape(run, gpus=cfg.gpus, strategy=cfg.strategy)
     plan = memory.estimate_peak_memory(shape, step)
     result.update(model=run.model.name, step=step.__dict__, **plan.as_dict())
@@ -307,12 +316,6 @@ def run_plan(cfg: PlanConfig) -> dict:
                        f"{step.seq_len}-token bin, an upper bound (160 Dolly rows fill ~30 "
                        "bins of 1,024); `train --budget` plans the bins the run's rows fill")
         result["packed_note"] = packed_note
-    lora_note = None
-    if run.lora.target_modules.strip() != "all-linear":
-        # The shape knows linears by size, not by name: a subset of them is bounded from above.
-        lora_note = (f"lora.target_modules = {run.lora.target_modules}: LoRA counted on every "
-                     "linear layer, an upper bound (train checks the names)")
-        result["lora_note"] = lora_note
     if cfg.output is not None:
         try:
             Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +333,7 @@ def run_plan(cfg: PlanConfig) -> dict:
               f"activations: {_strategy(step)}; peak at {plan.peak_phase}"
               + (f"; per GPU of {step.gpus} ({step.strategy})" if step.gpus > 1 else ""))
         print(_table(plan))
-        for note in (packed_note, lora_note):
+        for note in (packed_note,):
             if note:
                 print(f"  {note}")
         if cfg.budget is not None:
@@ -358,7 +361,7 @@ def nearest_fit_advice(cfg: RunConfig, budget_bytes: int) -> str | None:
     Returns None when the planner cannot read the architecture (then rules of thumb apply).
     """
     try:
-        shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
+        shape = planned_shape(cfg)
         failed = memory.estimate_peak_memory(shape, step_shape(cfg))
         fitted, _, _ = fit_config(cfg, budget_bytes)
     except NothingFits as exc:

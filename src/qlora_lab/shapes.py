@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_lab import memory
+from qlora_lab.config import LoraConfig
 from qlora_lab.errors import UserError
 from qlora_lab.presets import preset_for
 
@@ -141,6 +142,7 @@ def count_modules(model, name: str) -> memory.ModelShape:
         getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     counts = dict.fromkeys(("bias", "embedding", "head", "norm", "frozen", "expert", "fp32"), 0)
     linears: dict[tuple[int, int], int] = {}
+    named: dict[tuple[str, int, int], int] = {}
     seen: set[int] = set()
     for mod_name, module in model.named_modules():
         # A tied head shares the embedding's parameter, met first: it adds nothing.
@@ -157,6 +159,8 @@ def count_modules(model, name: str) -> memory.ModelShape:
             shape = (tuple(module.weight.shape) if isinstance(module, Conv1D)
                      else (module.in_features, module.out_features))
             linears[shape] = linears.get(shape, 0) + 1
+            key = (mod_name.rsplit(".", 1)[-1], *shape)
+            named[key] = named.get(key, 0) + 1
             counts["bias"] += module.bias.numel() if module.bias is not None else 0
         elif isinstance(module, nn.Embedding):
             counts["embedding"] += numel
@@ -189,7 +193,54 @@ def count_modules(model, name: str) -> memory.ModelShape:
         head_params=counts["head"], norm_params=counts["norm"], frozen_params=counts["frozen"],
         expert_params=counts["expert"], fp32_params=counts["fp32"],
         residual_scaled=memory.residual_scaled(config),
+        linear_names=tuple((k, a, b, n) for (k, a, b), n in sorted(named.items())),
+        position_limit=learned_position_limit(model) or 0,
         source="meta-device module tree", **layer)
+
+
+def learned_position_limit(model) -> int | None:
+    """The longest row a model with a learned position table can read (GPT-2's `wpe`, OPT's
+    `embed_positions`): past it the table's lookup fails (an IndexError on CPU, a device assert
+    on CUDA). None when positions are computed (RoPE, ALiBi), where a longer row runs.
+
+    A table is an embedding other than the token embeddings named for positions; its limit is
+    the config's max_position_embeddings (OPT's table has two rows of offset), else its size.
+    """
+    from torch import nn
+
+    tokens = model.get_input_embeddings()
+    tables = [m for name, m in model.named_modules()
+              if isinstance(m, nn.Embedding) and m is not tokens
+              and ("pos" in name.rsplit(".", 1)[-1].lower() or name.endswith("wpe"))]
+    if not tables:
+        return None
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        return min(limit, *(t.num_embeddings for t in tables))
+    return min(t.num_embeddings for t in tables)
+
+
+def check_position_limit(limit: int | None, max_seq_len: int, name: str) -> None:
+    """Refuse `data.max_seq_len` past a learned position table, in one line."""
+    if limit and max_seq_len > limit:
+        raise UserError(f"data.max_seq_len = {max_seq_len} is past the {limit} positions "
+                        f"{name} has learned (its config's max_position_embeddings) — set "
+                        f"data.max_seq_len to {limit} or less")
+
+
+def adapting(shape: memory.ModelShape, lora: LoraConfig, name: str) -> memory.ModelShape:
+    """`shape` with LoRA only where `lora.target_modules` puts it (as models.attach_lora
+    reads the names), refused in `train`'s words when a name matches no linear layer."""
+    targets = lora.target_names()
+    if targets is None or not shape.linear_names:
+        return shape
+    try:
+        return shape.adapting(targets)
+    except ValueError as exc:
+        known = sorted({n for n, _, _, _ in shape.linear_names})
+        raise UserError(f"config key lora.target_modules names {str(exc)[:200]}, which match "
+                        f"no linear layer of {name} — use 'all-linear' or names from: "
+                        f"{', '.join(known)[:300]}") from None
 
 
 def _matches(module_name: str, key: str) -> bool:

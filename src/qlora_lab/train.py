@@ -65,6 +65,7 @@ from qlora_lab.data import (
     rows_share_bins,
 )
 from qlora_lab.errors import LossNotFinite, OutOfMemory, TrainingInterrupted, UserError
+from qlora_lab.shapes import check_position_limit, learned_position_limit
 from qlora_lab.trainer import (
     CHECKPOINTS,
     build_training_args,
@@ -240,6 +241,8 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     set_seed(cfg.train.seed)
     with adapters.explain_load_errors(*base_problem):
         model = models.load_base_model(model_path, cfg.model, cfg.quant, device)
+    # A learned position table (GPT-2's) fails on the first row longer than it, mid-run.
+    check_position_limit(learned_position_limit(model), cfg.data.max_seq_len, cfg.model.name)
     if cfg.model.attn_implementation == "varlen":
         attention.use_varlen(model, cfg.data.max_seq_len, cfg.train.packing)
         if min(len(e["input_ids"]) for rows in (data.train, data.eval)
