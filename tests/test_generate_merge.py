@@ -63,6 +63,27 @@ def test_merged_logits_match_unmerged(trained_run, tmp_path):
                  "--max-new-tokens", "3"]) == 0
 
 
+def test_merge_of_a_base_with_an_auto_map_leaves_no_remote_code_pointer(trained_run, tmp_path):
+    """The base's config names repo code (auto_map) that merge did not run (trust_remote_code
+    off): the merged folder loads with transformers' own classes either way."""
+    from transformers import AutoModelForCausalLM
+
+    base_path = json.loads((trained_run / "adapter/adapter_config.json").read_text())[
+        "base_model_name_or_path"]
+    base = tmp_path / "base"
+    shutil.copytree(base_path, base)
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "someone/else--modeling_evil.EvilForCausalLM"}
+    (base / "config.json").write_text(json.dumps(config))
+    run_merge(MergeConfig(adapter=str(trained_run), model=str(base),
+                          output_dir=str(tmp_path / "m")))
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "auto_map" not in saved and saved["model_type"] == config["model_type"]
+    # Even a caller who trusts remote code gets transformers' class, not someone else's repo.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers.")
+
+
 def test_merge_refuses_a_non_empty_output_dir(trained_run, tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(UserError, match="not empty"):

@@ -167,6 +167,11 @@ def run_merge(cfg: MergeConfig) -> dict:
     # appeared there since is not ours to replace (replace=False).
     with fsio.staged_dir(out, replace=False) as tmp:
         merged.config.use_cache = True
+        if not ref.trust_remote_code and getattr(merged.config, "auto_map", None):
+            # transformers' own classes built these weights, not the base's repo code: its
+            # auto_map, kept, would send a trust_remote_code load of the merged folder to code
+            # the folder does not hold (or to the repo the map names).
+            del merged.config.auto_map
         merged.save_pretrained(tmp)  # safetensors: transformers 5 writes nothing else
         tokenizer.save_pretrained(tmp)
         adapters.write_base_info(tmp, ModelConfig(name=ref.base_model), QuantConfig(bits=16),
