@@ -720,7 +720,7 @@ def test_adapters_that_do_not_fit_their_base(tmp_path, trained_run, case, fragme
     ("prompt-file-empty", "the prompt is empty"),
     ("prompt-file-is-dir", "does not exist"),
     ("max-new-tokens-0", "--max-new-tokens 0 must be a positive integer"),
-    ("temperature-negative", "--temperature -1.0 must be >= 0"),
+    ("temperature-negative", "--temperature -1.0 must be 0 (greedy) or between 0.01 and 100"),
     ("adapter-and-model-dir", "pass either --adapter or --model-dir"),
     ("nothing-to-run", "nothing to run"),
 ])

@@ -25,11 +25,15 @@ from qlora_lab.sources import first_line
 log = logging.getLogger(__name__)
 
 
+MIN_TEMPERATURE = 0.01  # and 0, greedy
+MAX_TEMPERATURE = 100.0
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     """adapter: a run's output dir or adapter dir. model_dir: a merged model (from `merge`).
     model: the base, for a bare model run or to override the adapter's recorded base.
-    temperature: 0 = greedy (deterministic); > 0 samples with top_p.
+    temperature: 0 = greedy (deterministic); otherwise in [0.01, 100], sampling with top_p.
     seed: seeds torch for sampling; [0, 2**32 - 1], the range train.seed allows.
     allow_pickle: accept pickle weights (.bin) where safetensors are missing; they can run code.
     trust_remote_code: let a base recorded with trust_remote_code run its repo's code.
@@ -52,10 +56,14 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise UserError(f"--max-new-tokens {self.max_new_tokens} must be a positive integer")
-        # NaN fails every comparison, so `< 0` alone lets it through (and `> 0` then picks greedy).
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise UserError(f"--temperature {self.temperature} must be >= 0 and finite "
-                            "(0 = greedy)")
+        # NaN fails every comparison, so a range check must be written to fail it. Logits over
+        # a temperature below ~1e-38 overflow fp32 to inf and sampling crashed on NaN
+        # probabilities; above 100 every token is about equally likely: noise, not an answer.
+        if not (self.temperature == 0
+                or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise UserError(f"--temperature {self.temperature} must be 0 (greedy) or between "
+                            f"{MIN_TEMPERATURE} and {MAX_TEMPERATURE:g} (1 samples the model "
+                            "as trained)")
         # torch.manual_seed overflows past 64 bits; train's seed range keeps the two alike.
         if not 0 <= self.seed < 2**32:
             raise UserError(f"--seed {self.seed} must be an integer in [0, 2**32 - 1]")
