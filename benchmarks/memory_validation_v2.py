@@ -392,9 +392,11 @@ def _site(frames: list[dict]) -> str:
                       for f in named[:3])
 
 
-def _predict(spec: dict, liger: bool | None = None) -> dict:
+def _predict(spec: dict, liger: bool | None = None, sdpa: bool | None = None) -> dict:
     """The planner's estimate for spec, for the step this harness runs: full-length rows (one
-    per bin, no mask) or half-length rows (two per bin: half the bins, a block-diagonal mask)."""
+    per bin, no mask) or half-length rows (two per bin: half the bins, a block-diagonal mask).
+    `sdpa`: whether the measuring host's transformers had an SDPA path for the family (None:
+    as this host's has)."""
     from qlora_lab import memory, plan, shapes
     from qlora_lab.config import config_from_dict
 
@@ -406,7 +408,10 @@ def _predict(spec: dict, liger: bool | None = None) -> dict:
                           liger=step.liger if liger is None else liger,
                           # A row's recorded `liger` was its layers' and its loss's alike.
                           liger_loss=step.liger_loss if liger is None else liger)
-    est = memory.estimate_peak_memory(shapes.model_shape(cfg.model.name), step)
+    shape = shapes.model_shape(cfg.model.name)
+    if sdpa is not None:
+        shape = memory.replace(shape, sdpa=sdpa)
+    est = memory.estimate_peak_memory(shape, step)
     return {"predicted_bytes": est.peak_allocated_bytes,
             "predicted_reserved_bytes": est.peak_reserved_bytes,
             "predicted_phase": est.peak_phase, "liger": step.liger,
@@ -598,7 +603,9 @@ def repredict(report: dict) -> list[dict]:
                             c.pop("seq_len"), c.pop("lora_r"), c.pop("activations"),
                             c.pop("bits"), c, 1, "cuda")
             row.setdefault("predicted_bytes_at_run", row["predicted_bytes"])
-            row.update(_predict(spec, liger=row.get("liger")))
+            # The H200's transformers (5.17, the file's `versions`) had an SDPA path for every
+            # family here; 5.2x dropped Gemma 2's, which train on such a host loads eager.
+            row.update(_predict(spec, liger=row.get("liger"), sdpa=True))
             if row.get("measured_bytes"):
                 row["error_pct"] = 100.0 * (row["predicted_bytes"] - row["measured_bytes"]) \
                     / row["measured_bytes"]

@@ -425,6 +425,36 @@ def test_fused_head_loss_applies_the_models_own_logit_transform(model_type, extr
     assert abs(float(plain / count) - float(reference)) > 1e-3
 
 
+@pytest.mark.parametrize("model_type, sizes", [
+    ("gpt2", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}),  # ln_f
+    ("gpt_neox", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "intermediate_size": 48}),  # final_layer_norm
+    ("phi", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 48}),  # final_layernorm
+])
+def test_fused_head_loss_reads_the_decoder_output_whatever_its_norm_is_named(model_type, sizes):
+    """train.fused_loss (the default) hooks the decoder's output, so families whose final norm
+    is not Llama's `norm` train with it too (GPT-2 was refused) and give the model's own loss."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, **sizes)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    ids = torch.randint(0, 64, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE_INDEX
+    states = fastpath.FinalHiddenStates(model)
+    loss = fastpath.SupervisedHeadLoss(model.get_output_embeddings(), use_liger=False,
+                                       chunk_tokens=5)
+    with torch.no_grad():
+        reference = model(input_ids=ids, labels=labels).loss
+        model(input_ids=ids, logits_to_keep=1)  # as the trainer calls it
+        total, count = loss(states.take(), labels)
+    torch.testing.assert_close(total / count, reference, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="decoder did not run"):
+        states.take()  # each forward's states are taken once
+
+
 # --- varlen attention ---------------------------------------------------------------------------
 
 

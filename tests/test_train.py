@@ -191,7 +191,7 @@ def test_rows_past_a_learned_position_table_are_refused_before_training(tmp_path
     base = _tiny_gpt2(tmp_path / "gpt2", n_positions=64)
     long_rows = write_jsonl(tmp_path / "long.jsonl",
                             [{**r, "response": r["response"] * 8} for r in DOLLY_ROWS])
-    cfg = tiny_config(tmp_path / "run", long_rows, max_steps=2, fused_loss=False)
+    cfg = tiny_config(tmp_path / "run", long_rows, max_steps=2)  # the fused loss reads ln_f's
     cfg = replace(cfg, model=replace(cfg.model, name=str(base)))
     check_outcome(lambda: run_train(replace(cfg, data=replace(cfg.data, max_seq_len=65))),
                   tmp_path, ["data.max_seq_len = 65 is past the 64 positions",
@@ -206,3 +206,41 @@ def test_rows_past_a_learned_position_table_are_refused_before_training(tmp_path
 
     names = load(tmp_path / "run2" / "adapter" / "adapter_model.safetensors").keys()
     assert names and all("c_attn" in n for n in names)
+
+
+FAMILY_SIZES = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "pad_token_id": 0,
+                "bos_token_id": 1, "eos_token_id": 2, "max_position_embeddings": 512}
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("gemma2", {"num_key_value_heads": 2, "head_dim": 16}),  # no SDPA path: loads eager
+    ("bloom", {"n_layer": 2, "n_head": 4}),  # ALiBi, fused query_key_value, no SDPA path
+    ("phi3", {"num_key_value_heads": 2}),  # fused qkv_proj and gate_up_proj
+    ("gpt_neox", {}),  # final_layer_norm, not `norm`
+    ("qwen3_moe", {"num_key_value_heads": 2, "moe_intermediate_size": 32, "num_experts": 4,
+                   "num_experts_per_tok": 2, "head_dim": 16}),
+])
+def test_train_defaults_run_on_other_families(tmp_path, dolly_file, model_type, extra):
+    """`train` with its defaults (packing, fused LoRA and loss, sdpa) on families other than
+    Llama: each trains, and its adapter loads onto the base with plain peft."""
+    from dataclasses import replace
+
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_lab.models import build_byte_tokenizer
+
+    torch.manual_seed(0)
+    sizes = {k: v for k, v in FAMILY_SIZES.items()
+             if model_type != "bloom" or k not in ("num_hidden_layers", "num_attention_heads")}
+    base = tmp_path / model_type
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes, **extra)
+                                     ).save_pretrained(base)
+    build_byte_tokenizer().save_pretrained(base)
+    cfg = tiny_config(tmp_path / "run", dolly_file, max_steps=2, save_steps=2, eval_steps=2)
+    summary = run_train(replace(cfg, model=replace(cfg.model, name=str(base))))
+    assert torch.isfinite(torch.tensor(summary["eval_loss"]))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                       tmp_path / "run" / "adapter")
+    assert any("lora_A" in n for n, _ in loaded.named_parameters())

@@ -101,7 +101,9 @@ class ModelConfig:
         Only this invocation's `--trust-remote-code` or `--set model.trust_remote_code=true`
         turns it on; a YAML file or a run folder's config.yaml that sets it alone is refused.
     allow_pickle: accept pickle (.bin) weights when a model has no safetensors; they can run code.
-    attn_implementation: `sdpa` is fast everywhere torch runs; `eager` is the reference.
+    attn_implementation: `sdpa` is fast everywhere torch runs; `eager` is the reference, and
+        what `sdpa` loads as for an architecture transformers has no SDPA path for (Gemma 2,
+        Bloom), as `plan` counts it.
         `varlen` (training with packing only): each packed row attends only to itself through
         torch's FlashAttention variable-length kernel (CUDA, torch >= 2.10), with no mask;
         elsewhere it computes the same with SDPA. For rows that fill their bins (long

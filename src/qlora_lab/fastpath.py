@@ -67,32 +67,33 @@ def resolve_liger(setting: str, device: str) -> bool:
 
 
 class FinalHiddenStates:
-    """Catch the output of the model's final norm: the states the LM head would read.
+    """Catch the decoder's output: the final (normed) states the LM head reads.
 
-    A forward hook on this model's own norm module. Asking the model for
-    `output_hidden_states` instead would keep every layer's output on the GPU, which undoes
-    activation offload (it ran out of memory with it: the qlora_lab rows of
+    A forward hook on this model's own decoder (`get_decoder()`: LlamaModel, GPT2Model, ...),
+    whose `last_hidden_state` is what every transformers causal LM hands its head, whatever
+    its final norm is named (`norm`, `ln_f`, `final_layer_norm`) or whether it has one. Asking
+    the model for `output_hidden_states` instead would keep every layer's output on the GPU,
+    which undoes activation offload (it ran out of memory with it: the qlora_lab rows of
     benchmarks/results/bench_context_h200_8gib_run1.json).
     """
 
     def __init__(self, model: nn.Module):
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        norm = getattr(decoder, "norm", None)
-        if norm is None:
-            raise UserError("train.fused_loss reads the decoder's final norm where Llama-style "
-                            f"families keep it (a module named `norm`), and "
-                            f"{type(model).__name__} names its own otherwise or has none — set "
-                            "train.fused_loss to false")
+        if decoder is None or decoder is model:
+            raise UserError("train.fused_loss reads the decoder's output before the LM head, "
+                            f"and {type(model).__name__} has no separate decoder module "
+                            "(get_decoder()) — set train.fused_loss to false")
         self.states: torch.Tensor | None = None
-        norm.register_forward_hook(self._keep)
+        decoder.register_forward_hook(self._keep)
 
     def _keep(self, module, args, output) -> None:
-        self.states = output
+        states = getattr(output, "last_hidden_state", None)
+        self.states = states if states is not None else output[0]
 
     def take(self) -> torch.Tensor:
         states, self.states = self.states, None
         if states is None:
-            raise RuntimeError("the final norm did not run in this forward pass")
+            raise RuntimeError("the decoder did not run in this forward pass")
         return states
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
-from qlora_lab.errors import UserError
 
 GIB = 2**30
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one absmax per 64 weights
@@ -84,7 +83,8 @@ class ModelShape:
         other gated MLP: fused gate_up, GeLU), "plain" (up, activation, down) or "moe".
     norm_kind: "rms" (Liger swaps it on CUDA), "rms_fp32" (computes in fp32, not swapped:
         Gemma), "layer" (LayerNorm). norms_per_layer counts the hidden-size norms of a layer.
-    final_norm: the decoder has a final `norm` module (the fused loss reads its output).
+    final_norm: the decoder ends in a norm (Llama's `norm`, GPT-2's `ln_f`); its output is what
+        the head reads.
     fused_qkv: q, k and v come from one projection (Phi-3's qkv_proj, GPT-2's c_attn), so the
         v that attention keeps is a view that keeps the whole projection output alive.
     sliding_window: the window of sliding-window attention layers (0: none); from that length
@@ -95,6 +95,8 @@ class ModelShape:
         for `lora.target_modules` by name (empty: names unknown).
     adapted: the linears LoRA adapts, as `linears`; None: all of them (`all-linear`). Only the
         adapters' own terms read it: every linear is quantized either way.
+    sdpa: transformers has an SDPA path for the architecture; without one (Gemma 2, Bloom)
+        `sdpa` loads as eager attention (models.attention_for) and is planned so.
     position_limit: the rows a learned position table can index (GPT-2's n_positions); 0 when
         positions are computed (RoPE, ALiBi) and a longer row still runs.
     """
@@ -130,6 +132,7 @@ class ModelShape:
     linear_names: tuple[tuple[str, int, int, int], ...] = ()
     adapted: tuple[tuple[int, int, int], ...] | None = None
     position_limit: int = 0
+    sdpa: bool = True
     source: str = "config arithmetic"
 
     def __post_init__(self) -> None:
@@ -498,6 +501,8 @@ def _final_norm_bytes(m: ModelShape, s: StepShape) -> float:
     """The final norm, per hidden unit: its output (what the head reads) and what its kind
     keeps of its input (Liger: the last layer's output itself)."""
     a = s.compute_bytes
+    if not m.final_norm:
+        return a  # the decoder's output, read as is
     if m.norm_kind == "rms":
         return a + a if s.liger else 4 + a
     return (4 if m.norm_kind == "rms_fp32" else 8) + a
@@ -830,11 +835,6 @@ def _loss_chunk_rows(m: ModelShape, n: int) -> int:
 
 def _loss_term(m: ModelShape, s: StepShape) -> MemoryTerm:
     n, a, h, v = s.tokens, s.compute_bytes, m.hidden_size, m.vocab_size
-    if s.fused_loss and not m.final_norm:
-        # As train refuses it (fastpath.FinalHiddenStates reads the decoder's final `norm`).
-        raise UserError("train.fused_loss reads the decoder's final norm where Llama-style "
-                        "families keep it (a module named `norm`), and this model names its own "
-                        "otherwise or has none — set train.fused_loss to false")
     # The final norm: its output (what the head reads) and, per its kind, its fp32 input copy;
     # the last layer's output it reads is kept by Liger's norm.
     final = n * h * _final_norm_bytes(m, s)
@@ -981,6 +981,8 @@ def estimate_peak_memory(model: ModelShape, step: StepShape) -> MemoryPlan:
     gradient exists yet); and backward's worst moment (see _activation_terms), with the LoRA
     gradients alive then.
     """
+    if step.attn_implementation == "sdpa" and not model.sdpa:
+        step = replace(step, attn_implementation="eager")  # as models.attention_for loads it
     static, extra = _distributed_terms(model, step,
                                        _weight_terms(model, step) + _lora_terms(model, step))
     act = _activation_terms(model, step)

@@ -250,6 +250,35 @@ def device_map_for(device: str, fsdp: bool = False) -> dict:
     return {"": "cpu"}
 
 
+def attention_for(path: str, model_cfg: ModelConfig) -> str:
+    """The attention `from_pretrained` gets for `model.attn_implementation`.
+
+    varlen needs packed rows' bounds: it loads as sdpa and train switches it after loading.
+    sdpa (the default) becomes eager, the same math, for an architecture transformers has no
+    SDPA path for (Gemma 2 and Bloom in transformers 5.x), which refused to load otherwise.
+    """
+    requested = model_cfg.attn_implementation
+    wanted = "sdpa" if requested == "varlen" else requested
+    if wanted != "sdpa":
+        return wanted
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, ValueError, KeyError):
+        return wanted  # remote code or an unreadable config: from_pretrained says what fails
+    if getattr(model_class, "_supports_sdpa", True) is False:
+        if requested == "varlen":
+            raise UserError(f"model.attn_implementation = varlen runs through SDPA, which "
+                            f"{model_class.__name__} does not support in transformers — set "
+                            "model.attn_implementation to eager")
+        log.info("attention: %s has no SDPA path in transformers; eager attention (the same "
+                 "math) instead of model.attn_implementation = sdpa", model_class.__name__)
+        return "eager"
+    return wanted
+
+
 def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, device: str,
                     quantize: bool = True):
     """Load the base for training or inference. `quantize=False` loads 16/32-bit weights."""
@@ -261,9 +290,7 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
                   trust_remote_code=model_cfg.trust_remote_code,
                   # Hub and local bases load from safetensors only, unless pickles are allowed.
                   use_safetensors=None if model_cfg.allow_pickle else True,
-                  # varlen needs packed rows' bounds: train switches to it after loading.
-                  attn_implementation=("sdpa" if model_cfg.attn_implementation == "varlen"
-                                       else model_cfg.attn_implementation))
+                  attn_implementation=attention_for(path, model_cfg))
     if quantize and quant.bits == 4:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,

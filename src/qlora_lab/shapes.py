@@ -195,6 +195,7 @@ def count_modules(model, name: str) -> memory.ModelShape:
         residual_scaled=memory.residual_scaled(config),
         linear_names=tuple((k, a, b, n) for (k, a, b), n in sorted(named.items())),
         position_limit=learned_position_limit(model) or 0,
+        sdpa=getattr(type(model), "_supports_sdpa", True) is not False,
         source="meta-device module tree", **layer)
 
 
@@ -300,8 +301,10 @@ def _layer_shape(model, name: str) -> dict:
                  **_mlp_shape(mlp, config, name, _is_swiglu_mlp)}
         shapes.append(shape)
     widest = max(shapes, key=lambda s: (s["mlp"] == "moe", s["intermediate_size"]))
-    final = getattr(model.get_decoder(), "norm", None) if hasattr(model, "get_decoder") else None
-    return {**widest, "final_norm": final is not None,
+    # The decoder's own last norm (Llama's `norm`, GPT-2's `ln_f`), a direct child of it.
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    final = any(_is_norm(child) for child in decoder.children())
+    return {**widest, "final_norm": final,
             "sliding_window": memory.sliding_window(config)}
 
 
