@@ -121,6 +121,23 @@ def test_lora_on_named_targets_is_planned_as_train_adapts_them(model_type, targe
             < memory.estimate_peak_memory(every, step).peak_allocated_bytes)
 
 
+def test_joint_lora_groups_are_planned_only_where_train_forms_them():
+    # fusedlora groups gate/up and q/k/v only where every member is adapted.
+    from qlora_lab.config import LoraConfig
+    from qlora_lab.shapes import adapting
+
+    shape = _census("llama")
+    step = memory.StepShape(4, 128, joint_lora=True, compiled=True, fused_lora=True,
+                            lora_dropout=False)
+    wide = {t: memory.joint_input_bytes_per_token(
+        adapting(shape, LoraConfig(target_modules=t), "llama"), step)
+        for t in ("all-linear", "gate_proj,up_proj", "q_proj,k_proj,v_proj",
+                  "q_proj,v_proj,up_proj")}
+    assert wide["all-linear"] == wide["gate_proj,up_proj"] + wide["q_proj,k_proj,v_proj"]
+    assert wide["gate_proj,up_proj"] > 0 and wide["q_proj,k_proj,v_proj"] > 0
+    assert wide["q_proj,v_proj,up_proj"] == 0
+
+
 def test_a_preset_plans_named_targets_like_its_module_tree():
     from qlora_lab.config import LoraConfig
     from qlora_lab.shapes import adapting

@@ -93,8 +93,9 @@ class ModelShape:
         residual_multiplier), so backward holds the scaled gradient beside the unscaled one.
     linear_names: (last name component, in_features, out_features, count) of the same linears,
         for `lora.target_modules` by name (empty: names unknown).
-    adapted: the linears LoRA adapts, as `linears`; None: all of them (`all-linear`). Only the
-        adapters' own terms read it: every linear is quantized either way.
+    adapted, adapted_names: the linears LoRA adapts, as `linears` and by name; None: all of
+        them (`all-linear`). Only the adapters' own terms read them: every linear is quantized
+        either way.
     sdpa: transformers has an SDPA path for the architecture; without one (Gemma 2, Bloom)
         `sdpa` loads as eager attention (models.attention_for) and is planned so.
     position_limit: the rows a learned position table can index (GPT-2's n_positions); 0 when
@@ -131,6 +132,7 @@ class ModelShape:
     residual_scaled: bool = False
     linear_names: tuple[tuple[str, int, int, int], ...] = ()
     adapted: tuple[tuple[int, int, int], ...] | None = None
+    adapted_names: tuple[str, ...] | None = None
     position_limit: int = 0
     sdpa: bool = True
     source: str = "config arithmetic"
@@ -212,7 +214,12 @@ class ModelShape:
         for name, a, b, n in self.linear_names:
             if name in names:
                 counts[(a, b)] = counts.get((a, b), 0) + n
-        return replace(self, adapted=tuple((a, b, n) for (a, b), n in sorted(counts.items())))
+        return replace(self, adapted=tuple((a, b, n) for (a, b), n in sorted(counts.items())),
+                       adapted_names=tuple(sorted(set(names))))
+
+    def adapts(self, *names: str) -> bool:
+        """Whether LoRA is on every linear named so (all-linear: on all of them)."""
+        return self.adapted_names is None or set(names) <= set(self.adapted_names)
 
     def lora_params(self, r: int) -> int:
         return sum(r * (a + b) * n for a, b, n in self.adapted_linears)
@@ -470,7 +477,10 @@ def joint_input_bytes_per_token(m: ModelShape, s: StepShape) -> float:
     lives only while its group is computed, before the layer's worst moment."""
     if not (s.joint_lora and s.compiled and _fused_lora(s)):
         return 0.0
-    groups = ([2] if m.mlp == "swiglu" else []) + ([] if m.fused_qkv else [3])
+    # A group forms only where all its projections are adapted (fusedlora.project_together,
+    # group_projections).
+    groups = (([2] if m.mlp == "swiglu" and m.adapts("gate_proj", "up_proj") else [])
+              + ([] if m.fused_qkv or not m.adapts("q_proj", "k_proj", "v_proj") else [3]))
     return sum(s.compute_bytes * (m.hidden_size + rank_columns(n * s.lora_r)) for n in groups)
 
 
