@@ -223,7 +223,9 @@ FAMILY_SIZES = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
 ])
 def test_train_defaults_run_on_other_families(tmp_path, dolly_file, model_type, extra):
     """`train` with its defaults (packing, fused LoRA and loss, sdpa) on families other than
-    Llama: each trains, and its adapter loads onto the base with plain peft."""
+    Llama: each trains, its adapter loads onto the base with plain peft and through qlora-lab's
+    own loader (`all-linear` on Qwen3-MoE once made peft adapt the fused experts and router,
+    which that loader refused)."""
     from dataclasses import replace
 
     from peft import PeftModel
@@ -244,3 +246,7 @@ def test_train_defaults_run_on_other_families(tmp_path, dolly_file, model_type, 
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
                                        tmp_path / "run" / "adapter")
     assert any("lora_A" in n for n, _ in loaded.named_parameters())
+    from qlora_lab.generate import GenerateConfig, load_for_inference
+
+    ours = load_for_inference(GenerateConfig(adapter=str(tmp_path / "run")))
+    assert not getattr(ours.model.peft_config["default"], "target_parameters", None)

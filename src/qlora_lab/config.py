@@ -152,8 +152,10 @@ class LoraConfig:
         scale 2 beat scale 1, and r 32 beat r 16 by little for twice the adapter memory and
         optimizer state, so r stays 16 and alpha 32.
     alpha: the adapters' update is scaled by alpha / r (2 by default; see the sweep under `r`).
-    target_modules: `all-linear` = every linear projection except lm_head (QLoRA paper); or
-        module names, comma-separated (`q_proj,v_proj`) or as a YAML list.
+    target_modules: `all-linear` = every linear projection except lm_head (QLoRA paper; on
+        transformers 5 MoE models the fused expert tensors and router are not linear layers:
+        they stay frozen, as `plan` counts them); or module names, comma-separated
+        (`q_proj,v_proj`) or as a YAML list, matched by their last name component.
     weight_dtype: `float32` (default) keeps the trainable adapter weights, their gradients and
         the optimizer's update in fp32 under bf16/fp16 autocast, as peft does by default: in
         bf16 an update smaller than 1/256 of a weight rounds away, and at the learning rates of

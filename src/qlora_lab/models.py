@@ -394,27 +394,41 @@ def attach_lora(model, lora: LoraConfig, fused: bool = False):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    targets = lora.target_names() or "all-linear"
-    missing = [] if targets == "all-linear" else sorted(set(targets) - _linear_names(model))
+    named = lora.target_names()
+    missing = sorted(set(named or ()) - _linear_names(model))
     if missing:
         raise UserError(f"config key lora.target_modules names {', '.join(missing)[:200]}, which "
                         f"match no linear layer of this model — use 'all-linear' or names from: "
                         f"{', '.join(sorted(_linear_names(model)))[:300]}")
+    # `all-linear` as the linear layers' full names, which is what peft's own shorthand expands
+    # to, except on transformers 5 MoE models (Qwen3-MoE, Mixtral): there peft also adapts the
+    # fused expert tensors and the router, which 4-bit leaves unquantized, the planner does not
+    # count, and qlora-lab's loaders refuse; named layers are taken as named.
+    targets = named or sorted(_linear_names(model, full=True))
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=targets, bias="none", task_type="CAUSAL_LM")
     if fused and not fusedlora.use_fused_layers(peft_cfg):
         log.info("train.fused_lora: no custom LoRA layers with this peft or without "
                  "bitsandbytes; peft's own layers compute every projection")
     # autocast_adapter_dtype=True keeps adapter weights in fp32 over a 16-bit base.
-    return get_peft_model(model, peft_cfg,
-                          autocast_adapter_dtype=(lora.weight_dtype == "float32"))
+    model = get_peft_model(model, peft_cfg,
+                           autocast_adapter_dtype=(lora.weight_dtype == "float32"))
+    remapped = getattr(model.peft_config["default"], "target_parameters", None)
+    if remapped:
+        # peft renamed a v4 MoE target onto fused expert tensors (transformers 5).
+        raise UserError(f"config key lora.target_modules = {lora.target_modules}: peft maps it "
+                        f"onto this model's fused expert tensors ({', '.join(sorted(remapped))}),"
+                        " which qlora-lab does not train — name the attention or dense linear "
+                        "layers instead, or use 'all-linear'")
+    return model
 
 
-def _linear_names(model) -> set[str]:
-    """Last name components of the model's linear layers (4-bit ones and GPT-2's Conv1D
-    included: peft adapts both), the output head aside (as shapes.census counts them)."""
+def _linear_names(model, full: bool = False) -> set[str]:
+    """Last name components (`full`: whole names) of the model's linear layers (4-bit ones and
+    GPT-2's Conv1D included: peft adapts both), the output head aside (as shapes.census counts
+    them)."""
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings()
-    return {full_name.split(".")[-1] for full_name, module in model.named_modules()
+    return {name if full else name.split(".")[-1] for name, module in model.named_modules()
             if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head}
