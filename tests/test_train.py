@@ -250,3 +250,34 @@ def test_train_defaults_run_on_other_families(tmp_path, dolly_file, model_type, 
 
     ours = load_for_inference(GenerateConfig(adapter=str(tmp_path / "run")))
     assert not getattr(ours.model.peft_config["default"], "target_parameters", None)
+
+
+def test_a_base_bitsandbytes_cannot_quantize_is_refused_at_4_bit(tmp_path, dolly_file):
+    """Falcon's FalconLinear subclasses nn.Linear, which transformers' 4-bit replacement skips:
+    `quant.bits: 4` trained a 16-bit base the planner counted as 4-bit. Refused by train and
+    plan alike, in one line; 16 bits trains it."""
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from conftest import check_outcome
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_lab.models import build_byte_tokenizer
+
+    base = tmp_path / "falcon"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "falcon", vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        bos_token_id=1, eos_token_id=2)).save_pretrained(base)
+    build_byte_tokenizer().save_pretrained(base)
+    cfg = tiny_config(tmp_path / "run", dolly_file, max_steps=2, save_steps=2, eval_steps=2)
+    cfg = replace(cfg, model=replace(cfg.model, name=str(base)))
+    fragments = ["bitsandbytes quantize", "set quant.bits to 16"]
+    check_outcome(lambda: run_train(cfg), tmp_path, fragments)
+    proc = subprocess.run([sys.executable, "-m", "qlora_lab", "plan", "--model", str(base)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    [error] = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and all(f in error for f in fragments), proc.stderr[-2000:]
+    summary = run_train(replace(cfg, quant=replace(cfg.quant, bits=16)))
+    assert torch.isfinite(torch.tensor(summary["eval_loss"]))

@@ -98,6 +98,8 @@ class ModelShape:
         either way.
     sdpa: transformers has an SDPA path for the architecture; without one (Gemma 2, Bloom)
         `sdpa` loads as eager attention (models.attention_for) and is planned so.
+    unquantized_linears: linears of a subclass of nn.Linear (Falcon's FalconLinear), which
+        transformers' bitsandbytes replacement (exact nn.Linear and Conv1D only) leaves 16-bit.
     position_limit: the rows a learned position table can index (GPT-2's n_positions); 0 when
         positions are computed (RoPE, ALiBi) and a longer row still runs.
     """
@@ -135,6 +137,7 @@ class ModelShape:
     adapted_names: tuple[str, ...] | None = None
     position_limit: int = 0
     sdpa: bool = True
+    unquantized_linears: int = 0
     source: str = "config arithmetic"
 
     def __post_init__(self) -> None:

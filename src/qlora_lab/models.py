@@ -322,8 +322,29 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
         raise UserError(f"model {path} has no weights for {missing[0]}{more} — its weight files "
                         "are incomplete or belong to another architecture; restore them or "
                         "pass another model")
+    if quantize and quant.bits == 4:
+        _check_quantized(model, path)
     keep_cpu_4bit_layout_where_unpackable(model)
     return model
+
+
+def _check_quantized(model, path: str) -> None:
+    """4-bit must mean 4-bit: transformers replaces only the layer classes it knows, and
+    Falcon's FalconLinear (an nn.Linear subclass) stayed 16-bit in transformers 5.25, so a
+    `quant.bits: 4` run trained a 16-bit base that `plan` had counted as 4-bit, and merge
+    crashed in transformers' dequantize."""
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    if any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+        return
+    kinds = sorted({type(m).__name__ for m in model.modules()
+                    if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head})
+    if kinds:
+        raise UserError(f"model {path}: bitsandbytes quantized none of its linear layers "
+                        f"({', '.join(kinds)[:120]}), so quant.bits = 4 would train a 16-bit "
+                        "base — set quant.bits to 16 for plain LoRA on it")
 
 
 def prepare_for_training(model, gradient_checkpointing: bool, every_n_layers: int = 1) -> None:

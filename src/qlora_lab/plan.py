@@ -223,6 +223,12 @@ def planned_shape(cfg: RunConfig) -> memory.ModelShape:
     train refuses it."""
     shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
     check_position_limit(shape.position_limit, cfg.data.max_seq_len, cfg.model.name)
+    if (cfg.quant.bits == 4 and shape.unquantized_linears
+            and shape.unquantized_linears == sum(n for _, _, n in shape.linears)):
+        # As train refuses it (models._check_quantized).
+        raise UserError(f"model {cfg.model.name}: bitsandbytes quantizes none of its linear "
+                        "layers (a subclass of nn.Linear), so quant.bits = 4 would train a "
+                        "16-bit base — set quant.bits to 16 for plain LoRA on it")
     return adapting(shape, cfg.lora, cfg.model.name)
 
 

@@ -140,7 +140,8 @@ def count_modules(model, name: str) -> memory.ModelShape:
     head = model.get_output_embeddings()
     keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or []) + list(
         getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    counts = dict.fromkeys(("bias", "embedding", "head", "norm", "frozen", "expert", "fp32"), 0)
+    counts = dict.fromkeys(("bias", "embedding", "head", "norm", "frozen", "expert", "fp32",
+                            "subclass"), 0)
     linears: dict[tuple[int, int], int] = {}
     named: dict[tuple[str, int, int], int] = {}
     seen: set[int] = set()
@@ -159,6 +160,8 @@ def count_modules(model, name: str) -> memory.ModelShape:
             shape = (tuple(module.weight.shape) if isinstance(module, Conv1D)
                      else (module.in_features, module.out_features))
             linears[shape] = linears.get(shape, 0) + 1
+            # transformers quantizes exact nn.Linear and Conv1D only (replace_with_bnb_linear).
+            counts["subclass"] += not isinstance(module, Conv1D) and type(module) is not nn.Linear
             key = (mod_name.rsplit(".", 1)[-1], *shape)
             named[key] = named.get(key, 0) + 1
             counts["bias"] += module.bias.numel() if module.bias is not None else 0
@@ -196,6 +199,7 @@ def count_modules(model, name: str) -> memory.ModelShape:
         linear_names=tuple((k, a, b, n) for (k, a, b), n in sorted(named.items())),
         position_limit=learned_position_limit(model) or 0,
         sdpa=getattr(type(model), "_supports_sdpa", True) is not False,
+        unquantized_linears=counts["subclass"],
         source="meta-device module tree", **layer)
 
 
