@@ -88,9 +88,17 @@ def build_sentencepiece_tokenizer():
 
 
 def save_tiny(path: Path, model_type: str = "llama", tokenizer=None) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                             "mistral": (MistralConfig, MistralForCausalLM),
                              "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[model_type]
     tokenizer = tokenizer or build_bpe_tokenizer()
     arch = {**TINY_ARCH, "vocab_size": max(TINY_ARCH["vocab_size"], len(tokenizer) + 8)}
@@ -264,6 +272,32 @@ def test_qwen2_exports_with_biases(tmp_path):
     check_tensors(model.state_dict(), gguf_model.state_dict(), "f16")
 
 
+def test_mistral_exports_as_llama_cpps_llama(tmp_path):
+    """llama.cpp reads Mistral as its `llama` layout; transformers loads the file back as a
+    Llama with the same logits. A window shorter than the context is refused, in one line."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    # Not a folder named "mistral": transformers 5.25 reads a `llama` GGUF whose name holds
+    # "mistral" as gguf-py's (absent) mistral layout, as it would llama.cpp's own conversions.
+    source = save_tiny(tmp_path / "tiny-m", "mistral")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    assert model.config.sliding_window is None or (
+        model.config.sliding_window >= model.config.max_position_embeddings)
+    out = tmp_path / "mistral.gguf"
+    run_export(ExportConfig(gguf=str(out), model_dir=str(source)))
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
+    gguf_model = load_gguf(out)
+    diff = (logits(model, PROBE_IDS) - logits(gguf_model, PROBE_IDS)).abs().max().item()
+    assert diff <= TINY_TOLERANCE["f16"], diff
+    check_tensors(model.state_dict(), gguf_model.state_dict(), "f16")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+    with pytest.raises(UserError, match="sliding-window attention"):
+        run_export(ExportConfig(gguf=str(tmp_path / "windowed.gguf"), model_dir=str(source)))
+    assert not (tmp_path / "windowed.gguf").exists()
+
+
 def test_sentencepiece_vocabulary_round_trips(tmp_path):
     """A TinyLlama-style tokenizer: byte fallback, U+2581 word marks, BOS added."""
     import gguf
@@ -371,7 +405,7 @@ def test_unsupported_architecture_is_refused_before_loading(tmp_path, capsys):
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300).save_pretrained(folder)
     err = one_line_error(["export", "--model-dir", str(folder), "--gguf",
                           str(tmp_path / "x.gguf")], capsys)  # no weights: never loaded
-    assert "'gpt2' model" in err and "supported architectures: llama, qwen2" in err
+    assert "'gpt2' model" in err and "supported architectures: llama, mistral, qwen2" in err
 
 
 def test_byte_per_token_vocabulary_is_refused(tmp_path):

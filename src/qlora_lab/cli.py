@@ -80,7 +80,8 @@ def _add_export(sub) -> None:
                        "llama.cpp and Ollama",
                        description="Merge (in memory) and write a GGUF file: llama.cpp's "
                        "architecture metadata, the tokenizer with its chat template, and the "
-                       "weights in f16 or q8_0. Supported architectures: llama, qwen2.")
+                       "weights in f16 or q8_0. Supported architectures: llama, mistral "
+                       "(as llama), qwen2.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapter", help="a run's output dir (or its adapter/ dir); merged first")
     src.add_argument("--model-dir", help="a merged model dir (from `merge`) or any "

@@ -40,8 +40,10 @@ from qlora_lab.errors import UserError
 log = logging.getLogger(__name__)
 
 TYPES = ("f16", "q8_0")  # --type; f16 is exact up to fp16 rounding, q8_0 about half the size
-ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2"}  # transformers model_type -> gguf.MODEL_ARCH name
-INTERLEAVE_ROPE = {"llama"}  # see the module docstring
+# transformers model_type -> gguf.MODEL_ARCH name. Mistral is Llama's layout to llama.cpp (its
+# converter writes MistralForCausalLM as `llama`); its sliding window is refused where it acts.
+ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
+INTERLEAVE_ROPE = {"llama", "mistral"}  # see the module docstring
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,9 @@ def _check_architecture(config, source: str) -> str:
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UserError(f"{source} uses hidden_act {config.hidden_act!r}; llama.cpp's "
                         f"{model_type} runs silu only — it cannot be exported")
-    if getattr(config, "use_sliding_window", False):
+    window = getattr(config, "sliding_window", None) if model_type == "mistral" else None
+    if getattr(config, "use_sliding_window", False) or (
+            window and window < getattr(config, "max_position_embeddings", 0)):
         raise UserError(f"{source} uses sliding-window attention, which llama.cpp's "
                         f"{model_type} does not — it cannot be exported")
     _rope(config, source)  # refuses a rope scaling llama.cpp would not reproduce
