@@ -29,6 +29,10 @@ FAMILIES = {
     "phi3": BASE,  # fused qkv_proj and gate_up_proj
     "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 128, "bos_token_id": 1,
              "eos_token_id": 2},  # Conv1D layers, LayerNorm, position embeddings
+    # fc1 and fc2 in the layer itself (no MLP module), LayerNorm, learned positions (+2 offset)
+    "opt": {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "ffn_dim": 96,
+            "num_attention_heads": 4, "word_embed_proj_dim": 64, "pad_token_id": 0,
+            "bos_token_id": 1, "eos_token_id": 2},
     "qwen3_moe": {**BASE, "moe_intermediate_size": 32, "num_experts": 4,
                   "num_experts_per_tok": 2, "head_dim": 16},
     "qwen2_moe": {**BASE, "moe_intermediate_size": 32, "num_experts": 4,
@@ -173,18 +177,17 @@ def test_an_architecture_without_sdpa_is_planned_with_the_eager_attention_it_loa
 
 
 def test_learned_position_tables_are_read_from_the_module_tree():
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from qlora_lab.shapes import learned_position_limit
 
     assert _census("gpt2", n_positions=96).position_limit == 96
     assert all(_census(t).position_limit == 0 for t in ("llama", "phi3", "qwen3_moe"))
     # OPT's table has two rows of offset: its limit is the config's, not the table's size.
-    opt = AutoConfig.for_model("opt", vocab_size=128, hidden_size=32, num_hidden_layers=1,
-                               ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32,
-                               max_position_embeddings=48)
-    model = AutoModelForCausalLM.from_config(opt)
+    model = AutoModelForCausalLM.from_config(_config("opt", max_position_embeddings=48))
     assert learned_position_limit(model) == 48 < model.get_decoder().embed_positions.num_embeddings
+    opt = _census("opt", max_position_embeddings=48)
+    assert opt.position_limit == 48 and opt.mlp == "plain" and opt.intermediate_size == 96
 
 
 def test_plan_refuses_rows_past_a_learned_position_table(tmp_path):

@@ -276,6 +276,9 @@ def _layer_shape(model, name: str) -> dict:
 
     Layers that differ (dense and MoE layers mixed) are planned as the widest of them.
     """
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
     from qlora_lab.fastpath import _is_rms_norm, _is_swiglu_mlp
 
     config = model.config
@@ -289,7 +292,8 @@ def _layer_shape(model, name: str) -> dict:
                             "models attention decoders (no state-space or linear-attention "
                             "layers)")
         mlp = next((children[n] for n in MLP_NAMES if n in children), None)
-        if mlp is None:
+        direct = [c for c in children.values() if isinstance(c, (nn.Linear, Conv1D))]
+        if mlp is None and len(direct) != 2:
             raise UserError(f"{name}: decoder layer {type(layer).__name__} has no feed-forward "
                             f"block named {' / '.join(MLP_NAMES)} — not modelled")
         norms = [m for m in children.values()
@@ -302,7 +306,9 @@ def _layer_shape(model, name: str) -> dict:
         shape = {"norms_per_layer": max(1, len(norms)), "norm_kind": kind,
                  "qk_norm": any(_is_norm(m) for m in attention.modules()),
                  "fused_qkv": _fused_qkv(attention, config),
-                 **_mlp_shape(mlp, config, name, _is_swiglu_mlp)}
+                 # OPT keeps its two MLP linears (fc1, fc2) in the layer itself: a plain MLP.
+                 **(_mlp_shape(mlp, config, name, _is_swiglu_mlp) if mlp is not None else
+                    {"mlp": "plain", "intermediate_size": max(_width(c) for c in direct)})}
         shapes.append(shape)
     widest = max(shapes, key=lambda s: (s["mlp"] == "moe", s["intermediate_size"]))
     # The decoder's own last norm (Llama's `norm`, GPT-2's `ln_f`), a direct child of it.
@@ -310,6 +316,13 @@ def _layer_shape(model, name: str) -> dict:
     final = any(_is_norm(child) for child in decoder.children())
     return {**widest, "final_norm": final,
             "sliding_window": memory.sliding_window(config)}
+
+
+def _width(module) -> int:
+    """A linear layer's output width (GPT-2's Conv1D stores its weight as in x out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return module.weight.shape[1] if isinstance(module, Conv1D) else module.out_features
 
 
 def _fused_qkv(attention, config) -> bool:
