@@ -89,6 +89,15 @@ def test_set_takes_lists(value):
     assert from_yaml == cfg
 
 
+@pytest.mark.parametrize("value", ["[all-linear,q_proj]", "q_proj, all-linear"])
+def test_all_linear_mixed_with_names_is_one_line(value):
+    # It had been read as a layer named "all-linear", which no model has.
+    with pytest.raises(UserError, match="'all-linear' alone, or layer names without it"):
+        config_from_dict(parse_overrides([f"lora.target_modules={value}"]))
+    assert config_from_dict(parse_overrides(["lora.target_modules=[all-linear]"])
+                            ).lora.target_names() is None
+
+
 def test_lab_and_config_share_one_set_grammar():
     from qlora_lab.config import set_list, split_set_pair
     from qlora_lab.lab import parse_overrides as lab_overrides

@@ -181,6 +181,10 @@ class LoraConfig:
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a float in [0, 1)")
         _require(bool(self.target_modules.replace(",", "").strip()), "lora.target_modules",
                  self.target_modules, "'all-linear' or layer names, e.g. q_proj,v_proj")
+        names = [n.strip() for n in self.target_modules.split(",")]
+        _require("all-linear" not in names or len([n for n in names if n]) == 1,
+                 "lora.target_modules", self.target_modules,
+                 "'all-linear' alone, or layer names without it")
 
     def target_names(self) -> list[str] | None:
         """The comma-separated module names as a list; None for `all-linear`.
