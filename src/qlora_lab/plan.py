@@ -334,14 +334,15 @@ def run_plan(cfg: PlanConfig) -> dict:
         print(json.dumps(result, indent=2))
     else:
         print(f"model {run.model.name}: micro-batch {step.micro_batch_size} x seq {step.seq_len}, "
-              f"{step.bits}-bit base, LoRA r={step.lora_r} ({step.lora_bytes * 8}-bit), "
+              f"{step.bits}-bit base, LoRA r={step.lora_r} ({step.lora_bytes * 8}-bit"
+              + ("" if run.lora.target_names() is None
+                 else f", on {','.join(run.lora.target_names())}") + "), "
               f"{step.optimizer}, {_liger_text(step)}, "
               f"activations: {_strategy(step)}; peak at {plan.peak_phase}"
               + (f"; per GPU of {step.gpus} ({step.strategy})" if step.gpus > 1 else ""))
         print(_table(plan))
-        for note in (packed_note,):
-            if note:
-                print(f"  {note}")
+        if packed_note:
+            print(f"  {packed_note}")
         if cfg.budget is not None:
             print(f"fits {cfg.budget}: micro-batch {result['chosen']['micro_batch_size']}, "
                   f"activations: {_strategy(step)}"
