@@ -182,7 +182,12 @@ def test_learned_position_tables_are_read_from_the_module_tree():
     from qlora_lab.shapes import learned_position_limit
 
     assert _census("gpt2", n_positions=96).position_limit == 96
-    assert all(_census(t).position_limit == 0 for t in ("llama", "phi3", "qwen3_moe"))
+    assert all(_census(t).position_limit is None for t in ("llama", "phi3", "qwen3_moe"))
+    # A table of no rows reads no row: refused, not planned as unlimited.
+    assert _census("gpt2", n_positions=0).position_limit == 0
+    from qlora_lab.shapes import check_position_limit
+    with pytest.raises(UserError, match="learned position table has no rows"):
+        check_position_limit(0, 16, "gpt2")
     # OPT's table has two rows of offset: its limit is the config's, not the table's size.
     model = AutoModelForCausalLM.from_config(_config("opt", max_position_embeddings=48))
     assert learned_position_limit(model) == 48 < model.get_decoder().embed_positions.num_embeddings

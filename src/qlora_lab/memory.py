@@ -100,8 +100,8 @@ class ModelShape:
         `sdpa` loads as eager attention (models.attention_for) and is planned so.
     unquantized_linears: linears of a subclass of nn.Linear (Falcon's FalconLinear), which
         transformers' bitsandbytes replacement (exact nn.Linear and Conv1D only) leaves 16-bit.
-    position_limit: the rows a learned position table can index (GPT-2's n_positions); 0 when
-        positions are computed (RoPE, ALiBi) and a longer row still runs.
+    position_limit: the rows a learned position table can index (GPT-2's n_positions); None
+        when positions are computed (RoPE, ALiBi) and a longer row still runs.
     """
 
     vocab_size: int
@@ -135,7 +135,7 @@ class ModelShape:
     linear_names: tuple[tuple[str, int, int, int], ...] = ()
     adapted: tuple[tuple[int, int, int], ...] | None = None
     adapted_names: tuple[str, ...] | None = None
-    position_limit: int = 0
+    position_limit: int | None = None
     sdpa: bool = True
     unquantized_linears: int = 0
     source: str = "config arithmetic"

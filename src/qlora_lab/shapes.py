@@ -197,7 +197,7 @@ def count_modules(model, name: str) -> memory.ModelShape:
         expert_params=counts["expert"], fp32_params=counts["fp32"],
         residual_scaled=memory.residual_scaled(config),
         linear_names=tuple((k, a, b, n) for (k, a, b), n in sorted(named.items())),
-        position_limit=learned_position_limit(model) or 0,
+        position_limit=learned_position_limit(model),
         sdpa=getattr(type(model), "_supports_sdpa", True) is not False,
         unquantized_linears=counts["subclass"],
         source="meta-device module tree", **layer)
@@ -227,7 +227,10 @@ def learned_position_limit(model) -> int | None:
 
 def check_position_limit(limit: int | None, max_seq_len: int, name: str) -> None:
     """Refuse `data.max_seq_len` past a learned position table, in one line."""
-    if limit and max_seq_len > limit:
+    if limit is not None and limit < 1:
+        raise UserError(f"{name}: its learned position table has no rows (its config's "
+                        "max_position_embeddings or n_positions) — fix its config.json")
+    if limit is not None and max_seq_len > limit:
         raise UserError(f"data.max_seq_len = {max_seq_len} is past the {limit} positions "
                         f"{name} has learned (its config's max_position_embeddings) — set "
                         f"data.max_seq_len to {limit} or less")
