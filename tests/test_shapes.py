@@ -349,3 +349,24 @@ def _cli(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "qlora_lab", *args], capture_output=True,
                           text=True, env=env, timeout=300, check=False)
+
+
+def test_attention_loads_as_the_planner_counts_it(tmp_path):
+    """models.attention_for: sdpa where transformers has it, eager where it has not (Gemma 2
+    on transformers 5.2x; both are read from the installed classes, as census reads them);
+    varlen, which runs through SDPA, is refused where SDPA is missing."""
+    from qlora_lab.config import ModelConfig
+    from qlora_lab.models import attention_for
+
+    for model_type in ("llama", "gemma2"):
+        _config(model_type).save_pretrained(tmp_path / model_type)
+        path = str(tmp_path / model_type)
+        loaded = attention_for(path, ModelConfig(name=path))
+        assert loaded == ("sdpa" if _census(model_type).sdpa else "eager")
+        assert attention_for(path, ModelConfig(name=path, attn_implementation="eager")) == "eager"
+        if _census(model_type).sdpa:
+            assert attention_for(path, ModelConfig(name=path, attn_implementation="varlen")) \
+                == "sdpa"
+        else:
+            with pytest.raises(UserError, match="set model.attn_implementation to eager"):
+                attention_for(path, ModelConfig(name=path, attn_implementation="varlen"))
