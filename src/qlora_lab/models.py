@@ -337,10 +337,14 @@ def _check_quantized(model, path: str) -> None:
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings()
+    left = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))
+            and not isinstance(m, bnb.nn.Linear4bit) and m is not head]
+    kinds = sorted({type(m).__name__ for m in left})
     if any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+        if kinds:
+            log.warning("model %s: %d linear layer(s) (%s) stay 16-bit: transformers' 4-bit "
+                        "replacement skips them", path, len(left), ", ".join(kinds)[:120])
         return
-    kinds = sorted({type(m).__name__ for m in model.modules()
-                    if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head})
     if kinds:
         raise UserError(f"model {path}: bitsandbytes quantized none of its linear layers "
                         f"({', '.join(kinds)[:120]}), so quant.bits = 4 would train a 16-bit "
