@@ -220,6 +220,9 @@ FAMILY_SIZES = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
     ("gpt_neox", {}),  # final_layer_norm, not `norm`
     ("qwen3_moe", {"num_key_value_heads": 2, "moe_intermediate_size": 32, "num_experts": 4,
                    "num_experts_per_tok": 2, "head_dim": 16}),
+    ("mixtral", {"num_key_value_heads": 2, "num_local_experts": 4}),  # fused experts too
+    ("qwen2_moe", {"num_key_value_heads": 2, "moe_intermediate_size": 32, "num_experts": 4,
+                   "num_experts_per_tok": 2, "shared_expert_intermediate_size": 48}),
 ])
 def test_train_defaults_run_on_other_families(tmp_path, dolly_file, model_type, extra):
     """`train` with its defaults (packing, fused LoRA and loss, sdpa) on families other than
