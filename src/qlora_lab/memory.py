@@ -93,9 +93,9 @@ class ModelShape:
         residual_multiplier), so backward holds the scaled gradient beside the unscaled one.
     linear_names: (last name component, in_features, out_features, count) of the same linears,
         for `lora.target_modules` by name (empty: names unknown).
-    adapted, adapted_names: the linears LoRA adapts, as `linears` and by name; None: all of
-        them (`all-linear`). Only the adapters' own terms read them: every linear is quantized
-        either way.
+    adapted_names: the linears LoRA adapts, by name (`adapted`: as `linears` counts them); None:
+        all of them (`all-linear`). Only the adapters' own terms read them: every linear is
+        quantized either way.
     sdpa: transformers has an SDPA path for the architecture; without one (Gemma 2, Bloom)
         `sdpa` loads as eager attention (models.attention_for) and is planned so.
     unquantized_linears: linears of a subclass of nn.Linear (Falcon's FalconLinear), which
@@ -133,7 +133,6 @@ class ModelShape:
     sliding_window: int = 0
     residual_scaled: bool = False
     linear_names: tuple[tuple[str, int, int, int], ...] = ()
-    adapted: tuple[tuple[int, int, int], ...] | None = None
     adapted_names: tuple[str, ...] | None = None
     position_limit: int | None = None
     sdpa: bool = True
@@ -205,20 +204,21 @@ class ModelShape:
     def adapted_linears(self) -> tuple[tuple[int, int, int], ...]:
         return self.linears if self.adapted is None else self.adapted
 
-    def adapting(self, names: Sequence[str]) -> ModelShape:
-        """This shape with LoRA on the linears whose last name component is in `names` (as
-        peft matches a list of target modules). Names must be known (`linear_names`); one no
-        linear has raises ValueError naming it."""
-        known = {n for n, _, _, _ in self.linear_names}
-        missing = sorted(set(names) - known)
-        if missing or not self.linear_names:
-            raise ValueError(", ".join(missing) or "any name")
+    @property
+    def adapted(self) -> tuple[tuple[int, int, int], ...] | None:
+        """The adapted linears as `linears` counts them; None: all of them."""
+        if self.adapted_names is None:
+            return None
         counts: dict[tuple[int, int], int] = {}
         for name, a, b, n in self.linear_names:
-            if name in names:
+            if name in self.adapted_names:
                 counts[(a, b)] = counts.get((a, b), 0) + n
-        return replace(self, adapted=tuple((a, b, n) for (a, b), n in sorted(counts.items())),
-                       adapted_names=tuple(sorted(set(names))))
+        return tuple((a, b, n) for (a, b), n in sorted(counts.items()))
+
+    def adapting(self, names: Sequence[str]) -> ModelShape:
+        """This shape with LoRA on the linears whose last name component is in `names` (as
+        peft matches a list of target modules; shapes.adapting checks the names exist)."""
+        return replace(self, adapted_names=tuple(sorted(set(names))))
 
     def adapts(self, *names: str) -> bool:
         """Whether LoRA is on every linear named so (all-linear: on all of them)."""

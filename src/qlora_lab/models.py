@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_lab import fusedlora
+from qlora_lab import fusedlora, shapes
 from qlora_lab.config import LoraConfig, ModelConfig, QuantConfig
 from qlora_lab.errors import UserError
 
@@ -346,9 +346,7 @@ def _check_quantized(model, path: str) -> None:
                         "replacement skips them", path, len(left), ", ".join(kinds)[:120])
         return
     if kinds:
-        raise UserError(f"model {path}: bitsandbytes quantized none of its linear layers "
-                        f"({', '.join(kinds)[:120]}), so quant.bits = 4 would train a 16-bit "
-                        "base — set quant.bits to 16 for plain LoRA on it")
+        raise shapes.unquantized_base_error(path, ", ".join(kinds)[:120])
 
 
 def prepare_for_training(model, gradient_checkpointing: bool, every_n_layers: int = 1) -> None:
@@ -420,11 +418,8 @@ def attach_lora(model, lora: LoraConfig, fused: bool = False):
     from peft import get_peft_model
 
     named = lora.target_names()
-    missing = sorted(set(named or ()) - _linear_names(model))
-    if missing:
-        raise UserError(f"config key lora.target_modules names {', '.join(missing)[:200]}, which "
-                        f"match no linear layer of this model — use 'all-linear' or names from: "
-                        f"{', '.join(sorted(_linear_names(model)))[:300]}")
+    if named:
+        shapes.check_targets_exist(named, _linear_names(model), "this model")
     # `all-linear` as the linear layers' full names, which is what peft's own shorthand expands
     # to, except on transformers 5 MoE models (Qwen3-MoE, Mixtral): there peft also adapts the
     # fused expert tensors and the router, which 4-bit leaves unquantized, the planner does not

@@ -23,7 +23,12 @@ from qlora_lab.config import (
 )
 from qlora_lab.errors import NothingFits, UserError
 from qlora_lab.memory import ModelShape, StepShape, estimate_peak_memory
-from qlora_lab.shapes import adapting, check_position_limit, model_shape
+from qlora_lab.shapes import (
+    adapting,
+    check_position_limit,
+    model_shape,
+    unquantized_base_error,
+)
 
 
 @dataclass(frozen=True)
@@ -226,9 +231,7 @@ def planned_shape(cfg: RunConfig) -> memory.ModelShape:
     if (cfg.quant.bits == 4 and shape.unquantized_linears
             and shape.unquantized_linears == sum(n for _, _, n in shape.linears)):
         # As train refuses it (models._check_quantized).
-        raise UserError(f"model {cfg.model.name}: bitsandbytes quantizes none of its linear "
-                        "layers (a subclass of nn.Linear), so quant.bits = 4 would train a "
-                        "16-bit base — set quant.bits to 16 for plain LoRA on it")
+        raise unquantized_base_error(cfg.model.name, "a subclass of nn.Linear")
     return adapting(shape, cfg.lora, cfg.model.name)
 
 
@@ -333,10 +336,10 @@ def run_plan(cfg: PlanConfig) -> dict:
     if cfg.as_json:
         print(json.dumps(result, indent=2))
     else:
+        targets = run.lora.target_names()
         print(f"model {run.model.name}: micro-batch {step.micro_batch_size} x seq {step.seq_len}, "
               f"{step.bits}-bit base, LoRA r={step.lora_r} ({step.lora_bytes * 8}-bit"
-              + ("" if run.lora.target_names() is None
-                 else f", on {','.join(run.lora.target_names())}") + "), "
+              + (f", on {','.join(targets)}" if targets else "") + "), "
               f"{step.optimizer}, {_liger_text(step)}, "
               f"activations: {_strategy(step)}; peak at {plan.peak_phase}"
               + (f"; per GPU of {step.gpus} ({step.strategy})" if step.gpus > 1 else ""))

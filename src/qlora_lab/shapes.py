@@ -242,13 +242,27 @@ def adapting(shape: memory.ModelShape, lora: LoraConfig, name: str) -> memory.Mo
     targets = lora.target_names()
     if targets is None or not shape.linear_names:
         return shape
-    try:
-        return shape.adapting(targets)
-    except ValueError as exc:
-        known = sorted({n for n, _, _, _ in shape.linear_names})
-        raise UserError(f"config key lora.target_modules names {str(exc)[:200]}, which match "
-                        f"no linear layer of {name} — use 'all-linear' or names from: "
-                        f"{', '.join(known)[:300]}") from None
+    known = {n for n, _, _, _ in shape.linear_names}
+    check_targets_exist(targets, known, name)
+    return shape.adapting(targets)
+
+
+def check_targets_exist(targets: list[str], known: set[str], name: str) -> None:
+    """Every `lora.target_modules` name is a linear layer's last name component (train and
+    plan refuse the same names in the same words)."""
+    missing = sorted(set(targets) - known)
+    if missing:
+        raise UserError(f"config key lora.target_modules names {', '.join(missing)[:200]}, "
+                        f"which match no linear layer of {name} — use 'all-linear' or names "
+                        f"from: {', '.join(sorted(known))[:300]}")
+
+
+def unquantized_base_error(name: str, kinds: str) -> UserError:
+    """A 4-bit run over a base whose linear layers bitsandbytes' replacement skips (it takes
+    exact nn.Linear and Conv1D only): train and plan refuse it in the same words."""
+    return UserError(f"model {name}: bitsandbytes quantizes none of its linear layers "
+                     f"({kinds}), so quant.bits = 4 would train a 16-bit base — set quant.bits "
+                     "to 16 for plain LoRA on it")
 
 
 def _matches(module_name: str, key: str) -> bool:
@@ -354,9 +368,6 @@ def _mlp_shape(mlp, config, name: str, is_swiglu) -> dict:
     if experts is not None:
         return _moe_shape(mlp, experts, config, name)
 
-    def width(module) -> int:
-        return (module.weight.shape[1] if isinstance(module, Conv1D) else module.out_features)
-
     act = getattr(config, "hidden_act", None)
     if is_swiglu(mlp) and act in ("silu", "swish"):
         return {"mlp": "swiglu", "intermediate_size": mlp.gate_proj.out_features}
@@ -364,7 +375,7 @@ def _mlp_shape(mlp, config, name: str, is_swiglu) -> dict:
         return {"mlp": "gated", "intermediate_size": children["down_proj"].in_features}
     linear = [m for m in children.values() if isinstance(m, (nn.Linear, Conv1D))]
     if len(linear) == 2:
-        return {"mlp": "plain", "intermediate_size": max(width(m) for m in linear)}
+        return {"mlp": "plain", "intermediate_size": max(_width(m) for m in linear)}
     raise UserError(f"{name}: feed-forward block {type(mlp).__name__} (children: "
                     f"{', '.join(children)[:120]}) is not modelled — the planner knows "
                     "gated (SwiGLU/GeGLU), plain two-layer and MoE blocks")
