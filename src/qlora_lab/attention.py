@@ -21,15 +21,19 @@ results never depend on which path ran.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from qlora_lab.errors import UserError
+
+log = logging.getLogger(__name__)
 
 VARLEN = "qlora_varlen"  # the name registered with transformers' AttentionInterface
 
@@ -96,24 +100,55 @@ def row_bounds(position_ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class KernelCall:
-    """How this process calls torch's varlen kernel, decided once before training (`plan_kernel`)
+    """How this process calls a varlen kernel, decided once before training (`plan_kernel`)
     so that compiled layers trace only tensor work: signature inspection and the grouped-heads
     probe would each break the layer's graph. None of it depends on the batch."""
 
-    kernel: Callable  # torch.nn.attention.varlen.varlen_attn
+    kernel: Callable  # torch.nn.attention.varlen.varlen_attn, or triton_attention's
     options: tuple[tuple[str, object], ...]  # keyword arguments besides the scale
     takes_scale: bool
     repeat_kv: bool  # give each query head its own K/V copy (this torch cannot group heads)
+    triton: bool = False  # qlora-lab's Triton kernels (triton_attention), not torch's
 
 
-_PLAN: dict[bool, KernelCall] = {}  # by whether K/V heads are grouped
+_PLAN: dict[tuple[bool, str], KernelCall] = {}  # by (grouped K/V heads, kernel choice)
+_CHOSEN: dict[bool, KernelCall] = {}  # what varlen_attention calls, by grouped K/V heads
+
+VarlenKernel = Literal["auto", "triton", "flash"]
 
 
-def plan_kernel(grouped: bool) -> KernelCall | None:
-    """Decide (once per process) how to call the kernel; None where there is none (CPU)."""
+def triton_runs(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why qlora-lab's Triton varlen kernels cannot run here, or None."""
+    from qlora_lab import triton_attention
+
+    if not triton_attention.available():
+        return "it needs triton and a CUDA GPU"
+    if head_dim > triton_attention.MAX_HEAD_DIM:
+        return (f"its head dim ({head_dim}) is over {triton_attention.MAX_HEAD_DIM}, the widest "
+                "it has tiles for")
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        return "bf16 matmuls in Triton need a GPU of compute capability 8.0 or newer"
+    return None
+
+
+def plan_kernel(grouped: bool, choice: VarlenKernel = "flash", head_dim: int = 64,
+                dtype: torch.dtype = torch.bfloat16) -> KernelCall | None:
+    """Decide (once per process) how to call the kernel; None where there is none (CPU).
+
+    `choice`: `triton` = qlora-lab's Triton kernels (an error where they cannot run), `flash`
+    = torch's FlashAttention-2 varlen kernel, `auto` = Triton where it runs, else flash."""
+    if choice in ("auto", "triton"):
+        why = triton_runs(head_dim, dtype)
+        if why is None:
+            from qlora_lab import triton_attention
+
+            return KernelCall(triton_attention.varlen_attention, (), True, False, triton=True)
+        if choice == "triton":
+            raise UserError(f"model.varlen_kernel = 'triton' cannot run here: {why} — set "
+                            "model.varlen_kernel to auto or flash")
     if not kernel_available():
         return None
-    if grouped not in _PLAN:
+    if (grouped, "flash") not in _PLAN:
         from torch.nn.attention.varlen import varlen_attn
 
         params = set(inspect.signature(varlen_attn).parameters)
@@ -124,9 +159,9 @@ def plan_kernel(grouped: bool) -> KernelCall | None:
                 options["enable_gqa"] = True
             else:
                 repeat = not _reads_grouped_heads(varlen_attn, options)
-        _PLAN[grouped] = KernelCall(varlen_attn, tuple(options.items()), "scale" in params,
-                                    repeat)
-    return _PLAN[grouped]
+        _PLAN[(grouped, "flash")] = KernelCall(varlen_attn, tuple(options.items()),
+                                               "scale" in params, repeat)
+    return _PLAN[(grouped, "flash")]
 
 
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -150,7 +185,7 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
                         "model.attn_implementation to sdpa")
     bins, heads, length, dim = query.shape
     bounds = cu_seq_lens_q.to(query.device)
-    call = _PLAN.get(key.shape[1] != query.shape[1])
+    call = _CHOSEN.get(key.shape[1] != query.shape[1])
     if call is None or not query.is_cuda:
         return _masked_sdpa(query, key, value, bounds, scaling), None
     kv_heads = key.shape[1]
@@ -164,6 +199,8 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
 
 
 def _varlen_kernel(q, k, v, bounds, longest: int, scaling, call: KernelCall):
+    if call.triton:  # launches only the tiles that hold tokens: no longest row needed
+        return call.kernel(q, k, v, bounds, scaling)
     kwargs = dict(call.options)
     if call.takes_scale:
         kwargs["scale"] = scaling
@@ -207,7 +244,7 @@ def _masked_sdpa(query, key, value, bounds, scaling):
     return out.transpose(1, 2)
 
 
-def use_varlen(model, bin_tokens: int, packing: bool) -> None:
+def use_varlen(model, bin_tokens: int, packing: bool, kernel: VarlenKernel = "auto") -> None:
     """Switch a loaded model's attention to `varlen_attention` for training, or say why not.
 
     Loading uses SDPA (what every other command runs); only training's packed batches carry
@@ -222,7 +259,13 @@ def use_varlen(model, bin_tokens: int, packing: bool) -> None:
                         "set model.attn_implementation to sdpa")
     if next(model.parameters()).is_cuda:
         heads = model.config.num_attention_heads
-        plan_kernel(grouped=getattr(model.config, "num_key_value_heads", heads) != heads)
+        grouped = getattr(model.config, "num_key_value_heads", heads) != heads
+        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
+        call = plan_kernel(grouped, kernel, head_dim, model.dtype)
+        if call is not None:
+            _CHOSEN[grouped] = call
+            log.info("attention: varlen through %s", "qlora-lab's Triton kernels" if call.triton
+                     else "torch's FlashAttention-2 varlen kernel")
     model.set_attn_implementation(register())
 
 

@@ -112,6 +112,12 @@ class ModelConfig:
         benchmarks/results): `varlen` is for shorter rows packed together. `flex_attention`:
         transformers' FlexAttention with a block mask of the packed rows. See
         docs/performance.md for measurements.
+    varlen_kernel: which kernel `varlen` attention runs on a GPU. `triton`: qlora-lab's own
+        (src/qlora_lab/triton_attention.py: 64-token tiles, only tiles that hold tokens
+        launched; forward 2x and backward 1.7x torch's on 160 Dolly rows on an H200,
+        benchmarks/results/attention_triton_h200.json); needs triton, compute capability 8.0
+        for bf16, head dim <= 128. `flash`: torch's FlashAttention-2 varlen kernel (128 x 128
+        tiles). `auto`: triton where it runs, else flash.
     """
 
     name: str = DEFAULT_MODEL
@@ -119,6 +125,7 @@ class ModelConfig:
     allow_pickle: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention",
                                  "varlen"] = "sdpa"
+    varlen_kernel: Literal["auto", "triton", "flash"] = "auto"
 
 
 @dataclass(frozen=True)

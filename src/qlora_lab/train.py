@@ -244,7 +244,8 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
     # A learned position table (GPT-2's) fails on the first row longer than it, mid-run.
     check_position_limit(learned_position_limit(model), cfg.data.max_seq_len, cfg.model.name)
     if cfg.model.attn_implementation == "varlen":
-        attention.use_varlen(model, cfg.data.max_seq_len, cfg.train.packing)
+        attention.use_varlen(model, cfg.data.max_seq_len, cfg.train.packing,
+                             cfg.model.varlen_kernel)
         if min(len(e["input_ids"]) for rows in (data.train, data.eval)
                for e in rows) >= cfg.data.max_seq_len:
             # Each bin then holds one row and no padding: SDPA attends to it with no mask (a

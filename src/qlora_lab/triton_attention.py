@@ -1,0 +1,200 @@
+"""Causal attention inside packed rows, as Triton kernels sized for short rows.
+
+torch's FlashAttention-2 varlen kernels tile every row in 128 x 128 blocks. Dolly's rows average
+~170 tokens, so a row is two query blocks, the second mostly empty, and the kernels spend
+~17 % of a 160-row step's GPU time on attention that is ~1 % of its arithmetic
+(docs/performance.md, session 20). These kernels tile in smaller blocks and launch one program
+per block that holds tokens: a flat tile index is mapped to its row by a binary search over the
+rows' tile counts, so no program starts only to find its row shorter than the longest.
+
+Same contract as `torch.nn.attention.varlen.varlen_attn` with a causal mask: q (T, H, D), k and
+v (T, H_kv, D) with H a multiple of H_kv (grouped heads are read in place), `bounds` the int32
+row starts (R + 1 of them, from 0 to T). Forward keeps the output and the log-sum-exp of each
+query's scores; backward computes dK/dV per key block for all query heads of a group at once
+(no atomics, no per-head copies), then dQ per query block. Accumulation is fp32 throughout.
+
+The op is a `torch.library.custom_op`, so compiled layers call it as one opaque kernel (like
+the fused LoRA's) and checkpointing recomputes it like any other operator.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 128  # the widest head the tiles below keep in registers
+
+
+def available() -> bool:
+    """Triton and a CUDA device (the Triton interpreter runs these kernels on the CPU in tests)."""
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _kernels():
+    """Imported on first use: triton is optional and only these kernels need it."""
+    from qlora_lab import _attention_kernels as kernels
+
+    return kernels.fwd, kernels.bwd_dkdv, kernels.bwd_dq, kernels.bwd_delta
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A kernel launch's tile size (square: `block` queries by `block` keys) and Triton's
+    launch options."""
+
+    block: int
+    warps: int = 4
+    stages: int = 2
+
+
+def tiles_for(dim: int) -> Tiles:
+    """64 x 64 tiles, 4 warps: a ~170-token row then wastes at most a third of its tiles'
+    scores, where FlashAttention-2's 128 x 128 waste half. Measured on an H200 against 32, 128
+    and 8 warps at head dim 64, and against 32 at 128 (attention_triton_h200.json).
+    `TILES_OVERRIDE` (benchmarks only) replaces it."""
+    if TILES_OVERRIDE is not None:
+        return TILES_OVERRIDE
+    return Tiles(64)
+
+
+TILES_OVERRIDE: Tiles | None = None
+
+
+def _block_d(dim: int) -> int:
+    return max(16, 1 << (dim - 1).bit_length())
+
+
+def _tiles(bounds: torch.Tensor, block: int) -> torch.Tensor:
+    """Each row's first tile and, last, the tile count (int32, on the rows' device): computed
+    on the device, so no row length is read back to the host."""
+    counts = (bounds[1:] - bounds[:-1] + block - 1) // block
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _grid_tiles(tokens: int, rows: int, block: int) -> int:
+    """An upper bound on the tiles, from shapes alone: each row needs at most length / block
+    tiles plus one partial tile."""
+    return tokens // block + rows
+
+
+@torch.library.custom_op("qlora_lab::varlen_attention_fwd", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor,
+             tiles: torch.Tensor, scale: float, block: int, warps: int,
+             stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    fwd = _kernels()[0]
+    tokens, heads, dim = q.shape
+    rows = bounds.numel() - 1
+    out = torch.empty_like(q)
+    lse = torch.empty(heads, tokens, device=q.device, dtype=torch.float32)
+    if tokens == 0 or rows == 0:
+        return out, lse
+    grid = (_grid_tiles(tokens, rows, block), heads)
+    fwd[grid](q, k, v, out, lse, bounds, tiles, rows, scale * LOG2E,
+              q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0),
+              out.stride(1), lse.stride(0),
+              GROUP=heads // k.shape[1], D=dim, BLOCK_D=_block_d(dim), BLOCK_M=block,
+              BLOCK_N=block, num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+@_forward.register_fake
+def _(q, k, v, bounds, tiles, scale, block, warps, stages):
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("qlora_lab::varlen_attention_bwd", mutates_args=())
+def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              out: torch.Tensor, lse: torch.Tensor, bounds: torch.Tensor, tiles: torch.Tensor,
+              scale: float, block: int, warps: int,
+              stages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, dkdv, dq_kernel, delta_kernel = _kernels()
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    rows = bounds.numel() - 1
+    grad = grad.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if tokens == 0 or rows == 0:
+        return dq, dk, dv
+    delta = torch.empty(heads, tokens, device=q.device, dtype=torch.float32)
+    delta_kernel[(_cdiv(tokens, 128), heads)](
+        out, grad, delta, tokens, out.stride(0), out.stride(1), grad.stride(0), grad.stride(1),
+        delta.stride(0), D=dim, BLOCK_D=_block_d(dim), BLOCK_T=128)
+    common = dict(GROUP=heads // kv_heads, D=dim, BLOCK_D=_block_d(dim), BLOCK_M=block,
+                  BLOCK_N=block, num_warps=warps, num_stages=stages)
+    # dK/dV per key tile and K/V head, looping over the group's query heads: measured faster
+    # than one program per query head summing into the K/V head atomically
+    # (benchmarks/results/attention_triton_h200.json).
+    grid = _grid_tiles(tokens, rows, block)
+    dkdv[(grid, kv_heads)](
+        q, k, v, grad, lse, delta, dk, dv, bounds, tiles, rows, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), grad.stride(0), grad.stride(1),
+        lse.stride(0), dk.stride(0), dk.stride(1), **common)
+    dq_kernel[(grid, heads)](
+        q, k, v, grad, lse, delta, dq, bounds, tiles, rows, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), grad.stride(0), grad.stride(1),
+        lse.stride(0), **common)
+    return dq, dk, dv
+
+
+@_backward.register_fake
+def _(grad, q, k, v, out, lse, bounds, tiles, scale, block, warps, stages):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, bounds, tiles, *ctx.launch = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bounds, tiles)
+
+
+def _grad(ctx, grad_out, grad_lse):
+    dq, dk, dv = _backward(grad_out, *ctx.saved_tensors, *ctx.launch)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_forward.register_autograd(_grad, setup_context=_setup)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Causal attention inside each row of `bounds`: q (T, H, D), k/v (T, H_kv, D) -> (T, H, D).
+    q, k and v must share a token stride layout with the head dim contiguous."""
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} K/V heads")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    bounds = bounds.to(torch.int32)
+    t = tiles_for(q.shape[-1])
+    # Plain torch ops, outside the custom op: in a compiled layer the compiler fuses them.
+    tiles = _tiles(bounds, t.block)
+    return _forward(q, k, v, bounds, tiles, scale, t.block, t.warps, t.stages)[0]
+
+
+def reference(q, k, v, bounds, scale=None) -> torch.Tensor:
+    """The same attention in fp32, one row at a time (for tests and benchmarks)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    outs = []
+    edges = bounds.tolist()
+    for a, b in zip(edges[:-1], edges[1:]):
+        qi = q[a:b].float().transpose(0, 1)
+        ki = k[a:b].float().repeat_interleave(group, 1).transpose(0, 1)
+        vi = v[a:b].float().repeat_interleave(group, 1).transpose(0, 1)
+        scores = qi @ ki.transpose(1, 2) * scale
+        causal = torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, -math.inf)
+        outs.append((scores.softmax(-1) @ vi).transpose(0, 1))
+    return torch.cat(outs).to(q.dtype)
