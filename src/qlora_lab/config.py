@@ -114,7 +114,7 @@ class ModelConfig:
         docs/performance.md for measurements.
     varlen_kernel: which kernel `varlen` attention runs on a GPU. `triton`: qlora-lab's own
         (src/qlora_lab/triton_attention.py: 64-token tiles, only tiles that hold tokens
-        launched; forward 2x and backward 1.7x torch's on 160 Dolly rows on an H200,
+        launched; forward 2x and backward 2.2x torch's on 160 Dolly rows on an H200,
         benchmarks/results/attention_triton_h200.json); needs triton, compute capability 8.0
         for bf16, head dim <= 128. `flash`: torch's FlashAttention-2 varlen kernel (128 x 128
         tiles). `auto`: triton where it runs, else flash.
@@ -445,7 +445,7 @@ class TrainConfig:
         (config.resolve_compile; `plan` predicts the same). The number of bins in a micro-batch changes from step
         to step: a layer compiles for the first shape, then once with the bin count dynamic,
         and once more for evaluation (no grad), 10-30 s in all. On an H200 (TinyLlama, 8 GiB
-        cap, 160 rows per micro-batch, varlen attention) the run reached 74.4k real tok/s
+        cap, 160 rows per micro-batch, varlen attention) the run reached 77.6k real tok/s
         (benchmarks/results/bench_h200_8gib.json); on full 1,024-token rows 75.4k against 24.8k
         uncompiled (benchmarks/results/bench_full_rows_eager_h200_8gib.json: the uncompiled path
         is bound by the host's kernel launches). Compiled layers keep the compiler's own
