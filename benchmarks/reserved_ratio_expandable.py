@@ -35,7 +35,7 @@ BENCHES = ["archive/bench_h200_8gib_run7.json",
            "archive/bench_full_rows_h200_8gib_run10_799a249.json",
            "archive/bench_h200_8gib_run10.json",
            "archive/bench_full_rows_h200_8gib_run11_46e33b7.json",
-           "bench_h200_8gib.json", "bench_full_rows_h200_8gib.json"]
+           "archive/bench_h200_8gib_run12.json", "bench_full_rows_h200_8gib.json"]
 
 
 def _point(source: str, name: str, run: dict) -> dict | None:

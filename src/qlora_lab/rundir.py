@@ -41,7 +41,7 @@ RUN_ENTRIES = (MARKER, CONFIG, "adapter", CHECKPOINTS, "metrics.jsonl", "summary
 # Keys a resumed run may change: none of them changes which rows are seen in which order, the
 # model, or the optimisation, so the resumed run still equals an uninterrupted one.
 RESUME_MAY_CHANGE = frozenset({
-    "model.trust_remote_code", "model.allow_pickle",
+    "model.trust_remote_code", "model.allow_pickle", "model.varlen_kernel",
     "data.skip_bad_rows", "train.output_dir",  # a run folder may be moved or copied
     "train.save_steps", "train.save_total_limit", "train.logging_steps", "train.eval_steps",
     "train.tensorboard", "train.compile", "train.liger", "train.fused_loss",
