@@ -481,3 +481,22 @@ def test_the_census_reads_scaled_residuals_from_the_config():
     assert census(config, "granite-tiny").residual_scaled
     config.residual_multiplier = 1.0
     assert not census(config, "granite-tiny").residual_scaled
+
+
+def test_triton_varlen_backward_holds_no_fp32_dq_accumulator_nor_per_head_kv_grads():
+    # A narrow MLP, so attention's backward is the layer's worst moment.
+    m = ModelShape(32000, 2048, 128, 4, 32, 4)
+    flash = StepShape(16, 1024, packed=True, compiled=True, attn_implementation="varlen")
+    triton = replace(flash, varlen_triton=True)
+    a = flash.compute_bytes
+    saved = memory.layer_backward_bytes_per_token(m, flash) \
+        - memory.layer_backward_bytes_per_token(m, triton)
+    assert saved == 4 * m.q_dim + 2 * a * m.q_dim  # the accumulator and dK/dV per query head
+    # heads wider than the Triton kernels' tiles keep FlashAttention-2's backward
+    wide = ModelShape(32000, 4096, 1024, 4, 16, 4, head_dim=256)
+    assert memory.layer_backward_bytes_per_token(wide, flash) \
+        == memory.layer_backward_bytes_per_token(wide, triton)
+    # only varlen runs the kernels
+    sdpa = replace(flash, attn_implementation="sdpa")
+    assert memory.layer_backward_bytes_per_token(m, sdpa) \
+        == memory.layer_backward_bytes_per_token(m, replace(sdpa, varlen_triton=True))

@@ -411,3 +411,19 @@ def test_compile_auto_resolves_as_train_runs_it_and_the_planner_follows():
     tiled = estimate_peak_memory(model, replace(base, activation_offload=True, compiled=False))
     assert best.peak_allocated_bytes == tiled.peak_allocated_bytes
 
+
+
+def test_step_shape_plans_the_varlen_kernel_train_would_run():
+    from dataclasses import replace as rep
+
+    from qlora_lab.config import RunConfig
+    from qlora_lab.plan import step_shape
+
+    cfg = RunConfig()
+    cfg = rep(cfg, model=rep(cfg.model, attn_implementation="varlen"),
+              train=rep(cfg.train, packing=True))
+    assert step_shape(cfg, device_is_gpu=True, triton_installed=True).varlen_triton
+    assert not step_shape(cfg, device_is_gpu=True, triton_installed=False).varlen_triton
+    assert not step_shape(cfg, device_is_gpu=False, triton_installed=True).varlen_triton
+    flash = rep(cfg, model=rep(cfg.model, varlen_kernel="flash"))
+    assert not step_shape(flash, device_is_gpu=True, triton_installed=True).varlen_triton

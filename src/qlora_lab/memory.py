@@ -308,6 +308,10 @@ class StepShape:
     packed: bool = False  # rows packed into fixed-length bins (train.packing)
     compiled: bool = False  # decoder layers torch.compiled (train.compile)
     attn_implementation: str = "sdpa"
+    # varlen through qlora-lab's Triton kernels (model.varlen_kernel, where triton runs) rather
+    # than FlashAttention-2's: backward allocates no fp32 dQ accumulator and no per-query-head
+    # dK/dV. Heads wider than VARLEN_TRITON_MAX_HEAD_DIM keep FlashAttention-2's.
+    varlen_triton: bool = False
     # Rows shorter than their bin (real data): SDPA/eager then get a block-diagonal (packed) or
     # padding mask and run GQA by repeating k/v. False: every row fills its bin (validation).
     short_rows: bool = True
@@ -660,10 +664,13 @@ def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share
         # the down projection's dropped-out input and mask go with its input
         in_mlp -= (a + 1) * m.intermediate_size * mlp_tokens_share
     kv_grads = 2 * m.kv_dim
-    if m.num_key_value_heads < m.num_attention_heads:
+    triton = (s.varlen_triton and s.attn_implementation == "varlen"
+              and m.head_dim <= VARLEN_TRITON_MAX_HEAD_DIM)
+    if m.num_key_value_heads < m.num_attention_heads and not triton:
         kv_grads += 2 * m.q_dim  # dk, dv per query head first (FlashAttention's dk/dv_expanded)
+    dq_accumulator = 0 if triton else 4 * m.q_dim  # FlashAttention-2's, in fp32
     in_attention = (saved - mlp - a * h * _attention_norms_freed(m, s, autocast)
-                    + a * h + a * (2 * m.q_dim + kv_grads) + 4 * m.q_dim
+                    + a * h + a * (2 * m.q_dim + kv_grads) + dq_accumulator
                     + 4 * m.num_attention_heads)
     if m.residual_scaled:
         # The branch's gradient is the arriving one times the multiplier, a new a x H beside
@@ -689,6 +696,9 @@ def layer_backward_bytes_per_token(m: ModelShape, s: StepShape, mlp_tokens_share
             share = mlp_tokens_share if widest == m.intermediate_size else 1.0
             moments.append(saved + refs + 4 * widest * share + 2 * a * h)
     return max(moments)
+
+
+VARLEN_TRITON_MAX_HEAD_DIM = 128  # triton_attention.MAX_HEAD_DIM (memory imports no torch)
 
 
 def _attention_norms_freed(m: ModelShape, s: StepShape, autocast: bool) -> float:

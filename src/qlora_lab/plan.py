@@ -75,7 +75,16 @@ def step_shape(cfg: RunConfig, device_is_gpu: bool = True, gpus: int = 1,
         activation_offload=cfg.train.activation_offload,
         checkpoint_every=cfg.train.checkpoint_every, packed=cfg.train.packing,
         compiled=cfg.train.compile, attn_implementation=cfg.model.attn_implementation,
+        varlen_triton=(device_is_gpu and cfg.model.varlen_kernel != "flash"
+                       and _triton_there(triton_installed)),
         expandable_segments=memory.expandable_segments(os.environ))
+
+
+def _triton_there(installed: bool | None) -> bool:
+    """As attention.triton_runs decides on CUDA (head dims are the memory model's part)."""
+    import importlib.util
+
+    return installed if installed is not None else importlib.util.find_spec("triton") is not None
 
 
 def _liger_text(step: memory.StepShape) -> str:

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from qlora_lab.memory import VARLEN_TRITON_MAX_HEAD_DIM
+
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 128  # the widest head the tiles below keep in registers
+MAX_HEAD_DIM = VARLEN_TRITON_MAX_HEAD_DIM  # the widest head measured (64 x 64 tiles, dim 128)
 
 
 def available() -> bool:
