@@ -105,11 +105,12 @@ class ModelConfig:
         what `sdpa` loads as for an architecture transformers has no SDPA path for (Gemma 2,
         Bloom), as `plan` counts it.
         `varlen` (training with packing only): each packed row attends only to itself through
-        torch's FlashAttention variable-length kernel (CUDA, torch >= 2.10), with no mask;
-        elsewhere it computes the same with SDPA. For rows that fill their bins (long
-        documents clipped at `data.max_seq_len`) SDPA needs no mask, and on an H200 it trained
-        5-6 % faster than `varlen` there (fastpath_sweep_h200_run16_sdpa.json in
-        benchmarks/results): `varlen` is for shorter rows packed together. `flex_attention`:
+        a variable-length kernel (see `varlen_kernel`), with no mask; elsewhere it computes the
+        same with SDPA. For rows that fill their bins (long documents clipped at
+        `data.max_seq_len`) SDPA needs no mask, and on an H200 it trained 3 % faster than
+        `varlen` there (77.7k against 75.4k tok/s with the Triton kernels,
+        bench_full_rows_{sdpa,varlen_triton}_s26.json in benchmarks/results; 5-6 % against
+        FlashAttention-2's): `varlen` is for shorter rows packed together. `flex_attention`:
         transformers' FlexAttention with a block mask of the packed rows. See
         docs/performance.md for measurements.
     varlen_kernel: which kernel `varlen` attention runs on a GPU. `triton`: qlora-lab's own

@@ -252,7 +252,7 @@ def _setup(cfg: RunConfig, resume, claim: RunClaim) -> TrainingSession:
             # shorter row's padding tail restarts positions, and transformers builds one).
             log.info("attention: every row fills its bin (data.max_seq_len tokens), so sdpa "
                      "(the default model.attn_implementation) needs no mask for them; on such "
-                     "rows (1,024 tokens, an H200) it trained 5-6 %% faster than varlen "
+                     "rows (1,024 tokens, an H200) it trained 3 %% faster than varlen "
                      "(docs/performance.md)")
     use_liger = fastpath.resolve_liger(cfg.train.liger, device)
     # Before LoRA: same module names either way.
