@@ -133,3 +133,26 @@ def test_varlen_kernel_choice_falls_back_or_refuses_without_a_gpu():
     assert attention.plan_kernel(True, "auto") is None  # masked SDPA computes it instead
     with pytest.raises(UserError, match="model.varlen_kernel"):
         attention.plan_kernel(True, "triton")
+
+
+def test_train_refuses_the_triton_kernel_where_it_cannot_run(tmp_path, dolly_file):
+    from dataclasses import replace
+
+    import torch
+
+    from qlora_lab.errors import UserError
+    from qlora_lab.train import setup_training
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU's answer")
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path / "run", dolly_file)
+    cfg = replace(cfg, model=replace(cfg.model, attn_implementation="varlen",
+                                     varlen_kernel="triton"))
+    with pytest.raises(UserError, match="model.varlen_kernel = 'triton' cannot run here"):
+        setup_training(cfg)
+    # auto falls back: the CPU computes varlen attention with masked SDPA
+    auto = replace(cfg, model=replace(cfg.model, varlen_kernel="auto"),
+                   train=replace(cfg.train, output_dir=str(tmp_path / "auto")))
+    assert setup_training(auto).model.config._attn_implementation == "qlora_varlen"

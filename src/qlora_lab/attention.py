@@ -257,14 +257,16 @@ def use_varlen(model, bin_tokens: int, packing: bool, kernel: VarlenKernel = "au
     if why:
         raise UserError(f"model.attn_implementation = 'varlen' cannot run this model: {why} — "
                         "set model.attn_implementation to sdpa")
+    heads = model.config.num_attention_heads
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
+    grouped = getattr(model.config, "num_key_value_heads", heads) != heads
     if next(model.parameters()).is_cuda:
-        heads = model.config.num_attention_heads
-        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
-        call = choose_kernel(getattr(model.config, "num_key_value_heads", heads) != heads,
-                             kernel, head_dim, model.dtype)
+        call = choose_kernel(grouped, kernel, head_dim, model.dtype)
         if call is not None:
             log.info("attention: varlen through %s", "qlora-lab's Triton kernels" if call.triton
                      else "torch's FlashAttention-2 varlen kernel")
+    elif kernel == "triton":
+        plan_kernel(grouped, kernel, head_dim, model.dtype)  # asked for, cannot run: refused
     model.set_attn_implementation(register())
 
 
