@@ -3,17 +3,17 @@
 Tiles are `BLOCK_M` queries by `BLOCK_N` keys of one row; `TILES` holds each row's first tile
 (R + 1 entries, the last the tile count), so a flat program index finds its row by binary
 search. Scores are kept in log2 units (`scale_log2` = scale x log2(e)), so softmax is exp2.
+Tensors are (tokens, heads, dim) with the dim contiguous; `s_t`, `s_h` are the token and head
+strides. The helpers are inlined by triton: the kernels compile as if written out.
 """
 
 import triton
 import triton.language as tl
 
-import triton.language as tl
 
 @triton.jit
 def find_row(tile, TILES, rows):
-    """The row whose tiles hold flat tile `tile`: the last r with TILES[r] <= tile
-    (TILES: each row's first tile, R + 1 entries, TILES[R] = the tile count)."""
+    """The row whose tiles hold flat tile `tile`: the last r with TILES[r] <= tile."""
     lo = 0
     hi = rows
     while lo < hi:
@@ -23,29 +23,56 @@ def find_row(tile, TILES, rows):
         hi = tl.where(first <= tile, hi, mid - 1)
     return lo
 
+
+@triton.jit
+def locate(tile, TILES, BOUNDS, rows, BLOCK: tl.constexpr):
+    """(row start, row length, the tile's first position in its row)."""
+    row = find_row(tile, TILES, rows)
+    start = tl.load(BOUNDS + row)
+    length = tl.load(BOUNDS + row + 1) - start
+    return start, length, (tile - tl.load(TILES + row)) * BLOCK
+
+
+@triton.jit
+def load_tile(PTR, start, pos, ok, head, s_t, s_h, offs_d, d_ok):
+    """Positions `pos` of a row (masked by `ok`), one head: (len(pos), BLOCK_D), zeros outside."""
+    return tl.load(PTR + (start + pos)[:, None] * s_t + head * s_h + offs_d[None, :],
+                   mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def store_tile(PTR, value, start, pos, ok, head, s_t, s_h, offs_d, d_ok):
+    tl.store(PTR + (start + pos)[:, None] * s_t + head * s_h + offs_d[None, :],
+             value.to(PTR.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def probabilities(q, k, m, n, m_ok, n_ok, lse, scale_log2):
+    """Softmax probabilities rebuilt from the forward's log2-sum-exp2, causal, zero outside."""
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    keep = (m[:, None] >= n[None, :]) & m_ok[:, None] & n_ok[None, :]
+    return tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+
+
 # Row and token counts change with every micro-batch: not specialized on, so no new variant
 # compiles (or loads from triton's cache, ~0.1 s a step measured) when they do.
 @triton.jit(do_not_specialize=["rows"])
 def fwd(Q, K, V, O, LSE, BOUNDS, TILES, rows, scale_log2,
-         sq_t, sq_h, sk_t, sk_h, so_t, so_h, slse_h,
-         GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        sq_t, sq_h, sk_t, sk_h, so_t, so_h, slse_h,
+        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     if tile >= tl.load(TILES + rows):
         return
-    row = find_row(tile, TILES, rows)
-    start = tl.load(BOUNDS + row)
-    length = tl.load(BOUNDS + row + 1) - start
-    m0 = (tile - tl.load(TILES + row)) * BLOCK_M
+    start, length, m0 = locate(tile, TILES, BOUNDS, rows, BLOCK_M)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < length
     kv_head = head // GROUP
-    q = tl.load(Q + (start + offs_m)[:, None] * sq_t + head * sq_h + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = load_tile(Q, start, offs_m, m_ok, head, sq_t, sq_h, offs_d, d_ok)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -53,6 +80,7 @@ def fwd(Q, K, V, O, LSE, BOUNDS, TILES, rows, scale_log2,
     for n0 in range(0, end, BLOCK_N):
         n = n0 + offs_n
         n_ok = n < length
+        # K loaded transposed (BLOCK_D, BLOCK_N), as measured on the H200
         kt = tl.load(K + (start + n)[None, :] * sk_t + kv_head * sk_h + offs_d[:, None],
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, kt) * scale_log2
@@ -63,38 +91,32 @@ def fwd(Q, K, V, O, LSE, BOUNDS, TILES, rows, scale_log2,
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + (start + n)[:, None] * sk_t + kv_head * sk_h + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = load_tile(V, start, n, n_ok, kv_head, sk_t, sk_h, offs_d, d_ok)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    tl.store(O + (start + offs_m)[:, None] * so_t + head * so_h + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    store_tile(O, acc / l_i[:, None], start, offs_m, m_ok, head, so_t, so_h, offs_d, d_ok)
     # log2-sum-exp2 of the scaled scores: backward rebuilds P as exp2(s - lse).
     tl.store(LSE + head * slse_h + start + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
+
 @triton.jit(do_not_specialize=["rows"])
 def bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, TILES, rows, scale_log2, scale,
-              sq_t, sq_h, sk_t, sk_h, sdo_t, sdo_h, slse_h, sdk_t, sdk_h,
-              GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             sq_t, sq_h, sk_t, sk_h, sdo_t, sdo_h, slse_h, sdk_t, sdk_h,
+             GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK and dV of one key tile of one K/V head, summed over the group's query heads."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     if tile >= tl.load(TILES + rows):
         return
-    row = find_row(tile, TILES, rows)
-    start = tl.load(BOUNDS + row)
-    length = tl.load(BOUNDS + row + 1) - start
-    n0 = (tile - tl.load(TILES + row)) * BLOCK_N
+    start, length, n0 = locate(tile, TILES, BOUNDS, rows, BLOCK_N)
     n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     n_ok = n < length
-    k = tl.load(K + (start + n)[:, None] * sk_t + kv_head * sk_h + offs_d[None, :],
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + (start + n)[:, None] * sk_t + kv_head * sk_h + offs_d[None, :],
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    k = load_tile(K, start, n, n_ok, kv_head, sk_t, sk_h, offs_d, d_ok)
+    v = load_tile(V, start, n, n_ok, kv_head, sk_t, sk_h, offs_d, d_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     first_m = (n0 // BLOCK_M) * BLOCK_M  # causal: no query before the block's first key
@@ -103,48 +125,37 @@ def bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, TILES, rows, scale_log2, s
         for m0 in range(first_m, length, BLOCK_M):
             m = m0 + offs_m
             m_ok = m < length
-            q = tl.load(Q + (start + m)[:, None] * sq_t + head * sq_h + offs_d[None, :],
-                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(DO + (start + m)[:, None] * sdo_t + head * sdo_h + offs_d[None, :],
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            q = load_tile(Q, start, m, m_ok, head, sq_t, sq_h, offs_d, d_ok)
+            do = load_tile(DO, start, m, m_ok, head, sdo_t, sdo_h, offs_d, d_ok)
             lse = tl.load(LSE + head * slse_h + start + m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + head * slse_h + start + m, mask=m_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            keep = (m[:, None] >= n[None, :]) & m_ok[:, None] & n_ok[None, :]
-            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+            p = probabilities(q, k, m, n, m_ok, n_ok, lse, scale_log2)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    mask = n_ok[:, None] & d_ok[None, :]
-    tl.store(DK + (start + n)[:, None] * sdk_t + kv_head * sdk_h + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + (start + n)[:, None] * sdk_t + kv_head * sdk_h + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=mask)
+    store_tile(DK, dk * scale, start, n, n_ok, kv_head, sdk_t, sdk_h, offs_d, d_ok)
+    store_tile(DV, dv, start, n, n_ok, kv_head, sdk_t, sdk_h, offs_d, d_ok)
+
 
 @triton.jit(do_not_specialize=["rows"])
 def bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, BOUNDS, TILES, rows, scale_log2, scale,
-            sq_t, sq_h, sk_t, sk_h, sdo_t, sdo_h, slse_h,
-            GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+           sq_t, sq_h, sk_t, sk_h, sdo_t, sdo_h, slse_h,
+           GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query tile of one head (DQ has Q's strides)."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
     if tile >= tl.load(TILES + rows):
         return
-    row = find_row(tile, TILES, rows)
-    start = tl.load(BOUNDS + row)
-    length = tl.load(BOUNDS + row + 1) - start
-    m0 = (tile - tl.load(TILES + row)) * BLOCK_M
+    start, length, m0 = locate(tile, TILES, BOUNDS, rows, BLOCK_M)
     m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = m < length
     kv_head = head // GROUP
-    q = tl.load(Q + (start + m)[:, None] * sq_t + head * sq_h + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + (start + m)[:, None] * sdo_t + head * sdo_h + offs_d[None, :],
-                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = load_tile(Q, start, m, m_ok, head, sq_t, sq_h, offs_d, d_ok)
+    do = load_tile(DO, start, m, m_ok, head, sdo_t, sdo_h, offs_d, d_ok)
     lse = tl.load(LSE + head * slse_h + start + m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + head * slse_h + start + m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -152,19 +163,12 @@ def bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, BOUNDS, TILES, rows, scale_log2, scale,
     for n0 in range(0, end, BLOCK_N):
         n = n0 + offs_n
         n_ok = n < length
-        k = tl.load(K + (start + n)[:, None] * sk_t + kv_head * sk_h + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + (start + n)[:, None] * sk_t + kv_head * sk_h + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        keep = (m[:, None] >= n[None, :]) & m_ok[:, None] & n_ok[None, :]
-        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        k = load_tile(K, start, n, n_ok, kv_head, sk_t, sk_h, offs_d, d_ok)
+        v = load_tile(V, start, n, n_ok, kv_head, sk_t, sk_h, offs_d, d_ok)
+        p = probabilities(q, k, m, n, m_ok, n_ok, lse, scale_log2)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + (start + m)[:, None] * sq_t + head * sq_h + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-
+    store_tile(DQ, dq * scale, start, m, m_ok, head, sq_t, sq_h, offs_d, d_ok)
 
 
 @triton.jit(do_not_specialize=["tokens"])
@@ -175,8 +179,8 @@ def bwd_delta(O, DO, DELTA, tokens, so_t, so_h, sdo_t, sdo_h, sdelta_h,
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (t < tokens)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + t[:, None] * so_t + head * so_h + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + t[:, None] * sdo_t + head * sdo_h + offs_d[None, :], mask=mask, other=0.0)
+    t_ok = t < tokens
+    o = load_tile(O, 0, t, t_ok, head, so_t, so_h, offs_d, offs_d < D)
+    do = load_tile(DO, 0, t, t_ok, head, sdo_t, sdo_h, offs_d, offs_d < D)
     tl.store(DELTA + head * sdelta_h + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
-             mask=t < tokens)
+             mask=t_ok)
