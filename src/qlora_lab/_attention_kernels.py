@@ -3,7 +3,8 @@
 Tiles are `BLOCK_M` queries by `BLOCK_N` keys of one row; `TILES` holds each row's first tile
 (R + 1 entries, the last the tile count), so a flat program index finds its row by binary
 search. Scores are kept in log2 units (`scale_log2` = scale x log2(e)), so softmax is exp2.
-Tensors are (tokens, heads, dim) with the dim contiguous; `s_t`, `s_h` are the token and head
+`PRECISION` is tl.dot's input precision: "ieee" for fp32 tensors (exact, no TF32), else "tf32"
+(ignored for 16-bit inputs). Tensors are (tokens, heads, dim) with the dim contiguous; `s_t`, `s_h` are the token and head
 strides. The helpers are inlined by triton: the kernels compile as if written out.
 """
 
@@ -47,9 +48,9 @@ def store_tile(PTR, value, start, pos, ok, head, s_t, s_h, offs_d, d_ok):
 
 
 @triton.jit
-def probabilities(q, k, m, n, m_ok, n_ok, lse, scale_log2):
+def probabilities(q, k, m, n, m_ok, n_ok, lse, scale_log2, PRECISION: tl.constexpr):
     """Softmax probabilities rebuilt from the forward's log2-sum-exp2, causal, zero outside."""
-    s = tl.dot(q, tl.trans(k)) * scale_log2
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     keep = (m[:, None] >= n[None, :]) & m_ok[:, None] & n_ok[None, :]
     return tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
 
@@ -60,7 +61,7 @@ def probabilities(q, k, m, n, m_ok, n_ok, lse, scale_log2):
 def fwd(Q, K, V, O, LSE, BOUNDS, TILES, rows, scale_log2,
         sq_t, sq_h, sk_t, sk_h, so_t, so_h, slse_h,
         GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     if tile >= tl.load(TILES + rows):
@@ -83,7 +84,7 @@ def fwd(Q, K, V, O, LSE, BOUNDS, TILES, rows, scale_log2,
         # K loaded transposed (BLOCK_D, BLOCK_N), as measured on the H200
         kt = tl.load(K + (start + n)[None, :] * sk_t + kv_head * sk_h + offs_d[:, None],
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt) * scale_log2
+        s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
         s = tl.where((offs_m[:, None] >= n[None, :]) & n_ok[None, :], s, float("-inf"))
         # Every query row sees key 0 of its own row in the first block, so m_new is
         # finite from the first iteration on (rows past the end included: never stored).
@@ -92,7 +93,7 @@ def fwd(Q, K, V, O, LSE, BOUNDS, TILES, rows, scale_log2,
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_tile(V, start, n, n_ok, kv_head, sk_t, sk_h, offs_d, d_ok)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     store_tile(O, acc / l_i[:, None], start, offs_m, m_ok, head, so_t, so_h, offs_d, d_ok)
     # log2-sum-exp2 of the scaled scores: backward rebuilds P as exp2(s - lse).
@@ -103,7 +104,7 @@ def fwd(Q, K, V, O, LSE, BOUNDS, TILES, rows, scale_log2,
 def bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, TILES, rows, scale_log2, scale,
              sq_t, sq_h, sk_t, sk_h, sdo_t, sdo_h, slse_h, sdk_t, sdk_h,
              GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dK and dV of one key tile of one K/V head, summed over the group's query heads."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -129,10 +130,10 @@ def bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, TILES, rows, scale_log2, s
             do = load_tile(DO, start, m, m_ok, head, sdo_t, sdo_h, offs_d, d_ok)
             lse = tl.load(LSE + head * slse_h + start + m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + head * slse_h + start + m, mask=m_ok, other=0.0)
-            p = probabilities(q, k, m, n, m_ok, n_ok, lse, scale_log2)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            p = probabilities(q, k, m, n, m_ok, n_ok, lse, scale_log2, PRECISION)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     store_tile(DK, dk * scale, start, n, n_ok, kv_head, sdk_t, sdk_h, offs_d, d_ok)
     store_tile(DV, dv, start, n, n_ok, kv_head, sdk_t, sdk_h, offs_d, d_ok)
 
@@ -141,7 +142,7 @@ def bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, TILES, rows, scale_log2, s
 def bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, BOUNDS, TILES, rows, scale_log2, scale,
            sq_t, sq_h, sk_t, sk_h, sdo_t, sdo_h, slse_h,
            GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dQ of one query tile of one head (DQ has Q's strides)."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -165,9 +166,9 @@ def bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, BOUNDS, TILES, rows, scale_log2, scale,
         n_ok = n < length
         k = load_tile(K, start, n, n_ok, kv_head, sk_t, sk_h, offs_d, d_ok)
         v = load_tile(V, start, n, n_ok, kv_head, sk_t, sk_h, offs_d, d_ok)
-        p = probabilities(q, k, m, n, m_ok, n_ok, lse, scale_log2)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        p = probabilities(q, k, m, n, m_ok, n_ok, lse, scale_log2, PRECISION)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     store_tile(DQ, dq * scale, start, m, m_ok, head, sq_t, sq_h, offs_d, d_ok)
 
 

@@ -80,6 +80,12 @@ def _tiles(bounds: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
 
 
+def _precision(q: torch.Tensor) -> str:
+    """fp32 inputs multiply in full fp32 (a TF32 product would round them to 10 bits); 16-bit
+    inputs ignore it."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -106,7 +112,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Te
               q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0),
               out.stride(1), lse.stride(0),
               GROUP=heads // k.shape[1], D=dim, BLOCK_D=_block_d(dim), BLOCK_M=block,
-              BLOCK_N=block, num_warps=warps, num_stages=stages)
+              BLOCK_N=block, PRECISION=_precision(q), num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -133,7 +139,7 @@ def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         out, grad, delta, tokens, out.stride(0), out.stride(1), grad.stride(0), grad.stride(1),
         delta.stride(0), D=dim, BLOCK_D=_block_d(dim), BLOCK_T=128)
     common = dict(GROUP=heads // kv_heads, D=dim, BLOCK_D=_block_d(dim), BLOCK_M=block,
-                  BLOCK_N=block, num_warps=warps, num_stages=stages)
+                  BLOCK_N=block, PRECISION=_precision(q), num_warps=warps, num_stages=stages)
     # dK/dV per key tile and K/V head, looping over the group's query heads: measured faster
     # than one program per query head summing into the K/V head atomically
     # (benchmarks/results/attention_triton_h200.json).
