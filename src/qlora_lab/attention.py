@@ -111,7 +111,7 @@ class KernelCall:
     triton: bool = False  # qlora-lab's Triton kernels (triton_attention), not torch's
 
 
-_PLAN: dict[tuple[bool, str], KernelCall] = {}  # by (grouped K/V heads, kernel choice)
+_PLAN: dict[bool, KernelCall] = {}  # torch's kernel, by whether K/V heads are grouped
 _CHOSEN: dict[bool, KernelCall] = {}  # what varlen_attention calls, by grouped K/V heads
 
 VarlenKernel = Literal["auto", "triton", "flash"]
@@ -148,7 +148,7 @@ def plan_kernel(grouped: bool, choice: VarlenKernel = "flash", head_dim: int = 6
                             "model.varlen_kernel to auto or flash")
     if not kernel_available():
         return None
-    if (grouped, "flash") not in _PLAN:
+    if grouped not in _PLAN:
         from torch.nn.attention.varlen import varlen_attn
 
         params = set(inspect.signature(varlen_attn).parameters)
@@ -159,9 +159,9 @@ def plan_kernel(grouped: bool, choice: VarlenKernel = "flash", head_dim: int = 6
                 options["enable_gqa"] = True
             else:
                 repeat = not _reads_grouped_heads(varlen_attn, options)
-        _PLAN[(grouped, "flash")] = KernelCall(varlen_attn, tuple(options.items()),
-                                               "scale" in params, repeat)
-    return _PLAN[(grouped, "flash")]
+        _PLAN[grouped] = KernelCall(varlen_attn, tuple(options.items()), "scale" in params,
+                                    repeat)
+    return _PLAN[grouped]
 
 
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
