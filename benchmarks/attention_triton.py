@@ -27,12 +27,11 @@ from fixtures import write_result
 
 from qlora_lab import triton_attention as ta
 
-# Candidate tiles by head dim (None: tiles_for's default). Session 26's first calls also timed
-# one program per query head summing dK/dV atomically (slower), and non-square tiles (64 x 32,
-# 128 x 64: slower; 32 x 64 at dim 128 computed wrong gradients on the H200's triton 3.6
-# though exact in the interpreter, so tiles are square).
-TILES = {64: [None, ta.Tiles(64, 4, 3), ta.Tiles(32), ta.Tiles(128, 8)],
-         128: [None, ta.Tiles(32), ta.Tiles(64, 8)]}
+# Candidate tiles by head dim (None: tiles_for's default), from --tiles. Session 26's calls
+# timed 64 x 64 tiles with 3 stages, 32 x 32 and 128 x 128 with 8 warps (all slower; so were
+# one program per query head summing dK/dV atomically, and non-square tiles: 32 x 64 at dim
+# 128 computed wrong gradients on the H200's triton 3.6 though exact in the interpreter).
+TILES: dict[int, list] = {64: [None], 128: [None]}
 
 
 def run(op, q, k, v, grad, iters):
@@ -109,6 +108,8 @@ def case(segments: list[int], iters: int, seed: int, heads: int = HEADS,
         ta.TILES_OVERRIDE = tiles
         shown = ta.tiles_for(dim)
         name = f"triton_{shown.block}x{shown.block}_w{shown.warps}_s{shown.stages}"
+        if hasattr(shown, "rows"):  # since session 27: the forward's tile rows
+            name += f"_r{shown.rows}"
         try:
             fwd, both, got = run(lambda a, b, c: ta.varlen_attention(a, b, c, bounds, scale),
                                  q, k, v, grad, iters)
@@ -133,7 +134,13 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=160)
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--tiles", default="", help="more tiles to time, as Tiles' fields: "
+                        "'64,4,2,128;32' (block, warps, stages, forward rows), for every dim")
+    parser.add_argument("--skip-dim128", action="store_true")
     args = parser.parse_args()
+    for spec in filter(None, args.tiles.split(";")):
+        for dim in TILES:
+            TILES[dim].append(ta.Tiles(*(int(x) for x in spec.split(","))))
     started = time.time()
     lengths = dolly_lengths(Path(args.data), args.rows * args.batches)
     cases = {}
@@ -143,9 +150,10 @@ def main() -> int:
             bins_layout(lengths[i * args.rows:(i + 1) * args.rows]), args.iters, i)
     print("full rows", flush=True)
     cases["full_rows_32x1024"] = case([BIN] * 32, args.iters, 7)
-    print("dolly micro-batch 0, heads of 128 (32 query, 8 K/V)", flush=True)
-    cases["dolly_bins_0_dim128"] = case(bins_layout(lengths[:args.rows]), args.iters, 0,
-                                        32, 8, 128)
+    if not args.skip_dim128:
+        print("dolly micro-batch 0, heads of 128 (32 query, 8 K/V)", flush=True)
+        cases["dolly_bins_0_dim128"] = case(bins_layout(lengths[:args.rows]), args.iters, 0,
+                                            32, 8, 128)
     report = {"what": __doc__.splitlines()[0], "command": "python " + " ".join(sys.argv),
               "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "bin": BIN},
               "cases": cases}

@@ -119,7 +119,7 @@ class SyncSites:
 
 
 def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[tuple[float, float, str]],
-              min_gap_us: float = 200.0, top: int = 12) -> dict:
+              min_gap_us: float = 200.0, top: int = 24) -> dict:
     """When the GPU ran nothing, and what the host was doing then.
 
     kernels: (start, end) of every kernel, in microseconds; host_ops: (start, end, name) of the

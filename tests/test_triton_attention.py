@@ -67,6 +67,10 @@ CASES = [
     ([40, 90], 4, 2, 32, "float16", None, False),
     # inside a compiled function (the op and its autograd formula as compiled layers see them)
     ([5, 70, 30], 4, 2, 16, "float32", None, True),
+    # a group of 3 query heads (padded to 4 in the forward's tiles), forward tiles of 8 tokens
+    ([3, 50, 21], 6, 2, 16, "float32", (16, 4, 2, 32), False),
+    # a group wider than the forward tile's rows: one token a tile
+    ([9, 20], 32, 1, 16, "float32", (16, 4, 2, 16), False),
 ]
 
 
@@ -107,18 +111,24 @@ def test_triton_kernels_equal_row_by_row_attention(interpreter):
             assert scale == 0.0 or error <= tolerance * max(1.0, scale), (case, name, error)
 
 
-def test_tiles_table_maps_every_token_to_one_tile():
+def test_tile_map_places_every_token_in_one_tile():
     import torch
 
     from qlora_lab import triton_attention as ta
 
     lengths = [5, 0, 64, 65, 1, 128]
     bounds = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
-    tiles = ta._tiles(bounds, 64)
-    # each row's first tile, then the count: ceil(length / 64) tiles a row
-    assert tiles.tolist() == [0, 1, 1, 2, 4, 5, 7]
-    # the launch grid, from shapes alone, covers every tile
-    assert ta._grid_tiles(sum(lengths), len(lengths), 64) >= tiles[-1].item()
+    tokens = sum(lengths)
+    for block in (64, 16, 1):
+        table = ta._tile_map(bounds, block, tokens)
+        # the grid, from shapes alone, covers every tile: the rest are empty (length 0)
+        assert table.shape == (ta._grid_tiles(tokens, len(lengths), block), 3)
+        used = table[table[:, 1] > 0].tolist()
+        assert all(length == 0 for _, length, _ in table[len(used):].tolist())
+        # ceil(length / block) tiles a row, in row order, each starting at a multiple of block
+        want = [[start, length, pos] for start, length in zip(bounds.tolist(), lengths)
+                for pos in range(0, length, block)]
+        assert used == want, block
 
 
 def test_varlen_kernel_choice_falls_back_or_refuses_without_a_gpu():

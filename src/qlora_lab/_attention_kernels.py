@@ -1,8 +1,10 @@
 """The Triton kernels of `triton_attention` (imported only where they run: triton is optional).
 
-Tiles are `BLOCK_M` queries by `BLOCK_N` keys of one row; `TILES` holds each row's first tile
-(R + 1 entries, the last the tile count), so a flat program index finds its row by binary
-search. Scores are kept in log2 units (`scale_log2` = scale x log2(e)), so softmax is exp2.
+Each program handles one tile of one row: `MAP` holds, per flat tile index, the tile's row
+start, the row's length and the tile's first position in its row (int32, 3 per tile; tiles
+past the last have length 0 and exit at once). It is computed on the device before the launch,
+so a program reads its place with one load instead of searching for its row. Scores are kept in
+log2 units (`scale_log2` = scale x log2(e)), so softmax is exp2.
 `PRECISION` is tl.dot's input precision: "ieee" for fp32 tensors (exact, no TF32), else "tf32"
 (ignored for 16-bit inputs). Tensors are (tokens, heads, dim) with the dim contiguous; `s_t`, `s_h` are the token and head
 strides. The helpers are inlined by triton: the kernels compile as if written out.
@@ -13,25 +15,9 @@ import triton.language as tl
 
 
 @triton.jit
-def find_row(tile, TILES, rows):
-    """The row whose tiles hold flat tile `tile`: the last r with TILES[r] <= tile."""
-    lo = 0
-    hi = rows
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        first = tl.load(TILES + mid)
-        lo = tl.where(first <= tile, mid, lo)
-        hi = tl.where(first <= tile, hi, mid - 1)
-    return lo
-
-
-@triton.jit
-def locate(tile, TILES, BOUNDS, rows, BLOCK: tl.constexpr):
+def locate(MAP, tile):
     """(row start, row length, the tile's first position in its row)."""
-    row = find_row(tile, TILES, rows)
-    start = tl.load(BOUNDS + row)
-    length = tl.load(BOUNDS + row + 1) - start
-    return start, length, (tile - tl.load(TILES + row)) * BLOCK
+    return tl.load(MAP + 3 * tile), tl.load(MAP + 3 * tile + 1), tl.load(MAP + 3 * tile + 2)
 
 
 @triton.jit
@@ -55,29 +41,34 @@ def probabilities(q, k, m, n, m_ok, n_ok, lse, scale_log2, PRECISION: tl.constex
     return tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
 
 
-# Row and token counts change with every micro-batch: not specialized on, so no new variant
-# compiles (or loads from triton's cache, ~0.1 s a step measured) when they do.
-@triton.jit(do_not_specialize=["rows"])
-def fwd(Q, K, V, O, LSE, BOUNDS, TILES, rows, scale_log2,
+@triton.jit
+def fwd(Q, K, V, O, LSE, MAP, scale_log2,
         sq_t, sq_h, sk_t, sk_h, so_t, so_h, slse_h,
-        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        TOKENS_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of TOKENS_M queries for all GROUP query heads of one K/V head: the tile's
+    rows are (token, head) pairs, token-major (GROUP_P, the group rounded up to a power of two,
+    pads them), so every K/V tile loaded serves the whole group and the causal edge falls
+    every TOKENS_M tokens instead of every 64."""
     tile = tl.program_id(0)
-    head = tl.program_id(1)
-    if tile >= tl.load(TILES + rows):
+    kv_head = tl.program_id(1)
+    start, length, m0 = locate(MAP, tile)
+    if m0 >= length:
         return
-    start, length, m0 = locate(tile, TILES, BOUNDS, rows, BLOCK_M)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, TOKENS_M * GROUP_P)
+    g = r % GROUP_P
+    offs_m = m0 + r // GROUP_P
+    head = kv_head * GROUP + g
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    m_ok = offs_m < length
-    kv_head = head // GROUP
-    q = load_tile(Q, start, offs_m, m_ok, head, sq_t, sq_h, offs_d, d_ok)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = tl.minimum(length, m0 + BLOCK_M)  # causal: no key past the block's last query
+    m_ok = (offs_m < length) & (g < GROUP)
+    q = tl.load(Q + (start + offs_m)[:, None] * sq_t + head[:, None] * sq_h + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([TOKENS_M * GROUP_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([TOKENS_M * GROUP_P], tl.float32)
+    acc = tl.zeros([TOKENS_M * GROUP_P, BLOCK_D], tl.float32)
+    end = tl.minimum(length, m0 + TOKENS_M)  # causal: no key past the tile's last query
     for n0 in range(0, end, BLOCK_N):
         n = n0 + offs_n
         n_ok = n < length
@@ -87,7 +78,7 @@ def fwd(Q, K, V, O, LSE, BOUNDS, TILES, rows, scale_log2,
         s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
         s = tl.where((offs_m[:, None] >= n[None, :]) & n_ok[None, :], s, float("-inf"))
         # Every query row sees key 0 of its own row in the first block, so m_new is
-        # finite from the first iteration on (rows past the end included: never stored).
+        # finite from the first iteration on (padding rows included: never stored).
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -95,22 +86,24 @@ def fwd(Q, K, V, O, LSE, BOUNDS, TILES, rows, scale_log2,
         v = load_tile(V, start, n, n_ok, kv_head, sk_t, sk_h, offs_d, d_ok)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    store_tile(O, acc / l_i[:, None], start, offs_m, m_ok, head, so_t, so_h, offs_d, d_ok)
+    out = acc / l_i[:, None]
+    tl.store(O + (start + offs_m)[:, None] * so_t + head[:, None] * so_h + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     # log2-sum-exp2 of the scaled scores: backward rebuilds P as exp2(s - lse).
     tl.store(LSE + head * slse_h + start + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
 
-@triton.jit(do_not_specialize=["rows"])
-def bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, TILES, rows, scale_log2, scale,
+@triton.jit
+def bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MAP, scale_log2, scale,
              sq_t, sq_h, sk_t, sk_h, sdo_t, sdo_h, slse_h, sdk_t, sdk_h,
              GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dK and dV of one key tile of one K/V head, summed over the group's query heads."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    if tile >= tl.load(TILES + rows):
+    start, length, n0 = locate(MAP, tile)
+    if n0 >= length:
         return
-    start, length, n0 = locate(tile, TILES, BOUNDS, rows, BLOCK_N)
     n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -138,17 +131,17 @@ def bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, TILES, rows, scale_log2, s
     store_tile(DV, dv, start, n, n_ok, kv_head, sdk_t, sdk_h, offs_d, d_ok)
 
 
-@triton.jit(do_not_specialize=["rows"])
-def bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, BOUNDS, TILES, rows, scale_log2, scale,
+@triton.jit
+def bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MAP, scale_log2, scale,
            sq_t, sq_h, sk_t, sk_h, sdo_t, sdo_h, slse_h,
            GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dQ of one query tile of one head (DQ has Q's strides)."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
-    if tile >= tl.load(TILES + rows):
+    start, length, m0 = locate(MAP, tile)
+    if m0 >= length:
         return
-    start, length, m0 = locate(tile, TILES, BOUNDS, rows, BLOCK_M)
     m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

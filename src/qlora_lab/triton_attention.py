@@ -4,8 +4,12 @@ torch's FlashAttention-2 varlen kernels tile every row in 128 x 128 blocks. Doll
 ~170 tokens, so a row is two query blocks, the second mostly empty, and the kernels spend
 ~17 % of a 160-row step's GPU time on attention that is ~1 % of its arithmetic
 (docs/performance.md, session 20). These kernels tile in smaller blocks and launch one program
-per block that holds tokens: a flat tile index is mapped to its row by a binary search over the
-rows' tile counts, so no program starts only to find its row shorter than the longest.
+per block that holds tokens: a table computed on the device before the launch (`_tile_map`)
+gives each flat tile index its row and place, so no program starts only to find its row
+shorter than the longest, and none searches for its row. The forward packs a K/V head's group
+of query heads into one tile (FlashAttention-3's "pack GQA"): each K/V tile it loads serves the
+whole group, and its tiles span few tokens, so little of a short row's causal triangle is
+computed only to be masked.
 
 Same contract as `torch.nn.attention.varlen.varlen_attn` with a causal mask: q (T, H, D), k and
 v (T, H_kv, D) with H a multiple of H_kv (grouped heads are read in place), `bounds` the int32
@@ -48,12 +52,23 @@ def _kernels():
 
 @dataclass(frozen=True)
 class Tiles:
-    """A kernel launch's tile size (square: `block` queries by `block` keys) and Triton's
-    launch options."""
+    """A launch's tiles and Triton's launch options. Backward: square tiles of `block` queries
+    by `block` keys. Forward: tiles of `rows` (token, query head) pairs, a group's heads for
+    rows / group tokens (at least one token), by `block` keys."""
 
     block: int
     warps: int = 4
     stages: int = 2
+    rows: int = 64
+
+    def forward_tokens(self, group: int) -> int:
+        """Tokens a forward tile spans: `rows` over the group rounded up to a power of two (a
+        tile has at least 16 rows: tl.dot's least)."""
+        return max(1, max(self.rows, 16) // _pow2(group))
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def tiles_for(dim: int) -> Tiles:
@@ -70,14 +85,27 @@ TILES_OVERRIDE: Tiles | None = None
 
 
 def _block_d(dim: int) -> int:
-    return max(16, 1 << (dim - 1).bit_length())
+    return max(16, _pow2(dim))
 
 
-def _tiles(bounds: torch.Tensor, block: int) -> torch.Tensor:
-    """Each row's first tile and, last, the tile count (int32, on the rows' device): computed
-    on the device, so no row length is read back to the host."""
-    counts = (bounds[1:] - bounds[:-1] + block - 1) // block
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+def _tile_map(bounds: torch.Tensor, block: int, tokens: int) -> torch.Tensor:
+    """(tiles, 3) int32 on the rows' device: each tile's row start, row length and first
+    position in its row, for tiles of `block` tokens in row order. Its length (the launch
+    grid) comes from shapes alone (`_grid_tiles`); the tiles past the last have length 0.
+    Computed with torch ops on the device, so no row length is read back to the host (and a
+    compiled layer fuses them)."""
+    rows = bounds.numel() - 1
+    starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
+    counts = (lengths + block - 1) // block
+    ends = counts.cumsum(0).to(torch.int32)  # one past each row's last tile
+    tile = torch.arange(_grid_tiles(tokens, rows, block), device=bounds.device,
+                        dtype=torch.int32)
+    row = torch.searchsorted(ends, tile, right=True)  # == rows past the last tile
+    inside = row < rows
+    row = row.clamp(max=rows - 1)  # (no rows: no tokens, and no tiles to index with)
+    position = (tile - (ends[row] - counts[row])) * block
+    return torch.stack([starts[row], torch.where(inside, lengths[row], 0),
+                        torch.where(inside, position, 0)], 1).to(torch.int32)
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -97,42 +125,41 @@ def _grid_tiles(tokens: int, rows: int, block: int) -> int:
 
 
 @torch.library.custom_op("qlora_lab::varlen_attention_fwd", mutates_args=())
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor,
-             tiles: torch.Tensor, scale: float, block: int, warps: int,
-             stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fwd_map: torch.Tensor,
+             bwd_map: torch.Tensor, scale: float, block: int, warps: int, stages: int,
+             rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     fwd = _kernels()[0]
     tokens, heads, dim = q.shape
-    rows = bounds.numel() - 1
+    group = heads // k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(heads, tokens, device=q.device, dtype=torch.float32)
-    if tokens == 0 or rows == 0:
+    if tokens == 0 or fwd_map.shape[0] == 0:
         return out, lse
-    grid = (_grid_tiles(tokens, rows, block), heads)
-    fwd[grid](q, k, v, out, lse, bounds, tiles, rows, scale * LOG2E,
-              q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0),
-              out.stride(1), lse.stride(0),
-              GROUP=heads // k.shape[1], D=dim, BLOCK_D=_block_d(dim), BLOCK_M=block,
-              BLOCK_N=block, PRECISION=_precision(q), num_warps=warps, num_stages=stages)
+    fwd[(fwd_map.shape[0], k.shape[1])](
+        q, k, v, out, lse, fwd_map, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0), GROUP=group, GROUP_P=_pow2(group), D=dim, BLOCK_D=_block_d(dim),
+        TOKENS_M=Tiles(block, warps, stages, rows).forward_tokens(group), BLOCK_N=block,
+        PRECISION=_precision(q), num_warps=warps, num_stages=stages)
     return out, lse
 
 
 @_forward.register_fake
-def _(q, k, v, bounds, tiles, scale, block, warps, stages):
+def _(q, k, v, fwd_map, bwd_map, scale, block, warps, stages, rows):
     return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("qlora_lab::varlen_attention_bwd", mutates_args=())
 def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              out: torch.Tensor, lse: torch.Tensor, bounds: torch.Tensor, tiles: torch.Tensor,
-              scale: float, block: int, warps: int,
+              out: torch.Tensor, lse: torch.Tensor, tile_map: torch.Tensor, scale: float,
+              block: int, warps: int,
               stages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, dkdv, dq_kernel, delta_kernel = _kernels()
     tokens, heads, dim = q.shape
     kv_heads = k.shape[1]
-    rows = bounds.numel() - 1
     grad = grad.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if tokens == 0 or rows == 0:
+    if tokens == 0 or tile_map.shape[0] == 0:
         return dq, dk, dv
     delta = torch.empty(heads, tokens, device=q.device, dtype=torch.float32)
     delta_kernel[(_cdiv(tokens, 128), heads)](
@@ -143,32 +170,33 @@ def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     # dK/dV per key tile and K/V head, looping over the group's query heads: measured faster
     # than one program per query head summing into the K/V head atomically
     # (benchmarks/results/attention_triton_h200.json).
-    grid = _grid_tiles(tokens, rows, block)
+    grid = tile_map.shape[0]
     dkdv[(grid, kv_heads)](
-        q, k, v, grad, lse, delta, dk, dv, bounds, tiles, rows, scale * LOG2E, scale,
+        q, k, v, grad, lse, delta, dk, dv, tile_map, scale * LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), grad.stride(0), grad.stride(1),
         lse.stride(0), dk.stride(0), dk.stride(1), **common)
     dq_kernel[(grid, heads)](
-        q, k, v, grad, lse, delta, dq, bounds, tiles, rows, scale * LOG2E, scale,
+        q, k, v, grad, lse, delta, dq, tile_map, scale * LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), grad.stride(0), grad.stride(1),
         lse.stride(0), **common)
     return dq, dk, dv
 
 
 @_backward.register_fake
-def _(grad, q, k, v, out, lse, bounds, tiles, scale, block, warps, stages):
+def _(grad, q, k, v, out, lse, tile_map, scale, block, warps, stages):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, bounds, tiles, *ctx.launch = inputs
+    q, k, v, _, bwd_map, *launch = inputs
+    ctx.launch = launch[:4]  # scale, block, warps, stages
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bounds, tiles)
+    ctx.save_for_backward(q, k, v, out, lse, bwd_map)
 
 
 def _grad(ctx, grad_out, grad_lse):
     dq, dk, dv = _backward(grad_out, *ctx.saved_tensors, *ctx.launch)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _forward.register_autograd(_grad, setup_context=_setup)
@@ -186,9 +214,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: 
         k, v = k.contiguous(), v.contiguous()
     bounds = bounds.to(torch.int32)
     t = tiles_for(q.shape[-1])
+    tokens = q.shape[0]
     # Plain torch ops, outside the custom op: in a compiled layer the compiler fuses them.
-    tiles = _tiles(bounds, t.block)
-    return _forward(q, k, v, bounds, tiles, scale, t.block, t.warps, t.stages)[0]
+    fwd_map = _tile_map(bounds, t.forward_tokens(q.shape[1] // k.shape[1]), tokens)
+    bwd_map = _tile_map(bounds, t.block, tokens)
+    return _forward(q, k, v, fwd_map, bwd_map, scale, t.block, t.warps, t.stages, t.rows)[0]
 
 
 def reference(q, k, v, bounds, scale=None) -> torch.Tensor:
