@@ -63,8 +63,8 @@ def resolve_compile(train: TrainConfig, on_cuda: bool, processes: int = 1,
     auto: on for one process on CUDA with triton (inductor's GPU code generator), for
     micro-batches of more than one row without offloaded activations. Uncompiled, the GPU waits
     on the host's kernel launches: full 1,024-token rows on an H200 trained at 24.8k tok/s
-    against 75.4k compiled (benchmarks/results/bench_full_rows_eager_h200_8gib.json,
-    bench_full_rows_h200_8gib.json), for 10-30 s of compilation at start. Not for one row a
+    against 75.4k compiled in one call (benchmarks/results/bench_full_rows_eager_h200_8gib.json,
+    archive/bench_full_rows_h200_8gib_run14_0d838f4.json), for 10-30 s of compilation at start. Not for one row a
     micro-batch, the setting that saves memory: compiled layers pad each bin to
     data.max_seq_len (one shape to compile), which for a single short row is mostly padding
     (1 x 2,048 on Dolly rows: 1.36 GiB compiled against 1.06 uncompiled on the H200,
@@ -114,9 +114,10 @@ class ModelConfig:
         transformers' FlexAttention with a block mask of the packed rows. See
         docs/performance.md for measurements.
     varlen_kernel: which kernel `varlen` attention runs on a GPU. `triton`: qlora-lab's own
-        (src/qlora_lab/triton_attention.py: 64-token tiles, only tiles that hold tokens
-        launched; forward 2x and backward 2.2x torch's on 160 Dolly rows on an H200,
-        benchmarks/results/attention_triton_h200.json); needs triton, compute capability 8.0
+        (src/qlora_lab/triton_attention.py: 64-token tiles, the forward's holding a K/V head's
+        whole query group, only tiles that hold tokens launched; forward 0.22 against 0.59 ms
+        and backward ~2x faster than torch's on 160 Dolly rows on an H200,
+        benchmarks/results/attention_triton_h200{,_s27_tilemap}.json); needs triton, compute capability 8.0
         for bf16, head dim <= 128. `flash`: torch's FlashAttention-2 varlen kernel (128 x 128
         tiles). `auto`: triton where it runs, else flash.
     """
@@ -446,10 +447,11 @@ class TrainConfig:
         (config.resolve_compile; `plan` predicts the same). The number of bins in a micro-batch changes from step
         to step: a layer compiles for the first shape, then once with the bin count dynamic,
         and once more for evaluation (no grad), 10-30 s in all. On an H200 (TinyLlama, 8 GiB
-        cap, 160 rows per micro-batch, varlen attention) the run reached 77.6k real tok/s
+        cap, 160 rows per micro-batch, varlen attention) the run reached 77.8k real tok/s
         (benchmarks/results/bench_h200_8gib.json); on full 1,024-token rows 75.4k against 24.8k
-        uncompiled (benchmarks/results/bench_full_rows_eager_h200_8gib.json: the uncompiled path
-        is bound by the host's kernel launches). Compiled layers keep the compiler's own
+        uncompiled in one call (benchmarks/results/archive/bench_full_rows_h200_8gib_run14_
+        0d838f4.json, bench_full_rows_eager_h200_8gib.json: the uncompiled path is bound by
+        the host's kernel launches). Compiled layers keep the compiler's own
         RMSNorm and SwiGLU under `liger: auto` (see `liger`). Off under `auto` on CPU (minutes
         of compilation for a step the CPU's arithmetic bounds), for multi-GPU runs (measured
         uncompiled only), at one row a micro-batch (compiled layers pad each bin to
