@@ -108,8 +108,8 @@ def case(segments: list[int], iters: int, seed: int, heads: int = HEADS,
         ta.TILES_OVERRIDE = tiles
         shown = ta.tiles_for(dim)
         name = f"triton_{shown.block}x{shown.block}_w{shown.warps}_s{shown.stages}"
-        if hasattr(shown, "rows"):  # since session 27: the forward's tile rows
-            name += f"_r{shown.rows}"
+        if hasattr(shown, "fwd_rows"):  # since session 27: the forward's tile rows
+            name += f"_r{shown.fwd_rows}"
         try:
             fwd, both, got = run(lambda a, b, c: ta.varlen_attention(a, b, c, bounds, scale),
                                  q, k, v, grad, iters)

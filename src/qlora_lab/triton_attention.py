@@ -53,18 +53,18 @@ def _kernels():
 @dataclass(frozen=True)
 class Tiles:
     """A launch's tiles and Triton's launch options. Backward: square tiles of `block` queries
-    by `block` keys. Forward: tiles of `rows` (token, query head) pairs, a group's heads for
-    rows / group tokens (at least one token), by `block` keys."""
+    by `block` keys. Forward: tiles of `fwd_rows` (token, query head) pairs, all heads of a
+    K/V group for fwd_rows / group tokens (at least one token), by `block` keys."""
 
     block: int
     warps: int = 4
     stages: int = 2
-    rows: int = 64
+    fwd_rows: int = 64
 
     def forward_tokens(self, group: int) -> int:
-        """Tokens a forward tile spans: `rows` over the group rounded up to a power of two (a
-        tile has at least 16 rows: tl.dot's least)."""
-        return max(1, max(self.rows, 16) // _pow2(group))
+        """Tokens a forward tile spans: `fwd_rows` over the group rounded up to a power of two
+        (a tile has at least 16 rows: tl.dot's least)."""
+        return max(1, max(self.fwd_rows, 16) // _pow2(group))
 
 
 def _pow2(n: int) -> int:
@@ -74,7 +74,8 @@ def _pow2(n: int) -> int:
 def tiles_for(dim: int) -> Tiles:
     """64 x 64 tiles, 4 warps: a ~170-token row then wastes at most a third of its tiles'
     scores, where FlashAttention-2's 128 x 128 waste half. Measured on an H200 against 32, 128
-    and 8 warps at head dim 64, and against 32 at 128 (attention_triton_h200.json).
+    and 8 warps at head dim 64, and against 32 at 128 (attention_triton_h200.json); forward
+    tiles of 64 (token, head) rows against 128 (attention_triton_h200_s27_tilemap.json).
     `TILES_OVERRIDE` (benchmarks only) replaces it."""
     if TILES_OVERRIDE is not None:
         return TILES_OVERRIDE
@@ -127,7 +128,7 @@ def _grid_tiles(tokens: int, rows: int, block: int) -> int:
 @torch.library.custom_op("qlora_lab::varlen_attention_fwd", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fwd_map: torch.Tensor,
              bwd_map: torch.Tensor, scale: float, block: int, warps: int, stages: int,
-             rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+             fwd_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     fwd = _kernels()[0]
     tokens, heads, dim = q.shape
     group = heads // k.shape[1]
@@ -139,13 +140,13 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fwd_map: torch.T
         q, k, v, out, lse, fwd_map, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), GROUP=group, GROUP_P=_pow2(group), D=dim, BLOCK_D=_block_d(dim),
-        TOKENS_M=Tiles(block, warps, stages, rows).forward_tokens(group), BLOCK_N=block,
+        TOKENS_M=Tiles(block, warps, stages, fwd_rows).forward_tokens(group), BLOCK_N=block,
         PRECISION=_precision(q), num_warps=warps, num_stages=stages)
     return out, lse
 
 
 @_forward.register_fake
-def _(q, k, v, fwd_map, bwd_map, scale, block, warps, stages, rows):
+def _(q, k, v, fwd_map, bwd_map, scale, block, warps, stages, fwd_rows):
     return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
@@ -218,7 +219,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: 
     # Plain torch ops, outside the custom op: in a compiled layer the compiler fuses them.
     fwd_map = _tile_map(bounds, t.forward_tokens(q.shape[1] // k.shape[1]), tokens)
     bwd_map = _tile_map(bounds, t.block, tokens)
-    return _forward(q, k, v, fwd_map, bwd_map, scale, t.block, t.warps, t.stages, t.rows)[0]
+    return _forward(q, k, v, fwd_map, bwd_map, scale, t.block, t.warps, t.stages,
+                    t.fwd_rows)[0]
 
 
 def reference(q, k, v, bounds, scale=None) -> torch.Tensor:
