@@ -4,7 +4,8 @@
 #   (all = sweep, final, small)
 # fullrows: ours against unsloth on rows that fill every 1024-token bin (fixtures.py full-rows),
 #   FULL="--set k=v ..." for our flags, FULL_RECIPES=qlora_lab for ours alone, FULL_NAME names
-#   the result file; gputest: the CUDA-only tests (pytest -m gpu).
+#   the result file; PEER_RUNS=3 (here and in `final`) runs each unsloth recipe 3 times for a
+#   median (~70 s a run on the full rows); gputest: the CUDA-only tests (pytest -m gpu).
 # levers: issue #15's lever rows at 160 rows per micro-batch (fused LoRA, varlen, Flex), 12
 #   steps with 5 untimed (compiled layers compile for the first shapes), then a profile of
 #   the varlen row; one device call.
@@ -51,7 +52,7 @@ if [[ $phase == final || $phase == all ]]; then
   best=${BEST:-$(python3 -c "import json; b=json.load(open('/tmp/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)}
   echo "final bench with: $best"
   timeout ${FINAL_TIMEOUT:-540} python3 -m qlora_lab bench "${COMMON[@]}" $best --steps ${FINAL_STEPS:-12} \
-    --warmup-steps ${WARMUP:-2} ${PLAIN_STEPS:+--plain-steps $PLAIN_STEPS} \
+    --warmup-steps ${WARMUP:-2} ${PLAIN_STEPS:+--plain-steps $PLAIN_STEPS} ${PEER_RUNS:+--peer-runs $PEER_RUNS} \
     --recipes plain,qlora_lab,unsloth,unsloth_packed --output-dir /tmp/bench-final 2>&1 | grep -v "it/s\]" | tail -30
   cp /tmp/bench-final/bench.json "$OUT/bench_h200_8gib.json"; cp /tmp/bench-final/bench.md "$OUT/bench_h200_8gib.md"
 fi
@@ -106,6 +107,7 @@ if [[ $phase == fullrows ]]; then
   timeout ${FULL_TIMEOUT:-300} python3 -m qlora_lab bench --model $MODEL --data $FULLDATA \
     --memory-cap 8GiB --set train.grad_accum_steps=1 --set data.max_seq_len=1024 \
     --set train.micro_batch_size=32 --peer-micro-batch 32 ${FULL:-} --steps ${FULL_STEPS:-8} --warmup-steps ${WARMUP:-2} \
+    ${PEER_RUNS:+--peer-runs $PEER_RUNS} \
     --recipes ${FULL_RECIPES:-qlora_lab,unsloth} --output-dir /tmp/bench-full 2>&1 | grep -v "it/s\]" | tail -12
   cp /tmp/bench-full/bench.json "$OUT/${FULL_NAME:-bench_full_rows_h200_8gib}.json"
   cp /tmp/bench-full/bench.md "$OUT/${FULL_NAME:-bench_full_rows_h200_8gib}.md"

@@ -39,7 +39,7 @@ def bench_report(tmp_path_factory):
     # bf16 compute so that "no fp32 upcast" is visible on CPU (fp32 is the CPU default).
     code = main(["bench", "--model", "tiny-random", "--data", str(data), "--steps", str(STEPS),
                  "--output-dir", str(root / "out"), "--set", "train.grad_accum_steps=1",
-                 "--set", "data.max_seq_len=1024",
+                 "--set", "data.max_seq_len=1024", "--peer-runs", "3",
                  "--set", "quant.compute_dtype=bfloat16", "--set", "lora.r=8"])
     assert code == 0
     return root / "out"
@@ -127,6 +127,28 @@ def test_complete_bench_says_so(bench_report):
     report = json.loads((bench_report / "bench.json").read_text())
     assert report["complete"] is True and report["pending"] == []
     assert list(report["recipes"]) == ["plain", "qlora_lab", "unsloth", "unsloth_packed"]
+    # --peer-runs 3 with unsloth not installed: each peer skipped once, not three times
+    assert report["peer_runs"] == {}
+    assert report["recipes"]["unsloth"] == {"skipped": "not installed"}
+
+
+def test_a_recipes_entry_is_its_median_run():
+    from qlora_lab.bench import median_entry
+
+    runs = [{"real_tokens_per_s": rate, "run": i} for i, rate in enumerate([30.0, 10.0, 20.0])]
+    entry = median_entry(runs)
+    assert (entry["real_tokens_per_s"], entry["run"], entry["runs"]) == (20.0, 2, 3)
+    assert (entry["real_tokens_per_s_min"], entry["real_tokens_per_s_max"]) == (10.0, 30.0)
+    # an even count: the median of the middle two, the fields of the lower one's run
+    entry = median_entry(runs + [{"real_tokens_per_s": 40.0, "run": 3}])
+    assert (entry["real_tokens_per_s"], entry["run"], entry["runs"]) == (25.0, 2, 4)
+
+
+@pytest.mark.parametrize("flag", ["--peer-runs", "--plain-runs"])
+def test_runs_below_one_are_refused_in_one_line(flag, capsys):
+    assert main(["bench", "--model", "tiny-random", flag, "0"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "at least 1" in err[0]
 
 
 def test_a_stopped_bench_keeps_the_recipes_it_finished(tmp_path, dolly_file):

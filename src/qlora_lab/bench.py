@@ -9,8 +9,9 @@ from one recipe into the next), and writes:
                  what it measured), `speedup` (qlora_lab / plain real tokens/s, the plain recipe's median)
                  and, under `recipes`, one entry per recipe (`plain`, `qlora_lab`, `unsloth`,
                  `unsloth_packed`) with `real_tokens_per_s`, `peak_allocated_bytes` (null on
-                 CPU), step time, MFU, ...; `plain_runs`, each plain run's real tokens/s; plus
-                 the command, library versions and hardware
+                 CPU), step time, MFU, ...; `plain_runs`, each plain run's real tokens/s, and
+                 `peer_runs`, each peer run's (by recipe); plus the command, library versions
+                 and hardware
     bench.md     the same as a Markdown table
 
 Recipes:
@@ -24,7 +25,9 @@ Recipes:
   `peer_micro_batch_size` rows, accumulated to the rows of ours per optimizer step, and its own
   sample packing (TRL's packing, padding-free) with `peer_micro_batch_size` bins per
   micro-batch and step. Where the packed path lacks the variable-length
-  attention kernels it is fastest with, its entry says so (`host_lacks`).
+  attention kernels it is fastest with, its entry says so (`host_lacks`). Their rate moved 7 %
+  between calls on one H200 model (55-62k tok/s on the same full rows), so `peer_runs` > 1
+  runs each that many times and reports the median, min and max, as for the plain recipe.
 
 With `context_lengths`, each recipe that supports it (ours, unsloth) also searches the longest
 single row (micro-batch 1) that trains two optimizer steps under the cap, shortest first.
@@ -85,6 +88,9 @@ class BenchConfig:
     peer_micro_batch_size: unsloth's micro-batch: rows padded (`unsloth`), or bins of
         max_seq_len tokens (`unsloth_packed`). Pick the largest that fits the cap (bigger =
         faster until it runs out of memory).
+    peer_runs: how many times each unsloth recipe runs (each in its own process); above 1 its
+        entry is the median run's, with min and max. A peer that is skipped (not installed, no
+        CUDA) or fails is not run again.
     recipes: which recipes to run; the unsloth ones are skipped (and say why) where unsloth is
         not importable or there is no CUDA.
     context_lengths: row lengths for the max-context search; empty = no search.
@@ -102,6 +108,7 @@ class BenchConfig:
     plain_runs: int = 3
     plain_steps: int | None = None
     peer_micro_batch_size: int = 32
+    peer_runs: int = 1
     recipes: tuple[str, ...] = RECIPES
     context_lengths: tuple[int, ...] = ()
     peak_flops: float = 989e12
@@ -119,9 +126,10 @@ class BenchConfig:
             raise UserError(f"--plain-steps {self.plain_steps} must exceed the "
                             f"{self.warmup_steps} warmup steps — pass --plain-steps "
                             f"{self.warmup_steps + 1} or more")
-        if self.plain_runs < 1:
-            raise UserError(f"--plain-runs {self.plain_runs} must be at least 1 (3 or more for a "
-                            "median that one slow run cannot move)")
+        for flag, runs in (("--plain-runs", self.plain_runs), ("--peer-runs", self.peer_runs)):
+            if runs < 1:
+                raise UserError(f"{flag} {runs} must be at least 1 (3 or more for a median "
+                                "that one slow run cannot move)")
         for length in self.context_lengths:
             # data.max_seq_len's range: checked now, not after the first recipe's minutes.
             if not 8 <= length <= MAX_SEQ_LEN:
@@ -157,7 +165,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     plain: list[dict] = []
     contexts: dict[str, dict] = {}
     searches = [r for r in ("qlora_lab", "unsloth") if cfg.context_lengths and r in cfg.recipes]
-    pending = [r for r in ("qlora_lab", *PEER_RECIPES) if r in cfg.recipes]
+    peers: dict[str, list[dict]] = {}  # each peer recipe's runs that measured
+    pending = ["qlora_lab"] if "qlora_lab" in cfg.recipes else []
+    pending += [f"{r}-{i}" for r in PEER_RECIPES if r in cfg.recipes
+                for i in range(cfg.peer_runs)]
     pending += [f"plain-{i}" for i in range(cfg.plain_runs) if "plain" in cfg.recipes]
     pending += [f"max_context:{r}" for r in searches]
 
@@ -167,7 +178,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         """Write bench.json after `done` ran; None = all ran (the final report)."""
         if done is not None:
             pending.remove(done)
-        report = _report(cfg, recipes, plain, contexts, pending, versions,
+        report = _report(cfg, recipes, plain, peers, contexts, pending, versions,
                          # Asking for the GPU's name starts CUDA in this process, whose context
                          # would then hold GPU memory while the next recipes measure: only once
                          # every recipe ran (each recipe's entry names its `device` meanwhile).
@@ -179,12 +190,24 @@ def run_bench(cfg: BenchConfig) -> dict:
         recipes["qlora_lab"] = run_ours(cfg, out, "qlora_lab")
         publish("qlora_lab")
     for name in PEER_RECIPES:
-        if name in cfg.recipes:
-            recipes[name] = run_peer(cfg, out, name)
-            publish(name)
+        if name not in cfg.recipes:
+            continue
+        for i in range(cfg.peer_runs):
+            result = run_peer(cfg, out, name, label=f"-{i}" if cfg.peer_runs > 1 else "")
+            if "skipped" in result or "error" in result:
+                # Skipped stays skipped; a failure would likely fail again, for minutes each.
+                recipes[name] = result if name not in peers else {
+                    **recipes[name], "run_errors": [result.get("error", result.get("skipped"))]}
+                for rest in range(i + 1, cfg.peer_runs):
+                    pending.remove(f"{name}-{rest}")
+                publish(f"{name}-{i}")
+                break
+            peers.setdefault(name, []).append(result)
+            recipes[name] = median_entry(peers[name]) if cfg.peer_runs > 1 else result
+            publish(f"{name}-{i}")
     for i in range(cfg.plain_runs if "plain" in cfg.recipes else 0):
         plain.append(run_ours(cfg, out, "plain", label=f"-{i}"))
-        recipes["plain"] = plain_entry(plain)
+        recipes["plain"] = median_entry(plain)
         publish(f"plain-{i}")
     for name in searches:
         if name == "qlora_lab":
@@ -199,8 +222,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     return report
 
 
-def _report(cfg: BenchConfig, recipes: dict, plain: list[dict], contexts: dict,
-            pending: list[str], versions: dict, hardware: dict | None) -> dict:
+def _report(cfg: BenchConfig, recipes: dict, plain: list[dict], peers: dict[str, list[dict]],
+            contexts: dict, pending: list[str], versions: dict, hardware: dict | None) -> dict:
     """bench.json's content so far; recipes in display order (plain, ours, the peers)."""
     return {
         "complete": not pending,
@@ -210,6 +233,7 @@ def _report(cfg: BenchConfig, recipes: dict, plain: list[dict], contexts: dict,
         "speedup_vs_unsloth_packed": _ratio(recipes, "qlora_lab", "unsloth_packed"),
         "recipes": {name: recipes[name] for name in RECIPES if name in recipes},
         "plain_runs": [r["real_tokens_per_s"] for r in plain],
+        "peer_runs": {name: [r["real_tokens_per_s"] for r in runs] for name, runs in peers.items()},
         "max_context": contexts,
         "command": cfg.command,
         "steps": cfg.steps,
@@ -256,9 +280,9 @@ def run_ours(cfg: BenchConfig, out: Path, recipe: str, mode: str = "throughput",
     return result.unwrap()
 
 
-def plain_entry(runs: list[dict]) -> dict:
-    """The plain recipe's entry from its runs so far: the median run's fields, with the median,
-    min and max real tokens/s (for an even count, the lower of the two middle runs' fields)."""
+def median_entry(runs: list[dict]) -> dict:
+    """A recipe's entry from its runs so far: the median run's fields, with the median, min and
+    max real tokens/s (for an even count, the lower of the two middle runs' fields)."""
     ordered = sorted(runs, key=lambda r: r["real_tokens_per_s"] or 0.0)
     rates = [r["real_tokens_per_s"] or 0.0 for r in ordered]
     return {**ordered[(len(runs) - 1) // 2], "runs": len(runs),
@@ -266,7 +290,8 @@ def plain_entry(runs: list[dict]) -> dict:
             "real_tokens_per_s_min": rates[0], "real_tokens_per_s_max": rates[-1]}
 
 
-def run_peer(cfg: BenchConfig, out: Path, recipe: str, mode: str = "throughput") -> dict:
+def run_peer(cfg: BenchConfig, out: Path, recipe: str, mode: str = "throughput",
+             label: str = "") -> dict:
     """An unsloth recipe in its own process (it patches transformers when imported); its
     failure is recorded in bench.json, not fatal."""
     if importlib.util.find_spec("unsloth") is None:
@@ -277,7 +302,7 @@ def run_peer(cfg: BenchConfig, out: Path, recipe: str, mode: str = "throughput")
         return {"skipped": "unsloth needs CUDA"}
     given = spec(cfg, mode=mode, packed=recipe == "unsloth_packed",
                  micro_batch=cfg.peer_micro_batch_size, lengths=list(cfg.context_lengths))
-    result = child.run_child("qlora_lab.bench_peer:run", given, out / f".{recipe}-{mode}",
+    result = child.run_child("qlora_lab.bench_peer:run", given, out / f".{recipe}-{mode}{label}",
                              cfg.memory_cap_bytes, packages=PEER_PACKAGES)
     if result.outcome is not child.Outcome.OK:
         return {"error": result.error, "outcome": result.outcome.value,

@@ -183,6 +183,8 @@ def _add_bench(sub) -> None:
                    "(default: --steps; it compiles nothing, so fewer serve)")
     p.add_argument("--peer-micro-batch", type=int, help="unsloth's micro-batch: rows padded, "
                    "bins packed (default 32)")
+    p.add_argument("--peer-runs", type=int, help="runs of each unsloth recipe; above 1, "
+                   "bench.json reports their median, min and max (default 1)")
     p.add_argument("--context-lengths", help="also find the longest trainable row at "
                    "micro-batch 1, trying these lengths in order, e.g. 32768,65536,98304")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
