@@ -131,6 +131,23 @@ def test_tile_map_places_every_token_in_one_tile():
         assert used == want, block
 
 
+def test_op_names_change_with_the_source():
+    """torch.compile's on-disk caches know a custom op by name: a changed autograd formula
+    under an old name would reuse a backward traced from the old one (pytorch#144344)."""
+    import hashlib
+
+    import torch
+
+    from qlora_lab import triton_attention as ta
+
+    src = Path(ta.__file__).parent
+    want = hashlib.sha256((src / "triton_attention.py").read_bytes()
+                          + (src / "_attention_kernels.py").read_bytes()).hexdigest()[:12]
+    assert ta.OP_TAG == want
+    for op in ("fwd", "bwd"):
+        assert hasattr(torch.ops.qlora_lab, f"varlen_attention_{op}_{want}")
+
+
 def test_varlen_kernel_choice_falls_back_or_refuses_without_a_gpu():
     import torch
 

@@ -18,14 +18,20 @@ query's scores; backward computes dK/dV per key block for all query heads of a g
 (no atomics, no per-head copies), then dQ per query block. Accumulation is fp32 throughout.
 
 The op is a `torch.library.custom_op`, so compiled layers call it as one opaque kernel (like
-the fused LoRA's) and checkpointing recomputes it like any other operator.
+the fused LoRA's) and checkpointing recomputes it like any other operator. Its name carries a
+hash of this file and the kernels' (`OP_TAG`): torch.compile's caches on disk know a custom op
+by its name only, so a changed autograd formula under the same name gets the backward traced
+from the old one (pytorch/pytorch#144344; session 27 met it as a wrong argument count after an
+upgrade of these files).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -125,7 +131,18 @@ def _grid_tiles(tokens: int, rows: int, block: int) -> int:
     return tokens // block + rows
 
 
-@torch.library.custom_op("qlora_lab::varlen_attention_fwd", mutates_args=())
+def _source_tag() -> str:
+    """12 hex digits of the SHA-256 of this module's and its kernels' source."""
+    digest = hashlib.sha256()
+    for name in (Path(__file__).name, "_attention_kernels.py"):
+        digest.update((Path(__file__).with_name(name)).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+OP_TAG = _source_tag()
+
+
+@torch.library.custom_op(f"qlora_lab::varlen_attention_fwd_{OP_TAG}", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fwd_map: torch.Tensor,
              bwd_map: torch.Tensor, scale: float, block: int, warps: int, stages: int,
              fwd_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +167,7 @@ def _(q, k, v, fwd_map, bwd_map, scale, block, warps, stages, fwd_rows):
     return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("qlora_lab::varlen_attention_bwd", mutates_args=())
+@torch.library.custom_op(f"qlora_lab::varlen_attention_bwd_{OP_TAG}", mutates_args=())
 def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               out: torch.Tensor, lse: torch.Tensor, tile_map: torch.Tensor, scale: float,
               block: int, warps: int,
