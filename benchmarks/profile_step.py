@@ -45,6 +45,8 @@ SYNC_STEPS = 2  # then steps under torch's sync debug mode: where the host waits
 # Substrings of kernel names, first match wins; anything else is "other".
 KINDS = [
     ("dequantize 4-bit", ("dequantize", "kDequantize", "kgemm_4bit")),
+    # qlora-lab's Triton kernels are named attention_* (since session 27; "fwd", "bwd_dkdv",
+    # "bwd_dq" before, which this counted as "other")
     ("attention", ("flash", "fmha", "attention", "efficient_attention", "softmax")),
     ("triton: Liger + compiled", ("liger", "_rms_norm", "swiglu", "cross_entropy", "triton")),
     ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul")),

@@ -6,8 +6,9 @@ past the last have length 0 and exit at once). It is computed on the device befo
 so a program reads its place with one load instead of searching for its row. Scores are kept in
 log2 units (`scale_log2` = scale x log2(e)), so softmax is exp2.
 `PRECISION` is tl.dot's input precision: "ieee" for fp32 tensors (exact, no TF32), else "tf32"
-(ignored for 16-bit inputs). Tensors are (tokens, heads, dim) with the dim contiguous; `s_t`, `s_h` are the token and head
-strides. The helpers are inlined by triton: the kernels compile as if written out.
+(ignored for 16-bit inputs). Tensors are (tokens, heads, dim) with the dim contiguous; `s_t`,
+`s_h` are the token and head strides. Kernels are named attention_* so that profiles
+(benchmarks/profile_step.py) count them as attention. The helpers are inlined by triton: the kernels compile as if written out.
 """
 
 import triton
@@ -42,10 +43,11 @@ def probabilities(q, k, m, n, m_ok, n_ok, lse, scale_log2, PRECISION: tl.constex
 
 
 @triton.jit
-def fwd(Q, K, V, O, LSE, MAP, scale_log2,
-        sq_t, sq_h, sk_t, sk_h, so_t, so_h, slse_h,
-        GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        TOKENS_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def attention_fwd(Q, K, V, O, LSE, MAP, scale_log2,
+                  sq_t, sq_h, sk_t, sk_h, so_t, so_h, slse_h,
+                  GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
+                  BLOCK_D: tl.constexpr, TOKENS_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """One tile of TOKENS_M queries for all GROUP query heads of one K/V head: the tile's
     rows are (token, head) pairs, token-major (GROUP_P, the group rounded up to a power of two,
     pads them), so every K/V tile loaded serves the whole group and the causal edge falls
@@ -94,10 +96,11 @@ def fwd(Q, K, V, O, LSE, MAP, scale_log2,
 
 
 @triton.jit
-def bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MAP, scale_log2, scale,
-             sq_t, sq_h, sk_t, sk_h, sdo_t, sdo_h, slse_h, sdk_t, sdk_h,
-             GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MAP, scale_log2, scale,
+                       sq_t, sq_h, sk_t, sk_h, sdo_t, sdo_h, slse_h, sdk_t, sdk_h,
+                       GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PRECISION: tl.constexpr):
     """dK and dV of one key tile of one K/V head, summed over the group's query heads."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -132,10 +135,10 @@ def bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MAP, scale_log2, scale,
 
 
 @triton.jit
-def bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MAP, scale_log2, scale,
-           sq_t, sq_h, sk_t, sk_h, sdo_t, sdo_h, slse_h,
-           GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MAP, scale_log2, scale,
+                     sq_t, sq_h, sk_t, sk_h, sdo_t, sdo_h, slse_h,
+                     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dQ of one query tile of one head (DQ has Q's strides)."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -166,8 +169,8 @@ def bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MAP, scale_log2, scale,
 
 
 @triton.jit(do_not_specialize=["tokens"])
-def bwd_delta(O, DO, DELTA, tokens, so_t, so_h, sdo_t, sdo_h, sdelta_h,
-              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+def attention_bwd_delta(O, DO, DELTA, tokens, so_t, so_h, sdo_t, sdo_h, sdelta_h,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     """DELTA[h, t] = sum_d O[t, h, d] * dO[t, h, d] in fp32: the softmax gradient's row term,
     read once in bf16 (no fp32 copies of O and dO)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)

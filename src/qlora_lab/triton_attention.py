@@ -53,7 +53,8 @@ def _kernels():
     """Imported on first use: triton is optional and only these kernels need it."""
     from qlora_lab import _attention_kernels as kernels
 
-    return kernels.fwd, kernels.bwd_dkdv, kernels.bwd_dq, kernels.bwd_delta
+    return (kernels.attention_fwd, kernels.attention_bwd_dkdv, kernels.attention_bwd_dq,
+            kernels.attention_bwd_delta)
 
 
 @dataclass(frozen=True)
