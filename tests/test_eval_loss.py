@@ -148,6 +148,10 @@ loss = session.trainer.evaluate()["eval_loss"]
 if session.trainer.is_world_process_zero():
     Path({result!r}).write_text(json.dumps(loss))
     session.lock.release()
+# As the CLI does after a command (cli._leave_process_group): left to the interpreter's exit,
+# gloo's threads aborted this script once (SIGABRT) after it had written its result.
+import torch.distributed as dist
+dist.destroy_process_group()
 """
 
 

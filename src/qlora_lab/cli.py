@@ -448,12 +448,26 @@ def _setup_logging(quiet: bool) -> None:
                             message=r".*(gradient|is_gradient)_checkpointing.*deprecated.*")
 
 
+def _leave_process_group() -> None:
+    """Under torchrun, destroy the process group once a command has finished. Left to the
+    interpreter's exit, gloo's worker threads can still hold tensors while Python is torn
+    down, and the process aborts ("terminate called without an active exception", SIGABRT;
+    pytorch/pytorch#179291): torchrun then reports a run that finished as failed (a two-process
+    CPU test met it once in session 27). Only after success: on an error path the other ranks
+    may be inside a collective, and NCCL's destroy is not safe to call alone then."""
+    dist = sys.modules.get("torch.distributed")  # nothing to leave if it was never imported
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by bench
     _setup_logging(args.quiet)
     try:
-        return _command(args)
+        code = _command(args)
+        _leave_process_group()
+        return code
     except TrainingInterrupted as exc:
         # Not an error: a checkpoint was saved on request; the message says how to resume.
         print(f"qlora-lab {args.command}: {exc}", file=sys.stderr)
