@@ -5,7 +5,9 @@
 # fullrows: ours against unsloth on rows that fill every 1024-token bin (fixtures.py full-rows),
 #   FULL="--set k=v ..." for our flags, FULL_RECIPES=qlora_lab for ours alone, FULL_NAME names
 #   the result file; PEER_RUNS=3 (here and in `final`) runs each unsloth recipe 3 times for a
-#   median (~70 s a run on the full rows); gputest: the CUDA-only tests (pytest -m gpu).
+#   median (~70 s a run on the full rows; in `final` the two unsloth recipes' extra runs add
+#   ~5 minutes, more than a 10-minute call has beside 3 plain runs: run the peers alone then,
+#   --recipes unsloth,unsloth_packed, or fewer plain runs); gputest: the CUDA-only tests (pytest -m gpu).
 # levers: issue #15's lever rows at 160 rows per micro-batch (fused LoRA, varlen, Flex), 12
 #   steps with 5 untimed (compiled layers compile for the first shapes), then a profile of
 #   the varlen row; one device call.
