@@ -8,7 +8,8 @@ log2 units (`scale_log2` = scale x log2(e)), so softmax is exp2.
 `PRECISION` is tl.dot's input precision: "ieee" for fp32 tensors (exact, no TF32), else "tf32"
 (ignored for 16-bit inputs). Tensors are (tokens, heads, dim) with the dim contiguous; `s_t`,
 `s_h` are the token and head strides. Kernels are named attention_* so that profiles
-(benchmarks/profile_step.py) count them as attention. The helpers are inlined by triton: the kernels compile as if written out.
+(benchmarks/profile_step.py) count them as attention. The helpers are inlined by triton: the
+kernels compile as if written out.
 """
 
 import triton
@@ -23,15 +24,18 @@ def locate(MAP, tile):
 
 @triton.jit
 def load_tile(PTR, start, pos, ok, head, s_t, s_h, offs_d, d_ok):
-    """Positions `pos` of a row (masked by `ok`), one head: (len(pos), BLOCK_D), zeros outside."""
-    return tl.load(PTR + (start + pos)[:, None] * s_t + head * s_h + offs_d[None, :],
-                   mask=ok[:, None] & d_ok[None, :], other=0.0)
+    """Positions `pos` of a row (masked by `ok`) at `head`, one head or one per position:
+    (len(pos), BLOCK_D), zeros outside."""
+    rows = (start + pos) * s_t + head * s_h
+    return tl.load(PTR + rows[:, None] + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+                   other=0.0)
 
 
 @triton.jit
 def store_tile(PTR, value, start, pos, ok, head, s_t, s_h, offs_d, d_ok):
-    tl.store(PTR + (start + pos)[:, None] * s_t + head * s_h + offs_d[None, :],
-             value.to(PTR.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+    rows = (start + pos) * s_t + head * s_h
+    tl.store(PTR + rows[:, None] + offs_d[None, :], value.to(PTR.dtype.element_ty),
+             mask=ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -65,8 +69,7 @@ def attention_fwd(Q, K, V, O, LSE, MAP, scale_log2,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = (offs_m < length) & (g < GROUP)
-    q = tl.load(Q + (start + offs_m)[:, None] * sq_t + head[:, None] * sq_h + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = load_tile(Q, start, offs_m, m_ok, head, sq_t, sq_h, offs_d, d_ok)
     m_i = tl.full([TOKENS_M * GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([TOKENS_M * GROUP_P], tl.float32)
     acc = tl.zeros([TOKENS_M * GROUP_P, BLOCK_D], tl.float32)
@@ -88,9 +91,7 @@ def attention_fwd(Q, K, V, O, LSE, MAP, scale_log2,
         v = load_tile(V, start, n, n_ok, kv_head, sk_t, sk_h, offs_d, d_ok)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(O + (start + offs_m)[:, None] * so_t + head[:, None] * so_h + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    store_tile(O, acc / l_i[:, None], start, offs_m, m_ok, head, so_t, so_h, offs_d, d_ok)
     # log2-sum-exp2 of the scaled scores: backward rebuilds P as exp2(s - lse).
     tl.store(LSE + head * slse_h + start + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 

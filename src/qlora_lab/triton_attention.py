@@ -146,7 +146,7 @@ OP_TAG = _source_tag()
 @torch.library.custom_op(f"qlora_lab::varlen_attention_fwd_{OP_TAG}", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fwd_map: torch.Tensor,
              bwd_map: torch.Tensor, scale: float, block: int, warps: int, stages: int,
-             fwd_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+             fwd_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     fwd = _kernels()[0]
     tokens, heads, dim = q.shape
     group = heads // k.shape[1]
@@ -158,13 +158,13 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fwd_map: torch.T
         q, k, v, out, lse, fwd_map, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), GROUP=group, GROUP_P=_pow2(group), D=dim, BLOCK_D=_block_d(dim),
-        TOKENS_M=Tiles(block, warps, stages, fwd_rows).forward_tokens(group), BLOCK_N=block,
+        TOKENS_M=fwd_tokens, BLOCK_N=block,
         PRECISION=_precision(q), num_warps=warps, num_stages=stages)
     return out, lse
 
 
 @_forward.register_fake
-def _(q, k, v, fwd_map, bwd_map, scale, block, warps, stages, fwd_rows):
+def _(q, k, v, fwd_map, bwd_map, scale, block, warps, stages, fwd_tokens):
     return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
@@ -234,11 +234,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: 
     bounds = bounds.to(torch.int32)
     t = tiles_for(q.shape[-1])
     tokens = q.shape[0]
+    fwd_tokens = t.forward_tokens(q.shape[1] // k.shape[1])
     # Plain torch ops, outside the custom op: in a compiled layer the compiler fuses them.
-    fwd_map = _tile_map(bounds, t.forward_tokens(q.shape[1] // k.shape[1]), tokens)
+    fwd_map = _tile_map(bounds, fwd_tokens, tokens)
     bwd_map = _tile_map(bounds, t.block, tokens)
     return _forward(q, k, v, fwd_map, bwd_map, scale, t.block, t.warps, t.stages,
-                    t.fwd_rows)[0]
+                    fwd_tokens)[0]
 
 
 def reference(q, k, v, bounds, scale=None) -> torch.Tensor:
