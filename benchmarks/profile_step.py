@@ -15,6 +15,11 @@ the operator chains
 that launched it (innermost op, its parents; with input shapes), so a kernel like a fill or a
 copy can be traced to the code that asked for it. The same settings as `bench` (no eval, no
 saves, grad_accum 1 unless --set says otherwise, the emulated 8 GiB cap).
+
+`--gpu-only` records the GPU's kernels alone (no host operators, shapes or Python profiler,
+whose cost per operator made the profiled steps host-bound where the real ones were not) over
+`--active` steps, and reports where the GPU idled: the gaps between kernels, by the kernels on
+either side of them (`idle_between`), so the step's host-bound stretches can be placed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import cProfile
 import itertools
 import json
 import pstats
+import re
 import sys
 import traceback
 import warnings
@@ -178,6 +184,65 @@ def _timeline(prof) -> tuple[list, list]:
     return kernels, host
 
 
+def _base_name(name: str) -> str:
+    """A kernel's name without the compiler's numbering (triton_poi_fused_add_12 -> ..._add)."""
+    return re.sub(r"_\d+$", "", name)[:90]
+
+
+def idle_between(kernels: list[tuple[float, float, str]], steps: int,
+                 min_gap_us: float = 20.0, top: int = 30) -> dict:
+    """GPU idle on a kernels-only timeline ((start, end, name) in microseconds): the window,
+    busy and idle time per step, and the gaps of at least `min_gap_us` summed by the
+    (previous, next) kernel pair, largest first. Gaps below it are the launch-to-launch time
+    of a busy queue; they are counted in `small_gaps_us_per_step`."""
+    if not kernels:
+        return {}
+    spans = sorted(kernels)
+    busy, small = 0.0, 0.0
+    pairs: dict[tuple[str, str], list] = defaultdict(lambda: [0.0, 0])
+    start, end, last = spans[0]
+    for s, e, name in spans[1:]:
+        if s > end:
+            busy += end - start
+            if s - end >= min_gap_us:
+                slot = pairs[(_base_name(last), _base_name(name))]
+                slot[0] += s - end
+                slot[1] += 1
+            else:
+                small += s - end
+            start = s
+        if e >= end:
+            end, last = e, name
+    busy += end - start
+    window = end - spans[0][0]
+    return {"window_ms_per_step": round(window / 1e3 / steps, 2),
+            "busy_ms_per_step": round(busy / 1e3 / steps, 2),
+            "idle_ms_per_step": round((window - busy) / 1e3 / steps, 2),
+            "small_gaps_ms_per_step": round(small / 1e3 / steps, 2),
+            "gaps": [{"after": a, "before": b, "ms_per_step": round(us / 1e3 / steps, 3),
+                      "count_per_step": round(n / steps, 1)}
+                     for (a, b), (us, n) in sorted(pairs.items(), key=lambda kv: -kv[1][0])[:top]]}
+
+
+def gpu_only(session, timer, args) -> dict:
+    """Kernels alone over `args.active` steps after `args.skip_steps` + 1 warm-up step."""
+    schedule = torch.profiler.schedule(wait=args.skip_steps, warmup=1, active=args.active,
+                                       repeat=1)
+
+    class Step(TrainerCallback):
+        def on_step_end(self, a, state, control, **kwargs):
+            prof.step()
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA],
+                                schedule=schedule) as prof:
+        session.trainer.add_callback(timer)
+        session.trainer.add_callback(Step())
+        session.trainer.train()
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and not _annotation(e)]
+    return idle_between(kernels, args.active)
+
+
 def _host_top(host: cProfile.Profile, steps: int, top: int) -> list[dict]:
     """Python functions by their own time per step (tottime), with cumulative time."""
     stats = pstats.Stats(host).stats
@@ -240,6 +305,9 @@ def main() -> int:
     parser.add_argument("--skip-steps", type=int, default=1,
                         help="steps before the profiler's warm-up step (compiled layers compile "
                              "for the first shape, then with a dynamic bin count: skip 2 or more)")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="kernels alone, no host profiling: where the GPU idles")
+    parser.add_argument("--active", type=int, default=2, help="steps profiled (--gpu-only)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()  # on CPU it runs too (a smoke test of the script)
     if cuda:
@@ -251,17 +319,32 @@ def main() -> int:
         allocator_defaults()
         apply_memory_cap(int(args.memory_cap_gib * GIB))
 
-    wait, warmup, active = args.skip_steps, 1, 2
+    wait, warmup, active = args.skip_steps, 1, (args.active if args.gpu_only else 2)
+    after = 0 if args.gpu_only else 1 + HOST_STEPS + SYNC_STEPS
     base = {"model": {"name": args.model},
             "data": {"source": args.data, "eval_fraction": 0.0, "max_seq_len": 1024},
             "train": {"output_dir": "/tmp/profile-step",
-                      "max_steps": wait + warmup + active + 1 + HOST_STEPS + SYNC_STEPS,
+                      "max_steps": wait + warmup + active + after,
                       "save_steps": 1000, "grad_accum_steps": 1, "tensorboard": False}}
     cfg = config_from_dict(parse_overrides(args.set), config_from_dict(base))
     session = setup_training(cfg, overwrite=True)
+    timer = step_timer("cuda" if cuda else "cpu")
+    if args.gpu_only:
+        idle = gpu_only(session, timer, args)
+        marks = timer.marks
+        report = {"command": " ".join(sys.argv), "settings": args.set, "profiled_steps": active,
+                  "step_seconds": [round(b[0] - a[0], 4) for a, b in itertools.pairwise(marks)],
+                  "step_real_tokens": [b[1] - a[1] for a, b in itertools.pairwise(marks)],
+                  "gpu_idle": idle, "gpu": torch.cuda.get_device_name() if cuda else "cpu",
+                  "versions": versions()}
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in idle.items() if k != "gaps"}))
+        for g in idle.get("gaps", [])[:20]:
+            print(f"{g['ms_per_step']:8.3f} ms {g['count_per_step']:6.1f}x  {g['after'][:60]} -> "
+                  f"{g['before'][:60]}")
+        return 0
     schedule = torch.profiler.schedule(wait=wait, warmup=warmup, active=active,
                                          repeat=1)
-    timer = step_timer("cuda" if cuda else "cpu")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA],
                                 schedule=schedule, record_shapes=True) as prof:

@@ -354,6 +354,26 @@ def test_idle_gaps_finds_when_the_gpu_waited_and_what_the_host_did():
     assert idle_gaps([], host)["gaps"] == 0
 
 
+def test_idle_between_sums_the_gpus_gaps_by_the_kernels_around_them():
+    """profile_step.py --gpu-only: gaps of at least the threshold are summed per (previous,
+    next) kernel pair with the compiler's numbering dropped, shorter ones count as small gaps,
+    a kernel inside another's span does not end it, and all is per profiled step."""
+    idle_between = benchmark_module("profile_step").idle_between
+    kernels = [(0, 100, "mm"), (10, 50, "inner_3"),         # inner ends first: "mm" is last
+               (300, 400, "triton_poi_fused_add_12"),       # 200 us after mm
+               (405, 500, "mm"),                            # 5 us: a small gap
+               (1500, 1600, "triton_poi_fused_add_7")]      # 1,000 us after mm
+    report = idle_between(kernels, steps=2, min_gap_us=20)
+    assert report["window_ms_per_step"] == 0.8
+    assert report["busy_ms_per_step"] == round((100 + 100 + 95 + 100) / 1e3 / 2, 2)
+    assert report["idle_ms_per_step"] == round(1205 / 1e3 / 2, 2)
+    assert report["small_gaps_ms_per_step"] == 0.0  # 5 us / 2 steps, rounded
+    (pair,) = report["gaps"]
+    assert (pair["after"], pair["before"]) == ("mm", "triton_poi_fused_add")
+    assert pair["ms_per_step"] == 0.6 and pair["count_per_step"] == 1.0
+    assert idle_between([], steps=1) == {}
+
+
 def test_the_plain_recipe_keeps_the_demos_trainer_settings(tmp_path, dolly_file):
     """`train` spares the GPU's waits (no NaN filter, non-blocking copies, torch's fused AdamW by
     default); the plain recipe is the demo's, with Trainer's own defaults and its optimizer."""
