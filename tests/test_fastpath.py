@@ -289,12 +289,7 @@ def test_compiled_checkpointed_layers_recompute_in_backward_graph(tmp_path, doll
     forward runs again: three times for every projection. `tag_every_op` None is this torch's
     default (a selective-checkpointing context on torch 2.11, a plain checkpoint from 2.12);
     True runs the context on every torch."""
-    from qlora_lab import fusedlora
-
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    # Dequantizing through bitsandbytes' operator, which the profiler counts: compiled code
-    # otherwise traces it into its own kernels (test_compiled_dequantize_is_traced_...).
-    monkeypatch.setattr(fusedlora, "_traceable", lambda weight, state: False)
     compiled = _session(tmp_path / "c", dolly_file, compile=True, gradient_checkpointing=True)
     where = fastpath.place_checkpoints(compiled.model, inside, tag_every_op)
     assert where.startswith("inside" if inside else "around")
@@ -719,46 +714,6 @@ def test_fused_lora_dequantizes_with_its_block_scales_kept_in_fp32(tmp_path, dol
     assert plain.counts.get("bitsandbytes::dequantize_blockwise", 0) >= 1, plain.counts
     # Without double quantization the scales are fp32 already: nothing is kept.
     assert flat_absmax(torch.zeros(3)) is None
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_compiled_dequantize_is_traced_and_equals_bitsandbytes_bit_for_bit(tmp_path, monkeypatch,
-                                                                          quant_type, device):
-    """In compiled code the 4-bit weight is dequantized by torch ops the compiler fuses, not
-    by bitsandbytes' operator, and gives the same values bit for bit (fp32 and bf16, double-
-    quantized scales, a row count that is not a multiple of the block)."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
-    from torch._inductor.utils import run_and_get_code
-
-    from qlora_lab.fusedlora import _dequantize, _dequantize_traced, _traceable, flat_absmax
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    torch.manual_seed(0)
-    shapes = [(96, 64), (33, 64)] + ([(5632, 2048)] if device == "cuda" else [])
-    for shape in shapes:
-        packed, state = bnbf.quantize_4bit(torch.randn(*shape, device=device),
-                                           quant_type=quant_type, blocksize=64,
-                                           compress_statistics=True)
-        weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state,
-                                   quant_type=quant_type, bnb_quantized=True)
-        absmax = flat_absmax(weight)
-        assert _traceable(weight, state)
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            reference = torch.ops.bitsandbytes.dequantize_4bit.default(
-                packed, absmax, state.blocksize, state.quant_type, state.shape, dtype)
-            assert torch.equal(_dequantize_traced(weight, absmax, state, dtype), reference)
-            torch._dynamo.reset()
-            compiled = torch.compile(lambda w, a: _dequantize(w, a, dtype) * 2)
-            out, (code,) = run_and_get_code(compiled, weight, absmax)
-            assert "bitsandbytes" not in code
-            assert torch.equal(out, reference * 2)
-    # Another storage (FSDP's packing) or a partial last block: bitsandbytes' operator.
-    assert not _traceable(packed.reshape(-1).view(torch.int16), state)
-    odd, odd_state = bnbf.quantize_4bit(torch.randn(3, 5), blocksize=64)
-    assert not _traceable(odd, odd_state)
 
 
 def test_fused_lora_block_scales_follow_a_merge_and_unmerge(tmp_path, dolly_file):

@@ -202,38 +202,9 @@ def _dequantize(weight: torch.Tensor, absmax: torch.Tensor | None,
         import bitsandbytes.functional as bnbf
 
         return _as(bnbf.dequantize_4bit(weight, state), dtype)
-    if torch.compiler.is_compiling() and _traceable(weight, state):
-        return _dequantize_traced(weight, absmax, state, dtype)
     out = torch.ops.bitsandbytes.dequantize_4bit.default(
         weight, absmax, state.blocksize, state.quant_type, state.shape, state.dtype)
     return _as(out, dtype)
-
-
-def _traceable(weight: torch.Tensor, state) -> bool:
-    """Whether `_dequantize_traced` computes this weight: bytes of two codes each (not
-    FSDP's packing into another storage dtype), whole blocks, a 16-entry code table."""
-    code = getattr(state, "code", None)
-    return (weight.dtype == torch.uint8 and code is not None and code.numel() == 16
-            and weight.numel() * 2 % state.blocksize == 0)
-
-
-def _dequantize_traced(weight: torch.Tensor, absmax: torch.Tensor, state,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """bitsandbytes' 4-bit dequantize as torch ops, for compiled graphs: each byte holds two
-    codes (the first in its high half), each code indexes the 16-value table, and the fp32
-    value times its block's fp32 scale is rounded to `dtype` once, as bitsandbytes' CUDA
-    kernel and its own torch implementation (backends/default) compute it, bit for bit.
-
-    As an operator call (bitsandbytes' op) each dequantize was a kernel of its own and ~30 us
-    of host dispatch (3 a projection a step, ~460 a TinyLlama step); traced, the compiler fuses
-    it into the kernel that reads the weight next (the [W | sB | 0] concatenation of the joint
-    projections), so the bf16 weight is not written and read back, and the compiler's
-    launcher replaces the Python dispatch."""
-    packed = weight.reshape(-1)
-    codes = torch.stack([packed >> 4, packed & 15], 1).reshape(-1).long()
-    values = state.code.to(device=weight.device, dtype=torch.float32)[codes]
-    blocks = values.view(-1, state.blocksize) * absmax.view(-1, 1)
-    return blocks.view(*state.shape).to(dtype)
 
 
 # The in-place accumulate as an operator a compiled graph can call (see `_accumulate`). Defined
