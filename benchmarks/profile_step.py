@@ -189,36 +189,59 @@ def _base_name(name: str) -> str:
     return re.sub(r"_\d+$", "", name)[:90]
 
 
+# Where a step's phases begin on the GPU's timeline, by kernel name (first match moves on):
+# the embedding's gather starts the forward, the first backward kernel (the loss's, an
+# attention backward, SwiGLU's) the backward, the clipping norm or the optimizer's
+# multi-tensor kernels the step boundary (optimizer, zero_grad, the next micro-batch).
+PHASES = {"boundary": ("forward", ("gather", "indexSelect", "embedding")),
+          "forward": ("backward", ("bwd", "backward")),
+          "backward": ("boundary", ("multi_tensor_apply",))}
+
+
 def idle_between(kernels: list[tuple[float, float, str]], steps: int,
                  min_gap_us: float = 20.0, top: int = 30) -> dict:
     """GPU idle on a kernels-only timeline ((start, end, name) in microseconds): the window,
     busy and idle time per step, and the gaps of at least `min_gap_us` summed by the
     (previous, next) kernel pair, largest first. Gaps below it are the launch-to-launch time
-    of a busy queue; they are counted in `small_gaps_us_per_step`."""
+    of a busy queue; they are counted in `small_gaps_us_per_step`. `phases`: busy and idle
+    time per step in the step's forward, backward and boundary (`PHASES`; a gap counts in
+    the phase of the kernel before it, where the GPU ran out of work): the phase whose idle
+    is large is where the host, not the GPU, sets the pace."""
     if not kernels:
         return {}
     spans = sorted(kernels)
     busy, small = 0.0, 0.0
     pairs: dict[tuple[str, str], list] = defaultdict(lambda: [0.0, 0])
-    start, end, last = spans[0]
-    for s, e, name in spans[1:]:
-        if s > end:
-            busy += end - start
+    phase_time = {p: [0.0, 0.0] for p in PHASES}  # busy, idle
+
+    def phase_of(name: str, phase: str) -> str:
+        following, marks = PHASES[phase]
+        return following if any(m in name for m in marks) else phase
+
+    end, last, phase = float("-inf"), None, "boundary"
+    for s, e, name in spans:
+        if last is not None and s > end:
+            phase_time[phase][1] += s - end  # the phase the GPU ran out of work in
             if s - end >= min_gap_us:
                 slot = pairs[(_base_name(last), _base_name(name))]
                 slot[0] += s - end
                 slot[1] += 1
             else:
                 small += s - end
-            start = s
+        phase = phase_of(name, phase)
+        extension = max(0.0, e - max(s, end))  # this kernel's time no earlier kernel covers
+        busy += extension
+        phase_time[phase][0] += extension
         if e >= end:
             end, last = e, name
-    busy += end - start
     window = end - spans[0][0]
     return {"window_ms_per_step": round(window / 1e3 / steps, 2),
             "busy_ms_per_step": round(busy / 1e3 / steps, 2),
             "idle_ms_per_step": round((window - busy) / 1e3 / steps, 2),
             "small_gaps_ms_per_step": round(small / 1e3 / steps, 2),
+            "phases": {p: {"busy_ms_per_step": round(b / 1e3 / steps, 2),
+                           "idle_ms_per_step": round(i / 1e3 / steps, 2)}
+                       for p, (b, i) in phase_time.items()},
             "gaps": [{"after": a, "before": b, "ms_per_step": round(us / 1e3 / steps, 3),
                       "count_per_step": round(n / steps, 1)}
                      for (a, b), (us, n) in sorted(pairs.items(), key=lambda kv: -kv[1][0])[:top]]}
@@ -338,7 +361,7 @@ def main() -> int:
                   "gpu_idle": idle, "gpu": torch.cuda.get_device_name() if cuda else "cpu",
                   "versions": versions()}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(json.dumps({k: v for k, v in idle.items() if k != "gaps"}))
+        print(json.dumps({k: v for k, v in idle.items() if k != "gaps"}))  # phases too
         for g in idle.get("gaps", [])[:20]:
             print(f"{g['ms_per_step']:8.3f} ms {g['count_per_step']:6.1f}x  {g['after'][:60]} -> "
                   f"{g['before'][:60]}")

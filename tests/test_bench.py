@@ -372,6 +372,18 @@ def test_idle_between_sums_the_gpus_gaps_by_the_kernels_around_them():
     assert (pair["after"], pair["before"]) == ("mm", "triton_poi_fused_add")
     assert pair["ms_per_step"] == 0.6 and pair["count_per_step"] == 1.0
     assert idle_between([], steps=1) == {}
+    # Phases by kernel name: the embedding's gather starts the forward, a backward kernel the
+    # backward, the optimizer's multi-tensor kernel the boundary; a gap counts in the phase
+    # of the kernel before it.
+    step = [(0, 10, "Memcpy HtoD"), (30, 40, "vectorized_gather_kernel"),   # boundary, gap 20
+            (40, 100, "mm"), (150, 160, "triton_poi_fused_add_3"),         # forward, gap 50
+            (160, 260, "attention_bwd_dkdv"), (270, 300, "mm"),            # backward, gap 10
+            (400, 410, "multi_tensor_apply_kernel"), (430, 440, "Memset")]  # gap 100 (backward)
+    timeline = step + [(s + 500, e + 500, n) for s, e, n in step]  # 60 between: boundary's
+    phases = idle_between(timeline, steps=2)["phases"]
+    assert phases["boundary"] == {"busy_ms_per_step": 0.03, "idle_ms_per_step": 0.07}
+    assert phases["forward"] == {"busy_ms_per_step": 0.08, "idle_ms_per_step": 0.05}
+    assert phases["backward"] == {"busy_ms_per_step": 0.13, "idle_ms_per_step": 0.11}
 
 
 def test_the_plain_recipe_keeps_the_demos_trainer_settings(tmp_path, dolly_file):
