@@ -333,6 +333,8 @@ def main() -> int:
     parser.add_argument("--active", type=int, default=2, help="steps profiled (--gpu-only)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()  # on CPU it runs too (a smoke test of the script)
+    if args.gpu_only and not cuda:
+        parser.error("--gpu-only records CUDA kernels, and this machine has no CUDA device")
     if cuda:
         # The allocator `train` runs with (train.allocator_defaults): the cap below starts
         # CUDA, after which train can no longer set it. Without it the full-rows profile ran
