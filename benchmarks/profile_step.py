@@ -192,7 +192,9 @@ def _base_name(name: str) -> str:
 # Where a step's phases begin on the GPU's timeline, by kernel name (first match moves on):
 # the embedding's gather starts the forward, the first backward kernel (the loss's, an
 # attention backward, SwiGLU's) the backward, the clipping norm or the optimizer's
-# multi-tensor kernels the step boundary (optimizer, zero_grad, the next micro-batch).
+# multi-tensor kernels the step boundary (optimizer, zero_grad, the next micro-batch). With
+# gradient accumulation a micro-batch's forward after another's backward stays "backward":
+# read the phases of steps of one micro-batch (bench's and this script's default).
 PHASES = {"boundary": ("forward", ("gather", "indexSelect", "embedding")),
           "forward": ("backward", ("bwd", "backward")),
           "backward": ("boundary", ("multi_tensor_apply",))}
