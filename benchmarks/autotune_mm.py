@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+from attention_kernels import timed
 from fixtures import write_result
 
 # (name, K, N): the layer's matmuls as the compiled layers run them (TinyLlama's shape).
@@ -37,26 +38,6 @@ SHAPES = [
 ]
 
 
-def _clock(fn, iters: int, cuda: bool) -> float:
-    """Median milliseconds of fn() over iters calls, after 3 untimed."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - began) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def measure(tokens: int, k: int, n: int, iters: int, device: str) -> dict:
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -66,7 +47,7 @@ def measure(tokens: int, k: int, n: int, iters: int, device: str) -> dict:
     def matmul(a, b):
         return a @ b.t()
 
-    row = {"eager_ms": round(_clock(lambda: matmul(x, w), iters, cuda), 4)}
+    row = {"eager_ms": round(timed(lambda: matmul(x, w), iters), 4)}
     reference = matmul(x, w).float()
     for mode in ("default", "max-autotune-no-cudagraphs"):
         torch._dynamo.reset()
@@ -76,7 +57,7 @@ def measure(tokens: int, k: int, n: int, iters: int, device: str) -> dict:
         if cuda:
             torch.cuda.synchronize()
         row[f"{mode}_compile_s"] = round(time.perf_counter() - began, 1)
-        row[f"{mode}_ms"] = round(_clock(lambda: compiled(x, w), iters, cuda), 4)
+        row[f"{mode}_ms"] = round(timed(lambda: compiled(x, w), iters), 4)
         row[f"{mode}_max_rel_diff"] = float((out.float() - reference).abs().max()
                                             / reference.abs().max())
     flops = 2 * tokens * k * n

@@ -125,7 +125,7 @@ if [[ $phase == profile ]]; then
   # Where a step of the best config spends GPU time (PROFILE="--set k=v ..." overrides it).
   # PROFILE_DATA=full profiles the full-rows fixture; PROFILE_NAME names the result file.
   # GPU_ONLY=1: the kernels alone (profile_step.py --gpu-only: idle by kernel pair and by the
-  # step's phase) over ACTIVE steps (8), under the bench's 8 GiB cap.
+  # step's phase) over ACTIVE steps (8), under the script's 8 GiB cap (its default).
   # PROFILE, else BEST (as `final` reads it), else the best row of this machine's last sweep;
   # with none of them it profiles train's defaults, and says so.
   best=${PROFILE:-${BEST:-$(python3 -c "import json; b=json.load(open('/tmp/fastpath_sweep.json'))['best']; print(' '.join('--set '+s for s in b['set']))" 2>/dev/null)}}
@@ -136,7 +136,7 @@ if [[ $phase == profile ]]; then
     python3 benchmarks/fixtures.py full-rows --data $DATA --out $pdata
   fi
   only=()
-  [[ -n ${GPU_ONLY:-} ]] && only=(--gpu-only --active ${ACTIVE:-8} --memory-cap-gib 8)
+  [[ -n ${GPU_ONLY:-} ]] && only=(--gpu-only --active ${ACTIVE:-8})
   timeout ${PROFILE_TIMEOUT:-150} python3 benchmarks/profile_step.py --model $MODEL --data $pdata $best \
     ${only[@]+"${only[@]}"} --skip-steps ${SKIP_STEPS:-4} --out "$OUT/${PROFILE_NAME:-profile_step_h200}.json" 2>&1 \
     | grep -v "it/s\]" | tail -30

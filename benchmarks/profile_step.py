@@ -126,6 +126,17 @@ class SyncSites:
                 for chain, n in sorted(self.sites.items(), key=lambda kv: -kv[1])]
 
 
+def _walk(spans: list[tuple]):
+    """For each kernel of a sorted timeline ((start, end, ...) in microseconds): the kernel,
+    the idle time before it (since every earlier kernel ended; 0 for the first) and its own
+    time that no earlier kernel covers. The sums of the two are a window's idle and busy time."""
+    end = spans[0][0]
+    for kernel in spans:
+        s, e = kernel[:2]
+        yield kernel, max(0.0, s - end), max(0.0, e - max(s, end))
+        end = max(end, e)
+
+
 def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[tuple[float, float, str]],
               min_gap_us: float = 200.0, top: int = 24) -> dict:
     """When the GPU ran nothing, and what the host was doing then.
@@ -139,17 +150,11 @@ def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[tuple[float, fl
         return {"window_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": 0, "longest": []}
     spans = sorted(kernels)
     busy, gaps = 0.0, []
-    start, end = spans[0]
-    for s, e in spans[1:]:
-        if s > end:
-            busy += end - start
-            if s - end >= min_gap_us:
-                gaps.append((end, s))
-            start, end = s, e
-        else:
-            end = max(end, e)
-    busy += end - start
-    window = end - spans[0][0]
+    for (s, _), gap, extension in _walk(spans):
+        busy += extension
+        if gap >= min_gap_us:
+            gaps.append((s - gap, s))
+    window = max(e for _, e in spans) - spans[0][0]
     longest = []
     for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
         overlap = defaultdict(float)
@@ -220,18 +225,17 @@ def idle_between(kernels: list[tuple[float, float, str]], steps: int,
         following, marks = PHASES[phase]
         return following if any(m in name for m in marks) else phase
 
-    end, last, phase = float("-inf"), None, "boundary"
-    for s, e, name in spans:
-        if last is not None and s > end:
-            phase_time[phase][1] += s - end  # the phase the GPU ran out of work in
-            if s - end >= min_gap_us:
+    last, phase, end = None, "boundary", float("-inf")
+    for (s, e, name), gap, extension in _walk(spans):
+        if gap > 0:
+            phase_time[phase][1] += gap  # the phase the GPU ran out of work in
+            if gap >= min_gap_us:
                 slot = pairs[(_base_name(last), _base_name(name))]
-                slot[0] += s - end
+                slot[0] += gap
                 slot[1] += 1
             else:
-                small += s - end
+                small += gap
         phase = phase_of(name, phase)
-        extension = max(0.0, e - max(s, end))  # this kernel's time no earlier kernel covers
         busy += extension
         phase_time[phase][0] += extension
         if e >= end:
@@ -247,6 +251,12 @@ def idle_between(kernels: list[tuple[float, float, str]], steps: int,
             "gaps": [{"after": a, "before": b, "ms_per_step": round(us / 1e3 / steps, 3),
                       "count_per_step": round(n / steps, 1)}
                      for (a, b), (us, n) in sorted(pairs.items(), key=lambda kv: -kv[1][0])[:top]]}
+
+
+def _step_lists(marks: list[tuple[float, int]]) -> tuple[list, list]:
+    """Each step's seconds and real tokens from step_timer's marks."""
+    pairs = list(itertools.pairwise(marks))
+    return ([round(b[0] - a[0], 4) for a, b in pairs], [b[1] - a[1] for a, b in pairs])
 
 
 def gpu_only(session, timer, args) -> dict:
@@ -358,12 +368,10 @@ def main() -> int:
     timer = step_timer("cuda" if cuda else "cpu")
     if args.gpu_only:
         idle = gpu_only(session, timer, args)
-        marks = timer.marks
+        steps_s, steps_tokens = _step_lists(timer.marks)
         report = {"command": " ".join(sys.argv), "settings": args.set, "profiled_steps": active,
-                  "step_seconds": [round(b[0] - a[0], 4) for a, b in itertools.pairwise(marks)],
-                  "step_real_tokens": [b[1] - a[1] for a, b in itertools.pairwise(marks)],
-                  "gpu_idle": idle, "gpu": torch.cuda.get_device_name() if cuda else "cpu",
-                  "versions": versions()}
+                  "step_seconds": steps_s, "step_real_tokens": steps_tokens, "gpu_idle": idle,
+                  "gpu": torch.cuda.get_device_name(), "versions": versions()}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps({k: v for k, v in idle.items() if k != "gaps"}))  # phases too
         for g in idle.get("gaps", [])[:20]:
@@ -382,9 +390,7 @@ def main() -> int:
         session.trainer.train()
     # Every step's time (the profiled ones are slowed by the profiler, the last three by
     # Python's), and its real tokens.
-    marks = timer.marks
-    steps_s = [round(b[0] - a[0], 4) for a, b in itertools.pairwise(marks)]
-    steps_tokens = [b[1] - a[1] for a, b in itertools.pairwise(marks)]
+    steps_s, steps_tokens = _step_lists(timer.marks)
 
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     events = [e for e in prof.key_averages() if e.device_type == kind and not _annotation(e)]
